@@ -1,0 +1,1 @@
+//! libtether.so
