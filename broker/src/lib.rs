@@ -1,2 +1,49 @@
-//! tetherd: the local identity broker, and the shared code of the `tether` CLI.
-#![forbid(unsafe_code)]
+//! tetherd, the local identity broker, and the shared code of the `tether` CLI.
+//!
+//! - [`config`]: the TOML config, selectors and identity selection.
+//! - [`attest`]: SO_PEERCRED + /proc, with PID-reuse checks; builds [`attest::AttestedPeer`].
+//! - [`ca`]: the signing CA and X.509-SVID issuance.
+//! - [`cache`]: SVIDs cached per process until half-life.
+//! - [`server`]: the Unix socket server and audit log.
+//! - [`client`]: a blocking client for the CLI and tests.
+//! - [`env`]: environment variables, behind a trait.
+//!
+//! `unsafe` is denied (not forbidden) crate-wide only so that [`sys`], the one module holding the
+//! two `getsockopt` FFI calls std cannot do safely, may allow it locally.
+#![deny(unsafe_code)]
+
+pub mod attest;
+pub mod ca;
+pub mod cache;
+pub mod client;
+pub mod config;
+pub mod env;
+pub mod error;
+pub mod files;
+pub mod pem;
+pub mod server;
+pub mod sys;
+
+pub use error::Error;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Terse lines for people.
+    #[default]
+    Text,
+    /// One JSON object per event, for machines.
+    Json,
+}
+
+/// Install the global tracing subscriber, writing to stderr. The filter comes from
+/// `$TETHER_LOG`, else `$RUST_LOG`, else `info`.
+pub fn init_logging(format: LogFormat, env: &dyn env::Env) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(env::log_filter(env)).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}

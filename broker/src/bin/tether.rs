@@ -1,1 +1,206 @@
-fn main() {}
+//! The tether CLI: talk to tetherd.
+
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use tether_broker::client::{Client, DEFAULT_TIMEOUT};
+use tether_broker::env::{socket_path, ProcessEnv};
+use tether_broker::files::write_atomically;
+use tether_broker::pem;
+use tether_broker::server::now_unix;
+use tether_broker::Error;
+use tether_proto::wire::SvidResponse;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+/// tether: mutual TLS for unmodified programs.
+#[derive(Debug, Parser)]
+#[command(name = "tether", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fetch this process's SVID and print its SPIFFE ID, serial and expiry.
+    Svid {
+        /// tetherd's socket (default: $TETHER_SOCKET, else /run/tether/tetherd.sock).
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Also write svid.pem (chain), svid.key (PKCS#8, mode 0600) and bundle.pem here.
+        #[arg(long, value_name = "DIR")]
+        out: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Report whether tetherd is reachable, its version, trust domain and live identities.
+    Status {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Load generator: N clients fetch SVIDs for S seconds (see scripts/bench-broker).
+    #[command(hide = true)]
+    BenchSvid {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Svid { socket, out, json } => svid(&socket_path(socket, &ProcessEnv), out.as_deref(), json),
+        Command::Status { socket, json } => status(&socket_path(socket, &ProcessEnv), json),
+        Command::BenchSvid { socket, clients, seconds } => {
+            bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn rfc3339(unix: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix as i64)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}
+
+fn svid(socket: &Path, out: Option<&Path>, json: bool) -> Result<(), Error> {
+    let svid = Client::connect(socket, DEFAULT_TIMEOUT)?.fetch_svid()?;
+    if let Some(dir) = out {
+        write_svid_files(dir, &svid)?;
+    }
+    if json {
+        let v = serde_json::json!({
+            "spiffe_id": svid.spiffe_id.as_str(),
+            "serial": svid.serial,
+            "not_before": svid.not_before,
+            "not_after": svid.not_after,
+            "expires": rfc3339(svid.not_after),
+            "trust_domain": svid.spiffe_id.trust_domain().as_str(),
+            "out": out.map(|d| d.display().to_string()),
+        });
+        println!("{v}");
+    } else {
+        let left = svid.not_after.saturating_sub(now_unix());
+        println!("spiffe_id: {}", svid.spiffe_id);
+        println!("serial:    {}", svid.serial);
+        println!("expires:   {} (in {}m{:02}s)", rfc3339(svid.not_after), left / 60, left % 60);
+        if let Some(dir) = out {
+            println!("wrote:     {0}/svid.pem {0}/svid.key {0}/bundle.pem", dir.display());
+        }
+    }
+    Ok(())
+}
+
+fn write_svid_files(dir: &Path, svid: &SvidResponse) -> Result<(), Error> {
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let mut chain = String::new();
+    for c in &svid.cert_chain {
+        chain.push_str(&pem::encode(pem::CERTIFICATE, &c.0));
+    }
+    let mut bundle = String::new();
+    for c in svid.bundle.iter().chain(svid.federated.values().flatten()) {
+        bundle.push_str(&pem::encode(pem::CERTIFICATE, &c.0));
+    }
+    let key = pem::encode(pem::PRIVATE_KEY, &svid.private_key.0);
+    write_atomically(&dir.join("svid.key"), key.as_bytes(), 0o600)?;
+    write_atomically(&dir.join("svid.pem"), chain.as_bytes(), 0o644)?;
+    write_atomically(&dir.join("bundle.pem"), bundle.as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn status(socket: &Path, json: bool) -> Result<(), Error> {
+    let s = Client::connect(socket, DEFAULT_TIMEOUT)?.status()?;
+    if json {
+        let v = serde_json::json!({
+            "reachable": true,
+            "socket": socket.display().to_string(),
+            "version": s.version,
+            "trust_domain": s.trust_domain.as_str(),
+            "live_identities": s.live_identities,
+            "uptime_secs": s.uptime_secs,
+        });
+        println!("{v}");
+    } else {
+        println!("tetherd:         reachable at {}", socket.display());
+        println!("version:         {}", s.version);
+        println!("trust domain:    {}", s.trust_domain);
+        println!("live identities: {}", s.live_identities);
+        println!("uptime:          {}s", s.uptime_secs);
+    }
+    Ok(())
+}
+
+/// Each client holds one connection and fetches in a loop. Whether each fetch is a fresh
+/// issuance depends on tetherd: run it with `--no-cache` to measure issuance.
+fn bench(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error> {
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let serials_distinct = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let mut threads = Vec::new();
+    for _ in 0..clients {
+        let (ok, failed, distinct, socket) = (ok.clone(), failed.clone(), serials_distinct.clone(), socket.to_owned());
+        threads.push(std::thread::spawn(move || {
+            let mut client = None;
+            let mut last = String::new();
+            while Instant::now() < deadline {
+                if client.is_none() {
+                    client = Client::connect(&socket, DEFAULT_TIMEOUT).ok();
+                }
+                let Some(c) = client.as_mut() else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                match c.fetch_svid() {
+                    Ok(s) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        if s.serial != last {
+                            distinct.fetch_add(1, Ordering::Relaxed);
+                            last = s.serial;
+                        }
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        client = None;
+                    }
+                }
+            }
+        }));
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let n = ok.load(Ordering::Relaxed);
+    println!(
+        "clients={clients} seconds={secs:.2} svids={n} fresh_serials={} errors={} rate={:.0}/s",
+        serials_distinct.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        n as f64 / secs
+    );
+    Ok(())
+}

@@ -1,0 +1,359 @@
+//! The socket server: std threads, one per connection, with a cap and per-frame deadlines.
+//!
+//! A connection carries any number of request/response exchanges. Framing errors (garbage,
+//! wrong version, oversize length, a stall past the deadline) are answered with their error
+//! code and the connection is closed, because the byte stream can no longer be trusted. A
+//! well-framed request of an unknown type is answered with `unknown_request` and the
+//! connection stays open. Nothing a client sends can stop the daemon.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tether_proto::wire::{
+    self, io::read_frame, io::write_frame, ErrorCode, ErrorResponse, Request, Response, StatusResponse,
+    SvidResponse, WireError,
+};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+use tracing::{debug, info, warn};
+
+use crate::attest::{ExeHashes, Peer};
+use crate::ca::Ca;
+use crate::cache::SvidCache;
+use crate::config::Config;
+use crate::error::Error;
+
+/// Audit events use this tracing target.
+pub const AUDIT: &str = "tether::audit";
+
+/// Tunables; the defaults are what `tetherd` uses.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// How long a client may take to send one whole frame (and to read a response).
+    pub client_timeout: Duration,
+    /// Live connections beyond this are answered `busy` and closed.
+    pub max_connections: usize,
+    /// Cache SVIDs per process until half-life. Off only for benchmarking issuance.
+    pub cache: bool,
+    /// How often entries of exited processes are dropped from the cache.
+    pub sweep_interval: Duration,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            client_timeout: Duration::from_secs(5),
+            max_connections: 512,
+            cache: true,
+            sweep_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Everything a connection handler needs.
+#[derive(Debug)]
+pub struct Broker {
+    config: Config,
+    ca: Ca,
+    cache: SvidCache,
+    hashes: Option<ExeHashes>,
+    started: Instant,
+    opts: ServerOptions,
+    live: AtomicUsize,
+}
+
+impl Broker {
+    pub fn new(config: Config, ca: Ca, opts: ServerOptions) -> Self {
+        let hashes = config.needs_exe_hash().then(ExeHashes::default);
+        Self { config, ca, cache: SvidCache::default(), hashes, started: Instant::now(), opts, live: AtomicUsize::new(0) }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        StatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            trust_domain: self.config.trust_domain.clone(),
+            live_identities: self.cache.len() as u64,
+            uptime_secs: self.started.elapsed().as_secs(),
+        }
+    }
+
+    /// The caller's own SVID: attest, pick the identity, then reuse or issue. Audited.
+    pub fn fetch_svid(&self, peer: &Peer) -> Result<SvidResponse, Error> {
+        let result = self.fetch_svid_inner(peer);
+        if let Err(e) = &result {
+            warn!(
+                target: AUDIT,
+                event = "refused",
+                pid = peer.pid(),
+                uid = peer.uid(),
+                gid = peer.gid(),
+                code = %e.to_wire().code,
+                reason = %e,
+                "SVID refused"
+            );
+        }
+        result
+    }
+
+    fn fetch_svid_inner(&self, peer: &Peer) -> Result<SvidResponse, Error> {
+        let attested = peer.attest(self.hashes.as_ref())?;
+        let facts = attested.facts();
+        let id = self.config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
+            reason: format!(
+                "no registration entry matches uid {} running {} (unmatched = \"deny\")",
+                facts.uid,
+                facts.exe.display()
+            ),
+        })?;
+        let key = (facts.pid, attested.start_time());
+        if self.opts.cache {
+            if let Some(svid) = self.cache.get(key, &id) {
+                info!(
+                    target: AUDIT,
+                    event = "reused",
+                    pid = facts.pid,
+                    uid = facts.uid,
+                    gid = facts.gid,
+                    exe = %facts.exe.display(),
+                    spiffe_id = %id,
+                    serial = %svid.serial,
+                    expiry = %rfc3339(svid.not_after),
+                    "SVID served from cache"
+                );
+                return Ok(svid);
+            }
+        }
+        let issued = self.ca.issue(&id, self.config.svid_ttl)?;
+        let svid = SvidResponse {
+            spiffe_id: id,
+            cert_chain: issued.chain,
+            private_key: issued.key,
+            bundle: self.ca.bundle().to_vec(),
+            federated: self.ca.federated().clone(),
+            serial: issued.serial,
+            not_before: unix(issued.not_before),
+            not_after: unix(issued.not_after),
+            policy: self.config.policy.clone(),
+        };
+        info!(
+            target: AUDIT,
+            event = "issued",
+            pid = facts.pid,
+            uid = facts.uid,
+            gid = facts.gid,
+            exe = %facts.exe.display(),
+            spiffe_id = %svid.spiffe_id,
+            serial = %svid.serial,
+            expiry = %rfc3339(svid.not_after),
+            "SVID issued"
+        );
+        if self.opts.cache {
+            self.cache.insert(key, svid.clone(), self.config.svid_ttl);
+        }
+        Ok(svid)
+    }
+}
+
+fn unix(t: OffsetDateTime) -> u64 {
+    u64::try_from(t.unix_timestamp()).unwrap_or(0)
+}
+
+fn rfc3339(unix_secs: u64) -> String {
+    OffsetDateTime::from_unix_timestamp(unix_secs as i64)
+        .ok()
+        .and_then(|t| t.format(&Rfc3339).ok())
+        .unwrap_or_else(|| unix_secs.to_string())
+}
+
+/// Bind the socket at `path`: the parent directory is created (0755) if missing, a stale socket
+/// nobody answers on is replaced, and the socket is made 0666 so every local user can fetch its
+/// own identity.
+pub fn bind(path: &Path) -> io::Result<UnixListener> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.exists() {
+            fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("another tetherd is serving {}", path.display()),
+                ));
+            }
+            fs::remove_file(path)?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket; refusing to remove it", path.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let listener = UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Serve forever.
+pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
+    let sweeper = Arc::clone(&broker);
+    std::thread::Builder::new().name("cache-sweep".into()).spawn(move || loop {
+        std::thread::sleep(sweeper.opts.sweep_interval);
+        let n = sweeper.cache.sweep();
+        if n > 0 {
+            debug!(dropped = n, "dropped cached SVIDs of exited processes");
+        }
+    })?;
+    for conn in listener.incoming() {
+        let stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "accept failed");
+                // EMFILE and friends: back off instead of spinning.
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if broker.live.fetch_add(1, Ordering::AcqRel) >= broker.opts.max_connections {
+            broker.live.fetch_sub(1, Ordering::AcqRel);
+            warn!(limit = broker.opts.max_connections, "connection limit reached; answering busy");
+            let mut s = stream;
+            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
+            reply_error(&mut s, ErrorCode::Busy, "tetherd is at its connection limit; retry shortly".into());
+            continue;
+        }
+        let b = Arc::clone(&broker);
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .stack_size(256 << 10)
+            .spawn(move || {
+                handle_connection(&b, stream);
+                b.live.fetch_sub(1, Ordering::AcqRel);
+            });
+        if let Err(e) = spawned {
+            broker.live.fetch_sub(1, Ordering::AcqRel);
+            warn!(error = %e, "cannot spawn a connection thread");
+        }
+    }
+    Ok(())
+}
+
+/// Reads that fail with `TimedOut` once `deadline` passes, however the bytes trickle in.
+struct DeadlineReader<'a> {
+    stream: &'a UnixStream,
+    deadline: Instant,
+}
+
+impl Read for DeadlineReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        self.stream.set_read_timeout(Some(left))?;
+        (&mut &*self.stream).read(buf)
+    }
+}
+
+fn reply(stream: &mut UnixStream, response: &Response) -> bool {
+    match wire::encode(response) {
+        Ok(frame) => write_frame(stream, &frame).is_ok(),
+        Err(e) => {
+            warn!(error = %e, "cannot encode a response");
+            false
+        }
+    }
+}
+
+fn reply_error(stream: &mut UnixStream, code: ErrorCode, message: String) -> bool {
+    reply(stream, &Response::Error(ErrorResponse { code, message }))
+}
+
+/// A frame that parses as `{"type": T, ...}` where T names no request this broker knows.
+fn is_unknown_type(body: &[u8]) -> bool {
+    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return false;
+    };
+    let Some(serde_json::Value::String(t)) = obj.get("type") else { return false };
+    let probe = serde_json::json!({ "type": t }).to_string();
+    matches!(wire::decode::<Request>(probe.as_bytes()), Err(WireError::Malformed(m)) if m.starts_with("unknown variant"))
+}
+
+fn handle_connection(broker: &Broker, mut stream: UnixStream) {
+    let _ = stream.set_write_timeout(Some(broker.opts.client_timeout));
+    // Recorded now, so that a pid recycled later cannot inherit this connection's identity.
+    let peer = Peer::from_stream(&stream);
+    loop {
+        let deadline = Instant::now() + broker.opts.client_timeout;
+        let body = match read_frame(&mut DeadlineReader { stream: &stream, deadline }) {
+            Ok(Some(body)) => body,
+            Ok(None) => return,
+            Err(WireError::Truncated) => {
+                debug!("client disconnected mid-request");
+                return;
+            }
+            Err(WireError::Io(e)) if !wire::is_timeout(&e) => {
+                debug!(error = %e, "connection error");
+                return;
+            }
+            Err(e) => {
+                debug!(error = %e, "bad frame; closing");
+                let code = e.code();
+                reply_error(&mut stream, code, e.to_string());
+                return;
+            }
+        };
+        let request = match wire::decode::<Request>(&body) {
+            Ok(r) => r,
+            Err(e) if is_unknown_type(&body) => {
+                if !reply_error(&mut stream, ErrorCode::UnknownRequest, format!("unknown request type: {e}")) {
+                    return;
+                }
+                continue;
+            }
+            Err(e) => {
+                reply_error(&mut stream, ErrorCode::BadRequest, e.to_string());
+                return;
+            }
+        };
+        let response = match request {
+            Request::FetchSvid {} => match &peer {
+                Ok(p) => match broker.fetch_svid(p) {
+                    Ok(svid) => Response::Svid(svid),
+                    Err(e) => Response::Error(e.to_wire()),
+                },
+                Err(e) => {
+                    warn!(target: AUDIT, event = "refused", reason = %e, "SVID refused: peer not attestable");
+                    Response::Error(ErrorResponse { code: ErrorCode::AttestationFailed, message: e.to_string() })
+                }
+            },
+            Request::Status {} => Response::Status(broker.status()),
+            _ => Response::Error(ErrorResponse {
+                code: ErrorCode::UnknownRequest,
+                message: "request type not handled by this broker".to_owned(),
+            }),
+        };
+        if !reply(&mut stream, &response) {
+            return;
+        }
+    }
+}
+
+/// Seconds since the epoch, now.
+pub fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
