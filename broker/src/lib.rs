@@ -39,9 +39,14 @@ pub enum LogFormat {
 /// Install the global tracing subscriber, writing to stderr. The filter comes from
 /// `$TETHER_LOG`, else `$RUST_LOG`, else `info`.
 pub fn init_logging(format: LogFormat, env: &dyn env::Env) {
+    use std::io::IsTerminal;
+
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_new(env::log_filter(env)).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
