@@ -1,1 +1,81 @@
-//! libtether.so
+//! libtether.so: transparent mutual TLS for unmodified programs.
+//!
+//! Loaded with `LD_PRELOAD`, it interposes `connect`, `accept`/`accept4` and the calls that
+//! keep its per-fd table true (close, dup, fcntl, fork) plus the read family's kTLS slow path.
+//! When tetherd's policy protects a connection it runs a mutual TLS 1.3 handshake with the
+//! process's own SPIFFE SVID, checks the peer's SPIFFE ID, and installs the session keys in
+//! the kernel (kTLS) on the same fd, or hands the connection to a userspace relay when the
+//! kernel has no kTLS. The program keeps reading and writing plaintext.
+//!
+//! Layers (after socket_wrapper): [`exports`] only guards; [`ops`] decides; [`real`] calls
+//! libc. FFI lives in [`real`], [`sys`], [`guard`], [`fallback`] and [`exports`].
+
+mod fd_table;
+#[path = "fallback_stub.rs"]
+mod fallback;
+mod guard;
+mod identity;
+mod log;
+mod ops;
+mod real;
+mod settings;
+mod sys;
+mod tls;
+
+#[cfg(not(test))]
+mod exports;
+
+use std::sync::Once;
+
+static INIT: Once = Once::new();
+
+/// One-time setup. Runs from the ELF constructor, or from the first hooked call if that comes
+/// earlier (another library's constructor may connect before ours runs).
+pub(crate) fn ensure_init() {
+    if INIT.is_completed() {
+        return;
+    }
+    guard::internal(|| {
+        INIT.call_once(|| {
+            let _ = settings::get();
+            // SAFETY: the handlers are plain extern "C" fns valid for the life of the process
+            // (this library is never unloaded: it is preloaded).
+            unsafe { libc::pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child)) };
+        });
+    });
+}
+
+// Lock order: identity (fetch, state) -> fd table -> relay.
+extern "C" fn atfork_prepare() {
+    guard::internal(|| {
+        identity::atfork_prepare();
+        fd_table::atfork_prepare();
+        fallback::atfork_prepare();
+    });
+}
+
+extern "C" fn atfork_parent() {
+    guard::internal(|| {
+        fallback::atfork_parent();
+        fd_table::atfork_release();
+        identity::atfork_parent();
+    });
+}
+
+extern "C" fn atfork_child() {
+    guard::internal(|| {
+        fallback::atfork_child();
+        fd_table::atfork_release();
+        identity::atfork_child();
+    });
+}
+
+#[cfg(not(test))]
+#[used]
+#[link_section = ".init_array"]
+static CONSTRUCTOR: extern "C" fn() = {
+    extern "C" fn init() {
+        ensure_init();
+    }
+    init
+};

@@ -1,0 +1,251 @@
+//! The exported symbols: the only `#[no_mangle]` functions in the library.
+//!
+//! Each one only guards (re-entrancy, panics, errno) and delegates: the decision is made in
+//! [`crate::ops`], and the real work is done by [`crate::real`]. The read family is the
+//! exception to the guard-first rule: it calls the real function first and takes the guarded
+//! slow path only when that failed with EIO while we have protected connections, so the
+//! common case costs one branch.
+
+use libc::{c_int, c_void, iovec, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
+
+use crate::guard::{self, hook, Outcome};
+use crate::{fd_table, ops, real};
+
+/// A panic while handling a call that may involve a protected connection fails closed.
+fn closed() -> (c_int, c_int) {
+    (-1, libc::ECONNABORTED)
+}
+
+// ---- connection setup -------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    crate::ensure_init();
+    // SAFETY: arguments forwarded unchanged from the caller of connect(2).
+    hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, closed)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    crate::ensure_init();
+    // SAFETY: as above, accept(2).
+    hook(|| unsafe { ops::accept::accept(fd, addr, len, None) }, || unsafe { real::accept(fd, addr, len) }, closed)
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    crate::ensure_init();
+    // SAFETY: as above, accept4(2).
+    hook(
+        || unsafe { ops::accept::accept(fd, addr, len, Some(flags)) },
+        || unsafe { real::accept4(fd, addr, len, flags) },
+        closed,
+    )
+}
+
+// ---- zero-copy send ---------------------------------------------------------------------
+// Interposed so that every path data can take out of a protected fd is ours to see; on both
+// data paths the kernel already does the right thing (kTLS encrypts sendfile pages itself; a
+// relayed fd is an AF_UNIX socket that sendfile feeds directly), so these pass through.
+
+#[no_mangle]
+pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, count: size_t) -> ssize_t {
+    // SAFETY: forwarded, sendfile(2).
+    unsafe { real::sendfile(out, inp, off, count) }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut off64_t, count: size_t) -> ssize_t {
+    // SAFETY: forwarded, sendfile64.
+    unsafe { real::sendfile64(out, inp, off, count) }
+}
+
+// ---- fd bookkeeping ---------------------------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: forwarded, close(2).
+    hook(|| ops::fds::close(fd), || unsafe { real::close(fd) }, || (unsafe { real::close(fd) }, guard::errno()))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: u32, last: u32, flags: c_int) -> c_int {
+    // SAFETY: forwarded, close_range(2).
+    hook(
+        || ops::fds::close_range(first, last, flags),
+        || unsafe { real::close_range(first, last, flags) },
+        || (-1, libc::EIO),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
+    // SAFETY: forwarded, shutdown(2).
+    hook(|| ops::fds::shutdown(fd, how), || unsafe { real::shutdown(fd, how) }, || (unsafe { real::shutdown(fd, how) }, guard::errno()))
+}
+
+/// Run a dup-family call and mirror its effect in the fd table.
+fn dup_like(old: c_int, new: Option<c_int>, call: impl FnOnce() -> c_int) -> c_int {
+    hook(
+        || {
+            if let Some(n) = new {
+                if let Err(e) = ops::fds::check_dup_target(n) {
+                    return Outcome::Fail(-1, e);
+                }
+            }
+            let r = call();
+            if r < 0 {
+                return Outcome::Fail(-1, guard::errno());
+            }
+            ops::fds::duplicated(old, r);
+            Outcome::Done(r)
+        },
+        || -1,
+        || (-1, libc::EBADF),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    if guard::inside() {
+        // SAFETY: forwarded, dup(2).
+        return unsafe { real::dup(fd) };
+    }
+    // SAFETY: forwarded, dup(2).
+    dup_like(fd, None, || unsafe { real::dup(fd) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    if guard::inside() {
+        // SAFETY: forwarded, dup2(2).
+        return unsafe { real::dup2(old, new) };
+    }
+    // SAFETY: forwarded, dup2(2).
+    dup_like(old, Some(new), || unsafe { real::dup2(old, new) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    if guard::inside() {
+        // SAFETY: forwarded, dup3(2).
+        return unsafe { real::dup3(old, new, flags) };
+    }
+    // SAFETY: forwarded, dup3(2).
+    dup_like(old, Some(new), || unsafe { real::dup3(old, new, flags) })
+}
+
+/// fcntl(2) is variadic in C. On the x86-64 and AArch64 Linux ABIs the one optional argument
+/// travels in the same register as a fixed third argument would, so it is declared as one
+/// machine word and forwarded unchanged.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    if guard::inside() || (cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC) {
+        // SAFETY: forwarded, fcntl(2).
+        return unsafe { real::fcntl(fd, cmd, arg) };
+    }
+    // SAFETY: forwarded, fcntl(2) F_DUPFD*.
+    dup_like(fd, None, || unsafe { real::fcntl(fd, cmd, arg) })
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    if guard::inside() || (cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC) {
+        // SAFETY: forwarded, fcntl64.
+        return unsafe { real::fcntl64(fd, cmd, arg) };
+    }
+    // SAFETY: forwarded, fcntl64 F_DUPFD*.
+    dup_like(fd, None, || unsafe { real::fcntl64(fd, cmd, arg) })
+}
+
+// ---- socket identity of relayed fds -----------------------------------------------------
+
+#[no_mangle]
+pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if fd_table::is_empty() {
+        // SAFETY: forwarded, getpeername(2).
+        return unsafe { real::getpeername(fd, addr, len) };
+    }
+    // SAFETY: forwarded, getpeername(2).
+    hook(|| unsafe { ops::fds::name(fd, addr, len, true) }, || unsafe { real::getpeername(fd, addr, len) }, || (-1, libc::EBADF))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if fd_table::is_empty() {
+        // SAFETY: forwarded, getsockname(2).
+        return unsafe { real::getsockname(fd, addr, len) };
+    }
+    // SAFETY: forwarded, getsockname(2).
+    hook(|| unsafe { ops::fds::name(fd, addr, len, false) }, || unsafe { real::getsockname(fd, addr, len) }, || (-1, libc::EBADF))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int {
+    if fd_table::is_empty() {
+        // SAFETY: forwarded, getsockopt(2).
+        return unsafe { real::getsockopt(fd, level, name, val, len) };
+    }
+    // SAFETY: forwarded, getsockopt(2).
+    hook(
+        || unsafe { ops::fds::getsockopt(fd, level, name, val, len) },
+        || unsafe { real::getsockopt(fd, level, name, val, len) },
+        || (-1, libc::EBADF),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    if fd_table::is_empty() {
+        // SAFETY: forwarded, setsockopt(2).
+        return unsafe { real::setsockopt(fd, level, name, val, len) };
+    }
+    // SAFETY: forwarded, setsockopt(2).
+    hook(
+        || unsafe { ops::fds::setsockopt(fd, level, name, val, len) },
+        || unsafe { real::setsockopt(fd, level, name, val, len) },
+        || (-1, libc::EBADF),
+    )
+}
+
+// ---- the read family: kTLS control records ----------------------------------------------
+
+/// The guarded slow path shared by every read-family export.
+fn read_slow(fd: c_int, first: ssize_t, again: &mut dyn FnMut() -> ssize_t) -> ssize_t {
+    hook(
+        || {
+            let r = ops::io::after_read_error(fd, first, again);
+            if r < 0 {
+                Outcome::Fail(r, guard::errno())
+            } else {
+                Outcome::Done(r)
+            }
+        },
+        || first,
+        || (-1, libc::ECONNRESET),
+    )
+}
+
+macro_rules! read_export {
+    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* )) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($fd: $fdty $(, $arg: $ty)*) -> ssize_t {
+            // SAFETY: forwarded unchanged to the real function of the same name.
+            let r = unsafe { real::$name($fd $(, $arg)*) };
+            if r >= 0 || fd_table::is_empty() || guard::inside() || guard::errno() != libc::EIO {
+                return r;
+            }
+            // SAFETY: as above; the slow path may repeat the call.
+            read_slow($fd, r, &mut || unsafe { real::$name($fd $(, $arg)*) })
+        }
+    };
+}
+
+read_export!(read(fd: c_int, buf: *mut c_void, n: size_t));
+read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int));
+read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int));
+read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
+read_export!(recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int));
+read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t));
+read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int));
+read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));

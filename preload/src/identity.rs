@@ -1,0 +1,196 @@
+//! This process's identity: its SVID, trust bundle and policy, fetched from tetherd on first
+//! need, cached, and refreshed at half-life. After fork the child forgets the parent's and
+//! fetches its own (tetherd attests the child as the new process it is).
+
+use std::fmt;
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::sign::CertifiedKey;
+use tether_proto::wire::{self, Request, Response, SvidResponse};
+use tether_proto::{Policy, SpiffeId};
+
+use crate::settings;
+use crate::tls::handshake::Credentials;
+use crate::tls::verify::TrustStore;
+
+/// How long we wait for tetherd, per operation.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// After a failed fetch, do not ask again for this long (keeps a down broker from turning
+/// every connect into a 5 s stall).
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
+
+pub(crate) struct Identity {
+    pub(crate) id: SpiffeId,
+    pub(crate) creds: Credentials,
+    pub(crate) policy: Policy,
+    pub(crate) serial: String,
+    refresh_at: u64,
+    not_after: u64,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .field("serial", &self.serial)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why we have no identity.
+#[derive(Debug, Clone)]
+pub(crate) enum IdentityError {
+    /// tetherd could not be reached.
+    Unreachable(String),
+    /// tetherd answered with an error (e.g. no registration entry matches us).
+    Refused(String),
+    /// tetherd's answer was unusable.
+    Invalid(String),
+}
+
+impl fmt::Display for IdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Unreachable(w) => write!(f, "tetherd unreachable: {w}"),
+            Self::Refused(w) => write!(f, "tetherd refused an identity: {w}"),
+            Self::Invalid(w) => write!(f, "tetherd sent an unusable SVID: {w}"),
+        }
+    }
+}
+
+struct State {
+    current: Option<Arc<Identity>>,
+    last_failure: Option<(std::time::Instant, IdentityError)>,
+}
+
+static STATE: Mutex<State> = Mutex::new(State { current: None, last_failure: None });
+/// Serialises fetches, so a burst of first connections makes one broker round trip.
+static FETCH: Mutex<()> = Mutex::new(());
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The identity to use now, fetching or refreshing as needed. A refresh that fails while the
+/// cached SVID is still valid keeps the cached one.
+pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
+    if let Some(id) = fresh() {
+        return Ok(id);
+    }
+    let _one = FETCH.lock();
+    if let Some(id) = fresh() {
+        return Ok(id);
+    }
+    {
+        let st = STATE.lock();
+        if let Some((at, e)) = &st.last_failure {
+            if at.elapsed() < RETRY_AFTER_FAILURE {
+                return usable(&st).ok_or_else(|| e.clone());
+            }
+        }
+    }
+    match fetch() {
+        Ok(id) => {
+            let id = Arc::new(id);
+            let mut st = STATE.lock();
+            st.current = Some(id.clone());
+            st.last_failure = None;
+            Ok(id)
+        }
+        Err(e) => {
+            let mut st = STATE.lock();
+            st.last_failure = Some((std::time::Instant::now(), e.clone()));
+            usable(&st).ok_or(e)
+        }
+    }
+}
+
+fn fresh() -> Option<Arc<Identity>> {
+    let st = STATE.lock();
+    st.current.as_ref().filter(|i| now_secs() < i.refresh_at).cloned()
+}
+
+fn usable(st: &State) -> Option<Arc<Identity>> {
+    st.current.as_ref().filter(|i| now_secs() < i.not_after).cloned()
+}
+
+fn fetch() -> Result<Identity, IdentityError> {
+    let unreachable = |e: io::Error| IdentityError::Unreachable(e.to_string());
+    let socket = &settings::get().socket;
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| IdentityError::Unreachable(format!("{}: {e}", socket.display())))?;
+    s.set_read_timeout(Some(BROKER_TIMEOUT)).map_err(unreachable)?;
+    s.set_write_timeout(Some(BROKER_TIMEOUT)).map_err(unreachable)?;
+    let frame = wire::encode(&Request::FetchSvid {}).map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    wire::io::write_frame(&mut s, &frame).map_err(|e| IdentityError::Unreachable(e.to_string()))?;
+    let body = wire::io::read_frame(&mut s)
+        .map_err(|e| IdentityError::Unreachable(e.to_string()))?
+        .ok_or_else(|| IdentityError::Unreachable("tetherd closed the connection".into()))?;
+    match wire::decode::<Response>(&body).map_err(|e| IdentityError::Invalid(e.to_string()))? {
+        Response::Svid(svid) => build(svid),
+        Response::Error(e) => Err(IdentityError::Refused(format!("{}: {}", e.code, e.message))),
+        _ => Err(IdentityError::Invalid("unexpected response type".into())),
+    }
+}
+
+fn build(svid: SvidResponse) -> Result<Identity, IdentityError> {
+    let invalid = |w: String| IdentityError::Invalid(w);
+    if svid.cert_chain.is_empty() {
+        return Err(invalid("empty certificate chain".into()));
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        svid.cert_chain.iter().map(|c| CertificateDer::from(c.0.clone())).collect();
+    // The PKCS#8 bytes are borrowed from the zeroizing buffer in `svid.private_key`.
+    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&svid.private_key.0[..]));
+    // `any_ecdsa_type` borrows: no unzeroized copy of the PKCS#8 bytes is made here.
+    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&key_der)
+        .map_err(|e| invalid(format!("private key: {e}")))?;
+    let key = CertifiedKey::new(chain, signing);
+    key.keys_match().map_err(|e| invalid(format!("key does not match certificate: {e}")))?;
+    let own_td = svid.spiffe_id.trust_domain();
+    let bundles = std::iter::once((own_td, svid.bundle.iter().map(|d| d.0.clone()).collect()))
+        .chain(svid.federated.iter().map(|(td, ds)| (td.clone(), ds.iter().map(|d| d.0.clone()).collect())));
+    let (trust, _bad) = TrustStore::new(bundles);
+    let refresh_at = svid.refresh_at();
+    Ok(Identity {
+        id: svid.spiffe_id,
+        creds: Credentials { key: Arc::new(key), trust: Arc::new(trust) },
+        policy: svid.policy,
+        serial: svid.serial,
+        refresh_at,
+        not_after: svid.not_after,
+    })
+}
+
+pub(crate) fn atfork_prepare() {
+    // Order: FETCH then STATE, as in `current`.
+    std::mem::forget(FETCH.lock());
+    std::mem::forget(STATE.lock());
+}
+
+pub(crate) fn atfork_parent() {
+    // SAFETY: both were locked by this thread in atfork_prepare and their guards forgotten.
+    unsafe {
+        STATE.force_unlock();
+        FETCH.force_unlock();
+    }
+}
+
+pub(crate) fn atfork_child() {
+    // SAFETY: as in atfork_parent; the child has only this thread.
+    unsafe {
+        STATE.force_unlock();
+        FETCH.force_unlock();
+    }
+    // The child is a new process: it must fetch (and be attested for) its own SVID.
+    let mut st = STATE.lock();
+    st.current = None;
+    st.last_failure = None;
+}

@@ -1,0 +1,60 @@
+//! The read family's slow path, for kTLS sockets only.
+//!
+//! A control record (alert, NewSessionTicket, KeyUpdate) makes a plain read on a kTLS socket
+//! fail with EIO. Exports call the real function first and come here only when it failed with
+//! EIO and the fd is a kTLS connection of ours: one branch on the fast path.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::Ordering;
+
+use crate::fd_table::{self, DataPath};
+use crate::guard;
+use crate::log;
+use crate::sys::ktls::{self, Control};
+
+/// Control records we will skip in a row before calling the stream broken.
+const MAX_SKIPPED: usize = 64;
+
+/// What the export should return after `first` (the real call's result) failed.
+/// `again` repeats the program's original call.
+pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() -> isize) -> isize {
+    let e = guard::errno();
+    if e != libc::EIO {
+        return first;
+    }
+    let Some(p) = fd_table::get(fd) else {
+        return first;
+    };
+    if !matches!(p.path, DataPath::Ktls) {
+        guard::set_errno(e);
+        return first;
+    }
+    if p.peer_closed.load(Ordering::Relaxed) {
+        return 0;
+    }
+    for _ in 0..MAX_SKIPPED {
+        match ktls::handle_control_record(fd) {
+            Ok(Control::Retry) => {
+                let r = again();
+                if r >= 0 || guard::errno() != libc::EIO {
+                    return r;
+                }
+            }
+            Ok(Control::Eof) => {
+                p.peer_closed.store(true, Ordering::Relaxed);
+                return 0;
+            }
+            Ok(Control::Reset(why)) => {
+                log::Line::new("read").kv("fd", fd).kv("peer_id", p.peer.id()).kv("reason", why).emit();
+                guard::set_errno(libc::ECONNRESET);
+                return -1;
+            }
+            Err(err) => {
+                guard::set_errno(err.raw_os_error().unwrap_or(libc::EIO));
+                return -1;
+            }
+        }
+    }
+    guard::set_errno(libc::ECONNRESET);
+    -1
+}

@@ -1,0 +1,8 @@
+//! The logic layer: each function decides what a hooked call means for tether and returns
+//! [`Outcome`](crate::guard::Outcome): pass through, handled, or failed with a chosen errno.
+
+pub(crate) mod accept;
+pub(crate) mod connect;
+pub(crate) mod fds;
+pub(crate) mod io;
+pub(crate) mod protect;

@@ -1,0 +1,204 @@
+//! Turning an established TCP connection into a protected one: choose the data path, run the
+//! handshake, install kTLS or hand over to the userspace relay. Shared by connect and accept.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tether_proto::IdPattern;
+
+use crate::fd_table::{DataPath, Direction, Protected};
+use crate::identity::{Identity, IdentityError};
+use crate::settings::{self, DataPathMode};
+use crate::sys::ktls::{self, AttachError};
+use crate::sys::net::{self, DeadlineIo};
+use crate::tls::handshake::{self, HandshakeError};
+use crate::tls::verify::Refusal;
+use crate::{fallback, log, tls};
+
+/// Why a protected connection could not be set up. Every variant fails closed.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// No SVID/policy from tetherd, so we cannot tell what is protected.
+    NoIdentity(IdentityError),
+    /// Unmatched outbound TCP under `default = "deny"`.
+    DeniedByDefault,
+    /// TETHER_MODE holds a value we do not understand.
+    BadMode(String),
+    /// TETHER_MODE=ktls and the kernel has no kTLS.
+    KtlsUnavailable,
+    /// The kernel refused the ULP or the keys.
+    Ktls(io::Error),
+    /// The connect itself failed (errno passed through).
+    Connect(i32),
+    Handshake(HandshakeError),
+    /// The userspace relay could not take the connection.
+    Relay(io::Error),
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoIdentity(e) => write!(f, "{e}"),
+            Self::DeniedByDefault => f.write_str("no rule matches and the policy default is deny"),
+            Self::BadMode(m) => write!(f, "TETHER_MODE={m:?} is not auto, ktls or userspace"),
+            Self::KtlsUnavailable => {
+                f.write_str("TETHER_MODE=ktls but this kernel has no kTLS (modprobe tls, or CONFIG_TLS)")
+            }
+            Self::Ktls(e) => write!(f, "kTLS setup failed: {e}"),
+            Self::Connect(e) => write!(f, "connect failed: {}", io::Error::from_raw_os_error(*e)),
+            Self::Handshake(e) => write!(f, "{e}"),
+            Self::Relay(e) => write!(f, "userspace TLS relay failed: {e}"),
+        }
+    }
+}
+
+impl Failure {
+    /// The errno a program sees from connect(2). Documented in ARCHITECTURE.md.
+    pub(crate) fn errno(&self) -> i32 {
+        match self {
+            Self::NoIdentity(_) | Self::DeniedByDefault => libc::EACCES,
+            Self::BadMode(_) | Self::KtlsUnavailable => libc::EPROTONOSUPPORT,
+            Self::Ktls(_) | Self::Relay(_) => libc::EIO,
+            Self::Connect(e) => *e,
+            Self::Handshake(h) => match h {
+                HandshakeError::Refused(Refusal::NotAllowed(_)) | HandshakeError::Refused(_) => libc::EPERM,
+                HandshakeError::Timeout => libc::ETIMEDOUT,
+                HandshakeError::PeerClosed | HandshakeError::NotTls => libc::ECONNREFUSED,
+                HandshakeError::Tls(_) => libc::ECONNRESET,
+                HandshakeError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            },
+        }
+    }
+}
+
+/// The data path chosen before the handshake.
+enum Plan {
+    Ktls,
+    Userspace { why: &'static str },
+}
+
+fn plan(fd: RawFd) -> Result<Plan, Failure> {
+    let s = settings::get();
+    if let Some(m) = &s.bad_mode {
+        return Err(Failure::BadMode(m.clone()));
+    }
+    match s.mode {
+        DataPathMode::Userspace => Ok(Plan::Userspace { why: "TETHER_MODE=userspace" }),
+        DataPathMode::Ktls => match ktls::attach_ulp(fd) {
+            Ok(()) => Ok(Plan::Ktls),
+            Err(AttachError::Unsupported) => Err(Failure::KtlsUnavailable),
+            Err(AttachError::Other(e)) => Err(Failure::Ktls(e)),
+        },
+        DataPathMode::Auto => match ktls::attach_ulp(fd) {
+            Ok(()) => Ok(Plan::Ktls),
+            Err(AttachError::Unsupported) => Ok(Plan::Userspace { why: "kernel has no kTLS" }),
+            Err(AttachError::Other(_)) => Ok(Plan::Userspace { why: "TCP_ULP refused on this socket" }),
+        },
+    }
+}
+
+/// Protect the established TCP connection on `fd`. On failure the socket has been shut down
+/// both ways (nothing can flow in plaintext) and the fd number is left for the program to
+/// close.
+pub(crate) fn protect(
+    fd: RawFd,
+    direction: Direction,
+    ident: &Identity,
+    allow: &[IdPattern],
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Result<Arc<Protected>, Failure> {
+    let r = protect_inner(fd, direction, ident, allow, local, remote);
+    if r.is_err() {
+        net::kill(fd);
+    }
+    r
+}
+
+fn protect_inner(
+    fd: RawFd,
+    direction: Direction,
+    ident: &Identity,
+    allow: &[IdPattern],
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> Result<Arc<Protected>, Failure> {
+    let plan = plan(fd)?;
+    let flags = net::status_flags(fd);
+    net::set_status_flags(fd, flags | libc::O_NONBLOCK);
+    let deadline = Instant::now() + settings::get().handshake_timeout;
+    let mut io = DeadlineIo { fd, deadline };
+    let est = match direction {
+        Direction::Outbound => handshake::client(&mut io, &ident.creds, allow, remote),
+        Direction::Inbound => handshake::server(&mut io, &ident.creds, allow),
+    };
+    net::set_status_flags(fd, flags);
+    let est = est.map_err(Failure::Handshake)?;
+    let (path, detail) = match plan {
+        Plan::Ktls => {
+            let cipher = tls::danger::install_ktls(fd, est.conn).map_err(Failure::Ktls)?;
+            (DataPath::Ktls, cipher)
+        }
+        Plan::Userspace { why } => {
+            let link = fallback::adopt(fd, est.conn).map_err(Failure::Relay)?;
+            (DataPath::Userspace(link), why)
+        }
+    };
+    let p = Arc::new(Protected {
+        path,
+        direction,
+        local_id: ident.id.clone(),
+        peer: est.peer,
+        local,
+        remote,
+        peer_closed: AtomicBool::new(false),
+    });
+    log::Line::new(event_name(direction))
+        .kv("decision", "allow")
+        .kv("mode", p.path.name())
+        .kv("local_id", &p.local_id)
+        .kv("peer_id", p.peer.id())
+        .kv("local", local)
+        .kv("peer", remote)
+        .kv("detail", detail)
+        .emit();
+    Ok(p)
+}
+
+pub(crate) fn event_name(d: Direction) -> &'static str {
+    match d {
+        Direction::Outbound => "connect",
+        Direction::Inbound => "accept",
+    }
+}
+
+/// Log a refusal.
+pub(crate) fn log_failure(direction: Direction, ident: Option<&Identity>, remote: SocketAddr, f: &Failure) {
+    let mut l = log::Line::new(event_name(direction)).kv("decision", "deny");
+    if let Some(i) = ident {
+        l = l.kv("local_id", &i.id);
+    }
+    if let Failure::Handshake(HandshakeError::Refused(Refusal::NotAllowed(id))) = f {
+        l = l.kv("peer_id", id);
+    }
+    l.kv("peer", remote).kv("errno", errno_name(f.errno())).kv("reason", f).emit();
+}
+
+pub(crate) fn errno_name(e: i32) -> &'static str {
+    match e {
+        libc::EACCES => "EACCES",
+        libc::EPERM => "EPERM",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ECONNRESET => "ECONNRESET",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EPROTONOSUPPORT => "EPROTONOSUPPORT",
+        libc::EIO => "EIO",
+        _ => "other",
+    }
+}

@@ -1,0 +1,337 @@
+//! The kernel TLS interface (Documentation/networking/tls.rst): ULP attach, key install, and
+//! control-record handling for the read slow path. FFI module.
+
+use std::ffi::c_int;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
+use zeroize::Zeroize;
+
+const SOL_TLS: c_int = 282;
+const TCP_ULP: c_int = 31;
+const TLS_TX: c_int = 1;
+const TLS_RX: c_int = 2;
+const TLS_GET_RECORD_TYPE: c_int = 2;
+const TLS_SET_RECORD_TYPE: c_int = 1;
+const TLS_1_3_VERSION: u16 = 0x0304;
+const CIPHER_AES_GCM_128: u16 = 51;
+const CIPHER_AES_GCM_256: u16 = 52;
+const CIPHER_CHACHA20_POLY1305: u16 = 54;
+
+pub(crate) const CONTENT_ALERT: u8 = 21;
+pub(crate) const CONTENT_HANDSHAKE: u8 = 22;
+pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
+
+/// Largest TLS 1.3 record plaintext plus slack.
+const MAX_RECORD: usize = 16384 + 256;
+
+const UNKNOWN: u8 = 0;
+const SUPPORTED: u8 = 1;
+const UNSUPPORTED: u8 = 2;
+
+/// Whether this kernel has kTLS, learned once per process from the first attach.
+static SUPPORT: AtomicU8 = AtomicU8::new(UNKNOWN);
+
+/// Known not to work in this process: skip the attempt.
+pub(crate) fn known_unsupported() -> bool {
+    SUPPORT.load(Ordering::Relaxed) == UNSUPPORTED
+}
+
+/// Why the TLS ULP could not be attached.
+#[derive(Debug)]
+pub(crate) enum AttachError {
+    /// The kernel has no kTLS (ENOENT: module missing, CONFIG_TLS unset).
+    Unsupported,
+    Other(io::Error),
+}
+
+/// Attach the "tls" upper-layer protocol to a connected TCP socket. Until keys are set the
+/// socket behaves exactly as before, so this is the probe: it runs before the handshake,
+/// while falling back to userspace is still possible.
+pub(crate) fn attach_ulp(fd: RawFd) -> Result<(), AttachError> {
+    if known_unsupported() {
+        return Err(AttachError::Unsupported);
+    }
+    let name = b"tls";
+    // SAFETY: valid fd number, pointer/length describe `name`.
+    let rc = unsafe {
+        crate::real::setsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), name.len() as u32)
+    };
+    if rc == 0 {
+        SUPPORT.store(SUPPORTED, Ordering::Relaxed);
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ENOPROTOOPT) | Some(libc::EOPNOTSUPP) => {
+            SUPPORT.store(UNSUPPORTED, Ordering::Relaxed);
+            Err(AttachError::Unsupported)
+        }
+        _ => Err(AttachError::Other(e)),
+    }
+}
+
+#[repr(C)]
+#[derive(Zeroize)]
+struct Aes128 {
+    version: u16,
+    cipher: u16,
+    iv: [u8; 8],
+    key: [u8; 16],
+    salt: [u8; 4],
+    rec_seq: [u8; 8],
+}
+
+#[repr(C)]
+#[derive(Zeroize)]
+struct Aes256 {
+    version: u16,
+    cipher: u16,
+    iv: [u8; 8],
+    key: [u8; 32],
+    salt: [u8; 4],
+    rec_seq: [u8; 8],
+}
+
+#[repr(C)]
+#[derive(Zeroize)]
+struct Chacha {
+    version: u16,
+    cipher: u16,
+    iv: [u8; 12],
+    key: [u8; 32],
+    rec_seq: [u8; 8],
+}
+
+/// The kernel's crypto_info for one direction, wiped on drop.
+enum CryptoInfo {
+    Aes128(Aes128),
+    Aes256(Aes256),
+    Chacha(Chacha),
+}
+
+impl Drop for CryptoInfo {
+    fn drop(&mut self) {
+        match self {
+            Self::Aes128(c) => c.zeroize(),
+            Self::Aes256(c) => c.zeroize(),
+            Self::Chacha(c) => c.zeroize(),
+        }
+    }
+}
+
+/// The cipher suite, for logs.
+pub(crate) fn cipher_name(s: &ConnectionTrafficSecrets) -> &'static str {
+    match s {
+        ConnectionTrafficSecrets::Aes128Gcm { .. } => "TLS13_AES_128_GCM_SHA256",
+        ConnectionTrafficSecrets::Aes256Gcm { .. } => "TLS13_AES_256_GCM_SHA384",
+        ConnectionTrafficSecrets::Chacha20Poly1305 { .. } => "TLS13_CHACHA20_POLY1305_SHA256",
+        _ => "unknown",
+    }
+}
+
+fn crypto_info(seq: u64, s: &ConnectionTrafficSecrets) -> Option<CryptoInfo> {
+    let rec_seq = seq.to_be_bytes();
+    // TLS 1.3 nonce = 12-byte IV; the kernel wants it split as salt (first 4) + iv (last 8)
+    // for GCM, and whole for ChaCha20.
+    Some(match s {
+        ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
+            let mut c = Aes128 {
+                version: TLS_1_3_VERSION,
+                cipher: CIPHER_AES_GCM_128,
+                iv: [0; 8],
+                key: [0; 16],
+                salt: [0; 4],
+                rec_seq,
+            };
+            c.key.copy_from_slice(key.as_ref().get(..16)?);
+            c.salt.copy_from_slice(iv.as_ref().get(..4)?);
+            c.iv.copy_from_slice(iv.as_ref().get(4..12)?);
+            CryptoInfo::Aes128(c)
+        }
+        ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
+            let mut c = Aes256 {
+                version: TLS_1_3_VERSION,
+                cipher: CIPHER_AES_GCM_256,
+                iv: [0; 8],
+                key: [0; 32],
+                salt: [0; 4],
+                rec_seq,
+            };
+            c.key.copy_from_slice(key.as_ref().get(..32)?);
+            c.salt.copy_from_slice(iv.as_ref().get(..4)?);
+            c.iv.copy_from_slice(iv.as_ref().get(4..12)?);
+            CryptoInfo::Aes256(c)
+        }
+        ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => {
+            let mut c = Chacha {
+                version: TLS_1_3_VERSION,
+                cipher: CIPHER_CHACHA20_POLY1305,
+                iv: [0; 12],
+                key: [0; 32],
+                rec_seq,
+            };
+            c.key.copy_from_slice(key.as_ref().get(..32)?);
+            c.iv.copy_from_slice(iv.as_ref().get(..12)?);
+            CryptoInfo::Chacha(c)
+        }
+        _ => return None,
+    })
+}
+
+fn set_crypto(fd: RawFd, dir: c_int, info: &CryptoInfo) -> io::Result<()> {
+    let (ptr, len) = match info {
+        CryptoInfo::Aes128(c) => ((c as *const Aes128).cast(), size_of::<Aes128>()),
+        CryptoInfo::Aes256(c) => ((c as *const Aes256).cast(), size_of::<Aes256>()),
+        CryptoInfo::Chacha(c) => ((c as *const Chacha).cast(), size_of::<Chacha>()),
+    };
+    // SAFETY: `ptr`/`len` describe a live #[repr(C)] struct matching the kernel's layout.
+    let rc = unsafe { crate::real::setsockopt(fd, SOL_TLS, dir, ptr, len as u32) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Install both directions' keys. After this the program's plaintext I/O on `fd` is
+/// encrypted by the kernel.
+pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'static str> {
+    let (tx_seq, tx) = &secrets.tx;
+    let (rx_seq, rx) = &secrets.rx;
+    let unsupported = || io::Error::new(io::ErrorKind::Unsupported, "cipher suite not supported by kTLS");
+    let tx_info = crypto_info(*tx_seq, tx).ok_or_else(unsupported)?;
+    let rx_info = crypto_info(*rx_seq, rx).ok_or_else(unsupported)?;
+    set_crypto(fd, TLS_TX, &tx_info)?;
+    set_crypto(fd, TLS_RX, &rx_info)?;
+    Ok(cipher_name(tx))
+}
+
+/// What the read slow path should make of the record that caused EIO.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// A record we consumed and dropped (a session ticket, a warning alert): read again.
+    Retry,
+    /// close_notify: the program sees EOF.
+    Eof,
+    /// A fatal alert, a KeyUpdate this kernel cannot follow, or garbage.
+    Reset(&'static str),
+}
+
+/// Consume the control record at the head of `fd`'s receive queue. Called only after a plain
+/// read failed with EIO on a kTLS socket. The record type is peeked first, so application
+/// data is never taken from under the program.
+pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
+    let mut buf = vec![0u8; MAX_RECORD];
+    let (ty, n) = recv_record(fd, &mut buf[..1], libc::MSG_PEEK | libc::MSG_DONTWAIT)?;
+    if ty == CONTENT_APPLICATION_DATA {
+        return Ok(Control::Retry);
+    }
+    let _ = n;
+    let (ty, n) = recv_record(fd, &mut buf, libc::MSG_DONTWAIT)?;
+    let body = &buf[..n];
+    let r = classify(ty, body);
+    buf.zeroize();
+    Ok(r)
+}
+
+/// Decide what a control record means. Pure: tested below.
+pub(crate) fn classify(ty: u8, body: &[u8]) -> Control {
+    match ty {
+        CONTENT_ALERT => match body {
+            [_, 0] => Control::Eof,
+            // user_canceled and other warnings: TLS 1.3 says close_notify follows.
+            [1, _] => Control::Retry,
+            _ => Control::Reset("fatal alert from peer"),
+        },
+        CONTENT_HANDSHAKE => match body.first() {
+            Some(4) => Control::Retry, // NewSessionTicket: we never resume, drop it
+            Some(24) => Control::Reset("peer sent KeyUpdate; this kernel cannot rekey kTLS RX"),
+            _ => Control::Reset("unexpected post-handshake message"),
+        },
+        CONTENT_APPLICATION_DATA => Control::Retry,
+        _ => Control::Reset("unknown TLS record type"),
+    }
+}
+
+fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize)> {
+    let mut cbuf = [0u64; 8]; // aligned cmsg space
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: zeroed msghdr is a valid "empty" value; we fill the pointers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = size_of_val(&cbuf);
+    // SAFETY: msg points at live buffers sized as declared.
+    let n = unsafe { crate::real::recvmsg(fd, &mut msg, flags) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ty = CONTENT_APPLICATION_DATA;
+    // SAFETY: the kernel filled msg_control; CMSG_* walk it within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_TLS && (*c).cmsg_type == TLS_GET_RECORD_TYPE {
+                ty = *libc::CMSG_DATA(c);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((ty, n as usize))
+}
+
+/// Send a close_notify alert on a kTLS socket (for `shutdown(SHUT_WR)`).
+pub(crate) fn send_close_notify(fd: RawFd) {
+    let alert = [1u8, 0u8];
+    let mut cbuf = [0u64; 4];
+    let mut iov = libc::iovec { iov_base: alert.as_ptr() as *mut _, iov_len: alert.len() };
+    // SAFETY: as in recv_record; we build one cmsg of type TLS_SET_RECORD_TYPE.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(1) as usize;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = SOL_TLS;
+        (*c).cmsg_type = TLS_SET_RECORD_TYPE;
+        (*c).cmsg_len = libc::CMSG_LEN(1) as usize;
+        *libc::CMSG_DATA(c) = CONTENT_ALERT;
+        let _ = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_records_map_to_program_outcomes() {
+        assert_eq!(classify(CONTENT_ALERT, &[1, 0]), Control::Eof);
+        assert_eq!(classify(CONTENT_ALERT, &[2, 0]), Control::Eof);
+        assert_eq!(classify(CONTENT_ALERT, &[1, 90]), Control::Retry);
+        assert!(matches!(classify(CONTENT_ALERT, &[2, 40]), Control::Reset(_)));
+        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1]), Control::Retry);
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::Reset(_)));
+        assert!(matches!(classify(99, &[]), Control::Reset(_)));
+    }
+
+    #[test]
+    fn gcm_nonce_is_split_into_salt_and_iv() {
+        let key = rustls::crypto::cipher::AeadKey::from([7u8; 32]);
+        let iv = rustls::crypto::cipher::Iv::new([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        let s = ConnectionTrafficSecrets::Aes256Gcm { key, iv };
+        match crypto_info(5, &s) {
+            Some(CryptoInfo::Aes256(c)) => {
+                assert_eq!(c.salt, [1, 2, 3, 4]);
+                assert_eq!(c.iv, [5, 6, 7, 8, 9, 10, 11, 12]);
+                assert_eq!(c.rec_seq, 5u64.to_be_bytes());
+            }
+            _ => panic!("wrong variant"),
+        }
+    }
+}

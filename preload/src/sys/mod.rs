@@ -1,0 +1,4 @@
+//! Raw kernel interfaces (FFI): kTLS and socket helpers.
+
+pub(crate) mod ktls;
+pub(crate) mod net;

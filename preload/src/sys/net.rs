@@ -1,0 +1,233 @@
+//! Socket helpers over raw fds: addresses, flags, and deadline-bounded I/O for the handshake.
+//! FFI module; all calls go to the real libc functions.
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+use std::time::Instant;
+
+use libc::{c_int, sockaddr, socklen_t};
+
+/// Parse a C socket address. `None` for anything but AF_INET/AF_INET6.
+///
+/// # Safety
+/// `addr` must point at `len` readable bytes (or be null).
+pub(crate) unsafe fn from_raw(addr: *const sockaddr, len: socklen_t) -> Option<SocketAddr> {
+    if addr.is_null() || (len as usize) < size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: at least the family field is readable (checked above).
+    let family = c_int::from(unsafe { (*addr).sa_family });
+    match family {
+        libc::AF_INET if len as usize >= size_of::<libc::sockaddr_in>() => {
+            // SAFETY: length checked; read_unaligned copes with any alignment.
+            let a = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>()) };
+            let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
+        }
+        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
+            // SAFETY: as above.
+            let a = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in6>()) };
+            let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Write `sa` into a caller's (addr, len) pair with getsockname(2) truncation semantics.
+///
+/// # Safety
+/// `addr`/`len` as passed to getpeername(2).
+pub(crate) unsafe fn to_raw(sa: SocketAddr, addr: *mut sockaddr, len: *mut socklen_t) {
+    if addr.is_null() || len.is_null() {
+        return;
+    }
+    // SAFETY: zeroed sockaddr_storage is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let full = match sa {
+        SocketAddr::V4(v4) => {
+            let p = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            unsafe {
+                (*p).sin_family = libc::AF_INET as libc::sa_family_t;
+                (*p).sin_port = v4.port().to_be();
+                (*p).sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+            }
+            size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(v6) => {
+            let p = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+            // SAFETY: as above.
+            unsafe {
+                (*p).sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                (*p).sin6_port = v6.port().to_be();
+                (*p).sin6_addr.s6_addr = v6.ip().octets();
+                (*p).sin6_flowinfo = v6.flowinfo();
+                (*p).sin6_scope_id = v6.scope_id();
+            }
+            size_of::<libc::sockaddr_in6>()
+        }
+    };
+    // SAFETY: the caller gave us a buffer of *len bytes; we copy at most that and report the
+    // full size, as the kernel does.
+    unsafe {
+        let room = (*len as usize).min(full);
+        std::ptr::copy_nonoverlapping((&storage as *const libc::sockaddr_storage).cast::<u8>(), addr.cast::<u8>(), room);
+        *len = full as socklen_t;
+    }
+}
+
+fn sockname(fd: RawFd, peer: bool) -> Option<SocketAddr> {
+    // SAFETY: zeroed storage + its size are a valid out-buffer.
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
+    let p = (&mut st as *mut libc::sockaddr_storage).cast::<sockaddr>();
+    // SAFETY: out-buffer as above.
+    let rc = unsafe {
+        if peer {
+            crate::real::getpeername(fd, p, &mut len)
+        } else {
+            crate::real::getsockname(fd, p, &mut len)
+        }
+    };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: the kernel filled `len` bytes of `st`.
+    unsafe { from_raw(p, len) }
+}
+
+pub(crate) fn local_addr(fd: RawFd) -> Option<SocketAddr> {
+    sockname(fd, false)
+}
+
+pub(crate) fn peer_addr(fd: RawFd) -> Option<SocketAddr> {
+    sockname(fd, true)
+}
+
+fn int_opt(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = size_of::<c_int>() as socklen_t;
+    // SAFETY: out-pointers to a c_int and its size.
+    let rc = unsafe { crate::real::getsockopt(fd, level, name, (&mut v as *mut c_int).cast(), &mut len) };
+    (rc == 0).then_some(v)
+}
+
+/// Is `fd` a TCP stream socket (AF_INET/AF_INET6, SOCK_STREAM, TCP)?
+pub(crate) fn is_tcp(fd: RawFd) -> bool {
+    let domain = int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN);
+    if !matches!(domain, Some(libc::AF_INET) | Some(libc::AF_INET6)) {
+        return false;
+    }
+    int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
+        && matches!(int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL), Some(0) | Some(libc::IPPROTO_TCP))
+}
+
+pub(crate) fn so_error(fd: RawFd) -> c_int {
+    int_opt(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)
+}
+
+pub(crate) fn status_flags(fd: RawFd) -> c_int {
+    // SAFETY: F_GETFL takes no argument.
+    unsafe { crate::real::fcntl(fd, libc::F_GETFL, 0) }
+}
+
+pub(crate) fn set_status_flags(fd: RawFd, flags: c_int) {
+    // SAFETY: F_SETFL with an int argument.
+    unsafe { crate::real::fcntl(fd, libc::F_SETFL, flags as usize) };
+}
+
+/// Wait until `fd` is ready for `events`, or the deadline passes (ETIMEDOUT).
+pub(crate) fn wait(fd: RawFd, events: i16, deadline: Instant) -> io::Result<()> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+        }
+        let mut p = libc::pollfd { fd, events, revents: 0 };
+        let ms = left.as_millis().clamp(1, i32::MAX as u128) as c_int;
+        // SAFETY: one valid pollfd.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        if rc > 0 {
+            return Ok(());
+        }
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EINTR) {
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Shut a socket down both ways: nothing more leaves or enters, whoever else holds it.
+pub(crate) fn kill(fd: RawFd) {
+    // SAFETY: shutdown on any fd is harmless; errors are ignored on purpose.
+    unsafe { crate::real::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+/// Blocking-with-deadline I/O on a socket that has been set O_NONBLOCK for the handshake.
+#[derive(Debug)]
+pub(crate) struct DeadlineIo {
+    pub(crate) fd: RawFd,
+    pub(crate) deadline: Instant,
+}
+
+impl io::Read for DeadlineIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is a valid writable buffer.
+            let n = unsafe { crate::real::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => wait(self.fd, libc::POLLIN, self.deadline)?,
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+}
+
+impl io::Write for DeadlineIo {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        loop {
+            // SAFETY: `buf` is a valid readable buffer.
+            let n = unsafe { libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EAGAIN) => wait(self.fd, libc::POLLOUT, self.deadline)?,
+                Some(libc::EINTR) => {}
+                _ => return Err(e),
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Peek at the first byte a client sends, waiting at most until `deadline`.
+pub(crate) fn peek_first_byte(fd: RawFd, deadline: Instant) -> io::Result<Option<u8>> {
+    wait(fd, libc::POLLIN, deadline)?;
+    let mut b = [0u8; 1];
+    // SAFETY: one-byte buffer.
+    let n = unsafe { crate::real::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    match n {
+        1 => Ok(Some(b[0])),
+        0 => Ok(None),
+        _ => Err(io::Error::last_os_error()),
+    }
+}

@@ -1,0 +1,285 @@
+//! SPIFFE X.509-SVID verification for both handshake sides.
+//!
+//! A peer is accepted only if: its leaf carries exactly one URI SAN, which is a valid SPIFFE
+//! ID; the chain verifies (webpki) to a root of *that ID's* trust domain, with the right EKU
+//! for its role; and the ID matches the rule's `allow` list. The outcome is recorded in a
+//! [`PeerCheck`] and the only way to obtain a [`VerifiedPeer`] is from a check that passed.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use tether_proto::{IdPattern, SpiffeId, TrustDomain};
+use webpki::{EndEntityCert, KeyUsage};
+use x509_parser::extensions::GeneralName;
+
+/// Trust anchors per trust domain.
+pub(crate) struct TrustStore {
+    roots: HashMap<TrustDomain, Vec<rustls::pki_types::TrustAnchor<'static>>>,
+}
+
+impl fmt::Debug for TrustStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tds: Vec<_> = self.roots.iter().map(|(td, r)| format!("{td}:{}", r.len())).collect();
+        write!(f, "TrustStore({})", tds.join(","))
+    }
+}
+
+impl TrustStore {
+    /// Build from DER roots per trust domain. Roots that do not parse are skipped (and the
+    /// count returned, so the caller can log it).
+    pub(crate) fn new(bundles: impl IntoIterator<Item = (TrustDomain, Vec<Vec<u8>>)>) -> (Self, usize) {
+        let mut roots = HashMap::new();
+        let mut bad = 0;
+        for (td, ders) in bundles {
+            let mut anchors = Vec::new();
+            for der in ders {
+                let cert = CertificateDer::from(der);
+                match webpki::anchor_from_trusted_cert(&cert) {
+                    Ok(a) => anchors.push(a.to_owned()),
+                    Err(_) => bad += 1,
+                }
+            }
+            roots.entry(td).or_insert_with(Vec::new).extend(anchors);
+        }
+        (Self { roots }, bad)
+    }
+}
+
+/// The SPIFFE ID of a peer whose certificate chain and `allow` entry were checked during
+/// this handshake. Only [`PeerCheck::verified`] constructs one.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct VerifiedPeer(SpiffeId);
+
+impl VerifiedPeer {
+    pub(crate) fn id(&self) -> &SpiffeId {
+        &self.0
+    }
+}
+
+impl fmt::Debug for VerifiedPeer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "VerifiedPeer({})", self.0)
+    }
+}
+
+/// Why a peer was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The certificate is not a usable SVID, or does not chain to a trusted root.
+    BadCertificate(String),
+    /// The SVID is valid but its ID is not in `allow`.
+    NotAllowed(SpiffeId),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::BadCertificate(why) => write!(f, "peer certificate rejected: {why}"),
+            Self::NotAllowed(id) => write!(f, "peer {id} is not in the allow list"),
+        }
+    }
+}
+
+/// The result of verifying one connection's peer, shared between the rustls verifier and the
+/// handshake driver.
+#[derive(Debug, Default)]
+pub(crate) struct PeerCheck(Mutex<Option<Result<SpiffeId, Refusal>>>);
+
+impl PeerCheck {
+    fn record(&self, r: Result<SpiffeId, Refusal>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = Some(r);
+        }
+    }
+
+    /// The verified peer, if the check ran and passed.
+    pub(crate) fn verified(&self) -> Option<VerifiedPeer> {
+        match self.0.lock().ok()?.as_ref()? {
+            Ok(id) => Some(VerifiedPeer(id.clone())),
+            Err(_) => None,
+        }
+    }
+
+    /// Why the peer was refused, if it was.
+    pub(crate) fn refusal(&self) -> Option<Refusal> {
+        match self.0.lock().ok()?.as_ref()? {
+            Err(r) => Some(r.clone()),
+            Ok(_) => None,
+        }
+    }
+}
+
+/// Extract the single SPIFFE ID from a leaf certificate.
+pub(crate) fn spiffe_id_of(cert: &[u8]) -> Result<SpiffeId, String> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparseable certificate: {e}"))?;
+    let san = x
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .ok_or("no subjectAltName")?;
+    let mut uris = san.value.general_names.iter().filter_map(|g| match g {
+        GeneralName::URI(u) => Some(*u),
+        _ => None,
+    });
+    let uri = uris.next().ok_or("no URI SAN")?;
+    if uris.next().is_some() {
+        return Err("more than one URI SAN".into());
+    }
+    uri.parse::<SpiffeId>().map_err(|e| format!("URI SAN is not a SPIFFE ID: {e}"))
+}
+
+/// Verifies a peer's SVID for one connection. Used as both the client's server verifier and
+/// the server's client verifier.
+pub(crate) struct SpiffeVerifier {
+    trust: Arc<TrustStore>,
+    allow: Vec<IdPattern>,
+    algs: WebPkiSupportedAlgorithms,
+    check: Arc<PeerCheck>,
+}
+
+impl fmt::Debug for SpiffeVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeVerifier").field("trust", &self.trust).field("allow", &self.allow).finish()
+    }
+}
+
+impl SpiffeVerifier {
+    pub(crate) fn new(trust: Arc<TrustStore>, allow: Vec<IdPattern>, check: Arc<PeerCheck>) -> Self {
+        let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
+        Self { trust, allow, algs, check }
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<(), Error> {
+        let r = self.check_chain(end_entity, intermediates, now, usage);
+        let out = match &r {
+            Ok(_) => Ok(()),
+            Err(Refusal::NotAllowed(_)) => {
+                Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
+            }
+            Err(Refusal::BadCertificate(_)) => Err(Error::InvalidCertificate(CertificateError::BadEncoding)),
+        };
+        self.check.record(r);
+        out
+    }
+
+    fn check_chain(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: KeyUsage,
+    ) -> Result<SpiffeId, Refusal> {
+        let id = spiffe_id_of(end_entity).map_err(Refusal::BadCertificate)?;
+        let td = id.trust_domain();
+        let roots = self
+            .trust
+            .roots
+            .get(&td)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| Refusal::BadCertificate(format!("no trust bundle for trust domain {td}")))?;
+        let ee = EndEntityCert::try_from(end_entity)
+            .map_err(|e| Refusal::BadCertificate(format!("invalid leaf: {e}")))?;
+        ee.verify_for_usage(self.algs.all, roots, intermediates, now, usage, None, None)
+            .map_err(|e| Refusal::BadCertificate(format!("chain does not verify: {e}")))?;
+        if !self.allow.iter().any(|p| p.matches(&id)) {
+            return Err(Refusal::NotAllowed(id));
+        }
+        Ok(id)
+    }
+
+    fn tls13_sig(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+}
+
+impl ServerCertVerifier for SpiffeVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, Error> {
+        // The server name is deliberately ignored: SVIDs name workloads by URI SAN, and the
+        // allow list is the authorization.
+        self.verify(end_entity, intermediates, now, KeyUsage::server_auth())
+            .map(|()| ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.tls13_sig(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+impl ClientCertVerifier for SpiffeVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
+        self.verify(end_entity, intermediates, now, KeyUsage::client_auth())
+            .map(|()| ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
+        self.tls13_sig(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
