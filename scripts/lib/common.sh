@@ -1,0 +1,84 @@
+# Shared helpers for scripts/*: sourced, not run.
+# shellcheck shell=bash
+
+REPO_ROOT=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/../.." && pwd -P)
+export REPO_ROOT
+TARGET_DIR=${CARGO_TARGET_DIR:-$REPO_ROOT/target}
+export TARGET_DIR
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+_apt_updated=0
+# ensure_pkgs CMD:PKG ...  installs PKG with apt-get when CMD is not on PATH (or PKG is a path that is missing).
+ensure_pkgs() {
+    local want=() spec cmd pkg
+    for spec in "$@"; do
+        cmd=${spec%%:*}
+        pkg=${spec#*:}
+        if [[ $cmd == /* ]]; then
+            [[ -e $cmd ]] || want+=("$pkg")
+        else
+            command -v "$cmd" >/dev/null 2>&1 || want+=("$pkg")
+        fi
+    done
+    ((${#want[@]})) || return 0
+    [[ $(id -u) == 0 ]] || die "missing packages (${want[*]}); run as root or install them"
+    say "installing ${want[*]}"
+    if ((!_apt_updated)); then
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+        _apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+}
+
+# A Rust toolchain: the machine's rustup one, else Debian's (which may be too old for rustls).
+ensure_rust() {
+    if ! command -v cargo >/dev/null 2>&1 && [[ -x $HOME/.cargo/bin/cargo ]]; then
+        export PATH=$HOME/.cargo/bin:$PATH
+    fi
+    ensure_pkgs cargo:cargo cc:gcc
+    local v
+    v=$(rustc --version | awk '{print $2}')
+    if [[ $(printf '%s\n1.80.0\n' "$v" | sort -V | head -1) != 1.80.0 ]]; then
+        die "rustc $v is too old: tether needs Rust >= 1.80 (install it with rustup)"
+    fi
+}
+
+# Build the workspace (dev profile: our crates debuggable, dependencies optimised).
+build_workspace() {
+    say "cargo build --workspace"
+    local log
+    log=$(mktemp)
+    if ! (cd "$REPO_ROOT" && cargo build --workspace --all-targets --color never) >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "build failed"
+    fi
+    if grep -q '^warning' "$log"; then
+        cat "$log" >&2
+        rm -f "$log"
+        die "the build has warnings"
+    fi
+    rm -f "$log"
+}
+
+# Wait until a Unix socket exists (up to ~10 s).
+wait_socket() {
+    local i
+    for i in $(seq 100); do
+        [[ -S $1 ]] && return 0
+        sleep 0.1
+    done
+    return 1
+}
+
+# Wait until a TCP port on 127.0.0.1 accepts (up to ~15 s).
+wait_port() {
+    local i
+    for i in $(seq 150); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
+}
