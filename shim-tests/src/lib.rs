@@ -1,1 +1,649 @@
-//! Helpers for the end-to-end tests.
+//! Helpers for the end-to-end tests: real programs under `libtether.so` against a real
+//! `tetherd`, one broker and one scratch directory per test.
+//!
+//! Each test builds a [`Harness`]: it writes a tetherd config with the test's own ports, starts
+//! tetherd on a private socket, and owns every child it starts. Children run in their own
+//! process group, and dropping the harness kills each group with SIGKILL (so forking servers
+//! such as nginx leave nothing behind), even when the test panics. On a failure the scratch
+//! directory is kept and its path printed, so the shim and tetherd logs can be read.
+//!
+//! Environment knobs (all optional):
+//! - `TETHER_E2E_SIZE_PCT`: scale the large test files (default 100; the UML runner uses less,
+//!   as kTLS crypto there is generic C at about 25 MB/s).
+//! - `TETHER_E2E_KEEP=1`: keep scratch directories even when the test passes.
+//! - `TETHER_IN_UML=1` (set by `scripts/ktls-vm`): expect kTLS rather than the userspace relay.
+
+#![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Write as _;
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// The interpreter used for helper scripts and `http.server` (not a pyenv shim: its SPIFFE ID
+/// must be the real executable's).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+/// The trust domain of every test broker.
+pub const TRUST_DOMAIN: &str = "tether.internal";
+
+/// A pattern that allows every identity in the test trust domain.
+pub const ANY_ID: &str = "spiffe://tether.internal/*";
+
+// ---------------------------------------------------------------------------------------------
+// Locations and environment
+
+/// The cargo target profile directory (`target/debug`) holding the binaries under test. Found
+/// from this test binary's own path (`target/debug/deps/NAME`), so it also works in UML.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TETHER_E2E_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    deps.parent().unwrap().to_path_buf()
+}
+
+/// Absolute path of `libtether.so`.
+pub fn shim_path() -> PathBuf {
+    let p = bin_dir().join("libtether.so");
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace`", p.display());
+    p
+}
+
+/// Absolute path of `tetherd`.
+pub fn tetherd_path() -> PathBuf {
+    bin_dir().join("tetherd")
+}
+
+/// Absolute path of the `tether` CLI.
+pub fn tether_cli_path() -> PathBuf {
+    bin_dir().join("tether")
+}
+
+/// True inside `scripts/ktls-vm` (kTLS available).
+pub fn in_uml() -> bool {
+    std::env::var("TETHER_IN_UML").is_ok_and(|v| v == "1")
+}
+
+/// The mode every allowed connection must log here: `ktls` in UML, `userspace` on the host.
+pub fn expected_mode() -> &'static str {
+    if in_uml() {
+        "ktls"
+    } else {
+        "userspace"
+    }
+}
+
+/// `mb` megabytes scaled by `TETHER_E2E_SIZE_PCT` (at least 1 MiB).
+pub fn scaled_bytes(mb: u64) -> u64 {
+    let pct: u64 = std::env::var("TETHER_E2E_SIZE_PCT").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    (mb * pct / 100).max(1) * 1024 * 1024
+}
+
+/// The SPIFFE ID tetherd derives (`unmatched = "derive"`) for root running `exe`.
+pub fn derived_id(exe: &str) -> String {
+    let real = fs::canonicalize(exe).unwrap_or_else(|e| panic!("canonicalize {exe}: {e}"));
+    let uid = current_uid();
+    let mut id = format!("spiffe://{TRUST_DOMAIN}/uid/{uid}/exe");
+    for seg in real.to_str().unwrap().split('/').filter(|s| !s.is_empty()) {
+        let seg: String =
+            seg.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+        id.push('/');
+        id.push_str(match seg.as_str() {
+            "." => "_",
+            ".." => "__",
+            s => s,
+        });
+    }
+    id
+}
+
+fn current_uid() -> u32 {
+    // /proc/self/status avoids an unsafe libc::getuid call.
+    let status = fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ports
+
+/// A loopback port that was free a moment ago and that no other test in this process got.
+pub fn free_port() -> u16 {
+    static TAKEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let taken = TAKEN.get_or_init(|| Mutex::new(HashSet::new()));
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        if taken.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Whether some socket listens on TCP `port` (read from /proc/net/tcp{,6}, so the check never
+/// opens a connection that a protected server would log as a hostile client).
+pub fn is_listening(port: u16) -> bool {
+    let want = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Policy
+
+/// Builder for the policy part of a tetherd config.
+#[derive(Debug, Default, Clone)]
+pub struct Policy {
+    toml: String,
+}
+
+fn quoted_list(items: &[&str]) -> String {
+    items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+}
+
+impl Policy {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Protect the local listening `port`, accepting clients matching `allow`.
+    pub fn inbound(mut self, port: u16, allow: &[&str]) -> Self {
+        let _ = write!(self.toml, "\n[[inbound]]\nports = [{port}]\nallow = [{}]\n", quoted_list(allow));
+        self
+    }
+
+    /// Protect connections to 127.0.0.1:`port`, accepting servers matching `allow`.
+    pub fn outbound(mut self, port: u16, allow: &[&str]) -> Self {
+        let _ = write!(self.toml, "\n[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [{}]\n", quoted_list(allow));
+        self
+    }
+
+    /// Both directions on `port`, allowing the whole trust domain: the common case.
+    pub fn both(self, port: u16) -> Self {
+        self.inbound(port, &[ANY_ID]).outbound(port, &[ANY_ID])
+    }
+
+    fn config(&self) -> String {
+        format!("trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"derive\"\n{}", self.toml)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One test's world: scratch directory, tetherd, and children. Drop kills everything.
+#[derive(Debug)]
+pub struct Harness {
+    dir: PathBuf,
+    socket: PathBuf,
+    broker_log: PathBuf,
+    broker: Option<Child>,
+    children: Vec<Child>,
+}
+
+/// What a finished command left behind.
+#[derive(Debug)]
+pub struct Run {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub timed_out: bool,
+}
+
+impl Run {
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "status={:?} timed_out={}\n--- stdout\n{}\n--- stderr\n{}",
+            self.status, self.timed_out, self.stdout, self.stderr
+        )
+    }
+}
+
+impl Harness {
+    /// A scratch directory and a running tetherd serving `policy`.
+    pub fn new(name: &str, policy: Policy) -> Self {
+        let base = std::env::var_os("TETHER_E2E_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!("tether-e2e-{name}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("logs")).unwrap();
+        let socket = dir.join("tetherd.sock");
+        let broker_log = dir.join("logs/tetherd.log");
+        let mut h = Harness { dir, socket, broker_log, broker: None, children: Vec::new() };
+        h.start_broker(&policy);
+        h
+    }
+
+    fn start_broker(&mut self, policy: &Policy) {
+        let cfg = self.dir.join("tetherd.toml");
+        fs::write(&cfg, policy.config()).unwrap();
+        let log = fs::File::create(&self.broker_log).unwrap();
+        let mut cmd = Command::new(tetherd_path());
+        cmd.arg("--config")
+            .arg(&cfg)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .env_remove("LD_PRELOAD")
+            .env_remove("TETHER_LOG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0);
+        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", tetherd_path().display()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.socket.exists() {
+            if let Some(st) = child.try_wait().unwrap() {
+                panic!("tetherd exited with {st}:\n{}", fs::read_to_string(&self.broker_log).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "tetherd did not create {}", self.socket.display());
+            thread::sleep(Duration::from_millis(20));
+        }
+        self.broker = Some(child);
+    }
+
+    /// The scratch directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A path inside the scratch directory.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+
+    /// tetherd's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The shim log file of the program named `name`.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.tether.log"))
+    }
+
+    /// tetherd's log so far.
+    pub fn broker_log(&self) -> String {
+        fs::read_to_string(&self.broker_log).unwrap_or_default()
+    }
+
+    /// Put `cmd` under the shim, logging to [`log_path`](Self::log_path)`(name)`. Mode and
+    /// timeout come from the shim's defaults unless the caller sets them.
+    pub fn shim<'c>(&self, cmd: &'c mut Command, name: &str) -> &'c mut Command {
+        cmd.env("LD_PRELOAD", shim_path())
+            .env("TETHER_SOCKET", &self.socket)
+            .env("TETHER_LOG", self.log_path(name))
+    }
+
+    /// A plain command (not under the shim, whatever the test process environment says).
+    pub fn plain<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.env_remove("LD_PRELOAD").env_remove("TETHER_LOG").env_remove("TETHER_MODE")
+    }
+
+    /// Start a long-running child; output goes to `logs/NAME.out` / `.err`. Killed on drop.
+    pub fn spawn(&mut self, name: &str, cmd: &mut Command) -> u32 {
+        let child = self.spawn_child(name, cmd, Stdio::piped());
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    fn spawn_child(&self, name: &str, cmd: &mut Command, stdin: Stdio) -> Child {
+        let out = fs::File::create(self.dir.join("logs").join(format!("{name}.out"))).unwrap();
+        let err = fs::File::create(self.dir.join("logs").join(format!("{name}.err"))).unwrap();
+        cmd.stdin(stdin).stdout(out).stderr(err).process_group(0);
+        cmd.spawn().unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"))
+    }
+
+    /// Start a server and wait until it listens on `port`.
+    pub fn spawn_server(&mut self, name: &str, cmd: &mut Command, port: u16) -> u32 {
+        let pid = self.spawn(name, cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_listening(port) {
+            let idx = self.children.len() - 1;
+            if let Some(st) = self.children[idx].try_wait().unwrap() {
+                panic!("{name} exited with {st} before listening on {port}:\n{}", self.output(name));
+            }
+            assert!(Instant::now() < deadline, "{name} did not listen on {port}:\n{}", self.output(name));
+            thread::sleep(Duration::from_millis(20));
+        }
+        pid
+    }
+
+    /// stdout and stderr of a spawned child so far.
+    pub fn output(&self, name: &str) -> String {
+        let rd = |ext: &str| fs::read_to_string(self.dir.join("logs").join(format!("{name}.{ext}"))).unwrap_or_default();
+        format!("--- {name} stdout\n{}\n--- {name} stderr\n{}", rd("out"), rd("err"))
+    }
+
+    /// Run a command to completion, killing its process group after `timeout`.
+    pub fn run(&self, name: &str, cmd: &mut Command, timeout: Duration) -> Run {
+        self.run_with_stdin(name, cmd, timeout, Stdio::null())
+    }
+
+    /// [`run`](Self::run) with stdin read from a file.
+    pub fn run_with_stdin(&self, name: &str, cmd: &mut Command, timeout: Duration, stdin: Stdio) -> Run {
+        let mut child = self.spawn_child(name, cmd, stdin);
+        let deadline = Instant::now() + timeout;
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if Instant::now() >= deadline {
+                timed_out = true;
+                kill_group(&mut child);
+                break None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        };
+        // Children of the command (if any) go with it.
+        kill_group(&mut child);
+        let rd = |ext: &str| fs::read_to_string(self.dir.join("logs").join(format!("{name}.{ext}"))).unwrap_or_default();
+        Run { status, stdout: rd("out"), stderr: rd("err"), timed_out }
+    }
+
+    /// The parsed shim log lines of program `name`.
+    pub fn log_lines(&self, name: &str) -> Vec<LogLine> {
+        read_log(&self.log_path(name))
+    }
+
+    /// Write a helper script into the scratch directory and return its path.
+    pub fn script(&self, file: &str, body: &str) -> PathBuf {
+        let p = self.dir.join(file);
+        fs::write(&p, body).unwrap();
+        p
+    }
+
+    /// Wait up to `timeout` for `pred` over the shim log of `name`.
+    pub fn wait_log(&self, name: &str, timeout: Duration, pred: impl Fn(&[LogLine]) -> bool) -> Vec<LogLine> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let lines = self.log_lines(name);
+            if pred(&lines) || Instant::now() >= deadline {
+                return lines;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill the children now (before reading final logs, for example).
+    pub fn kill_children(&mut self) {
+        for c in &mut self.children {
+            kill_group(c);
+        }
+        self.children.clear();
+    }
+}
+
+fn kill_group(child: &mut Child) {
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: plain kill(2) on a process group we created (process_group(0)); a stale pgid
+    // only yields ESRCH.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.kill_children();
+        if let Some(mut b) = self.broker.take() {
+            kill_group(&mut b);
+        }
+        let keep = std::env::var("TETHER_E2E_KEEP").is_ok_and(|v| v == "1");
+        if thread::panicking() || keep {
+            eprintln!("kept scratch directory {}", self.dir.display());
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shim log lines
+
+/// One `tether: key=value ...` line of the shim's connection log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub raw: String,
+    pub fields: BTreeMap<String, String>,
+}
+
+impl LogLine {
+    /// Parse a logfmt line starting with `tether: `; other lines give None.
+    pub fn parse(line: &str) -> Option<Self> {
+        let rest = line.strip_prefix("tether: ")?;
+        let mut fields = BTreeMap::new();
+        let mut chars = rest.chars().peekable();
+        loop {
+            while chars.peek() == Some(&' ') {
+                chars.next();
+            }
+            let mut key = String::new();
+            while let Some(&c) = chars.peek() {
+                if c == '=' || c == ' ' {
+                    break;
+                }
+                key.push(c);
+                chars.next();
+            }
+            if key.is_empty() {
+                break;
+            }
+            let mut val = String::new();
+            if chars.peek() == Some(&'=') {
+                chars.next();
+                if chars.peek() == Some(&'"') {
+                    chars.next();
+                    while let Some(c) = chars.next() {
+                        match c {
+                            '\\' => match chars.next() {
+                                Some('n') => val.push('\n'),
+                                Some(o) => val.push(o),
+                                None => break,
+                            },
+                            '"' => break,
+                            c => val.push(c),
+                        }
+                    }
+                } else {
+                    while let Some(&c) = chars.peek() {
+                        if c == ' ' {
+                            break;
+                        }
+                        val.push(c);
+                        chars.next();
+                    }
+                }
+            }
+            fields.insert(key, val);
+        }
+        Some(LogLine { raw: line.to_string(), fields })
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.fields.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    pub fn is(&self, event: &str, decision: &str) -> bool {
+        self.get("event") == event && self.get("decision") == decision
+    }
+}
+
+/// All shim log lines in `text` (other lines, such as a program's own stderr, are skipped).
+pub fn parse_log(text: &str) -> Vec<LogLine> {
+    text.lines().filter_map(LogLine::parse).collect()
+}
+
+/// The shim log lines in the file at `path` (none if it does not exist).
+pub fn read_log(path: &Path) -> Vec<LogLine> {
+    parse_log(&fs::read_to_string(path).unwrap_or_default())
+}
+
+/// Render lines for an assertion message.
+pub fn show(lines: &[LogLine]) -> String {
+    if lines.is_empty() {
+        return "(no shim log lines)".into();
+    }
+    lines.iter().map(|l| l.raw.as_str()).collect::<Vec<_>>().join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data path check: userspace on the host, kTLS (with rising /proc/net/tls_stat) in UML
+
+/// Counters from `/proc/net/tls_stat` (empty when the kernel has no kTLS).
+#[derive(Debug, Clone, Default)]
+pub struct TlsStat(BTreeMap<String, u64>);
+
+impl TlsStat {
+    pub fn read() -> Self {
+        let text = fs::read_to_string("/proc/net/tls_stat").unwrap_or_default();
+        TlsStat(
+            text.lines()
+                .filter_map(|l| {
+                    let mut it = l.split_whitespace();
+                    Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
+    pub fn get(&self, key: &str) -> u64 {
+        self.0.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// Taken before a test's traffic; [`finish`](Self::finish) checks which data path carried it.
+#[derive(Debug)]
+pub struct DataPathCheck {
+    before: TlsStat,
+}
+
+impl DataPathCheck {
+    pub fn begin() -> Self {
+        DataPathCheck { before: TlsStat::read() }
+    }
+
+    /// Every `decision=allow` line in `lines` (at least one) names the expected mode; in UML,
+    /// the kTLS software TX and RX counters rose. (Counters are per network namespace, so tests
+    /// running in parallel add to them too; each test still needs its own allow lines.)
+    pub fn finish(self, lines: &[LogLine]) {
+        let allowed: Vec<&LogLine> = lines.iter().filter(|l| l.get("decision") == "allow").collect();
+        assert!(!allowed.is_empty(), "no allowed protected connection was logged:\n{}", show(lines));
+        for l in &allowed {
+            assert_eq!(l.get("mode"), expected_mode(), "wrong data path in: {}", l.raw);
+        }
+        if in_uml() {
+            let after = TlsStat::read();
+            for k in ["TlsTxSw", "TlsRxSw"] {
+                assert!(
+                    after.get(k) > self.before.get(k),
+                    "{k} did not rise ({} -> {}): kTLS did not carry the data",
+                    self.before.get(k),
+                    after.get(k)
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Files
+
+/// Write `len` pseudo-random bytes (xorshift; incompressible enough for transfer tests).
+pub fn write_random_file(path: &Path, len: u64) {
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, fs::File::create(path).unwrap());
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ len ^ u64::from(std::process::id());
+    let mut buf = vec![0u8; 1 << 16];
+    let mut left = len;
+    while left > 0 {
+        for chunk in buf.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+    }
+    f.flush().unwrap();
+}
+
+/// SHA-256 of a file, via `sha256sum`.
+pub fn sha256(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success(), "sha256sum {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+/// A python3 client used by several tests. `client.py PORT [--get] [--ktls-expected]`:
+/// connects to 127.0.0.1:PORT, prints `connect_errno=NAME` (exit 3) or `connected`; with
+/// `--get` sends an HTTP/1.0 GET and prints `status=<first line>` or `recv_errno=NAME`.
+pub const PY_CLIENT: &str = r#"
+import errno, socket, sys
+port = int(sys.argv[1])
+s = socket.socket()
+try:
+    s.connect(("127.0.0.1", port))
+except OSError as e:
+    print("connect_errno=" + errno.errorcode.get(e.errno, str(e.errno)), flush=True)
+    sys.exit(3)
+print("connected", flush=True)
+if "--get" in sys.argv:
+    s.settimeout(30)
+    data = b""
+    try:
+        s.sendall(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
+        while True:
+            d = s.recv(65536)
+            if not d:
+                break
+            data += d
+    except OSError as e:
+        print("recv_errno=" + errno.errorcode.get(e.errno or 0, str(e)), flush=True)
+    print("status=" + data.split(b"\r\n", 1)[0].decode("latin1"), flush=True)
+    print("bytes=%d" % len(data), flush=True)
+s.close()
+"#;
+
+/// `python3 -m http.server PORT --bind 127.0.0.1 --directory DIR` as a command.
+pub fn http_server(port: u16, dir: &Path) -> Command {
+    let mut c = Command::new(PYTHON);
+    c.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]).arg(dir);
+    c
+}
+
+/// `curl` fetching `url` into `out`, failing on HTTP errors, bounded in time.
+pub fn curl_get(url: &str, out: &Path) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--fail", "--max-time", "120", "-o"]).arg(out).arg(url);
+    c
+}
