@@ -1,0 +1,161 @@
+//! Acceptance 2, 3, 4, 11: nothing leaks in plaintext, refusals carry the documented errno and
+//! a logged reason, and `TETHER_MODE=ktls` fails closed where kTLS is missing.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::fs;
+use std::process::Command;
+use std::time::Duration;
+
+use tether_shim_tests::{
+    curl_get, derived_id, free_port, http_server, in_uml, show, DataPathCheck, Harness, Policy, PYTHON, PY_CLIENT,
+};
+
+fn www(h: &Harness) -> std::path::PathBuf {
+    let d = h.path("www");
+    fs::create_dir_all(&d).unwrap();
+    fs::write(d.join("index.html"), "hello from a protected server\n").unwrap();
+    d
+}
+
+fn py_client(h: &Harness, port: u16, get: bool) -> Command {
+    let script = h.script("client.py", PY_CLIENT);
+    let mut c = Command::new(PYTHON);
+    c.arg(script).arg(port.to_string());
+    if get {
+        c.arg("--get");
+    }
+    c
+}
+
+/// 2. A plain `nc -l` on a protected outbound destination sees a TLS ClientHello, never `GET`.
+#[test]
+fn plain_listener_on_protected_destination_receives_client_hello_not_get() {
+    let port = free_port();
+    let mut h = Harness::new("nc-hello", Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]));
+    let mut nc = Command::new("nc");
+    nc.args(["-l", "127.0.0.1", &port.to_string()]);
+    h.spawn_server("nc", h.plain(&mut nc), port);
+
+    let mut curl = curl_get(&format!("http://127.0.0.1:{port}/secret"), &h.path("out"));
+    curl.env("TETHER_HANDSHAKE_TIMEOUT_MS", "2000");
+    let run = h.run("curl", h.shim(&mut curl, "curl"), Duration::from_secs(30));
+    assert!(!run.success(), "curl must fail against a non-TLS server: {run}");
+
+    let got = fs::read(h.path("logs/nc.out")).unwrap();
+    assert!(got.len() > 5, "nc received only {} bytes", got.len());
+    assert_eq!(got[0], 0x16, "first byte is not a TLS handshake record: {:02x?}", &got[..got.len().min(16)]);
+    assert_eq!(got[5], 0x01, "the first handshake message is not a ClientHello");
+    assert!(!got.windows(3).any(|w| w == b"GET"), "plaintext GET reached the server");
+
+    let client = h.log_lines("curl");
+    let deny = client.iter().find(|l| l.is("connect", "deny"));
+    let deny = deny.unwrap_or_else(|| panic!("no connect deny line:\n{}", show(&client)));
+    assert!(
+        ["ETIMEDOUT", "ECONNREFUSED"].contains(&deny.get("errno")),
+        "unexpected errno against a silent/closing non-TLS server: {}",
+        deny.raw
+    );
+    assert!(!deny.get("reason").is_empty(), "no reason: {}", deny.raw);
+}
+
+/// 3. A plain client (no tether) against a protected inbound port gets no HTTP response, and
+/// the server keeps serving tether clients.
+#[test]
+fn plain_client_gets_no_http_response_from_protected_server() {
+    let port = free_port();
+    let mut h = Harness::new("plain-client", Policy::new().both(port));
+    let www = www(&h);
+    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+
+    let mut plain = Command::new("curl");
+    plain.args(["-sS", "-i", "--max-time", "10", &format!("http://127.0.0.1:{port}/index.html")]);
+    let run = h.run("plain-curl", h.plain(&mut plain), Duration::from_secs(20));
+    assert!(!run.success(), "plain curl succeeded: {run}");
+    assert!(!run.stdout.contains("HTTP/"), "plain curl got an HTTP response: {run}");
+    assert!(!run.stdout.contains("hello from"), "plain curl got the content: {run}");
+
+    let server = h.wait_log("server", Duration::from_secs(3), |l| l.iter().any(|l| l.is("accept", "deny")));
+    let deny = server.iter().find(|l| l.is("accept", "deny"));
+    let deny = deny.unwrap_or_else(|| panic!("server logged no deny:\n{}", show(&server)));
+    assert!(deny.get("reason").contains("not speaking TLS"), "reason: {}", deny.raw);
+
+    let good = h.run("curl", h.shim(&mut curl_get(&format!("http://127.0.0.1:{port}/index.html"), &h.path("out")), "curl"), Duration::from_secs(30));
+    assert!(good.success(), "a tether client failed after the plain one: {good}\n{}", show(&h.log_lines("curl")));
+}
+
+/// 4. An ID missing from `allow` is refused on both sides: EPERM on connect with a logged
+/// reason; on accept the server logs the refusal and the client gets no HTTP response.
+#[test]
+fn id_missing_from_allow_is_refused_inbound_and_outbound() {
+    let python_id = derived_id(PYTHON);
+    let curl_id = derived_id("/usr/bin/curl");
+    let (inb, outb) = (free_port(), free_port());
+    let nobody = "spiffe://tether.internal/uid/0/exe/nonexistent/server";
+    let policy = Policy::new()
+        .inbound(inb, &[&python_id])
+        .outbound(inb, &[tether_shim_tests::ANY_ID])
+        .inbound(outb, &[tether_shim_tests::ANY_ID])
+        .outbound(outb, &[nobody]);
+    let mut h = Harness::new("allow", policy);
+    let www = www(&h);
+    h.spawn_server("server-in", h.shim(&mut http_server(inb, &www), "server-in"), inb);
+    h.spawn_server("server-out", h.shim(&mut http_server(outb, &www), "server-out"), outb);
+
+    // Outbound: the server's ID (python) is not the one allowed for this destination.
+    let run = h.run("py-out", h.shim(&mut py_client(&h, outb, true), "py-out"), Duration::from_secs(30));
+    assert!(run.stdout.contains("connect_errno=EPERM"), "expected EPERM from connect: {run}");
+    let lines = h.log_lines("py-out");
+    let deny = lines.iter().find(|l| l.is("connect", "deny"));
+    let deny = deny.unwrap_or_else(|| panic!("no connect deny line:\n{}", show(&lines)));
+    assert_eq!(deny.get("errno"), "EPERM", "{}", deny.raw);
+    assert_eq!(deny.get("peer_id"), python_id, "{}", deny.raw);
+    assert!(deny.get("reason").contains("not in the allow list"), "reason: {}", deny.raw);
+
+    // Inbound: curl's ID is not allowed by the server's rule; python's is.
+    let out = h.path("out");
+    let run = h.run("curl-in", h.shim(&mut curl_get(&format!("http://127.0.0.1:{inb}/index.html"), &out), "curl-in"), Duration::from_secs(30));
+    assert!(!run.success(), "refused client got a response: {run}");
+    assert!(!out.exists() || fs::read(&out).unwrap().is_empty(), "refused client received content");
+    let server = h.wait_log("server-in", Duration::from_secs(3), |l| l.iter().any(|l| l.is("accept", "deny")));
+    let deny = server.iter().find(|l| l.is("accept", "deny"));
+    let deny = deny.unwrap_or_else(|| panic!("server logged no deny:\n{}", show(&server)));
+    assert_eq!(deny.get("peer_id"), curl_id, "{}", deny.raw);
+    assert!(deny.get("reason").contains("not in the allow list"), "reason: {}", deny.raw);
+    assert_eq!(deny.get("errno"), "EPERM", "{}", deny.raw);
+
+    let ok = h.run("py-in", h.shim(&mut py_client(&h, inb, true), "py-in"), Duration::from_secs(30));
+    assert!(ok.stdout.contains("status=HTTP/1.0 200"), "the allowed python client failed: {ok}\n{}", show(&h.log_lines("py-in")));
+}
+
+/// 11. `TETHER_MODE=ktls`: fails closed with EPROTONOSUPPORT and a reason naming kTLS where the
+/// kernel has none (the host); succeeds over kTLS in UML.
+#[test]
+fn tether_mode_ktls_fails_closed_without_ktls_and_works_with_it() {
+    let port = free_port();
+    let mut h = Harness::new("mode-ktls", Policy::new().both(port));
+    let www = www(&h);
+    let mut server = http_server(port, &www);
+    server.env("TETHER_MODE", "ktls");
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let check = DataPathCheck::begin();
+
+    let mut client = py_client(&h, port, true);
+    client.env("TETHER_MODE", "ktls");
+    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(30));
+    let lines = h.log_lines("client");
+    if in_uml() {
+        assert!(run.stdout.contains("status=HTTP/1.0 200"), "TETHER_MODE=ktls failed in UML: {run}\n{}", show(&lines));
+        let server = h.wait_log("server", Duration::from_secs(2), |l| l.iter().any(|l| l.is("accept", "allow")));
+        let mut all = lines;
+        all.extend(server);
+        check.finish(&all);
+    } else {
+        assert!(run.stdout.contains("connect_errno=EPROTONOSUPPORT"), "expected EPROTONOSUPPORT: {run}");
+        let deny = lines.iter().find(|l| l.is("connect", "deny"));
+        let deny = deny.unwrap_or_else(|| panic!("no connect deny line:\n{}", show(&lines)));
+        assert_eq!(deny.get("errno"), "EPROTONOSUPPORT", "{}", deny.raw);
+        assert!(deny.get("reason").contains("kTLS"), "reason does not mention kTLS: {}", deny.raw);
+        assert!(!run.stdout.contains("status=HTTP"), "data flowed: {run}");
+    }
+}
