@@ -1,0 +1,433 @@
+//! Userspace TLS fallback, for kernels without kTLS. **Contains FFI** (confined to `sys`;
+//! every `unsafe` block carries a `// SAFETY:` comment).
+//!
+//! A protected connection whose handshake completed in userspace is [`adopt`]ed: the program's
+//! fd number is switched (with `dup3`) to one end of an `AF_UNIX` stream socketpair, the TCP
+//! socket lives on as an internal close-on-exec fd, and one relay thread per process
+//! ("tether-relay", epoll, edge-triggered) moves bytes: program plaintext → rustls → TCP, and
+//! TCP → rustls → program. Because the program's fd is a real socket, blocking and non-blocking
+//! I/O, `poll`/`epoll`, `sendfile` and `fork` work on it natively.
+//!
+//! Ends are signalled with `shutdown()`, never by relying on `close()` (a forked child may hold
+//! copies): the program's EOF becomes `close_notify` then `shutdown(tcp, SHUT_WR)`; the peer's
+//! `close_notify` (or a TCP EOF without one, which is recorded) becomes `shutdown(SHUT_WR)` on
+//! the relay end, so the program reads EOF. A fatal TLS error or a TCP reset shuts both ends
+//! down for reading and writing: the program then reads EOF and its writes fail with EPIPE (an
+//! `AF_UNIX` socket has no way to deliver ECONNRESET on demand). Plaintext never reaches TCP
+//! except through rustls.
+//!
+//! Locks: `REGISTRY` (links, pending hand-overs, the relay's fds) is taken before `INTERNAL`
+//! (the sorted set of our fds), never the other way round. Both are held across `fork()` by
+//! [`atfork_prepare`], and no lock is held while calling into the program.
+
+mod relay;
+mod sys;
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use rustls::Connection;
+
+/// Socket buffer size asked for on both ends of the pair (the kernel caps it at
+/// `net.core.wmem_max`/`rmem_max`): room for a few 64 KiB relay chunks in flight.
+const PAIR_BUFFER: libc::c_int = 1 << 20;
+
+/// Plaintext counters, shared by a [`Link`] and the relay's state for it. It holds no fd, so a
+/// copy stranded in a forked child (whose relay thread does not exist) is harmless.
+#[derive(Debug, Default)]
+struct Stats {
+    sent: AtomicU64,
+    received: AtomicU64,
+    /// The peer ended the TCP stream without `close_notify` (truncation; delivered as EOF).
+    truncated: AtomicBool,
+}
+
+/// Per-connection handle kept by the fd table: the internal TCP fd and plaintext counters.
+///
+/// The TCP fd is closed when the last `Arc<Link>` drops (the relay's own reference lives in the
+/// registry, so the fork-child handler can release it).
+pub(crate) struct Link {
+    tcp: RawFd,
+    stats: Arc<Stats>,
+}
+
+impl Link {
+    /// The internal TCP socket: valid as long as this `Link` lives.
+    pub(crate) fn tcp_fd(&self) -> RawFd {
+        self.tcp
+    }
+
+    /// Plaintext bytes `(sent, received)` so far.
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        (
+            self.stats.sent.load(Ordering::Relaxed),
+            self.stats.received.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Did the peer end the stream with a TCP EOF but no `close_notify`? (Delivered as EOF.)
+    pub(crate) fn ended_without_close_notify(&self) -> bool {
+        self.stats.truncated.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for Link {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (sent, received) = self.bytes();
+        f.debug_struct("Link")
+            .field("tcp", &self.tcp)
+            .field("sent", &sent)
+            .field("received", &received)
+            .finish()
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Forget the number and close it under the lock, so `is_internal` never reports a
+        // number that a concurrent socket() may already have reused, nor misses one still open.
+        let mut set = lock_internal();
+        forget_internal(&mut set, self.tcp);
+        sys::close_raw(self.tcp);
+    }
+}
+
+/// Take over a protected connection whose handshake completed in userspace.
+///
+/// `app_fd` is the fd number the program holds; right now it is the connected TCP socket.
+/// `conn` has finished its handshake. On success the program's fd number refers to one end of
+/// an `AF_UNIX` stream socketpair (with the original `O_NONBLOCK` and `FD_CLOEXEC`), and the
+/// relay thread carries the traffic; plaintext rustls had already buffered is delivered first.
+/// On error nothing has changed on `app_fd`.
+pub(crate) fn adopt(app_fd: RawFd, mut conn: Connection) -> io::Result<Arc<Link>> {
+    if conn.is_handshaking() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "tether: handshake not complete",
+        ));
+    }
+    // Our own backpressure bounds what rustls holds (we read the program only when rustls has
+    // flushed its TLS output), so its buffer limit must never turn a write into a short one.
+    conn.set_buffer_limit(None);
+
+    let swapped = swap(app_fd)?;
+    let stats = Arc::new(Stats::default());
+    let link = Arc::new(Link {
+        tcp: swapped.tcp,
+        stats: Arc::clone(&stats),
+    });
+
+    let mut reg = lock_registry();
+    let wake = match ensure_relay(&mut reg) {
+        Ok(fds) => fds.wake,
+        Err(error) => {
+            drop(reg);
+            swapped.undo(app_fd);
+            // `link` drops here and closes the TCP dup; `app_fd` is the TCP socket again.
+            return Err(error);
+        }
+    };
+    let id = reg.next_id;
+    reg.next_id += 1;
+    reg.links.insert(
+        id,
+        Registered {
+            link: Arc::clone(&link),
+            relay_end: swapped.relay_end,
+        },
+    );
+    reg.pending.push(relay::Pending {
+        id,
+        conn,
+        tcp: swapped.tcp,
+        app: swapped.relay_end,
+        stats,
+    });
+    drop(reg);
+    sys::eventfd_signal(wake);
+    Ok(link)
+}
+
+/// Is `fd` one of the relay's internal fds (TCP sockets, relay ends, epoll, eventfd)?
+pub(crate) fn is_internal(fd: RawFd) -> bool {
+    if INTERNAL_COUNT.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    lock_internal().binary_search(&fd).is_ok()
+}
+
+/// Sorted list of internal fds (for splitting `close_range` around them).
+pub(crate) fn internal_fds() -> Vec<RawFd> {
+    if INTERNAL_COUNT.load(Ordering::Acquire) == 0 {
+        return Vec::new();
+    }
+    lock_internal().clone()
+}
+
+thread_local! {
+    /// The locks taken by `atfork_prepare`, released by `atfork_parent`/`atfork_child` on the
+    /// same (forking) thread.
+    static FORK_HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+}
+
+type Held = (
+    MutexGuard<'static, Registry>,
+    MutexGuard<'static, Vec<RawFd>>,
+);
+
+/// `pthread_atfork` prepare: take our locks so the child inherits consistent state.
+/// Must not be called from a context that already holds them (no other atfork handler may call
+/// `is_internal`/`internal_fds` between prepare and parent/child).
+pub(crate) fn atfork_prepare() {
+    let reg = lock_registry();
+    let set = lock_internal();
+    let _ = FORK_HELD.try_with(|held| *held.borrow_mut() = Some((reg, set)));
+}
+
+/// `pthread_atfork` parent: release the locks.
+pub(crate) fn atfork_parent() {
+    let _ = FORK_HELD.try_with(|held| held.borrow_mut().take());
+}
+
+/// `pthread_atfork` child: the child has no relay thread. Close the child's copies of the
+/// relay ends, the epoll fd and the eventfd, forget every registration (releasing the relay's
+/// `Arc<Link>`s: TCP copies still referenced by the child's fd table stay open until those
+/// drop), and let the next [`adopt`] start a fresh relay thread.
+pub(crate) fn atfork_child() {
+    let held = FORK_HELD.try_with(|held| held.borrow_mut().take()).ok().flatten();
+    let (mut reg, mut set) = match held {
+        Some(pair) => pair,
+        // prepare did not run on this thread (should not happen): take the locks now.
+        None => (lock_registry(), lock_internal()),
+    };
+    if let Some(fds) = reg.relay.take() {
+        for fd in [fds.epoll, fds.wake] {
+            forget_internal(&mut set, fd);
+            sys::close_raw(fd);
+        }
+    }
+    let links = std::mem::take(&mut reg.links);
+    let pending = std::mem::take(&mut reg.pending);
+    for registered in links.values() {
+        forget_internal(&mut set, registered.relay_end);
+        sys::close_raw(registered.relay_end);
+    }
+    drop(set);
+    drop(reg);
+    // Outside the locks: a last `Arc<Link>` closes its TCP fd under `INTERNAL`.
+    drop(pending);
+    drop(links);
+}
+
+/// Everything the relay thread and `adopt` share.
+struct Registry {
+    /// The running relay's epoll and eventfd, if a relay thread exists in this process.
+    relay: Option<RelayFds>,
+    /// Bumped each time a relay thread starts, so a dying relay only tears down its own state.
+    generation: u64,
+    next_id: u64,
+    /// Every connection the relay owns, by id; the owner of the relay end fd.
+    links: BTreeMap<u64, Registered>,
+    /// Connections adopted but not yet picked up by the relay thread.
+    pending: Vec<relay::Pending>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RelayFds {
+    epoll: RawFd,
+    wake: RawFd,
+}
+
+struct Registered {
+    link: Arc<Link>,
+    relay_end: RawFd,
+}
+
+static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
+    relay: None,
+    generation: 0,
+    next_id: 1,
+    links: BTreeMap::new(),
+    pending: Vec::new(),
+});
+
+/// Sorted fd numbers that belong to us. `INTERNAL_COUNT` mirrors its length so the close hook's
+/// common case (no userspace connection in this process) takes no lock.
+static INTERNAL: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+static INTERNAL_COUNT: AtomicUsize = AtomicUsize::new(0);
+
+fn lock_registry() -> MutexGuard<'static, Registry> {
+    REGISTRY.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn lock_internal() -> MutexGuard<'static, Vec<RawFd>> {
+    INTERNAL.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn remember_internal(set: &mut Vec<RawFd>, fd: RawFd) {
+    if let Err(at) = set.binary_search(&fd) {
+        set.insert(at, fd);
+        INTERNAL_COUNT.store(set.len(), Ordering::Release);
+    }
+}
+
+fn forget_internal(set: &mut Vec<RawFd>, fd: RawFd) {
+    if let Ok(at) = set.binary_search(&fd) {
+        set.remove(at);
+        INTERNAL_COUNT.store(set.len(), Ordering::Release);
+    }
+}
+
+/// A freshly created internal fd: recorded in `INTERNAL`, closed again on drop unless kept.
+struct Fresh(RawFd);
+
+impl Fresh {
+    fn new(fd: RawFd) -> Self {
+        remember_internal(&mut lock_internal(), fd);
+        Self(fd)
+    }
+
+    fn keep(self) -> RawFd {
+        let fd = self.0;
+        std::mem::forget(self);
+        fd
+    }
+}
+
+impl Drop for Fresh {
+    fn drop(&mut self) {
+        let mut set = lock_internal();
+        forget_internal(&mut set, self.0);
+        sys::close_raw(self.0);
+    }
+}
+
+/// The result of switching the program's fd onto the socketpair.
+struct Swapped {
+    tcp: RawFd,
+    relay_end: RawFd,
+    cloexec: bool,
+    nonblocking: bool,
+}
+
+impl Swapped {
+    /// Put the TCP socket back on `app_fd` with its original flags, and close the relay end.
+    /// (The TCP dup itself is closed by whoever owns it: the `Link`.)
+    fn undo(self, app_fd: RawFd) {
+        let _ = sys::dup3(self.tcp, app_fd, self.cloexec);
+        let _ = sys::set_nonblocking(self.tcp, self.nonblocking);
+        drop(Fresh(self.relay_end));
+    }
+}
+
+fn swap(app_fd: RawFd) -> io::Result<Swapped> {
+    let nonblocking = sys::status_flags(app_fd)? & libc::O_NONBLOCK != 0;
+    let cloexec = sys::is_cloexec(app_fd)?;
+    let tcp = Fresh::new(sys::dup_cloexec(app_fd)?);
+    let (app_end, relay_end) = sys::stream_pair()?;
+    let app_end = Fresh::new(app_end);
+    let relay_end = Fresh::new(relay_end);
+    for fd in [app_end.0, relay_end.0] {
+        sys::set_int_sockopt(fd, libc::SO_SNDBUF, PAIR_BUFFER);
+        sys::set_int_sockopt(fd, libc::SO_RCVBUF, PAIR_BUFFER);
+    }
+    sys::set_nonblocking(relay_end.0, true)?;
+    // O_NONBLOCK lives on the open file description, so it carries through dup3.
+    sys::set_nonblocking(app_end.0, nonblocking)?;
+    // Same for the TCP socket: from here `app_fd` shares it, so undo on any later failure.
+    sys::set_nonblocking(tcp.0, true)?;
+    if let Err(error) = sys::dup3(app_end.0, app_fd, cloexec) {
+        let _ = sys::set_nonblocking(tcp.0, nonblocking);
+        return Err(error);
+    }
+    drop(app_end);
+    Ok(Swapped {
+        tcp: tcp.keep(),
+        relay_end: relay_end.keep(),
+        cloexec,
+        nonblocking,
+    })
+}
+
+/// The running relay's fds, starting the relay thread first if there is none.
+fn ensure_relay(reg: &mut Registry) -> io::Result<RelayFds> {
+    if let Some(fds) = reg.relay {
+        return Ok(fds);
+    }
+    let epoll = Fresh::new(sys::epoll_create()?);
+    let wake = Fresh::new(sys::eventfd()?);
+    sys::epoll_add(epoll.0, wake.0, libc::EPOLLIN as u32, relay::WAKE_TOKEN)?;
+    let fds = RelayFds {
+        epoll: epoll.0,
+        wake: wake.0,
+    };
+    reg.generation += 1;
+    relay::spawn(fds, reg.generation)?;
+    epoll.keep();
+    wake.keep();
+    reg.relay = Some(fds);
+    Ok(fds)
+}
+
+/// Hand the relay thread of `generation` what `adopt` queued for it.
+fn take_pending(generation: u64) -> Vec<relay::Pending> {
+    let mut reg = lock_registry();
+    if reg.generation != generation || reg.relay.is_none() {
+        return Vec::new();
+    }
+    std::mem::take(&mut reg.pending)
+}
+
+/// The relay is done with link `id`: close the relay end and release the relay's `Arc<Link>`.
+/// The caller has already shut the sockets down and removed them from epoll.
+fn retire(id: u64) {
+    let mut reg = lock_registry();
+    if let Some(registered) = reg.links.remove(&id) {
+        {
+            let mut set = lock_internal();
+            forget_internal(&mut set, registered.relay_end);
+            sys::close_raw(registered.relay_end);
+        }
+        // Lock order REGISTRY → INTERNAL: a last Arc closes the TCP fd under INTERNAL.
+        drop(registered);
+    }
+}
+
+/// The relay thread of `generation` is exiting after an internal failure: fail every
+/// connection closed (both sockets shut down), close its fds, and let the next `adopt` start a
+/// new thread.
+fn relay_died(generation: u64) {
+    let mut reg = lock_registry();
+    if reg.generation != generation {
+        return;
+    }
+    let Some(fds) = reg.relay.take() else {
+        return;
+    };
+    let links = std::mem::take(&mut reg.links);
+    let pending = std::mem::take(&mut reg.pending);
+    {
+        let mut set = lock_internal();
+        for registered in links.values() {
+            sys::shutdown(registered.link.tcp, libc::SHUT_RDWR);
+            sys::shutdown(registered.relay_end, libc::SHUT_RDWR);
+            forget_internal(&mut set, registered.relay_end);
+            sys::close_raw(registered.relay_end);
+        }
+        for fd in [fds.epoll, fds.wake] {
+            forget_internal(&mut set, fd);
+            sys::close_raw(fd);
+        }
+    }
+    drop(reg);
+    drop(pending);
+    drop(links);
+}
+
+#[cfg(test)]
+mod tests;

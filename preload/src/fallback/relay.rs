@@ -1,0 +1,481 @@
+//! The relay thread: one per process, edge-triggered epoll over every userspace connection.
+//!
+//! Each connection is a small state machine over four readiness flags (TCP/app × read/write),
+//! set by epoll edges and cleared by EAGAIN. Any event on a connection drives both directions
+//! until neither makes progress, so backpressure on one side resumes as soon as the other side
+//! drains. Bounds: the program is read only when rustls has flushed all TLS output to the
+//! kernel, and TCP is read only when all decrypted plaintext has been handed to the program, so
+//! per connection we hold at most one 64 KiB chunk of ciphertext plus rustls' own buffers.
+
+use std::collections::HashMap;
+use std::io::{self, BufRead, Write};
+use std::os::fd::RawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rustls::Connection;
+
+use super::sys::{self, SocketWriter};
+use super::{RelayFds, Stats};
+
+/// The epoll token of the eventfd that announces new connections.
+pub(super) const WAKE_TOKEN: u64 = u64::MAX;
+
+/// Stack of the relay thread. rustls record processing is shallow; measured by the
+/// `relay_stack_is_enough` test with a quarter of this.
+pub(super) const STACK_SIZE: usize = 256 * 1024;
+
+/// Largest single read from either socket.
+const CHUNK: usize = 64 * 1024;
+
+/// Reads per connection per turn before other connections get theirs (fairness).
+const BUDGET: u32 = 16;
+
+const MAX_EVENTS: usize = 64;
+
+/// A connection handed over by `adopt`, waiting for the relay thread.
+pub(super) struct Pending {
+    pub(super) id: u64,
+    pub(super) conn: Connection,
+    pub(super) tcp: RawFd,
+    pub(super) app: RawFd,
+    pub(super) stats: Arc<Stats>,
+}
+
+/// Start the relay thread for `fds`.
+pub(super) fn spawn(fds: RelayFds, generation: u64) -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("tether-relay".into())
+        .stack_size(STACK_SIZE)
+        .spawn(move || run(fds, generation))
+        .map(drop)
+}
+
+fn run(fds: RelayFds, generation: u64) {
+    crate::guard::mark_internal_thread();
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let mut relay = Relay {
+            fds,
+            generation,
+            links: HashMap::new(),
+            scratch: vec![0; CHUNK],
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
+            ready: Vec::new(),
+        };
+        relay.serve()
+    }));
+    // Only an unrecoverable epoll failure or a panic outside a connection gets here.
+    super::relay_died(generation);
+}
+
+struct Relay {
+    fds: RelayFds,
+    generation: u64,
+    links: HashMap<u64, LinkState>,
+    /// Shared read buffer: every read lands here and is handed on before the next one.
+    scratch: Vec<u8>,
+    events: Vec<libc::epoll_event>,
+    /// Connections to drive in this turn (and, when they ran out of budget, in the next).
+    ready: Vec<u64>,
+}
+
+impl Relay {
+    fn serve(&mut self) -> io::Result<()> {
+        let mut busy: Vec<u64> = Vec::new();
+        loop {
+            let timeout = if busy.is_empty() { -1 } else { 0 };
+            let n = match sys::epoll_wait(self.fds.epoll, &mut self.events, timeout) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.ready.clear();
+            self.ready.append(&mut busy);
+            for i in 0..n {
+                let event = self.events[i];
+                let (bits, token) = (event.events, event.u64);
+                if token == WAKE_TOKEN {
+                    self.welcome();
+                    continue;
+                }
+                let id = token >> 1;
+                if let Some(state) = self.links.get_mut(&id) {
+                    state.note(bits, token & 1 == 1);
+                    if !self.ready.contains(&id) {
+                        self.ready.push(id);
+                    }
+                }
+            }
+            let ready = std::mem::take(&mut self.ready);
+            for &id in &ready {
+                if self.drive(id) == Turn::Busy {
+                    busy.push(id);
+                }
+            }
+            self.ready = ready;
+        }
+    }
+
+    /// Pick up connections that `adopt` queued, register them and drive them once (plaintext
+    /// rustls already holds goes out first).
+    fn welcome(&mut self) {
+        sys::eventfd_drain(self.fds.wake);
+        for pending in super::take_pending(self.generation) {
+            let id = pending.id;
+            let edge = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+            let registered = sys::epoll_add(self.fds.epoll, pending.tcp, edge, id << 1)
+                .and_then(|()| sys::epoll_add(self.fds.epoll, pending.app, edge, id << 1 | 1));
+            let state = LinkState::new(pending);
+            self.links.insert(id, state);
+            if registered.is_err() {
+                self.retire(id, true);
+            } else if !self.ready.contains(&id) {
+                self.ready.push(id);
+            }
+        }
+    }
+
+    fn drive(&mut self, id: u64) -> Turn {
+        let Some(state) = self.links.get_mut(&id) else {
+            return Turn::Idle;
+        };
+        let scratch = &mut self.scratch;
+        let step = catch_unwind(AssertUnwindSafe(|| state.drive(scratch)));
+        match step {
+            Ok(Ok(Step::Open { busy: true })) => Turn::Busy,
+            Ok(Ok(Step::Open { busy: false })) => Turn::Idle,
+            Ok(Ok(Step::Finished)) => {
+                self.retire(id, false);
+                Turn::Idle
+            }
+            Ok(Err(Fatal)) | Err(_) => {
+                self.retire(id, true);
+                Turn::Idle
+            }
+        }
+    }
+
+    /// Take connection `id` out of the relay: off epoll, both sockets shut down, then the
+    /// registry closes the relay end and drops the relay's `Arc<Link>`.
+    fn retire(&mut self, id: u64, failed: bool) {
+        let Some(state) = self.links.remove(&id) else {
+            return;
+        };
+        // Explicit DEL: a forked child's copy would keep the registration alive past close().
+        sys::epoll_del(self.fds.epoll, state.tcp);
+        sys::epoll_del(self.fds.epoll, state.app);
+        if failed {
+            sys::shutdown(state.app, libc::SHUT_RDWR);
+        }
+        sys::shutdown(state.tcp, libc::SHUT_RDWR);
+        // The rustls state (traffic secrets included) is dropped here.
+        drop(state);
+        super::retire(id);
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Turn {
+    Idle,
+    Busy,
+}
+
+enum Step {
+    Open { busy: bool },
+    Finished,
+}
+
+/// A connection that cannot go on; both sockets get shut down.
+#[derive(Debug)]
+struct Fatal;
+
+enum Delivery {
+    /// Every decrypted byte went to the program (`true` if any did).
+    Drained(bool),
+    /// The program's socket is full.
+    Blocked,
+    /// The peer's stream ended (`close_notify`, or a TCP EOF without one).
+    Ended,
+    /// The program is gone (EPIPE): nothing more can be delivered.
+    ProgramGone,
+}
+
+struct LinkState {
+    tls: Connection,
+    tcp: RawFd,
+    /// The relay's end of the socketpair.
+    app: RawFd,
+    stats: Arc<Stats>,
+    tcp_readable: bool,
+    tcp_writable: bool,
+    app_readable: bool,
+    app_writable: bool,
+    /// Both directions of the program's end are shut (it closed its last copy).
+    app_hup: bool,
+    /// Ciphertext read from TCP that rustls did not take yet (its plaintext buffer was full).
+    leftover: Vec<u8>,
+    tcp_eof: bool,
+    /// Peer → program direction finished (EOF delivered, or the program is gone).
+    rx_done: bool,
+    /// The program's EOF was read; `close_notify` is queued.
+    app_eof: bool,
+    /// Program → peer direction finished (`close_notify` flushed, TCP shut for writing).
+    tx_done: bool,
+    /// Not driven yet: records rustls buffered during the handshake still need processing.
+    fresh: bool,
+}
+
+impl LinkState {
+    fn new(pending: Pending) -> Self {
+        Self {
+            tls: pending.conn,
+            tcp: pending.tcp,
+            app: pending.app,
+            stats: pending.stats,
+            tcp_readable: true,
+            tcp_writable: true,
+            app_readable: true,
+            app_writable: true,
+            app_hup: false,
+            leftover: Vec::new(),
+            tcp_eof: false,
+            rx_done: false,
+            app_eof: false,
+            tx_done: false,
+            fresh: true,
+        }
+    }
+
+    /// Record an epoll edge for the TCP side (`app == false`) or the program side.
+    fn note(&mut self, bits: u32, app: bool) {
+        let has = |mask: libc::c_int| bits & mask as u32 != 0;
+        let broken = has(libc::EPOLLHUP | libc::EPOLLERR);
+        let readable = broken || has(libc::EPOLLIN | libc::EPOLLRDHUP);
+        let writable = broken || has(libc::EPOLLOUT);
+        if app {
+            self.app_readable |= readable;
+            self.app_writable |= writable;
+            self.app_hup |= has(libc::EPOLLHUP);
+        } else {
+            self.tcp_readable |= readable;
+            self.tcp_writable |= writable;
+        }
+    }
+
+    fn drive(&mut self, scratch: &mut [u8]) -> Result<Step, Fatal> {
+        let mut budget = BUDGET;
+        if std::mem::take(&mut self.fresh) && self.tls.process_new_packets().is_err() {
+            // Records rustls buffered before adoption may be bad: same handling as later ones.
+            self.flush_alert();
+            return Err(Fatal);
+        }
+        loop {
+            let rx = self.pump_rx(scratch, &mut budget)?;
+            let tx = self.pump_tx(scratch, &mut budget)?;
+            if self.rx_done && self.tx_done {
+                return Ok(Step::Finished);
+            }
+            if budget == 0 {
+                return Ok(Step::Open { busy: true });
+            }
+            if !rx && !tx {
+                return Ok(Step::Open { busy: false });
+            }
+        }
+    }
+
+    /// Peer → program: deliver plaintext, then feed more ciphertext, until something blocks.
+    fn pump_rx(&mut self, scratch: &mut [u8], budget: &mut u32) -> Result<bool, Fatal> {
+        if self.rx_done {
+            return Ok(false);
+        }
+        if self.app_hup {
+            // Nobody can read what we would decrypt: stop reading TCP.
+            self.rx_done = true;
+            return Ok(true);
+        }
+        let mut progress = false;
+        loop {
+            match self.deliver()? {
+                Delivery::Drained(moved) => progress |= moved,
+                Delivery::Blocked => return Ok(progress),
+                Delivery::Ended => {
+                    sys::shutdown(self.app, libc::SHUT_WR);
+                    self.rx_done = true;
+                    return Ok(true);
+                }
+                Delivery::ProgramGone => {
+                    self.rx_done = true;
+                    return Ok(true);
+                }
+            }
+            if !self.leftover.is_empty() {
+                let mut left = std::mem::take(&mut self.leftover);
+                let used = self.feed(&left)?;
+                left.drain(..used);
+                self.leftover = left;
+                if used == 0 {
+                    return Ok(progress);
+                }
+                progress = true;
+                continue;
+            }
+            if self.leftover.capacity() > 0 {
+                self.leftover = Vec::new(); // idle connections keep no buffer
+            }
+            if self.tcp_eof || !self.tcp_readable || *budget == 0 {
+                return Ok(progress);
+            }
+            *budget -= 1;
+            match sys::recv(self.tcp, scratch) {
+                Ok(0) => {
+                    self.tcp_eof = true;
+                    // Tell rustls about the EOF: an unclean one then reads as UnexpectedEof.
+                    let _ = self.tls.read_tls(&mut io::empty());
+                }
+                Ok(n) => {
+                    let chunk = scratch.get(..n).ok_or(Fatal)?;
+                    let used = self.feed(chunk)?;
+                    if let Some(rest) = chunk.get(used..) {
+                        self.leftover.extend_from_slice(rest);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.tcp_readable = false;
+                    return Ok(progress);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ECONNRESET and friends: the TCP stream is broken.
+                Err(_) => return Err(Fatal),
+            }
+            progress = true;
+        }
+    }
+
+    /// Hand rustls' decrypted plaintext to the program.
+    fn deliver(&mut self) -> Result<Delivery, Fatal> {
+        let mut moved = false;
+        loop {
+            let mut reader = self.tls.reader();
+            let chunk = match reader.fill_buf() {
+                Ok([]) => return Ok(Delivery::Ended),
+                Ok(chunk) => chunk,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Ok(Delivery::Drained(moved))
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    self.stats.truncated.store(true, Ordering::Relaxed);
+                    return Ok(Delivery::Ended);
+                }
+                Err(_) => return Err(Fatal),
+            };
+            if !self.app_writable {
+                return Ok(Delivery::Blocked);
+            }
+            match sys::send(self.app, chunk) {
+                Ok(n) => {
+                    reader.consume(n);
+                    self.stats.received.fetch_add(n as u64, Ordering::Relaxed);
+                    moved = true;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.app_writable = false;
+                    return Ok(Delivery::Blocked);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) =>
+                {
+                    return Ok(Delivery::ProgramGone)
+                }
+                Err(_) => return Err(Fatal),
+            }
+        }
+    }
+
+    /// Give rustls as much of `data` as it takes (it stops when its plaintext buffer is full),
+    /// processing records as they complete. Returns how many bytes it took.
+    fn feed(&mut self, data: &[u8]) -> Result<usize, Fatal> {
+        let mut rest = data;
+        while !rest.is_empty() {
+            match self.tls.read_tls(&mut rest) {
+                // close_notify was received: anything after it is ignored.
+                Ok(0) => return Ok(data.len()),
+                Ok(_) => {}
+                // "received plaintext buffer full": deliver first, then come back.
+                Err(e) if e.kind() == io::ErrorKind::Other => break,
+                Err(_) => return Err(Fatal),
+            }
+            if self.tls.process_new_packets().is_err() {
+                self.flush_alert();
+                return Err(Fatal);
+            }
+        }
+        Ok(data.len() - rest.len())
+    }
+
+    /// After a TLS error rustls has queued an alert: one best-effort attempt to send it.
+    fn flush_alert(&mut self) {
+        let _ = self.tls.write_tls(&mut SocketWriter(self.tcp));
+    }
+
+    /// Program → peer: flush TLS output, then encrypt more of the program's bytes.
+    fn pump_tx(&mut self, scratch: &mut [u8], budget: &mut u32) -> Result<bool, Fatal> {
+        let mut progress = false;
+        loop {
+            while self.tls.wants_write() {
+                if !self.tcp_writable {
+                    return Ok(progress);
+                }
+                match self.tls.write_tls(&mut SocketWriter(self.tcp)) {
+                    Ok(_) => progress = true,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.tcp_writable = false;
+                        return Ok(progress);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Err(Fatal),
+                }
+            }
+            if self.tx_done {
+                return Ok(progress);
+            }
+            if self.app_eof {
+                // close_notify is on the wire (in the kernel's send queue) before the FIN.
+                sys::shutdown(self.tcp, libc::SHUT_WR);
+                self.tx_done = true;
+                return Ok(true);
+            }
+            if !self.app_readable || *budget == 0 {
+                return Ok(progress);
+            }
+            *budget -= 1;
+            match sys::recv(self.app, scratch) {
+                Ok(n) if n > 0 => {
+                    let chunk = scratch.get(..n).ok_or(Fatal)?;
+                    self.tls.writer().write_all(chunk).map_err(|_| Fatal)?;
+                    self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+                }
+                // EOF (close or SHUT_WR); ECONNRESET means the program closed with our
+                // plaintext unread: what it wrote before is still sent, then close_notify.
+                Ok(_) => self.end_program_stream(),
+                Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => {
+                    self.end_program_stream()
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.app_readable = false;
+                    return Ok(progress);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Err(Fatal),
+            }
+            progress = true;
+        }
+    }
+
+    fn end_program_stream(&mut self) {
+        self.app_eof = true;
+        self.tls.send_close_notify();
+    }
+}
