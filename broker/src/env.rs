@@ -7,7 +7,7 @@ use std::path::PathBuf;
 pub use tether_proto::wire::{DEFAULT_SOCKET, SOCKET_ENV};
 
 /// Log filter for tetherd and the CLI (tracing `EnvFilter` syntax, e.g. `info,tether=debug`).
-pub const LOG_ENV: &str = "TETHER_LOG";
+pub const LOG_ENV: &str = "TETHERD_LOG";
 /// Fallback log filter, read when [`LOG_ENV`] is unset.
 pub const RUST_LOG_ENV: &str = "RUST_LOG";
 
@@ -49,7 +49,7 @@ pub fn socket_path(flag: Option<PathBuf>, env: &dyn Env) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
 }
 
-/// The log filter directive: `$TETHER_LOG`, else `$RUST_LOG`, else `info`.
+/// The log filter directive: `$TETHERD_LOG`, else `$RUST_LOG`, else `info`.
 pub fn log_filter(env: &dyn Env) -> String {
     [LOG_ENV, RUST_LOG_ENV]
         .iter()

@@ -26,6 +26,8 @@ pub enum Error {
     /// The broker socket could not be reached (client side).
     Connect { path: std::path::PathBuf, error: io::Error },
     Io(io::Error),
+    /// A CLI usage or environment problem, explained for people.
+    Cli(String),
 }
 
 impl fmt::Display for Error {
@@ -42,6 +44,7 @@ impl fmt::Display for Error {
                 write!(f, "cannot reach tetherd at {}: {error} (is it running? set --socket or $TETHER_SOCKET)", path.display())
             }
             Self::Io(e) => e.fmt(f),
+            Self::Cli(m) => f.write_str(m),
         }
     }
 }
@@ -82,7 +85,12 @@ impl Error {
             Self::NoIdentity { reason } => (ErrorCode::NoIdentity, reason.clone()),
             Self::Wire(e) => (e.code(), e.to_string()),
             Self::Refused(r) => (r.code, r.message.clone()),
-            Self::Config(_) | Self::Ca(_) | Self::UnexpectedResponse(_) | Self::Connect { .. } | Self::Io(_) => {
+            Self::Config(_)
+            | Self::Ca(_)
+            | Self::UnexpectedResponse(_)
+            | Self::Connect { .. }
+            | Self::Io(_)
+            | Self::Cli(_) => {
                 (ErrorCode::Internal, "internal broker error; see the tetherd log".to_owned())
             }
         };

@@ -21,6 +21,7 @@ pub mod env;
 pub mod error;
 pub mod files;
 pub mod pem;
+pub mod run;
 pub mod server;
 pub mod sys;
 
@@ -37,7 +38,7 @@ pub enum LogFormat {
 }
 
 /// Install the global tracing subscriber, writing to stderr. The filter comes from
-/// `$TETHER_LOG`, else `$RUST_LOG`, else `info`.
+/// `$TETHERD_LOG`, else `$RUST_LOG`, else `info`.
 pub fn init_logging(format: LogFormat, env: &dyn env::Env) {
     use std::io::IsTerminal;
 

@@ -48,6 +48,23 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run CMD with libtether.so preloaded: its TCP connections follow tetherd's policy.
+    ///
+    /// Refuses statically linked and Go binaries, which LD_PRELOAD cannot reach, instead of
+    /// letting them run in plaintext (override with --allow-uninterposable).
+    Run {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// libtether.so to preload (default: $TETHER_LIB, next to this binary, /usr/lib/tether).
+        #[arg(long, value_name = "PATH")]
+        lib: Option<PathBuf>,
+        /// Run CMD even if tether cannot interpose it (its connections will NOT be protected).
+        #[arg(long)]
+        allow_uninterposable: bool,
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
+        cmd: Vec<std::ffi::OsString>,
+    },
     /// Load generator: N clients fetch SVIDs for S seconds (see scripts/bench-broker).
     #[command(hide = true)]
     BenchSvid {
@@ -65,6 +82,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Svid { socket, out, json } => svid(&socket_path(socket, &ProcessEnv), out.as_deref(), json),
         Command::Status { socket, json } => status(&socket_path(socket, &ProcessEnv), json),
+        Command::Run { socket, lib, allow_uninterposable, cmd } => {
+            run(&socket_path(socket, &ProcessEnv), lib, allow_uninterposable, cmd)
+        }
         Command::BenchSvid { socket, clients, seconds } => {
             bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
         }
@@ -76,6 +96,38 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exec CMD under the shim. Returns only on failure.
+fn run(socket: &Path, lib: Option<PathBuf>, allow_uninterposable: bool, cmd: Vec<std::ffi::OsString>) -> Result<(), Error> {
+    use std::os::unix::process::CommandExt;
+    use tether_broker::run;
+
+    let fail = |m: String| Error::Cli(m);
+    let lib = run::find_library(lib, &ProcessEnv).map_err(fail)?;
+    let (program, args) = cmd.split_first().ok_or_else(|| fail("no command given".into()))?;
+    if run::resolve(program, &ProcessEnv).is_none() {
+        return Err(fail(format!("{}: command not found", program.to_string_lossy())));
+    }
+    if let Err(why) = run::check_interposable(program, &ProcessEnv) {
+        if !allow_uninterposable {
+            return Err(fail(format!(
+                "refusing to run: {why}; its connections would bypass tether and stay plaintext \
+                 (pass --allow-uninterposable to run it unprotected anyway)"
+            )));
+        }
+        eprintln!("tether: WARNING: {why}; running it UNPROTECTED as asked");
+    }
+    // Fail fast: without the broker every TCP connect in CMD would fail closed.
+    Client::connect(socket, DEFAULT_TIMEOUT)
+        .and_then(|mut c| c.status())
+        .map_err(|e| fail(format!("tetherd is not answering at {} ({e}); CMD's TCP connections would fail closed", socket.display())))?;
+    let err = std::process::Command::new(program)
+        .args(args)
+        .env("LD_PRELOAD", run::preload_value(&lib, std::env::var_os("LD_PRELOAD")))
+        .env(tether_proto::wire::SOCKET_ENV, socket)
+        .exec();
+    Err(fail(format!("cannot execute {}: {err}", program.to_string_lossy())))
 }
 
 fn rfc3339(unix: u64) -> String {

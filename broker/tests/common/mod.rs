@@ -80,7 +80,7 @@ impl Daemon {
             cmd.arg("--config").arg(path);
         }
         cmd.args(extra)
-            .env("TETHER_LOG", "info")
+            .env("TETHERD_LOG", "info")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
