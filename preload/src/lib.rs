@@ -11,7 +11,6 @@
 //! libc. FFI lives in [`real`], [`sys`], [`guard`], [`fallback`] and [`exports`].
 
 mod fd_table;
-#[path = "fallback_stub.rs"]
 mod fallback;
 mod guard;
 mod identity;
