@@ -647,3 +647,25 @@ pub fn curl_get(url: &str, out: &Path) -> Command {
     c.args(["-sS", "--fail", "--max-time", "120", "-o"]).arg(out).arg(url);
     c
 }
+
+/// An nginx command (epoll, one worker, `sendfile on`, everything under `PREFIX = h.path("nginx")`)
+/// serving `PREFIX/www` on 127.0.0.1:`port`. Returns the command and the prefix.
+pub fn nginx(h: &Harness, port: u16) -> (Command, PathBuf) {
+    let prefix = h.path("nginx");
+    fs::create_dir_all(prefix.join("www")).unwrap();
+    fs::create_dir_all(prefix.join("tmp")).unwrap();
+    let p = prefix.display();
+    let conf = format!(
+        "user root;\nworker_processes 1;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/error.log info;\n\
+         events {{ worker_connections 512; use epoll; }}\n\
+         http {{\n  access_log {p}/access.log;\n  sendfile on;\n  tcp_nopush on;\n  default_type application/octet-stream;\n\
+         client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n\
+         uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n\
+         server {{ listen 127.0.0.1:{port}; root {p}/www; }}\n}}\n"
+    );
+    let conf_path = prefix.join("nginx.conf");
+    fs::write(&conf_path, conf).unwrap();
+    let mut c = Command::new("nginx");
+    c.arg("-e").arg(prefix.join("error.log")).arg("-p").arg(&prefix).arg("-c").arg(&conf_path);
+    (c, prefix)
+}

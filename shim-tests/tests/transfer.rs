@@ -6,7 +6,7 @@ use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use tether_shim_tests::{curl_get, http_server, scaled_bytes, sha256, show, write_random_file, DataPathCheck, Harness, Policy};
+use tether_shim_tests::{curl_get, http_server, nginx, scaled_bytes, sha256, show, write_random_file, DataPathCheck, Harness, Policy};
 
 /// 1. curl → python3 -m http.server, both under tether: a 20 MB file arrives intact.
 #[test]
@@ -37,33 +37,14 @@ fn curl_fetches_20mb_from_python_http_server_both_shimmed() {
     check.finish(&all);
 }
 
-fn nginx_conf(prefix: &std::path::Path, port: u16) -> String {
-    let p = prefix.display();
-    format!(
-        "user root;\nworker_processes 1;\ndaemon off;\npid {p}/nginx.pid;\nerror_log {p}/error.log info;\n\
-         events {{ worker_connections 256; use epoll; }}\n\
-         http {{\n  access_log {p}/access.log;\n  sendfile on;\n  tcp_nopush on;\n  default_type application/octet-stream;\n\
-         client_body_temp_path {p}/tmp/body;\n  proxy_temp_path {p}/tmp/proxy;\n  fastcgi_temp_path {p}/tmp/fastcgi;\n\
-         uwsgi_temp_path {p}/tmp/uwsgi;\n  scgi_temp_path {p}/tmp/scgi;\n\
-         server {{ listen 127.0.0.1:{port}; root {p}/www; }}\n}}\n"
-    )
-}
-
 /// 5. nginx (epoll, non-blocking accept, sendfile on) serves 50 MB to curl, both under tether.
 #[test]
 fn nginx_sendfile_serves_50mb_to_curl_both_shimmed() {
     let port = tether_shim_tests::free_port();
     let mut h = Harness::new("nginx", Policy::new().both(port));
-    let prefix = h.path("nginx");
-    fs::create_dir_all(prefix.join("www")).unwrap();
-    fs::create_dir_all(prefix.join("tmp")).unwrap();
+    let (mut nginx, prefix) = nginx(&h, port);
     write_random_file(&prefix.join("www/big.bin"), scaled_bytes(50));
-    let conf = prefix.join("nginx.conf");
-    fs::write(&conf, nginx_conf(&prefix, port)).unwrap();
     let check = DataPathCheck::begin();
-
-    let mut nginx = Command::new("nginx");
-    nginx.arg("-e").arg(prefix.join("error.log")).arg("-p").arg(&prefix).arg("-c").arg(&conf);
     h.spawn_server("nginx", h.shim(&mut nginx, "nginx"), port);
 
     let out = h.path("big.out");

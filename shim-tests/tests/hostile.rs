@@ -1,0 +1,135 @@
+//! Acceptance 10: hostile peers against a protected server (garbage, a truncated ClientHello,
+//! silence). They are dropped, the silent ones at the handshake timeout, and good clients are
+//! still served.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::fs;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether_shim_tests::{curl_get, free_port, http_server, nginx, show, Harness, LogLine, Policy};
+
+/// The first TLS record a real client sends: a ClientHello from `openssl s_client`.
+fn real_client_hello() -> Vec<u8> {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = vec![0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    buf.resize(5 + len, 0);
+    s.read_exact(&mut buf[5..]).unwrap();
+    let _ = client.kill();
+    let _ = client.wait();
+    assert_eq!(buf[0], 0x16);
+    buf
+}
+
+/// Read until the server drops us; returns how it ended (EOF or reset), or panics on a hang.
+fn wait_dropped(s: &mut TcpStream, what: &str, limit: Duration) {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => panic!("{what}: the protected server sent {n} bytes to a hostile client"),
+            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe) => {
+                return
+            }
+            Err(e) => panic!("{what}: not dropped within {limit:?}: {e}"),
+        }
+    }
+}
+
+fn count(lines: &[LogLine], reason: &str) -> usize {
+    lines.iter().filter(|l| l.is("accept", "deny") && l.get("reason").contains(reason)).count()
+}
+
+/// 10. Garbage, a truncated ClientHello and a silent client against python http.server under
+/// tether (handshake timeout 1 s): all are dropped, the silent and truncated ones at the
+/// timeout, and good clients are served while and after they hang around.
+#[test]
+fn hostile_clients_are_dropped_and_good_clients_still_served() {
+    let timeout = Duration::from_millis(1000);
+    let port = free_port();
+    let mut h = Harness::new("hostile", Policy::new().both(port));
+    let www = h.path("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "still here\n").unwrap();
+    let mut server = http_server(port, &www);
+    server.env("TETHER_HANDSHAKE_TIMEOUT_MS", timeout.as_millis().to_string());
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let hello = real_client_hello();
+
+    let addr = format!("127.0.0.1:{port}");
+    let t0 = Instant::now();
+    let mut silent = TcpStream::connect(&addr).unwrap();
+    let mut garbage = TcpStream::connect(&addr).unwrap();
+    let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+    garbage.write_all(&junk).unwrap();
+    let mut truncated = TcpStream::connect(&addr).unwrap();
+    truncated.write_all(&hello[..50]).unwrap();
+
+    let good = |name: &str| {
+        let mut c = curl_get(&format!("http://{addr}/index.html"), &h.path(&format!("{name}.out")));
+        let run = h.run(name, h.shim(&mut c, name), Duration::from_secs(40));
+        assert!(run.success(), "{name} failed: {run}\n{}", show(&h.log_lines(name)));
+        assert_eq!(fs::read_to_string(h.path(&format!("{name}.out"))).unwrap(), "still here\n");
+    };
+    good("good-during");
+
+    wait_dropped(&mut garbage, "garbage", Duration::from_secs(5));
+    wait_dropped(&mut truncated, "truncated ClientHello", timeout * 5 + Duration::from_secs(5));
+    wait_dropped(&mut silent, "silent client", timeout * 5 + Duration::from_secs(5));
+    assert!(t0.elapsed() >= timeout * 9 / 10, "silent client dropped before the handshake timeout");
+    good("good-after");
+
+    let lines = h.wait_log("server", Duration::from_secs(3), |l| count(l, "timed out") >= 2 && count(l, "not speaking TLS") >= 1);
+    assert!(count(&lines, "timed out") >= 2, "silent and truncated clients were not logged as timed out:\n{}", show(&lines));
+    assert!(count(&lines, "not speaking TLS") >= 1, "garbage client not logged as non-TLS:\n{}", show(&lines));
+    for l in lines.iter().filter(|l| l.is("accept", "deny") && l.get("reason").contains("timed out")) {
+        assert_eq!(l.get("errno"), "ETIMEDOUT", "{}", l.raw);
+    }
+    assert_eq!(lines.iter().filter(|l| l.is("accept", "allow")).count(), 2, "{}", show(&lines));
+}
+
+/// 10b. nginx (one worker, epoll, non-blocking listener) keeps serving a good client while a
+/// silent client sits in its accept queue: the good client must not wait for the silent one's
+/// handshake timeout. (The handshake runs inside accept(2); if it is serialised, one idle TCP
+/// connection freezes the whole event loop for the timeout.)
+#[test]
+fn nginx_serves_good_client_while_silent_client_is_pending() {
+    let timeout = Duration::from_millis(6000);
+    let port = free_port();
+    let mut h = Harness::new("hostile-nginx", Policy::new().both(port));
+    let (mut cmd, prefix) = nginx(&h, port);
+    fs::write(prefix.join("www/index.html"), "still here\n").unwrap();
+    cmd.env("TETHER_HANDSHAKE_TIMEOUT_MS", timeout.as_millis().to_string());
+    h.spawn_server("nginx", h.shim(&mut cmd, "nginx"), port);
+
+    let addr = format!("127.0.0.1:{port}");
+    let mut silent = TcpStream::connect(&addr).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let mut c = curl_get(&format!("http://{addr}/index.html"), &h.path("good.out"));
+    let run = h.run("good", h.shim(&mut c, "good"), Duration::from_secs(40));
+    let waited = t.elapsed();
+    assert!(run.success(), "good client failed: {run}\n{}", show(&h.log_lines("good")));
+    assert!(
+        waited < timeout / 2,
+        "the good client waited {waited:?} behind a silent client (handshake timeout {timeout:?}): \
+         the protected server stops serving while one peer stays silent"
+    );
+    wait_dropped(&mut silent, "silent client", timeout + Duration::from_secs(5));
+}

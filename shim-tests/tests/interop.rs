@@ -1,0 +1,93 @@
+//! Acceptance 7: interop with a standard TLS stack (OpenSSL) in both directions, using an SVID
+//! written by `tether svid --out`.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tether_shim_tests::{derived_id, free_port, http_server, show, tether_cli_path, DataPathCheck, Harness, Policy};
+
+/// `tether svid --out DIR`: the SVID tetherd issues to the `tether` process itself.
+fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = h.path("svid");
+    let mut cmd = Command::new(tether_cli_path());
+    cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", h.socket());
+    let run = h.run("tether-svid", h.plain(&mut cmd), Duration::from_secs(20));
+    assert!(run.success(), "tether svid --out failed: {run}");
+    (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
+}
+
+/// `openssl s_server -Verify 1` (client certificate required, the bundle as CA) accepts curl
+/// under tether; the GET reaches OpenSSL and its status page (naming curl's SVID) comes back. OpenSSL sends two
+/// session tickets after the handshake: under kTLS the shim's read slow path must drop them.
+#[test]
+fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
+    let port = free_port();
+    let mut h = Harness::new("s-server", Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]));
+    let (cert, key, bundle) = svid_files(&h);
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www"])
+        .arg("-CAfile")
+        .arg(&bundle)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-accept", &port.to_string()]);
+    h.spawn_server("s_server", h.plain(&mut server), port);
+    let check = DataPathCheck::begin();
+
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "-i", "--max-time", "30", &format!("http://127.0.0.1:{port}/tether-was-here")]);
+    let run = h.run("curl", h.shim(&mut curl, "curl"), Duration::from_secs(40));
+    let lines = h.log_lines("curl");
+    assert!(run.success(), "curl via tether to openssl s_server failed: {run}\n{}\n{}", show(&lines), h.output("s_server"));
+    assert!(run.stdout.starts_with("HTTP/1.0 200"), "no HTTP response: {run}");
+    // The -www page describes the session, including the client certificate it verified.
+    assert!(!run.stdout.contains("no client certificate available"), "s_server saw no client cert: {run}");
+    let curl_uri = format!("URI:{}", derived_id("/usr/bin/curl"));
+    assert!(run.stdout.contains(&curl_uri), "s_server's page does not show curl's SVID ({curl_uri}): {run}");
+    let allow = lines.iter().find(|l| l.is("connect", "allow"));
+    let allow = allow.unwrap_or_else(|| panic!("no connect allow line:\n{}", show(&lines)));
+    assert_eq!(allow.get("peer_id"), derived_id(tether_cli_path().to_str().unwrap()), "{}", allow.raw);
+    check.finish(&lines);
+}
+
+/// `openssl s_client` presenting the `tether svid --out` SVID reaches python http.server under
+/// tether and gets an HTTP response to its GET.
+#[test]
+fn openssl_s_client_with_exported_svid_reaches_tether_server() {
+    let port = free_port();
+    let mut h = Harness::new("s-client", Policy::new().inbound(port, &[tether_shim_tests::ANY_ID]));
+    let (cert, key, bundle) = svid_files(&h);
+    let www = h.path("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "served through tether\n").unwrap();
+    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let check = DataPathCheck::begin();
+
+    let req = h.path("request.txt");
+    fs::write(&req, "GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();
+    let mut client = Command::new("openssl");
+    client
+        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3"])
+        .arg("-CAfile")
+        .arg(&bundle)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-connect", &format!("127.0.0.1:{port}")]);
+    let run = h.run_with_stdin("s_client", h.plain(&mut client), Duration::from_secs(30), Stdio::from(fs::File::open(&req).unwrap()));
+    let server = h.wait_log("server", Duration::from_secs(3), |l| l.iter().any(|l| l.is("accept", "allow")));
+    assert!(run.stdout.contains("HTTP/1.0 200"), "s_client got no HTTP response: {run}\n{}", show(&server));
+    assert!(run.stdout.contains("served through tether"), "no body: {run}");
+    let allow = server.iter().find(|l| l.is("accept", "allow"));
+    let allow = allow.unwrap_or_else(|| panic!("no accept allow line:\n{}", show(&server)));
+    assert_eq!(allow.get("peer_id"), derived_id(tether_cli_path().to_str().unwrap()), "{}", allow.raw);
+    check.finish(&server);
+}
