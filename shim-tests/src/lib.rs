@@ -249,6 +249,7 @@ impl Harness {
             .arg(self.dir.join("state"))
             .env_remove("LD_PRELOAD")
             .env_remove("TETHER_LOG")
+            .env_remove("TETHERD_LOG")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -388,6 +389,13 @@ impl Harness {
                 return lines;
             }
             thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stop tetherd (to test what the shim does without it).
+    pub fn stop_broker(&mut self) {
+        if let Some(mut b) = self.broker.take() {
+            kill_group(&mut b);
         }
     }
 

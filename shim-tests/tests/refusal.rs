@@ -128,6 +128,28 @@ fn id_missing_from_allow_is_refused_inbound_and_outbound() {
     assert!(ok.stdout.contains("status=HTTP/1.0 200"), "the allowed python client failed: {ok}\n{}", show(&h.log_lines("py-in")));
 }
 
+/// Without tetherd there is no identity and no policy: a connection that the policy would
+/// protect fails closed with EACCES and a logged reason; no byte reaches the server.
+#[test]
+fn connect_without_tetherd_fails_closed_with_eacces() {
+    let port = free_port();
+    let mut h = Harness::new("no-broker", Policy::new().both(port));
+    let mut nc = Command::new("nc");
+    nc.args(["-l", "127.0.0.1", &port.to_string()]);
+    h.spawn_server("nc", h.plain(&mut nc), port);
+    h.stop_broker();
+    let run = h.run("client", h.shim(&mut py_client(&h, port, true), "client"), Duration::from_secs(30));
+    assert!(run.stdout.contains("connect_errno=EACCES"), "expected EACCES: {run}");
+    let lines = h.log_lines("client");
+    let deny = lines.iter().find(|l| l.is("connect", "deny"));
+    let deny = deny.unwrap_or_else(|| panic!("no connect deny line:\n{}", show(&lines)));
+    assert_eq!(deny.get("errno"), "EACCES", "{}", deny.raw);
+    assert!(!deny.get("reason").is_empty(), "{}", deny.raw);
+    std::thread::sleep(Duration::from_millis(200));
+    let got = fs::read(h.path("logs/nc.out")).unwrap();
+    assert!(got.is_empty(), "bytes reached the server without an identity: {got:02x?}");
+}
+
 /// 11. `TETHER_MODE=ktls`: fails closed with EPROTONOSUPPORT and a reason naming kTLS where the
 /// kernel has none (the host); succeeds over kTLS in UML.
 #[test]
