@@ -6,7 +6,7 @@
 //! the socket to kTLS safe: no application byte can be stranded in a userspace buffer.
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
@@ -171,10 +171,15 @@ fn finish(mut conn: Connection, io: &mut DeadlineIo, check: &PeerCheck) -> Resul
 /// Run the handshake to completion, one record at a time, flushing everything we owe.
 fn drive(conn: &mut Connection, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
     let mut record = Vec::with_capacity(MAX_CIPHERTEXT + 5);
+    let mut flight = Vec::with_capacity(4096);
     loop {
+        // Send a whole flight in one write: several small writes would meet Nagle's algorithm
+        // and the peer's delayed ACK (a 40 ms stall per handshake, seen as the p99).
+        flight.clear();
         while conn.wants_write() {
-            conn.write_tls(io)?;
+            conn.write_tls(&mut flight)?;
         }
+        io.write_all(&flight)?;
         if !conn.is_handshaking() {
             return Ok(());
         }
@@ -184,7 +189,9 @@ fn drive(conn: &mut Connection, io: &mut DeadlineIo) -> Result<(), HandshakeErro
             let n = conn.read_tls(&mut rest)?;
             if let Err(e) = conn.process_new_packets() {
                 // Tell the peer why (the alert is queued), best effort.
-                let _ = conn.write_tls(io);
+                flight.clear();
+                let _ = conn.write_tls(&mut flight);
+                let _ = io.write_all(&flight);
                 return Err(HandshakeError::Tls(e));
             }
             if n == 0 && !rest.is_empty() {
