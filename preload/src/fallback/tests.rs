@@ -342,6 +342,25 @@ fn no_fds_leak_after_the_connection_ends() {
 }
 
 #[test]
+fn program_closing_with_data_in_flight_still_delivers_it_then_close_notify() {
+    let _serial = serial();
+    let (program, link, mut server) = adopted();
+    let data = pattern(4 << 20, 9);
+    let mut writer = program;
+    let sent = data.clone();
+    let closer = thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        drop(writer); // close at once: most of the data is still in the pair or in rustls
+    });
+    let got = read_to_end(&mut server).expect("close_notify after the data");
+    closer.join().unwrap();
+    assert!(got == data, "data lost at close");
+    send_close_notify(&mut server);
+    drop(link);
+    wait_until_idle();
+}
+
+#[test]
 fn garbage_from_the_peer_ends_the_connection_without_hanging() {
     let _serial = serial();
     let (mut program, link, server) = adopted();
