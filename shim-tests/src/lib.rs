@@ -313,6 +313,27 @@ impl Harness {
         pid
     }
 
+    /// [`spawn`](Self::spawn), keeping a pipe to the child's stdin.
+    pub fn spawn_with_stdin(&mut self, name: &str, cmd: &mut Command) -> std::process::ChildStdin {
+        let mut child = self.spawn_child(name, cmd, Stdio::piped());
+        let stdin = child.stdin.take().unwrap();
+        self.children.push(child);
+        stdin
+    }
+
+    /// Wait up to `timeout` for the stdout of spawned child `name` to satisfy `pred`; returns
+    /// the stdout at that point.
+    pub fn wait_stdout(&self, name: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out = fs::read_to_string(self.dir.join("logs").join(format!("{name}.out"))).unwrap_or_default();
+            if pred(&out) || Instant::now() >= deadline {
+                return out;
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn spawn_child(&self, name: &str, cmd: &mut Command, stdin: Stdio) -> Child {
         let out = fs::File::create(self.dir.join("logs").join(format!("{name}.out"))).unwrap();
         let err = fs::File::create(self.dir.join("logs").join(format!("{name}.err"))).unwrap();

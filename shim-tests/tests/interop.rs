@@ -91,3 +91,76 @@ fn openssl_s_client_with_exported_svid_reaches_tether_server() {
     assert_eq!(allow.get("peer_id"), derived_id(tether_cli_path().to_str().unwrap()), "{}", allow.raw);
     check.finish(&server);
 }
+
+/// Client: read until "hello2" arrives, the stream ends, or an error; report how it ended.
+const PY_KEYUPDATE_READER: &str = r#"
+import errno, socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+print("connected", flush=True)
+data, end = b"", "eof"
+try:
+    while b"hello2" not in data:
+        d = s.recv(4096)
+        if not d:
+            break
+        data += d
+    if b"hello2" in data:
+        end = "complete"
+except socket.timeout:
+    end = "timeout"
+except OSError as e:
+    end = "errno_" + errno.errorcode.get(e.errno, str(e.errno))
+print("got=%r" % (data,))
+print("end=" + end)
+print("done", flush=True)
+"#;
+
+/// `openssl s_server` sends a TLS 1.3 KeyUpdate between two lines of data. Userspace rustls
+/// must carry on; kTLS must either rekey or fail closed with ECONNRESET (the UML kernel, 6.1,
+/// cannot rekey RX): never EIO, never a hang, never garbage.
+#[test]
+fn openssl_key_update_mid_stream_is_handled_or_fails_closed() {
+    use std::io::Write as _;
+    let port = free_port();
+    let mut h = Harness::new("keyupdate", Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]));
+    let (cert, key, bundle) = svid_files(&h);
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3"])
+        .arg("-CAfile")
+        .arg(&bundle)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-accept", &port.to_string()]);
+    let mut stdin = h.spawn_with_stdin("s_server", h.plain(&mut server));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !tether_shim_tests::is_listening(port) {
+        assert!(std::time::Instant::now() < deadline, "s_server did not listen:\n{}", h.output("s_server"));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut client = Command::new(tether_shim_tests::PYTHON);
+    client.arg(h.script("ku_reader.py", PY_KEYUPDATE_READER)).arg(port.to_string());
+    h.spawn("reader", h.shim(&mut client, "reader"));
+    let out = h.wait_stdout("reader", Duration::from_secs(20), |o| o.contains("connected") || o.contains("done"));
+    assert!(out.contains("connected"), "reader did not connect: {out}\n{}", show(&h.log_lines("reader")));
+    std::thread::sleep(Duration::from_millis(500));
+    for line in ["hello1\n", "k\n", "hello2\n"] {
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = h.wait_stdout("reader", Duration::from_secs(30), |o| o.contains("done"));
+    let end = out.lines().find_map(|l| l.strip_prefix("end=")).unwrap_or("(none)").to_string();
+    let s_server = h.output("s_server");
+    assert!(out.contains("hello1"), "data before the KeyUpdate was lost: {out}\n{s_server}\n{}", show(&h.log_lines("reader")));
+    // s_server reports its `k` command (SSL_key_update + SSL_do_handshake) this way.
+    assert!(s_server.contains("SSL_do_handshake -> 1"), "s_server did not send a KeyUpdate:\n{s_server}");
+    if tether_shim_tests::in_uml() {
+        assert!(["complete", "errno_ECONNRESET"].contains(&end.as_str()), "kTLS after KeyUpdate ended with {end}: {out}");
+    } else {
+        assert_eq!(end, "complete", "userspace path did not survive a KeyUpdate: {out}\n{}", show(&h.log_lines("reader")));
+    }
+    eprintln!("KeyUpdate: reader ended with {end} (mode {})", tether_shim_tests::expected_mode());
+}

@@ -153,3 +153,153 @@ fn protected_fd_inherited_across_exec_keeps_working() {
         show(&h.log_lines("exec"))
     );
 }
+
+/// The shell pattern: bash opens `/dev/tcp` (a hooked connect), writes the request itself,
+/// and a forked-and-exec'd `cat` reads the response from the inherited fd to the end.
+#[test]
+fn bash_dev_tcp_with_cat_reads_response_to_eof() {
+    let port = free_port();
+    let mut h = Harness::new("bash-dev-tcp", Policy::new().both(port));
+    let www = h.path("www");
+    fs::create_dir_all(&www).unwrap();
+    fs::write(www.join("index.html"), "hello shell\n").unwrap();
+    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let script = format!(
+        "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /index.html HTTP/1.0\\r\\nHost: t\\r\\n\\r\\n' >&3 && cat <&3"
+    );
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c").arg(script);
+    let run = h.run("bash", h.shim(&mut cmd, "bash"), Duration::from_secs(20));
+    assert!(
+        run.success() && run.stdout.contains("HTTP/1.0 200") && run.stdout.contains("hello shell"),
+        "bash /dev/tcp + cat failed: {run}\n{}",
+        show(&h.log_lines("bash"))
+    );
+}
+
+/// Server: accept one connection, send 2 MiB, then die by SIGKILL (no close_notify).
+const PY_DYING_SERVER: &str = r#"
+import os, signal, socket, sys, time
+port = int(sys.argv[1])
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", port))
+ls.listen(8)
+c, _ = ls.accept()
+c.sendall(b"x" * (2 << 20))
+time.sleep(0.3)
+os.kill(os.getpid(), signal.SIGKILL)
+"#;
+
+/// Client: read until the stream ends; report how it ended.
+const PY_READ_TO_END: &str = r#"
+import errno, socket, sys
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+n, end = 0, "eof"
+try:
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        n += len(d)
+except socket.timeout:
+    end = "timeout"
+except OSError as e:
+    end = "errno_" + errno.errorcode.get(e.errno, str(e.errno))
+print("bytes=%d" % n)
+print("end=" + end)
+"#;
+
+/// A protected peer killed mid-stream: the reader's stream ends promptly with EOF or
+/// ECONNRESET; it neither hangs nor sees EIO.
+#[test]
+fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
+    let port = free_port();
+    let mut h = Harness::new("peer-killed", Policy::new().both(port));
+    let mut server = Command::new(PYTHON);
+    server.arg(h.script("dying.py", PY_DYING_SERVER)).arg(port.to_string());
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let mut client = Command::new(PYTHON);
+    client.arg(h.script("reader.py", PY_READ_TO_END)).arg(port.to_string());
+    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(40));
+    let out = kv(&run.stdout);
+    let end = out.get("end").map(String::as_str).unwrap_or("");
+    assert!(
+        run.success() && ["eof", "errno_ECONNRESET"].contains(&end),
+        "reader ended with {end:?}: {run}\n{}",
+        show(&h.log_lines("client"))
+    );
+    let n: u64 = out["bytes"].parse().unwrap();
+    assert!(n <= 2 << 20, "more bytes than were sent: {n}");
+    eprintln!("peer killed: reader got {n} bytes, then {end}");
+}
+
+/// asyncio on both sides (non-blocking connect and accept, epoll readiness): 50 concurrent
+/// connections each echo 256 KiB.
+const PY_ASYNCIO_SERVER: &str = r#"
+import asyncio, sys
+async def handle(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    finally:
+        w.close()
+async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=256)
+    async with srv:
+        await srv.serve_forever()
+asyncio.run(main())
+"#;
+
+const PY_ASYNCIO_CLIENT: &str = r#"
+import asyncio, os, sys
+port, n, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+async def one(i):
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    payload = os.urandom(size)
+    async def send():
+        w.write(payload)
+        await w.drain()
+        w.write_eof()
+    t = asyncio.ensure_future(send())
+    got = await r.read(-1)
+    await t
+    w.close()
+    return got == payload
+async def main():
+    res = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True), 120)
+    ok = sum(1 for x in res if x is True)
+    print("ok=%d" % ok)
+    for x in res:
+        if x is not True:
+            print("error=%r" % (x,))
+            break
+asyncio.run(main())
+"#;
+
+#[test]
+fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
+    let (n, size) = (50, 256 * 1024);
+    let port = free_port();
+    let mut h = Harness::new("asyncio", Policy::new().both(port));
+    let mut server = Command::new(PYTHON);
+    server.arg(h.script("aserver.py", PY_ASYNCIO_SERVER)).arg(port.to_string());
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let check = DataPathCheck::begin();
+    let mut client = Command::new(PYTHON);
+    client.arg(h.script("aclient.py", PY_ASYNCIO_CLIENT)).args([port.to_string(), n.to_string(), size.to_string()]);
+    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(150));
+    let lines = h.log_lines("client");
+    assert!(
+        run.success() && kv(&run.stdout).get("ok") == Some(&n.to_string()),
+        "asyncio echo failed: {run}\n{}\n{}",
+        show(&lines.iter().filter(|l| l.get("decision") != "allow").cloned().collect::<Vec<_>>()),
+        h.output("server")
+    );
+    check.finish(&lines);
+}
