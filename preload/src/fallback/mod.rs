@@ -16,9 +16,13 @@
 //! `AF_UNIX` socket has no way to deliver ECONNRESET on demand). Plaintext never reaches TCP
 //! except through rustls.
 //!
-//! Locks: `REGISTRY` (links, pending hand-overs, the relay's fds) is taken before `INTERNAL`
-//! (the sorted set of our fds), never the other way round. Both are held across `fork()` by
-//! [`atfork_prepare`], and no lock is held while calling into the program.
+//! `exec` would end the relay thread with the old image, so [`before_exec`] hands every
+//! connection to a detached keeper process first.
+//!
+//! Locks, always in this order: the relay's `STATE` (held while it works on a batch), then
+//! `REGISTRY` (links, pending hand-overs, the relay's fds), then `INTERNAL` (the sorted set of
+//! our fds). All three are held across `fork()` by [`atfork_prepare`], and no lock is held while
+//! calling into the program.
 
 mod relay;
 mod sys;
@@ -71,6 +75,7 @@ impl Link {
     }
 
     /// Did the peer end the stream with a TCP EOF but no `close_notify`? (Delivered as EOF.)
+    #[allow(dead_code)] // reason: for the per-connection log line; the tests use it
     pub(crate) fn ended_without_close_notify(&self) -> bool {
         self.stats.truncated.load(Ordering::Relaxed)
     }
@@ -169,29 +174,147 @@ pub(crate) fn internal_fds() -> Vec<RawFd> {
     lock_internal().clone()
 }
 
+/// Call just before the real `exec*` in a process that will replace itself (the lead's exec
+/// hooks). Exec would kill the relay thread, so every userspace connection is handed to a
+/// detached keeper process (a double fork: it is reparented to init, never the exec'd
+/// program's child) that carries on relaying until each connection ends. Fds inherited across
+/// exec therefore keep working, and close-on-exec ones end with a proper `close_notify` instead
+/// of being cut. This process forgets the connections without shutting anything down. A no-op
+/// without connections. (A forked child that execs needs none of this: its parent relays.)
+pub(crate) fn before_exec() {
+    if lock_registry().links.is_empty() {
+        return;
+    }
+    set_fork_mode(ForkMode::HandOff);
+    // SAFETY: fork runs our atfork handlers (and the lead's); the child only runs the code below.
+    let first = unsafe { libc::fork() };
+    if first == 0 {
+        set_fork_mode(ForkMode::MakeKeeper);
+        // SAFETY: as above; the intermediate child exits at once, the grandchild keeps.
+        let second = unsafe { libc::fork() };
+        if second == 0 {
+            become_keeper();
+        }
+        // SAFETY: leaves the intermediate child without running the program's atexit code.
+        unsafe { libc::_exit(0) };
+    }
+    set_fork_mode(ForkMode::Plain);
+    if first > 0 {
+        let mut status = 0;
+        // SAFETY: reaps our own intermediate child (it exits at once).
+        while unsafe { libc::waitpid(first, &mut status, 0) } == -1
+            && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted
+        {}
+    }
+}
+
+/// The keeper (grandchild) of [`before_exec`]: detach, keep only the relay's sockets, serve.
+fn become_keeper() -> ! {
+    crate::guard::mark_internal_thread();
+    // SAFETY: plain process-attribute calls; the keeper runs no program code from here on.
+    unsafe {
+        libc::setsid();
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+    let relay = relay::lock_state().take();
+    let reg = lock_registry();
+    let mut keep: Vec<RawFd> = Vec::new();
+    for registered in reg.links.values() {
+        keep.push(registered.link.tcp);
+        keep.push(registered.relay_end);
+    }
+    drop(reg);
+    let (Some(relay), Ok(epoll)) = (relay, sys::epoll_create()) else {
+        // SAFETY: nothing to serve.
+        unsafe { libc::_exit(0) }
+    };
+    keep.push(epoll);
+    keep.sort_unstable();
+    // Everything else (the program's files and sockets, our old epoll and eventfd) goes, so
+    // the keeper holds nothing that would keep a pipe or a connection of the program open.
+    let mut next: RawFd = 0;
+    for &fd in &keep {
+        if fd > next {
+            sys::close_range_raw(next, fd - 1);
+        }
+        next = fd + 1;
+    }
+    sys::close_range_raw(next, RawFd::MAX);
+    {
+        let mut set = lock_internal();
+        set.retain(|fd| keep.contains(fd));
+        INTERNAL_COUNT.store(set.len(), Ordering::Release);
+    }
+    relay::keep(relay, epoll)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ForkMode {
+    /// An ordinary fork: the child resets.
+    Plain,
+    /// `before_exec`'s first fork: the parent forgets its connections, the child keeps them.
+    HandOff,
+    /// `before_exec`'s second fork: the intermediate parent exits, the keeper keeps everything.
+    MakeKeeper,
+}
+
 thread_local! {
     /// The locks taken by `atfork_prepare`, released by `atfork_parent`/`atfork_child` on the
     /// same (forking) thread.
     static FORK_HELD: RefCell<Option<Held>> = const { RefCell::new(None) };
+    static FORK_MODE: std::cell::Cell<ForkMode> = const { std::cell::Cell::new(ForkMode::Plain) };
+}
+
+fn set_fork_mode(mode: ForkMode) {
+    let _ = FORK_MODE.try_with(|m| m.set(mode));
+}
+
+fn fork_mode() -> ForkMode {
+    FORK_MODE.try_with(std::cell::Cell::get).unwrap_or(ForkMode::Plain)
 }
 
 type Held = (
+    MutexGuard<'static, Option<relay::Relay>>,
     MutexGuard<'static, Registry>,
     MutexGuard<'static, Vec<RawFd>>,
 );
 
-/// `pthread_atfork` prepare: take our locks so the child inherits consistent state.
-/// Must not be called from a context that already holds them (no other atfork handler may call
-/// `is_internal`/`internal_fds` between prepare and parent/child).
+/// `pthread_atfork` prepare: take our locks (the relay finishes its current batch first) so
+/// the child inherits consistent state. No other atfork handler may call `is_internal` or
+/// `internal_fds` between prepare and parent/child.
 pub(crate) fn atfork_prepare() {
+    let state = relay::lock_state();
     let reg = lock_registry();
     let set = lock_internal();
-    let _ = FORK_HELD.try_with(|held| *held.borrow_mut() = Some((reg, set)));
+    let _ = FORK_HELD.try_with(|held| *held.borrow_mut() = Some((state, reg, set)));
 }
 
-/// `pthread_atfork` parent: release the locks.
+/// `pthread_atfork` parent: release the locks (after an exec hand-off, first forget the
+/// connections the keeper now owns).
 pub(crate) fn atfork_parent() {
-    let _ = FORK_HELD.try_with(|held| held.borrow_mut().take());
+    let held = FORK_HELD.try_with(|held| held.borrow_mut().take()).ok().flatten();
+    let Some((mut state, mut reg, mut set)) = held else {
+        return;
+    };
+    if fork_mode() != ForkMode::HandOff {
+        return;
+    }
+    if let Some(relay) = state.as_mut() {
+        relay.hand_off();
+    }
+    let links = std::mem::take(&mut reg.links);
+    let pending = std::mem::take(&mut reg.pending);
+    for registered in links.values() {
+        forget_internal(&mut set, registered.relay_end);
+        sys::close_raw(registered.relay_end);
+    }
+    drop(set);
+    drop(reg);
+    drop(state);
+    drop(pending);
+    drop(links);
 }
 
 /// `pthread_atfork` child: the child has no relay thread. Close the child's copies of the
@@ -200,11 +323,16 @@ pub(crate) fn atfork_parent() {
 /// drop), and let the next [`adopt`] start a fresh relay thread.
 pub(crate) fn atfork_child() {
     let held = FORK_HELD.try_with(|held| held.borrow_mut().take()).ok().flatten();
-    let (mut reg, mut set) = match held {
-        Some(pair) => pair,
+    let (mut state, mut reg, mut set) = match held {
+        Some(locks) => locks,
         // prepare did not run on this thread (should not happen): take the locks now.
-        None => (lock_registry(), lock_internal()),
+        None => (relay::lock_state(), lock_registry(), lock_internal()),
     };
+    if fork_mode() != ForkMode::Plain {
+        return; // on its way to becoming the exec hand-off's keeper: keep everything
+    }
+    // The relay thread is not in the child; its state (rustls sessions) is dropped here.
+    let stale = state.take();
     if let Some(fds) = reg.relay.take() {
         for fd in [fds.epoll, fds.wake] {
             forget_internal(&mut set, fd);
@@ -219,7 +347,9 @@ pub(crate) fn atfork_child() {
     }
     drop(set);
     drop(reg);
+    drop(state);
     // Outside the locks: a last `Arc<Link>` closes its TCP fd under `INTERNAL`.
+    drop(stale);
     drop(pending);
     drop(links);
 }
@@ -402,6 +532,10 @@ fn retire(id: u64) {
 /// connection closed (both sockets shut down), close its fds, and let the next `adopt` start a
 /// new thread.
 fn relay_died(generation: u64) {
+    let mut state = relay::lock_state();
+    if state.as_ref().is_some_and(|r| r.generation() == generation) {
+        *state = None;
+    }
     let mut reg = lock_registry();
     if reg.generation != generation {
         return;
@@ -425,6 +559,7 @@ fn relay_died(generation: u64) {
         }
     }
     drop(reg);
+    drop(state);
     drop(pending);
     drop(links);
 }

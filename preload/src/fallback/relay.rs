@@ -12,7 +12,7 @@ use std::io::{self, BufRead, Write};
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rustls::Connection;
 
@@ -52,73 +52,151 @@ pub(super) fn spawn(fds: RelayFds, generation: u64) -> io::Result<()> {
         .map(drop)
 }
 
+/// The relay's connection states. The relay thread holds this lock while it works on a batch of
+/// events (never while it waits in epoll), so whoever holds it knows the relay is quiescent:
+/// `atfork_prepare` takes it first (lock order STATE → REGISTRY → INTERNAL), and the exec
+/// hand-off moves the whole state into a keeper process with it.
+static STATE: Mutex<Option<Relay>> = Mutex::new(None);
+
+pub(super) fn lock_state() -> MutexGuard<'static, Option<Relay>> {
+    STATE.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn run(fds: RelayFds, generation: u64) {
     crate::guard::mark_internal_thread();
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        let mut relay = Relay {
-            fds,
-            generation,
-            links: HashMap::new(),
-            scratch: vec![0; CHUNK],
-            events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
-            ready: Vec::new(),
-        };
-        relay.serve()
+        *lock_state() = Some(Relay::new(fds, generation));
+        serve_thread(fds.epoll, generation)
     }));
     // Only an unrecoverable epoll failure or a panic outside a connection gets here.
     super::relay_died(generation);
 }
 
-struct Relay {
+/// The relay thread's loop: wait without the lock, work with it.
+fn serve_thread(epoll: RawFd, generation: u64) -> io::Result<()> {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+    let mut busy = false;
+    loop {
+        let n = match sys::epoll_wait(epoll, &mut events, if busy { 0 } else { -1 }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let mut state = lock_state();
+        let Some(relay) = state.as_mut().filter(|r| r.generation == generation) else {
+            return Ok(()); // our state was taken away (fork reset): nothing left to serve
+        };
+        busy = relay.turn(events.get(..n).unwrap_or_default());
+    }
+}
+
+/// The exec hand-off's keeper process: serve the inherited connections on this (only) thread
+/// until all of them have ended, then exit. Never returns.
+pub(super) fn keep(mut relay: Relay, epoll: RawFd) -> ! {
+    relay.fds = RelayFds { epoll, wake: -1 };
+    let edge = (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32;
+    let ids: Vec<u64> = relay.links.keys().copied().collect();
+    for id in ids {
+        if let Some(state) = relay.links.get_mut(&id) {
+            // Readiness may have been consumed by the old epoll: assume everything is ready.
+            state.note(u32::MAX, false);
+            state.note(libc::EPOLLIN as u32 | libc::EPOLLOUT as u32, true);
+            let (tcp, app) = (state.tcp, state.app);
+            let added = sys::epoll_add(epoll, tcp, edge, id << 1)
+                .and_then(|()| sys::epoll_add(epoll, app, edge, id << 1 | 1));
+            if added.is_err() {
+                relay.retire(id, true);
+            } else {
+                relay.busy.push(id);
+            }
+        }
+    }
+    relay.welcome();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+    let _ = catch_unwind(AssertUnwindSafe(|| loop {
+        if relay.links.is_empty() {
+            break;
+        }
+        let busy = !relay.busy.is_empty();
+        let n = match sys::epoll_wait(epoll, &mut events, if busy { 0 } else { -1 }) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        relay.turn(events.get(..n).unwrap_or_default());
+    }));
+    // Whatever is left (only after an internal failure) fails closed.
+    let ids: Vec<u64> = relay.links.keys().copied().collect();
+    for id in ids {
+        relay.retire(id, true);
+    }
+    // SAFETY: _exit ends this single-threaded keeper without running the program's atexit code.
+    unsafe { libc::_exit(0) }
+}
+
+pub(super) struct Relay {
     fds: RelayFds,
     generation: u64,
     links: HashMap<u64, LinkState>,
     /// Shared read buffer: every read lands here and is handed on before the next one.
     scratch: Vec<u8>,
-    events: Vec<libc::epoll_event>,
-    /// Connections to drive in this turn (and, when they ran out of budget, in the next).
-    ready: Vec<u64>,
+    /// Connections that ran out of budget in the last turn: driven again in the next.
+    busy: Vec<u64>,
 }
 
 impl Relay {
-    fn serve(&mut self) -> io::Result<()> {
-        let mut busy: Vec<u64> = Vec::new();
-        loop {
-            let timeout = if busy.is_empty() { -1 } else { 0 };
-            let n = match sys::epoll_wait(self.fds.epoll, &mut self.events, timeout) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            self.ready.clear();
-            self.ready.append(&mut busy);
-            for i in 0..n {
-                let event = self.events[i];
-                let (bits, token) = (event.events, event.u64);
-                if token == WAKE_TOKEN {
-                    self.welcome();
-                    continue;
-                }
-                let id = token >> 1;
-                if let Some(state) = self.links.get_mut(&id) {
-                    state.note(bits, token & 1 == 1);
-                    if !self.ready.contains(&id) {
-                        self.ready.push(id);
-                    }
-                }
-            }
-            let ready = std::mem::take(&mut self.ready);
-            for &id in &ready {
-                if self.drive(id) == Turn::Busy {
-                    busy.push(id);
-                }
-            }
-            self.ready = ready;
+    fn new(fds: RelayFds, generation: u64) -> Self {
+        Self {
+            fds,
+            generation,
+            links: HashMap::new(),
+            scratch: vec![0; CHUNK],
+            busy: Vec::new(),
         }
     }
 
-    /// Pick up connections that `adopt` queued, register them and drive them once (plaintext
-    /// rustls already holds goes out first).
+    /// Handle one batch of epoll events; `true` if some connection wants another turn at once.
+    fn turn(&mut self, events: &[libc::epoll_event]) -> bool {
+        let mut ready = std::mem::take(&mut self.busy);
+        for event in events {
+            let (bits, token) = (event.events, event.u64);
+            if token == WAKE_TOKEN {
+                self.welcome();
+                ready.append(&mut self.busy);
+                continue;
+            }
+            let id = token >> 1;
+            if let Some(state) = self.links.get_mut(&id) {
+                state.note(bits, token & 1 == 1);
+                if !ready.contains(&id) {
+                    ready.push(id);
+                }
+            }
+        }
+        for &id in &ready {
+            if self.drive(id) == Turn::Busy && !self.busy.contains(&id) {
+                self.busy.push(id);
+            }
+        }
+        !self.busy.is_empty()
+    }
+
+    pub(super) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Forget every connection without touching the sockets: a keeper process now owns them.
+    /// Returns nothing; the registry side is cleaned by the caller.
+    pub(super) fn hand_off(&mut self) {
+        for (_, state) in self.links.drain() {
+            sys::epoll_del(self.fds.epoll, state.tcp);
+            sys::epoll_del(self.fds.epoll, state.app);
+        }
+        self.busy.clear();
+    }
+
+    /// Pick up connections that `adopt` queued and register them; they are driven in this turn
+    /// (plaintext rustls already holds goes out first).
     fn welcome(&mut self) {
         sys::eventfd_drain(self.fds.wake);
         for pending in super::take_pending(self.generation) {
@@ -130,8 +208,8 @@ impl Relay {
             self.links.insert(id, state);
             if registered.is_err() {
                 self.retire(id, true);
-            } else if !self.ready.contains(&id) {
-                self.ready.push(id);
+            } else if !self.busy.contains(&id) {
+                self.busy.push(id);
             }
         }
     }

@@ -34,6 +34,23 @@ pub(super) fn close_raw(fd: RawFd) {
     }
 }
 
+/// Close every fd in `first..=last` with the raw syscall (the keeper's clean-up). Errors
+/// (an empty range) are ignored.
+pub(super) fn close_range_raw(first: RawFd, last: RawFd) {
+    if first < 0 || last < first {
+        return;
+    }
+    // SAFETY: closes descriptor numbers only; no memory is involved.
+    unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            libc::c_long::from(first),
+            libc::c_long::from(last),
+            0 as libc::c_long,
+        );
+    }
+}
+
 /// `fcntl(fd, F_DUPFD_CLOEXEC, 3)`.
 pub(super) fn dup_cloexec(fd: RawFd) -> io::Result<RawFd> {
     // SAFETY: F_DUPFD_CLOEXEC takes an int argument and touches no memory.

@@ -18,7 +18,27 @@ use rustls::{
     StreamOwned,
 };
 
-use super::{adopt, atfork_child, atfork_parent, atfork_prepare, internal_fds, is_internal, Link};
+use super::{
+    adopt, atfork_child, atfork_parent, atfork_prepare, before_exec, internal_fds, is_internal, Link,
+};
+
+/// Register the fork handlers as the lead's init does (nothing else registers them in tests).
+fn register_atfork() {
+    extern "C" fn prepare() {
+        atfork_prepare();
+    }
+    extern "C" fn parent() {
+        atfork_parent();
+    }
+    extern "C" fn child() {
+        atfork_child();
+    }
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: plain extern "C" fns that live for the whole process.
+    ONCE.call_once(|| unsafe {
+        libc::pthread_atfork(Some(prepare), Some(parent), Some(child));
+    });
+}
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -433,11 +453,10 @@ fn fork_child_closes_relay_fds_and_parent_keeps_working() {
     let (mut program, link, mut server) = adopted();
     let before = internal_fds();
     assert!(before.len() >= 4, "epoll, eventfd, TCP, relay end: {before:?}");
-    atfork_prepare();
-    // SAFETY: the child only runs the fork handler, inspects fds and calls _exit.
+    register_atfork();
+    // SAFETY: the child only inspects fds and calls _exit.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        atfork_child();
         let after = internal_fds();
         let closed: Vec<RawFd> = before.iter().copied().filter(|fd| !after.contains(fd)).collect();
         // SAFETY: F_GETFD on possibly-closed numbers only reads kernel state.
@@ -446,7 +465,6 @@ fn fork_child_closes_relay_fds_and_parent_keeps_working() {
         // SAFETY: leaves the child at once, without running the test harness's atexit state.
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
-    atfork_parent();
     assert!(pid > 0);
     let mut status = 0;
     // SAFETY: waits for our own child.
@@ -459,6 +477,38 @@ fn fork_child_closes_relay_fds_and_parent_keeps_working() {
     assert_eq!(&buf, b"after fork");
     drop(program);
     assert!(read_to_end(&mut server).unwrap().is_empty());
+    send_close_notify(&mut server);
+    drop(link);
+    wait_until_idle();
+}
+
+/// Exec would end the relay thread: `before_exec` moves the connection to a keeper process.
+/// (The test process does not exec; it plays the case where exec fails, which must work too.)
+#[test]
+fn before_exec_hands_the_connection_to_a_keeper_process() {
+    let _serial = serial();
+    let (mut program, link, mut server) = adopted();
+    program.write_all(b"before").unwrap();
+    let mut buf = [0u8; 6];
+    server.read_exact(&mut buf).unwrap();
+    let baseline_relay = internal_fds().len() - 2; // epoll + eventfd
+    assert_eq!(baseline_relay, 2);
+
+    register_atfork();
+    before_exec();
+
+    // This process forgot the relay end; it still holds the TCP dup through the Link.
+    assert_eq!(internal_fds().len(), 3, "{:?}", internal_fds());
+    assert!(is_internal(link.tcp_fd()));
+    program.write_all(b"after!").unwrap();
+    server.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"after!");
+    server.write_all(b"reply!").unwrap();
+    server.flush().unwrap();
+    program.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"reply!");
+    drop(program);
+    assert!(read_to_end(&mut server).expect("keeper sends close_notify").is_empty());
     send_close_notify(&mut server);
     drop(link);
     wait_until_idle();
