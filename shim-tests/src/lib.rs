@@ -581,8 +581,8 @@ impl DataPathCheck {
     }
 
     /// Every `decision=allow` line in `lines` (at least one) names the expected mode; in UML,
-    /// the kTLS software TX and RX counters rose. (Counters are per network namespace, so tests
-    /// running in parallel add to them too; each test still needs its own allow lines.)
+    /// the kTLS software TX and RX counters rose. (Counters are per network namespace:
+    /// `scripts/test-e2e --uml` runs one test at a time so that the rise is this test's own.)
     pub fn finish(self, lines: &[LogLine]) {
         let allowed: Vec<&LogLine> = lines.iter().filter(|l| l.get("decision") == "allow").collect();
         assert!(!allowed.is_empty(), "no allowed protected connection was logged:\n{}", show(lines));
