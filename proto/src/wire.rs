@@ -132,6 +132,66 @@ pub enum Request {
     FetchSvid {},
     /// Broker health and counts.
     Status {},
+    /// Just the current policy and its generation (the shim re-reads it when the generation
+    /// it sees on the socket file's mtime changes).
+    FetchPolicy {},
+    /// A protected connection opened or closed in the caller (sent by the shim, off the data
+    /// path). The broker attributes it to the attested caller, never to what the report says.
+    Report(ConnectionReport),
+    /// The live connection table.
+    Connections {},
+    /// Re-read the config file (root or tetherd's own uid only).
+    Reload {},
+    /// Explain which rule decides a connection from `from` to `to`.
+    PolicyCheck(PolicyCheckRequest),
+}
+
+/// What a shim reports about one protected connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionReport {
+    pub event: ConnectionEvent,
+    /// Unique within the reporting process.
+    pub conn_id: u64,
+    pub direction: Direction,
+    pub local_addr: String,
+    pub remote_addr: String,
+    pub local_id: Option<SpiffeId>,
+    pub peer_id: Option<SpiffeId>,
+    /// "ktls", "userspace", or "plaintext" (observe/permissive).
+    pub data_path: String,
+    /// allow | deny | observe | plaintext
+    pub decision: String,
+    pub reason: Option<String>,
+    /// Seconds since the epoch when the connection opened.
+    pub opened_at: u64,
+    /// Plaintext bytes (sent, received), when known.
+    #[serde(default)]
+    pub bytes: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectionEvent {
+    Open,
+    Close,
+    /// A refused or failed attempt: never in the live table, counted in metrics.
+    Refused,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCheckRequest {
+    pub from: SpiffeId,
+    /// `ADDR:PORT`
+    pub to: String,
 }
 
 /// tetherd's answers.
@@ -142,6 +202,55 @@ pub enum Response {
     Svid(SvidResponse),
     Status(StatusResponse),
     Error(ErrorResponse),
+    Policy(PolicyResponse),
+    Connections(ConnectionsResponse),
+    /// A request that needs no data back succeeded (Report, Reload).
+    Ok(OkResponse),
+    PolicyCheck(PolicyCheckResponse),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyResponse {
+    pub policy: Policy,
+    pub generation: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionsResponse {
+    pub connections: Vec<LiveConnection>,
+}
+
+/// One row of `tether connections`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiveConnection {
+    /// Attested by the broker from the reporting socket.
+    pub pid: u32,
+    pub exe: String,
+    #[serde(flatten)]
+    pub report: ConnectionReport,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OkResponse {
+    #[serde(default)]
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyCheckResponse {
+    /// "protect" | "pass" | "deny"
+    pub decision: String,
+    pub mode: Option<crate::policy::Mode>,
+    /// Index of the deciding `[[outbound]]` rule, if any.
+    pub rule: Option<usize>,
+    /// Whether `from` would be accepted by the inbound rule of the destination port (when
+    /// one exists on this host), and whether it matches that rule's allow list.
+    pub explanation: String,
 }
 
 /// An X.509-SVID with its key, the trust bundle and the policy for the caller.
@@ -164,6 +273,9 @@ pub struct SvidResponse {
     pub not_before: u64,
     pub not_after: u64,
     pub policy: Policy,
+    /// Bumped on every successful config reload.
+    #[serde(default)]
+    pub policy_generation: u64,
 }
 
 impl SvidResponse {
