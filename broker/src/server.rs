@@ -144,6 +144,7 @@ impl Broker {
             not_before: unix(issued.not_before),
             not_after: unix(issued.not_after),
             policy: self.config.policy.clone(),
+            policy_generation: 0,
         };
         info!(
             target: AUDIT,
