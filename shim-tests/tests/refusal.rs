@@ -179,3 +179,47 @@ fn tether_mode_ktls_fails_closed_without_ktls_and_works_with_it() {
         assert!(!run.stdout.contains("status=HTTP"), "data flowed: {run}");
     }
 }
+
+/// The rest of the documented connect errno mapping: a TLS server whose certificate does not
+/// chain to the bundle → EPERM; a plain server that accepts and closes at once → ECONNREFUSED.
+#[test]
+fn connect_errno_for_foreign_certificate_and_closing_peer() {
+    let (foreign, closer) = (free_port(), free_port());
+    let policy = Policy::new().outbound(foreign, &[tether_shim_tests::ANY_ID]).outbound(closer, &[tether_shim_tests::ANY_ID]);
+    let mut h = Harness::new("errno-map", policy);
+
+    let (key, cert) = (h.path("foreign.key"), h.path("foreign.pem"));
+    let mut req = Command::new("openssl");
+    req.args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/O=elsewhere", "-addext", "subjectAltName=URI:spiffe://tether.internal/impostor"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+    let made = h.run("openssl-req", h.plain(&mut req), Duration::from_secs(20));
+    assert!(made.success(), "openssl req: {made}");
+    let mut server = Command::new("openssl");
+    server.args(["s_server", "-tls1_3", "-www", "-cert"]).arg(&cert).arg("-key").arg(&key).args(["-accept", &foreign.to_string()]);
+    h.spawn_server("s_server", h.plain(&mut server), foreign);
+
+    let closer_script = h.script(
+        "closer.py",
+        "import socket, sys\nls = socket.socket()\nls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+         ls.bind(('127.0.0.1', int(sys.argv[1])))\nls.listen(8)\nwhile True:\n    c, _ = ls.accept()\n    c.close()\n",
+    );
+    let mut closer_cmd = Command::new(PYTHON);
+    closer_cmd.arg(closer_script).arg(closer.to_string());
+    h.spawn_server("closer", h.plain(&mut closer_cmd), closer);
+
+    for (port, name, errno, reason) in
+        [(foreign, "to-foreign", "EPERM", "certificate"), (closer, "to-closer", "ECONNREFUSED", "closed")]
+    {
+        let run = h.run(name, h.shim(&mut py_client(&h, port, true), name), Duration::from_secs(30));
+        assert!(run.stdout.contains(&format!("connect_errno={errno}")), "{name}: expected {errno}: {run}");
+        let lines = h.log_lines(name);
+        let deny = lines.iter().find(|l| l.is("connect", "deny"));
+        let deny = deny.unwrap_or_else(|| panic!("{name}: no connect deny line:\n{}", show(&lines)));
+        assert_eq!(deny.get("errno"), errno, "{}", deny.raw);
+        assert!(deny.get("reason").contains(reason), "{name}: reason should mention {reason:?}: {}", deny.raw);
+    }
+}
