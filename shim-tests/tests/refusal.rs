@@ -180,8 +180,10 @@ fn tether_mode_ktls_fails_closed_without_ktls_and_works_with_it() {
     }
 }
 
-/// The rest of the documented connect errno mapping: a TLS server whose certificate does not
-/// chain to the bundle → EPERM; a plain server that accepts and closes at once → ECONNREFUSED.
+/// The rest of the documented connect errno mapping: a TLS server presenting a well-formed leaf
+/// with an in-domain SPIFFE ID that does not chain to the bundle (an impostor) → EPERM; a plain
+/// server that reads the ClientHello and closes (FIN) → ECONNREFUSED. (Closing before reading
+/// makes the kernel send RST instead, which currently surfaces as ECONNRESET.)
 #[test]
 fn connect_errno_for_foreign_certificate_and_closing_peer() {
     let (foreign, closer) = (free_port(), free_port());
@@ -192,6 +194,7 @@ fn connect_errno_for_foreign_certificate_and_closing_peer() {
     let mut req = Command::new("openssl");
     req.args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
         .args(["-subj", "/O=elsewhere", "-addext", "subjectAltName=URI:spiffe://tether.internal/impostor"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "keyUsage=critical,digitalSignature"])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -205,7 +208,7 @@ fn connect_errno_for_foreign_certificate_and_closing_peer() {
     let closer_script = h.script(
         "closer.py",
         "import socket, sys\nls = socket.socket()\nls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-         ls.bind(('127.0.0.1', int(sys.argv[1])))\nls.listen(8)\nwhile True:\n    c, _ = ls.accept()\n    c.close()\n",
+         ls.bind(('127.0.0.1', int(sys.argv[1])))\nls.listen(8)\nwhile True:\n    c, _ = ls.accept()\n    c.recv(65536)\n    c.close()\n",
     );
     let mut closer_cmd = Command::new(PYTHON);
     closer_cmd.arg(closer_script).arg(closer.to_string());
