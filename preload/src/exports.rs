@@ -6,7 +6,7 @@
 //! slow path only when that failed with EIO while we have protected connections, so the
 //! common case costs one branch.
 
-use libc::{c_int, c_void, iovec, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{c_char, c_int, c_void, iovec, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
 
 use crate::guard::{self, hook, Outcome};
 use crate::{fd_table, ops, real};
@@ -207,6 +207,34 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *
         || (-1, libc::EBADF),
     )
 }
+
+// ---- exec: the relay thread does not survive it -----------------------------------------
+// Userspace-relayed connections are handed to a keeper process first, so fds inherited across
+// exec keep working (kTLS connections need nothing: the kernel holds their state). The
+// variadic execl* family cannot be defined in stable Rust; glibc implements them on execve
+// internally, so a program that uses them with live relayed fds loses those connections
+// (documented in README, Limits).
+
+macro_rules! exec_export {
+    ($name:ident ( $($arg:ident : $ty:ty),* )) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
+            if !guard::inside() {
+                guard::internal(|| {
+                    let _ = std::panic::catch_unwind(crate::fallback::before_exec);
+                });
+            }
+            // SAFETY: forwarded unchanged to the real function of the same name.
+            unsafe { real::$name($($arg),*) }
+        }
+    };
+}
+
+exec_export!(execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char));
+exec_export!(execv(path: *const c_char, argv: *const *const c_char));
+exec_export!(execvp(file: *const c_char, argv: *const *const c_char));
+exec_export!(execvpe(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char));
+exec_export!(fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const c_char));
 
 // ---- the read family: kTLS control records ----------------------------------------------
 

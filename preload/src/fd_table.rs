@@ -13,9 +13,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use parking_lot::RwLock;
+use tether_proto::wire::{ConnectionEvent, ConnectionReport};
 use tether_proto::SpiffeId;
 
 use crate::fallback::Link;
+use crate::report;
 use crate::tls::verify::VerifiedPeer;
 
 /// Where the crypto happens for a connection.
@@ -25,6 +27,9 @@ pub(crate) enum DataPath {
     Ktls,
     /// The userspace relay; the program's fd is one end of a socketpair.
     Userspace(Arc<Link>),
+    /// Not encrypted, by policy (observe mode, or a plaintext client in permissive mode):
+    /// tracked only so its close is reported.
+    Plaintext,
 }
 
 impl DataPath {
@@ -32,6 +37,7 @@ impl DataPath {
         match self {
             Self::Ktls => "ktls",
             Self::Userspace(_) => "userspace",
+            Self::Plaintext => "plaintext",
         }
     }
 }
@@ -48,11 +54,79 @@ pub(crate) struct Protected {
     pub(crate) path: DataPath,
     pub(crate) direction: Direction,
     pub(crate) local_id: SpiffeId,
-    pub(crate) peer: VerifiedPeer,
+    /// `None` only for [`DataPath::Plaintext`].
+    pub(crate) peer: Option<VerifiedPeer>,
     pub(crate) local: SocketAddr,
     pub(crate) remote: SocketAddr,
     /// kTLS: the peer's close_notify was consumed; reads return EOF from now on.
     pub(crate) peer_closed: AtomicBool,
+    /// allow | observe | plaintext
+    pub(crate) decision: &'static str,
+    pub(crate) conn_id: u64,
+    pub(crate) opened_at: u64,
+}
+
+impl Protected {
+    pub(crate) fn new(
+        path: DataPath,
+        direction: Direction,
+        local_id: SpiffeId,
+        peer: Option<VerifiedPeer>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        decision: &'static str,
+    ) -> Arc<Self> {
+        let p = Arc::new(Self {
+            path,
+            direction,
+            local_id,
+            peer,
+            local,
+            remote,
+            peer_closed: AtomicBool::new(false),
+            decision,
+            conn_id: report::next_conn_id(),
+            opened_at: report::now_secs(),
+        });
+        report::send(p.report(ConnectionEvent::Open));
+        p
+    }
+
+    pub(crate) fn report(&self, event: ConnectionEvent) -> ConnectionReport {
+        ConnectionReport {
+            event,
+            conn_id: self.conn_id,
+            direction: self.direction.into(),
+            local_addr: self.local.to_string(),
+            remote_addr: self.remote.to_string(),
+            local_id: Some(self.local_id.clone()),
+            peer_id: self.peer.as_ref().map(|p| p.id().clone()),
+            data_path: self.path.name().to_owned(),
+            decision: self.decision.to_owned(),
+            reason: None,
+            opened_at: self.opened_at,
+            bytes: match &self.path {
+                DataPath::Userspace(link) => Some(link.bytes()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The last fd referring to the connection is gone: report the close.
+impl Drop for Protected {
+    fn drop(&mut self) {
+        report::send(self.report(ConnectionEvent::Close));
+    }
+}
+
+impl From<Direction> for tether_proto::wire::Direction {
+    fn from(d: Direction) -> Self {
+        match d {
+            Direction::Outbound => Self::Outbound,
+            Direction::Inbound => Self::Inbound,
+        }
+    }
 }
 
 static TABLE: LazyLock<RwLock<HashMap<RawFd, Arc<Protected>>>> = LazyLock::new(|| RwLock::new(HashMap::new()));

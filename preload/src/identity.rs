@@ -32,6 +32,9 @@ pub(crate) struct Identity {
     pub(crate) serial: String,
     refresh_at: u64,
     not_after: u64,
+    /// The broker socket's mtime when the policy was fetched. tetherd touches the socket on
+    /// every config reload, so a different mtime means "re-read the policy".
+    policy_stamp: Option<SystemTime>,
 }
 
 impl fmt::Debug for Identity {
@@ -82,7 +85,11 @@ fn now_secs() -> u64 {
 /// cached SVID is still valid keeps the cached one.
 pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     if let Some(id) = fresh() {
-        return Ok(id);
+        let stamp = policy_stamp();
+        if stamp == id.policy_stamp {
+            return Ok(id);
+        }
+        return Ok(refresh_policy(id, stamp));
     }
     let _one = FETCH.lock();
     if let Some(id) = fresh() {
@@ -112,6 +119,39 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     }
 }
 
+/// The broker socket's mtime (one `stat`, cheap enough for every connect).
+fn policy_stamp() -> Option<SystemTime> {
+    std::fs::metadata(&settings::get().socket).and_then(|m| m.modified()).ok()
+}
+
+/// The policy changed on the broker: fetch it and swap it in, keeping the SVID. If the fetch
+/// fails, keep the policy we have (it was valid a moment ago) and retry on the next connect.
+fn refresh_policy(old: Arc<Identity>, stamp: Option<SystemTime>) -> Arc<Identity> {
+    let _one = FETCH.lock();
+    {
+        let st = STATE.lock();
+        if let Some(cur) = st.current.as_ref().filter(|c| c.policy_stamp == stamp) {
+            return cur.clone();
+        }
+    }
+    let policy = match call(&Request::FetchPolicy {}) {
+        Ok(Response::Policy(p)) => p.policy,
+        _ => return old,
+    };
+    crate::log::Line::new("policy").kv("decision", "reloaded").kv("local_id", &old.id).emit();
+    let new = Arc::new(Identity {
+        id: old.id.clone(),
+        creds: Credentials { key: old.creds.key.clone(), trust: old.creds.trust.clone() },
+        policy,
+        serial: old.serial.clone(),
+        refresh_at: old.refresh_at,
+        not_after: old.not_after,
+        policy_stamp: stamp,
+    });
+    STATE.lock().current = Some(new.clone());
+    new
+}
+
 fn fresh() -> Option<Arc<Identity>> {
     let st = STATE.lock();
     st.current.as_ref().filter(|i| now_secs() < i.refresh_at).cloned()
@@ -122,25 +162,31 @@ fn usable(st: &State) -> Option<Arc<Identity>> {
 }
 
 fn fetch() -> Result<Identity, IdentityError> {
+    let stamp = policy_stamp();
+    match call(&Request::FetchSvid {})? {
+        Response::Svid(svid) => build(svid, stamp),
+        Response::Error(e) => Err(IdentityError::Refused(format!("{}: {}", e.code, e.message))),
+        _ => Err(IdentityError::Invalid("unexpected response type".into())),
+    }
+}
+
+/// One request/response round trip with tetherd on a fresh connection.
+pub(crate) fn call(req: &Request) -> Result<Response, IdentityError> {
     let unreachable = |e: io::Error| IdentityError::Unreachable(e.to_string());
     let socket = &settings::get().socket;
     let mut s = UnixStream::connect(socket)
         .map_err(|e| IdentityError::Unreachable(format!("{}: {e}", socket.display())))?;
     s.set_read_timeout(Some(BROKER_TIMEOUT)).map_err(unreachable)?;
     s.set_write_timeout(Some(BROKER_TIMEOUT)).map_err(unreachable)?;
-    let frame = wire::encode(&Request::FetchSvid {}).map_err(|e| IdentityError::Invalid(e.to_string()))?;
+    let frame = wire::encode(req).map_err(|e| IdentityError::Invalid(e.to_string()))?;
     wire::io::write_frame(&mut s, &frame).map_err(|e| IdentityError::Unreachable(e.to_string()))?;
     let body = wire::io::read_frame(&mut s)
         .map_err(|e| IdentityError::Unreachable(e.to_string()))?
         .ok_or_else(|| IdentityError::Unreachable("tetherd closed the connection".into()))?;
-    match wire::decode::<Response>(&body).map_err(|e| IdentityError::Invalid(e.to_string()))? {
-        Response::Svid(svid) => build(svid),
-        Response::Error(e) => Err(IdentityError::Refused(format!("{}: {}", e.code, e.message))),
-        _ => Err(IdentityError::Invalid("unexpected response type".into())),
-    }
+    wire::decode::<Response>(&body).map_err(|e| IdentityError::Invalid(e.to_string()))
 }
 
-fn build(svid: SvidResponse) -> Result<Identity, IdentityError> {
+fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identity, IdentityError> {
     let invalid = |w: String| IdentityError::Invalid(w);
     if svid.cert_chain.is_empty() {
         return Err(invalid("empty certificate chain".into()));
@@ -166,6 +212,7 @@ fn build(svid: SvidResponse) -> Result<Identity, IdentityError> {
         serial: svid.serial,
         refresh_at,
         not_after: svid.not_after,
+        policy_stamp,
     })
 }
 

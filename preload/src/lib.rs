@@ -17,6 +17,7 @@ mod identity;
 mod log;
 mod ops;
 mod real;
+mod report;
 mod settings;
 mod sys;
 mod tls;
@@ -44,11 +45,12 @@ pub(crate) fn ensure_init() {
     });
 }
 
-// Lock order: identity (fetch, state) -> fd table -> relay.
+// Lock order: identity (fetch, state) -> fd table -> reporter -> relay.
 extern "C" fn atfork_prepare() {
     guard::internal(|| {
         identity::atfork_prepare();
         fd_table::atfork_prepare();
+        report::atfork_prepare();
         fallback::atfork_prepare();
     });
 }
@@ -56,6 +58,7 @@ extern "C" fn atfork_prepare() {
 extern "C" fn atfork_parent() {
     guard::internal(|| {
         fallback::atfork_parent();
+        report::atfork_release();
         fd_table::atfork_release();
         identity::atfork_parent();
     });
@@ -64,6 +67,7 @@ extern "C" fn atfork_parent() {
 extern "C" fn atfork_child() {
     guard::internal(|| {
         fallback::atfork_child();
+        report::atfork_release();
         fd_table::atfork_release();
         identity::atfork_child();
     });

@@ -90,5 +90,10 @@ real_fns! {
     getpeername: fn(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = -1;
     getsockname: fn(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int = -1;
     getsockopt: fn(fd: c_int, level: c_int, name: c_int, val: *mut c_void, len: *mut socklen_t) -> c_int = -1;
+    execve: fn(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int = -1;
+    execv: fn(path: *const c_char, argv: *const *const c_char) -> c_int = -1;
+    execvp: fn(file: *const c_char, argv: *const *const c_char) -> c_int = -1;
+    execvpe: fn(file: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int = -1;
+    fexecve: fn(fd: c_int, argv: *const *const c_char, envp: *const *const c_char) -> c_int = -1;
     setsockopt: fn(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int = -1;
 }

@@ -84,6 +84,7 @@ fn decide(fd: RawFd) -> Decision {
                 .kv("peer", remote)
                 .kv("reason", "rule would require mutual TLS; observe mode lets plaintext through")
                 .emit();
+            protect::track_plaintext(fd, Direction::Inbound, &ident, local, remote, "observe");
             return Decision::Deliver;
         }
         Mode::Permissive => {
@@ -97,6 +98,7 @@ fn decide(fd: RawFd) -> Decision {
                         .kv("peer", remote)
                         .kv("reason", "permissive mode: client did not start TLS")
                         .emit();
+                    protect::track_plaintext(fd, Direction::Inbound, &ident, local, remote, "plaintext");
                     return Decision::Deliver;
                 }
             }

@@ -49,7 +49,14 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
             .kv("peer", dest)
             .kv("reason", "rule would require mutual TLS; observe mode lets plaintext through")
             .emit();
-        return Outcome::PassThrough;
+        // SAFETY: forwarded from the caller.
+        let rc = unsafe { crate::real::connect(fd, addr, len) };
+        let e = crate::guard::errno();
+        if rc == 0 || e == libc::EINPROGRESS {
+            let local = net::local_addr(fd).unwrap_or(dest);
+            protect::track_plaintext(fd, Direction::Outbound, &ident, local, dest, "observe");
+        }
+        return if rc == 0 { Outcome::Done(0) } else { Outcome::Fail(rc, e) };
     }
     // The real connect first; a non-blocking one is waited for, within the handshake budget.
     // SAFETY: forwarded from the caller.

@@ -45,7 +45,7 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
                 return 0;
             }
             Ok(Control::Reset(why)) => {
-                log::Line::new("read").kv("fd", fd).kv("peer_id", p.peer.id()).kv("reason", why).emit();
+                log::Line::new("read").kv("fd", fd).kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default()).kv("reason", why).emit();
                 guard::set_errno(libc::ECONNRESET);
                 return -1;
             }

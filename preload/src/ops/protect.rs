@@ -5,10 +5,10 @@ use std::fmt;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tether_proto::wire::{ConnectionEvent, ConnectionReport};
 use tether_proto::IdPattern;
 
 use crate::fd_table::{DataPath, Direction, Protected};
@@ -149,20 +149,12 @@ fn protect_inner(
             (DataPath::Userspace(link), why)
         }
     };
-    let p = Arc::new(Protected {
-        path,
-        direction,
-        local_id: ident.id.clone(),
-        peer: est.peer,
-        local,
-        remote,
-        peer_closed: AtomicBool::new(false),
-    });
+    let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
     log::Line::new(event_name(direction))
         .kv("decision", "allow")
         .kv("mode", p.path.name())
         .kv("local_id", &p.local_id)
-        .kv("peer_id", p.peer.id())
+        .kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default())
         .kv("local", local)
         .kv("peer", remote)
         .kv("detail", detail)
@@ -187,6 +179,30 @@ pub(crate) fn log_failure(direction: Direction, ident: Option<&Identity>, remote
         l = l.kv("peer_id", id);
     }
     l.kv("peer", remote).kv("errno", errno_name(f.errno())).kv("reason", f).emit();
+    crate::report::send(ConnectionReport {
+        event: ConnectionEvent::Refused,
+        conn_id: crate::report::next_conn_id(),
+        direction: direction.into(),
+        local_addr: String::new(),
+        remote_addr: remote.to_string(),
+        local_id: ident.map(|i| i.id.clone()),
+        peer_id: match f {
+            Failure::Handshake(HandshakeError::Refused(Refusal::NotAllowed(id))) => Some(id.clone()),
+            _ => None,
+        },
+        data_path: String::new(),
+        decision: "deny".to_owned(),
+        reason: Some(f.to_string()),
+        opened_at: crate::report::now_secs(),
+        bytes: None,
+    });
+}
+
+/// Track a connection that policy lets through in plaintext (observe, or a plaintext client on
+/// a permissive port), so its open and close are reported.
+pub(crate) fn track_plaintext(fd: RawFd, direction: Direction, ident: &Identity, local: SocketAddr, remote: SocketAddr, decision: &'static str) {
+    let p = Protected::new(DataPath::Plaintext, direction, ident.id.clone(), None, local, remote, decision);
+    crate::fd_table::insert(fd, p);
 }
 
 pub(crate) fn errno_name(e: i32) -> &'static str {

@@ -1,0 +1,115 @@
+//! Connection reports to tetherd: asynchronous, bounded and best-effort, never on the data
+//! path. A hook only enqueues (a `try_send` on a bounded channel; a full queue drops the
+//! report and counts it); one "tether-report" thread per process keeps a broker connection
+//! and sends them. tetherd attributes each report to the attested sender, so a report can only
+//! ever describe the process that sent it.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+use tether_proto::wire::{self, ConnectionReport, Request, Response};
+
+use crate::{guard, settings};
+
+const QUEUE: usize = 1024;
+const BROKER_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct Reporter {
+    /// The process that started the thread: after fork the child needs its own.
+    pid: u32,
+    tx: SyncSender<ConnectionReport>,
+}
+
+static REPORTER: Mutex<Option<Reporter>> = Mutex::new(None);
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+pub(crate) fn next_conn_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
+pub(crate) fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Queue a report. Never blocks.
+pub(crate) fn send(r: ConnectionReport) {
+    if settings::get().disabled {
+        return;
+    }
+    let pid = std::process::id();
+    let mut g = REPORTER.lock();
+    if g.as_ref().map(|r| r.pid) != Some(pid) {
+        *g = start(pid);
+    }
+    let full = match g.as_ref() {
+        Some(rep) => rep.tx.try_send(r).is_err(),
+        None => true,
+    };
+    if full {
+        DROPPED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn start(pid: u32) -> Option<Reporter> {
+    let (tx, rx) = sync_channel(QUEUE);
+    std::thread::Builder::new()
+        .name("tether-report".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            guard::mark_internal_thread();
+            let _ = std::panic::catch_unwind(move || run(rx));
+        })
+        .ok()?;
+    Some(Reporter { pid, tx })
+}
+
+fn run(rx: Receiver<ConnectionReport>) {
+    let mut conn: Option<UnixStream> = None;
+    for r in rx {
+        // One retry on a fresh connection (tetherd may have restarted); then drop it.
+        for _ in 0..2 {
+            if conn.is_none() {
+                conn = connect().ok();
+            }
+            let Some(s) = conn.as_mut() else { break };
+            if send_one(s, &r).is_ok() {
+                break;
+            }
+            conn = None;
+        }
+    }
+}
+
+fn connect() -> io::Result<UnixStream> {
+    let s = UnixStream::connect(&settings::get().socket)?;
+    s.set_read_timeout(Some(BROKER_TIMEOUT))?;
+    s.set_write_timeout(Some(BROKER_TIMEOUT))?;
+    Ok(s)
+}
+
+fn send_one(s: &mut UnixStream, r: &ConnectionReport) -> Result<(), wire::WireError> {
+    let frame = wire::encode(&Request::Report(r.clone()))?;
+    wire::io::write_frame(s, &frame)?;
+    let body = wire::io::read_frame(s)?.ok_or(wire::WireError::Truncated)?;
+    match wire::decode::<Response>(&body)? {
+        Response::Ok(_) => Ok(()),
+        // Refused (e.g. an older broker, or a full table): the report is dropped, the
+        // connection is fine.
+        Response::Error(_) => Ok(()),
+        _ => Err(wire::WireError::Malformed("unexpected response".into())),
+    }
+}
+
+pub(crate) fn atfork_prepare() {
+    std::mem::forget(REPORTER.lock());
+}
+
+pub(crate) fn atfork_release() {
+    // SAFETY: locked by this thread in atfork_prepare, guard forgotten.
+    unsafe { REPORTER.force_unlock() };
+}
