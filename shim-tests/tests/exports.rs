@@ -11,6 +11,9 @@ const HOOKS: &[&str] = &[
     "connect", "accept", "accept4", "sendfile", "sendfile64", "close", "close_range", "shutdown", "dup", "dup2",
     "dup3", "fcntl", "fcntl64", "getpeername", "getsockname", "getsockopt", "setsockopt", "read", "readv", "recv",
     "recvfrom", "recvmsg", "__read_chk", "__recv_chk", "__recvfrom_chk",
+    // exec hand-off of relayed fds (f09708a): the userspace relay lives in the calling process,
+    // so exec must hand inherited protected fds over before the image is replaced.
+    "execve", "execv", "execvp", "execvpe", "fexecve",
 ];
 
 /// 12. `nm -D --defined-only libtether.so`: the defined functions (T, W, i) are exactly the
