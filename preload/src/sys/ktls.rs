@@ -323,9 +323,9 @@ mod tests {
     #[test]
     fn gcm_nonce_is_split_into_salt_and_iv() {
         let key = rustls::crypto::cipher::AeadKey::from([7u8; 32]);
-        let iv = rustls::crypto::cipher::Iv::new([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        let iv = rustls::crypto::cipher::Iv::from([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
         let s = ConnectionTrafficSecrets::Aes256Gcm { key, iv };
-        match crypto_info(5, &s) {
+        match &crypto_info(5, &s) {
             Some(CryptoInfo::Aes256(c)) => {
                 assert_eq!(c.salt, [1, 2, 3, 4]);
                 assert_eq!(c.iv, [5, 6, 7, 8, 9, 10, 11, 12]);
