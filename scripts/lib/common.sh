@@ -46,16 +46,18 @@ ensure_rust() {
 }
 
 # Build the workspace (dev profile: our crates debuggable, dependencies optimised).
+# `build_workspace strict` also builds tests and benches and fails on any warning (scripts/test).
 build_workspace() {
-    say "cargo build --workspace"
-    local log
+    local log args=(--workspace)
+    [[ ${1:-} == strict ]] && args+=(--all-targets)
+    say "cargo build ${args[*]}"
     log=$(mktemp)
-    if ! (cd "$REPO_ROOT" && cargo build --workspace --all-targets --color never) >"$log" 2>&1; then
+    if ! (cd "$REPO_ROOT" && cargo build "${args[@]}" --color never) >"$log" 2>&1; then
         cat "$log" >&2
         rm -f "$log"
         die "build failed"
     fi
-    if grep -q '^warning' "$log"; then
+    if [[ ${1:-} == strict ]] && grep -q '^warning' "$log"; then
         cat "$log" >&2
         rm -f "$log"
         die "the build has warnings"
