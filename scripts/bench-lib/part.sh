@@ -1,0 +1,273 @@
+# shellcheck shell=bash
+# One half of scripts/bench: every configuration available on the running kernel, interleaved.
+# Sourced by scripts/bench (which defines REPO_ROOT, TARGET_DIR, say, die, wait_port, wait_socket)
+# and called as: run_part ENV OUT QUICK
+#   ENV   host | uml (what the results are labelled; uml adds the kTLS configurations)
+#   OUT   directory for results.jsonl, meta.json and the shim logs (on the host's filesystem)
+#   QUICK 1 for --quick sizes
+#
+# Configurations: plain, tether-ktls (uml), tether-user, stunnel, raw-ktls (uml), rustls (handshake
+# floor: connection rate only). Each (configuration, repetition) gets fresh server, stunnel and
+# redis processes, so the memory figures are per run. The order is reversed on every other
+# repetition (A B C, C B A, ...) so a slow drift in background load hits all of them alike.
+
+# Ports: the tether ones are the only ones tetherd protects.
+readonly P_PLAIN=19101 P_TETHER=19102 P_RAWKTLS=19103 P_RUSTLS=19104
+readonly P_ST_BACK=19105 P_ST_TLS=19106 P_ST_FRONT=19107
+readonly R_PLAIN=19111 R_TETHER=19112 R_ST_BACK=19115 R_ST_TLS=19116 R_ST_FRONT=19117
+
+run_part() {
+    local env=$1 out=$2 quick=$3
+    local rel=$TARGET_DIR/release
+    local reps bulk_bytes conns redis_n file_mib
+    if ((quick)); then
+        reps=3 bulk_bytes=$((128 << 20)) conns=200 redis_n=5000 file_mib=64
+    else
+        reps=5 bulk_bytes=$((1 << 30)) conns=1000 redis_n=20000 file_mib=256
+    fi
+    if [[ $env == uml ]]; then
+        # Generic C AES-GCM and ptrace'd syscalls: keep the same shape, smaller sizes.
+        bulk_bytes=$((bulk_bytes / 4)) conns=$((conns / 2)) redis_n=$((redis_n / 4))
+        ((file_mib > 64)) && file_mib=64
+    fi
+    local configs=(plain tether-user stunnel rustls)
+    [[ $env == uml ]] && configs=(plain tether-ktls tether-user raw-ktls stunnel rustls)
+
+    mkdir -p "$out/logs"
+    : >"$out/results.jsonl"
+    RUN=$(mktemp -d /tmp/tether-bench.XXXXXX)
+    PIDS=()
+    trap 'part_cleanup' EXIT
+    REL=$rel OUT=$out
+
+    cat >"$RUN/tetherd.toml" <<TOML
+trust_domain = "bench.internal"
+unmatched = "derive"
+[[inbound]]
+ports = [$P_TETHER, $R_TETHER]
+allow = ["spiffe://bench.internal/*"]
+[[outbound]]
+to = ["127.0.0.1/32:$P_TETHER", "127.0.0.1/32:$R_TETHER"]
+allow = ["spiffe://bench.internal/*"]
+TOML
+    SOCK=$RUN/tetherd.sock
+    TETHERD_LOG=warn "$rel/tetherd" --config "$RUN/tetherd.toml" --socket "$SOCK" \
+        --state-dir "$RUN/state" 2>"$out/logs/tetherd.log" &
+    PIDS+=($!)
+    wait_socket "$SOCK" || die "tetherd did not start (see $out/logs/tetherd.log)"
+    "$rel/tether" svid --socket "$SOCK" --out "$RUN/svid" >"$out/logs/svid.txt"
+    write_stunnel_conf server
+    write_stunnel_conf client
+    head -c $((file_mib << 20)) /dev/urandom >"$RUN/payload"
+
+    local r order c
+    for ((r = 1; r <= reps; r++)); do
+        order=("${configs[@]}")
+        if ((r % 2 == 0)); then
+            local rev=() i
+            for ((i = ${#configs[@]} - 1; i >= 0; i--)); do rev+=("${configs[i]}"); done
+            order=("${rev[@]}")
+        fi
+        for c in "${order[@]}"; do
+            say "$env rep $r/$reps: $c"
+            run_config "$env" "$c" "$r" "$bulk_bytes" "$conns" "$redis_n"
+        done
+    done
+    verify_stunnel
+    write_meta "$env" "$quick" "$reps" "$bulk_bytes" "$conns" "$redis_n" "$file_mib"
+}
+
+part_cleanup() {
+    local p
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$RUN"
+}
+
+# After the measured runs: 20 connections through the stunnel pair at log level info, to record
+# that every handshake was a full one (no resumption) and the negotiated suite.
+verify_stunnel() {
+    local side p pids=()
+    "$REL/bench-server" --port "$P_ST_BACK" >/dev/null 2>>"$OUT/logs/stderr.log" &
+    pids+=($!)
+    for side in server client; do
+        sed 's/^debug = warning/debug = info/' "$RUN/stunnel-$side.conf" >"$RUN/stunnel-$side-info.conf"
+        : >"$RUN/stunnel-$side.log"
+        stunnel4 "$RUN/stunnel-$side-info.conf" 2>>"$OUT/logs/stderr.log" &
+        pids+=($!)
+    done
+    PIDS+=("${pids[@]}")
+    wait_port "$P_ST_TLS" && wait_port "$P_ST_FRONT" && wait_port "$P_ST_BACK" &&
+        "$REL/bench-client" --port "$P_ST_FRONT" connrate --n 20 >/dev/null
+    for p in "${pids[@]}"; do stop_pid "$p"; done
+}
+
+write_stunnel_conf() { # server|client
+    local side=$1 f=$RUN/stunnel-$1.conf
+    {
+        echo "foreground = yes"
+        echo "pid ="
+        # warning, not info: info logging costs stunnel ~30 ms per connection here.
+        echo "debug = warning"
+        echo "output = $RUN/stunnel-$side.log"
+        echo "socket = l:TCP_NODELAY=1"
+        echo "socket = r:TCP_NODELAY=1"
+        local svc accept connect
+        for svc in bench redis; do
+            if [[ $side == server ]]; then
+                [[ $svc == bench ]] && accept=$P_ST_TLS connect=$P_ST_BACK
+                [[ $svc == redis ]] && accept=$R_ST_TLS connect=$R_ST_BACK
+            else
+                [[ $svc == bench ]] && accept=$P_ST_FRONT connect=$P_ST_TLS
+                [[ $svc == redis ]] && accept=$R_ST_FRONT connect=$R_ST_TLS
+            fi
+            echo "[$svc]"
+            [[ $side == client ]] && echo "client = yes"
+            echo "accept = 127.0.0.1:$accept"
+            echo "connect = 127.0.0.1:$connect"
+            echo "cert = $RUN/svid/svid.pem"
+            echo "key = $RUN/svid/svid.key"
+            echo "CAfile = $RUN/svid/bundle.pem"
+            echo "verifyChain = yes"
+            echo "sslVersionMin = TLSv1.3"
+            echo "sslVersionMax = TLSv1.3"
+            echo "sessionResume = no"
+            echo "TIMEOUTclose = 0"
+        done
+    } >"$f"
+}
+
+# Environment prefix for a program under the configuration: `env` arguments.
+under() { # CONFIG ROLE
+    case $1 in
+    tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    *) echo "BENCH_CONFIG=$1" ;;
+    esac
+}
+
+status_kib() { # PID FIELD -> KiB (0 if gone)
+    awk -v f="$2:" '$1 == f {print $2; found=1} END {if (!found) print 0}' "/proc/$1/status" 2>/dev/null || echo 0
+}
+
+emit() { # JSON object fields (without braces)
+    echo "{$1}" >>"$OUT/results.jsonl"
+}
+
+start_bg() { # LOGNAME CMD... ; sets BG_PID
+    "$@" >"$RUN/$1.out" 2>>"$OUT/logs/stderr.log" &
+    BG_PID=$!
+    PIDS+=("$BG_PID")
+}
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
+    local env=$1 c=$2 rep=$3 bulk=$4 conns=$5 redis_n=$6
+    local port srv_flags=() cli_flags=() pids_server=() pids_client=() tag
+    tag="\"env\":\"$env\",\"config\":\"$c\",\"rep\":$rep"
+    local -a pre
+    read -r -a pre <<<"$(under "$c" server)"
+    case $c in
+    plain | tether-*) port=$P_PLAIN; [[ $c == tether-* ]] && port=$P_TETHER ;;
+    raw-ktls) port=$P_RAWKTLS srv_flags=(--ktls-fixed) cli_flags=(--ktls-fixed) ;;
+    rustls) port=$P_RUSTLS srv_flags=(--rustls "$RUN/svid") cli_flags=(--rustls "$RUN/svid") ;;
+    stunnel) port=$P_ST_BACK ;;
+    esac
+    # Server side.
+    env "${pre[@]}" "$REL/bench-server" --port "$port" "${srv_flags[@]}" >"$RUN/server.out" 2>>"$OUT/logs/stderr.log" &
+    local spid=$!
+    PIDS+=("$spid")
+    pids_server+=("$spid")
+    if [[ $c == stunnel ]]; then
+        stunnel4 "$RUN/stunnel-server.conf" 2>>"$OUT/logs/stderr.log" &
+        pids_server+=($!) && PIDS+=($!)
+        stunnel4 "$RUN/stunnel-client.conf" 2>>"$OUT/logs/stderr.log" &
+        pids_client+=($!) && PIDS+=($!)
+        wait_port "$P_ST_TLS" || die "stunnel server did not listen"
+        wait_port "$P_ST_FRONT" || die "stunnel client did not listen"
+        port=$P_ST_FRONT
+    fi
+    wait_port "$port" || die "$c: server did not listen on $port"
+    # A probe connection through wait_port reached the server: for tether ports it failed the
+    # handshake and was dropped, which the server's shim logs as a refusal; harmless.
+
+    local -a cpre
+    read -r -a cpre <<<"$(under "$c" client)"
+    local client=(env "${cpre[@]}" timeout 600 "$REL/bench-client" --port "$port" "${cli_flags[@]}")
+    local j
+    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor).
+    if [[ $c != rustls ]]; then
+        j=$("${client[@]}" bulk --bytes "$bulk") || die "$c: bulk write failed"
+        emit "$tag,\"workload\":\"write\",${j:1:-1}"
+        j=$("${client[@]}" bulk --bytes "$bulk" --sendfile "$RUN/payload") || die "$c: bulk sendfile failed"
+        emit "$tag,\"workload\":\"sendfile\",${j:1:-1}"
+    fi
+    j=$("${client[@]}" connrate --n "$conns") || die "$c: connrate failed"
+    emit "$tag,\"workload\":\"connrate\",${j:1:-1}"
+    # Memory: the bench-server (+ server stunnel) and the write client (+ client stunnel).
+    local p srv_hwm=0 srv_rss=0 st_cli_hwm=0 st_cli_rss=0
+    for p in "${pids_server[@]}"; do
+        srv_hwm=$((srv_hwm + $(status_kib "$p" VmHWM))) srv_rss=$((srv_rss + $(status_kib "$p" VmRSS)))
+    done
+    for p in "${pids_client[@]}"; do
+        st_cli_hwm=$((st_cli_hwm + $(status_kib "$p" VmHWM))) st_cli_rss=$((st_cli_rss + $(status_kib "$p" VmRSS)))
+    done
+    emit "$tag,\"workload\":\"memory\",\"server_hwm_kib\":$srv_hwm,\"server_rss_kib\":$srv_rss,\"sidecar_client_hwm_kib\":$st_cli_hwm,\"sidecar_client_rss_kib\":$st_cli_rss"
+
+    # redis: both sides under the configuration (not for the raw kTLS pair or the rustls floor).
+    if [[ $c == plain || $c == tether-* || $c == stunnel ]]; then
+        local rport=$R_PLAIN rfront
+        [[ $c == tether-* ]] && rport=$R_TETHER
+        [[ $c == stunnel ]] && rport=$R_ST_BACK
+        rfront=$rport
+        [[ $c == stunnel ]] && rfront=$R_ST_FRONT
+        env "${pre[@]}" redis-server --port "$rport" --bind 127.0.0.1 --save '' --appendonly no \
+            --protected-mode no --daemonize no --logfile '' >/dev/null 2>>"$OUT/logs/stderr.log" &
+        local rpid=$!
+        PIDS+=("$rpid")
+        wait_port "$rport" || die "redis-server did not listen"
+        local csv
+        csv=$(env "${cpre[@]}" timeout 600 redis-benchmark -p "$rfront" -t set,get -n "$redis_n" -c 1 --csv) ||
+            die "$c: redis-benchmark failed"
+        local line name rps p50 p99
+        while IFS=, read -r name rps _ _ p50 _ p99 _; do
+            name=${name//\"/}
+            [[ $name == SET || $name == GET ]] || continue
+            emit "$tag,\"workload\":\"redis_${name,,}\",\"rps\":${rps//\"/},\"p50_ms\":${p50//\"/},\"p99_ms\":${p99//\"/}"
+        done <<<"$csv"
+        stop_pid "$rpid"
+    fi
+    for p in "${pids_client[@]}" "${pids_server[@]}"; do stop_pid "$p"; done
+}
+
+write_meta() { # ENV QUICK REPS BULK CONNS REDIS_N FILE_MIB
+    local env=$1 f
+    # Modes and ciphers the shim reported, per log file.
+    local modes=""
+    for f in "$OUT"/logs/tether-*.log; do
+        [[ -f $f ]] || continue
+        modes+=$(printf '"%s": {"modes": "%s", "detail": "%s"},' "$(basename "$f" .log)" \
+            "$(grep -o 'mode=[a-z]*' "$f" | sort | uniq -c | awk '{printf "%s×%s ", $2, $1}')" \
+            "$(grep -o 'detail=[^ ]*' "$f" | sort | uniq -c | awk '{printf "%s×%s ", $2, $1}' | tr -d '"')")
+    done
+    local st_new st_reused
+    st_new=$(grep -c 'TLS connected: new session' "$RUN/stunnel-client.log" 2>/dev/null || true)
+    st_reused=$(grep -c 'TLS connected: previous session reused' "$RUN/stunnel-client.log" 2>/dev/null || true)
+    local st_cipher
+    st_cipher=$(grep -o 'TLSv1.3 ciphersuite: [A-Z0-9_]*' "$RUN/stunnel-client.log" 2>/dev/null | sort | uniq -c | head -1 | awk '{print $4}' || true)
+    cp "$RUN/stunnel-client.log" "$OUT/logs/" 2>/dev/null || true
+    cat >"$OUT/meta.json" <<JSON
+{"env": "$env", "quick": $2, "reps": $3, "bulk_bytes": $4, "conns": $5, "redis_n": $6, "sendfile_file_mib": $7,
+ "kernel": "$(uname -r)", "nproc": $(nproc), "cpu": "$(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)",
+ "aes_ni_flag": $(grep -qw aes /proc/cpuinfo && echo true || echo false),
+ "gcm_driver": "$(awk -F': *' '/^name/ {n=$2} /^driver/ && n=="gcm(aes)" {print $2; exit}' /proc/crypto)",
+ "loadavg_end": "$(cut -d' ' -f1-3 /proc/loadavg)",
+ "shim_logs": {${modes%,}},
+ "stunnel": {"verify_conns": 20, "new_sessions": ${st_new:-0}, "resumed": ${st_reused:-0}, "cipher": "${st_cipher:-?}", "version": "$(stunnel4 -version 2>&1 | awk '/^stunnel/ {print $2; exit}')"},
+ "rustls_floor_cipher": "rustls ring default (TLS13_AES_256_GCM_SHA384, X25519)"}
+JSON
+}

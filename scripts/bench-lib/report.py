@@ -1,0 +1,267 @@
+"""scripts/bench report: part dirs (results.jsonl + meta.json) -> results.md, raw.json, chart data.
+
+usage: report.py --out DIR --elapsed SECS --loadavg "a b c" PARTDIR...
+Every figure is the median over repetitions with min-max beside it; ratios use medians of the
+same run (same env).
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--out", required=True)
+ap.add_argument("--elapsed", type=int, default=0)
+ap.add_argument("--loadavg", default="")
+ap.add_argument("parts", nargs="+")
+args = ap.parse_args()
+
+records, metas = [], []
+for d in args.parts:
+    metas.append(json.load(open(os.path.join(d, "meta.json"))))
+    with open(os.path.join(d, "results.jsonl")) as f:
+        records += [json.loads(line) for line in f if line.strip()]
+
+ORDER = ["plain", "tether-ktls", "tether-user", "raw-ktls", "stunnel", "rustls"]
+LABEL = {
+    "plain": "plaintext TCP",
+    "tether-ktls": "tether kTLS",
+    "tether-user": "tether userspace",
+    "raw-ktls": "raw kTLS pair (fixed keys)",
+    "stunnel": "stunnel4 sidecar pair",
+    "rustls": "in-process rustls (floor)",
+}
+
+
+def values(env, cfg, workload, key):
+    return [r[key] for r in records
+            if r["env"] == env and r["config"] == cfg and r["workload"] == workload and key in r]
+
+
+def med(env, cfg, workload, key):
+    v = values(env, cfg, workload, key)
+    return statistics.median(v) if v else None
+
+
+def mem_added(env, cfg, side):
+    """Added RSS (KiB, VmHWM) per rep vs the median plaintext process of the same side."""
+    if side == "client":
+        # The bulk-write client (largest buffers) plus the client-side stunnel.
+        cli = values(env, cfg, "write", "vmhwm_kib") or values(env, cfg, "connrate", "vmhwm_kib")
+        side_car = values(env, cfg, "memory", "sidecar_client_hwm_kib")
+        per_rep = [c + s for c, s in zip(cli, side_car)] if side_car else cli
+        base = med(env, "plain", "write", "vmhwm_kib")
+    else:
+        per_rep = values(env, cfg, "memory", "server_hwm_kib")
+        base = med(env, "plain", "memory", "server_hwm_kib")
+    if not per_rep or base is None:
+        return []
+    return [v - base for v in per_rep]
+
+
+def fmt(x, nd=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{nd}f}"
+
+
+def cell(env, cfg, workload, key, nd=0, scale=1.0):
+    v = values(env, cfg, workload, key)
+    if not v:
+        return "–"
+    v = [x * scale for x in v]
+    return f"{fmt(statistics.median(v), nd)} ({fmt(min(v), nd)}–{fmt(max(v), nd)})"
+
+
+def ratio(a, b):
+    return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "–"
+
+
+lines = []
+w = lines.append
+envs = [m["env"] for m in metas]
+w(f"# tether benchmarks: {os.path.basename(args.out.rstrip('/'))}")
+w("")
+w("Produced by `scripts/bench" + (" --quick" if metas[0]["quick"] else "") + "`. Each figure is the median over "
+  "repetitions, with min–max in parentheses; ratios are medians of the same run. Configurations ran interleaved "
+  "(order reversed every other repetition), each with fresh server/stunnel/redis processes.")
+w("")
+w("## Run conditions")
+w("")
+for m in metas:
+    crypto = ("AES-NI in userspace (ring / OpenSSL); the kernel has no kTLS" if m["env"] == "host"
+              else f"kernel crypto `gcm(aes)` = `{m['gcm_driver']}` (generic C, no AES-NI in UML); userspace TLS still AES-NI")
+    w(f"- **{m['env']}**: kernel {m['kernel']}, {m['nproc']} CPU(s), {m['cpu']}; {crypto}. "
+      f"{m['reps']} reps; bulk {m['bulk_bytes'] >> 20} MiB per transfer (sendfile from a {m['sendfile_file_mib']} MiB "
+      f"file, re-sent); {m['conns']} connections per connection-rate run; redis-benchmark -c 1 -n {m['redis_n']}. "
+      f"Load average at the end of the part: {m['loadavg_end']}.")
+    for name, info in sorted(m["shim_logs"].items()):
+        w(f"  - shim log `{name}`: {info['modes'].strip() or 'no protected connections'}"
+          + (f"; {info['detail'].strip()}" if info['detail'].strip() else ""))
+    st = m["stunnel"]
+    w(f"  - stunnel {st['version']}: {st['new_sessions']} full handshakes, {st['resumed']} resumed (sessionResume = no; checked on {st.get('verify_conns', '?')} extra connections at log level info), "
+      f"cipher {st['cipher']}")
+w(f"- Background load: other agents were building and testing on the same 2-core machine during this run "
+  f"(load average at the end: {args.loadavg}); treat small differences as noise. Whole run: {args.elapsed} s.")
+w("")
+
+for env in envs:
+    cfgs = [c for c in ORDER if any(r["env"] == env and r["config"] == c for r in records)]
+    w(f"## {env}: {'userspace fallback (no kTLS in this kernel)' if env == 'host' else 'User-Mode Linux 6.1 with kTLS'}")
+    w("")
+    w("### Bulk throughput (MiB/s, one connection)")
+    w("")
+    w("| configuration | write() | × plain | × stunnel | sendfile() | × plain | × stunnel |")
+    w("|---|---|---|---|---|---|---|")
+    for c in cfgs:
+        if c == "rustls":
+            continue
+        row = [LABEL[c]]
+        for wl in ("write", "sendfile"):
+            m = med(env, c, wl, "mib_s")
+            row += [cell(env, c, wl, "mib_s"), ratio(m, med(env, "plain", wl, "mib_s")),
+                    ratio(m, med(env, "stunnel", wl, "mib_s"))]
+        w("| " + " | ".join(row) + " |")
+    w("")
+    w("### Connection setup (connect + handshake + 1-byte request/reply, sequential)")
+    w("")
+    w("| configuration | conns/s | × plain | setup p50 µs | setup p99 µs | added p50 µs | added p99 µs | added p50 × stunnel's | added p50 × rustls floor's |")
+    w("|---|---|---|---|---|---|---|---|---|")
+    p50p, p99p = med(env, "plain", "connrate", "p50_us"), med(env, "plain", "connrate", "p99_us")
+    added = {c: (med(env, c, "connrate", "p50_us") - p50p) for c in cfgs if med(env, c, "connrate", "p50_us") is not None}
+    for c in cfgs:
+        a50 = added.get(c)
+        a99 = med(env, c, "connrate", "p99_us") - p99p
+        w(f"| {LABEL[c]} | {cell(env, c, 'connrate', 'conns_s')} | {ratio(med(env, c, 'connrate', 'conns_s'), med(env, 'plain', 'connrate', 'conns_s'))} "
+          f"| {cell(env, c, 'connrate', 'p50_us')} | {cell(env, c, 'connrate', 'p99_us')} | {fmt(a50)} | {fmt(a99)} "
+          f"| {ratio(a50, added.get('stunnel')) if c != 'plain' else '–'} | {ratio(a50, added.get('rustls')) if c != 'plain' else '–'} |")
+    w("")
+    w("### redis-benchmark -c 1 (µs; both redis-server and redis-benchmark under the configuration)")
+    w("")
+    w("| configuration | SET p50 | SET p99 | GET p50 | GET p99 | GET p50 × plain | GET p99 × plain | SET p50 × plain | SET p99 × plain | GET rps |")
+    w("|---|---|---|---|---|---|---|---|---|---|")
+    for c in cfgs:
+        if not values(env, c, "redis_get", "p50_ms"):
+            continue
+        r = lambda wl, k: ratio(med(env, c, wl, k), med(env, "plain", wl, k))
+        w(f"| {LABEL[c]} | {cell(env, c, 'redis_set', 'p50_ms', 0, 1000)} | {cell(env, c, 'redis_set', 'p99_ms', 0, 1000)} "
+          f"| {cell(env, c, 'redis_get', 'p50_ms', 0, 1000)} | {cell(env, c, 'redis_get', 'p99_ms', 0, 1000)} "
+          f"| {r('redis_get', 'p50_ms')} | {r('redis_get', 'p99_ms')} | {r('redis_set', 'p50_ms')} | {r('redis_set', 'p99_ms')} "
+          f"| {cell(env, c, 'redis_get', 'rps')} |")
+    w("")
+    w("### Memory: added peak RSS (VmHWM) vs the plaintext process, KiB")
+    w("")
+    w("| configuration | client | server | note |")
+    w("|---|---|---|---|")
+    for c in cfgs:
+        if c == "plain":
+            w(f"| {LABEL[c]} (absolute) | {cell(env, c, 'write', 'vmhwm_kib')} | {cell(env, c, 'memory', 'server_hwm_kib')} | baseline |")
+            continue
+        parts = []
+        for side in ("client", "server"):
+            v = mem_added(env, c, side)
+            parts.append(f"{fmt(statistics.median(v))} ({fmt(min(v))}–{fmt(max(v))})" if v else "–")
+        note = "includes the stunnel process on that side" if c == "stunnel" else ""
+        w(f"| {LABEL[c]} | {parts[0]} | {parts[1]} | {note} |")
+    w("")
+
+# ---- targets --------------------------------------------------------------------------------
+w("## Targets (issue 5)")
+w("")
+w("| target | measured | met? |")
+w("|---|---|---|")
+targets = []
+
+
+def target(name, measured, ok):
+    targets.append({"target": name, "measured": measured, "met": ok})
+    w(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
+
+
+def tput(env, c, wl):
+    return med(env, c, wl, "mib_s")
+
+
+if "uml" in envs:
+    for wl in ("write", "sendfile"):
+        a, b = tput("uml", "tether-ktls", wl), tput("uml", "raw-ktls", wl)
+        if a and b:
+            target(f"tether kTLS ≥ 0.98× raw kTLS pair ({wl}, UML)", f"{a / b:.2f}×", a / b >= 0.98)
+for env in envs:
+    for wl in ("write", "sendfile"):
+        a, b = tput(env, "tether-user", wl), tput(env, "stunnel", wl)
+        if a and b:
+            target(f"tether userspace ≥ 1.5× stunnel ({wl}, {env})", f"{a / b:.2f}×", a / b >= 1.5)
+for env in envs:
+    p = med(env, "plain", "connrate", "p50_us")
+    st, rl = med(env, "stunnel", "connrate", "p50_us"), med(env, "rustls", "connrate", "p50_us")
+    for c in ("tether-ktls", "tether-user"):
+        t = med(env, c, "connrate", "p50_us")
+        if t is None or p is None:
+            continue
+        if st is not None:
+            r = (t - p) / (st - p)
+            target(f"{LABEL[c]} added setup p50 ≤ 0.5× stunnel's ({env})", f"{t - p:,.0f} µs vs {st - p:,.0f} µs = {r:.2f}×", r <= 0.5)
+        if rl is not None:
+            r = (t - p) / (rl - p)
+            target(f"{LABEL[c]} added setup p50 ≤ 1.3× rustls floor's ({env})", f"{t - p:,.0f} µs vs {rl - p:,.0f} µs = {r:.2f}×", r <= 1.3)
+if "uml" in envs:
+    for wl in ("redis_get", "redis_set"):
+        for k in ("p50_ms", "p99_ms"):
+            a, b = med("uml", "tether-ktls", wl, k), med("uml", "plain", wl, k)
+            if a and b:
+                target(f"redis {wl[6:].upper()} {k[:3]} under tether kTLS ≤ 1.1× plain (UML)",
+                       f"{a * 1000:.0f} µs vs {b * 1000:.0f} µs = {a / b:.2f}×", a / b <= 1.1)
+for env in envs:
+    for c in ("tether-ktls", "tether-user"):
+        for side in ("client", "server"):
+            v = mem_added(env, c, side)
+            if v:
+                m = statistics.median(v)
+                target(f"{LABEL[c]} added RSS ≤ 3 MiB ({side}, {env})", f"{m / 1024:.2f} MiB", m <= 3072)
+w("")
+
+os.makedirs(args.out, exist_ok=True)
+with open(os.path.join(args.out, "results.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+with open(os.path.join(args.out, "raw.json"), "w") as f:
+    json.dump({"meta": metas, "elapsed_s": args.elapsed, "targets": targets, "records": records}, f, indent=1)
+
+# ---- chart data: one file per panel, rows "label median min max [median min max]" ----------
+SHORT = {"plain": "plain", "tether-ktls": "tether-kTLS", "tether-user": "tether-user", "raw-ktls": "raw-kTLS",
+         "stunnel": "stunnel", "rustls": "rustls-floor"}
+
+
+def stats(v, scale=1.0):
+    if not v:
+        return ["NaN", "NaN", "NaN"]
+    v = [x * scale for x in v]
+    return [f"{statistics.median(v):.3f}", f"{min(v):.3f}", f"{max(v):.3f}"]
+
+
+def panel(name, series, cfg_filter):
+    with open(os.path.join(args.out, f"chart-{name}.dat"), "w") as f:
+        for env in envs:
+            for c in ORDER:
+                if not cfg_filter(env, c):
+                    continue
+                row = [f'"{env}:{SHORT[c]}"']
+                for s in series:
+                    row += stats(s(env, c))
+                f.write(" ".join(row) + "\n")
+
+
+has = lambda env, c, wl: bool(values(env, c, wl, "vmhwm_kib") or values(env, c, wl, "p50_ms") or values(env, c, wl, "server_hwm_kib"))
+panel("throughput", [lambda e, c: values(e, c, "write", "mib_s"), lambda e, c: values(e, c, "sendfile", "mib_s")],
+      lambda e, c: bool(values(e, c, "write", "mib_s")))
+panel("connrate", [lambda e, c: values(e, c, "connrate", "conns_s")], lambda e, c: bool(values(e, c, "connrate", "conns_s")))
+panel("latency", [lambda e, c: [x * 1000 for x in values(e, c, "redis_get", "p50_ms")],
+                  lambda e, c: [x * 1000 for x in values(e, c, "redis_get", "p99_ms")],
+                  lambda e, c: [x * 1000 for x in values(e, c, "redis_set", "p50_ms")],
+                  lambda e, c: [x * 1000 for x in values(e, c, "redis_set", "p99_ms")]],
+      lambda e, c: bool(values(e, c, "redis_get", "p50_ms")))
+panel("memory", [lambda e, c: [x / 1024 for x in mem_added(e, c, "client")],
+                 lambda e, c: [x / 1024 for x in mem_added(e, c, "server")]],
+      lambda e, c: c != "plain" and bool(mem_added(e, c, "server")))
+print("\n".join(lines))

@@ -1,0 +1,232 @@
+//! `bench-server`: the server half of `scripts/bench`. Not linked with the shim: the shim (or
+//! stunnel in front of it) is applied from outside, so every configuration runs this same program.
+//!
+//! ```text
+//! bench-server --port PORT [--ktls-fixed] [--rustls DIR]
+//! ```
+//!
+//! One connection at a time (the benchmark client is sequential). Protocol, after the optional
+//! TLS layer: the client sends one opcode byte.
+//! - `P` (ping): reply `p`, close. This is the connection-rate request.
+//! - `B` (bulk): a big-endian u64 length follows, then that many bytes; reply `k` once all are in.
+//!
+//! `--ktls-fixed` attaches the kernel `tls` ULP to each accepted socket and installs fixed TLS 1.3
+//! AES-GCM-128 keys (no handshake): the raw kTLS data path, for a kernel that has kTLS.
+//! `--rustls DIR` runs an in-process rustls mTLS 1.3 handshake (ring) with DIR/svid.pem,
+//! DIR/svid.key and DIR/bundle.pem (`tether svid --out DIR`), requiring a client certificate
+//! that chains to the bundle: the handshake floor without the shim.
+//!
+//! Prints `ready` on stdout once listening.
+
+use std::io::{self, Read, Write};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+const BUF: usize = 256 * 1024;
+
+#[derive(Debug, Default)]
+struct Args {
+    port: u16,
+    ktls_fixed: bool,
+    rustls: Option<PathBuf>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args::default();
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--port" => {
+                a.port = it
+                    .next()
+                    .and_then(|p| p.parse().ok())
+                    .ok_or("--port needs a number")?;
+            }
+            "--ktls-fixed" => a.ktls_fixed = true,
+            "--rustls" => a.rustls = Some(it.next().ok_or("--rustls needs a directory")?.into()),
+            other => return Err(format!("unknown argument {other:?}")),
+        }
+    }
+    if a.port == 0 {
+        return Err("--port is required".into());
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("bench-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match serve(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench-server: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: &Args) -> io::Result<()> {
+    let tls = args.rustls.as_deref().map(server_config).transpose()?;
+    let listener = TcpListener::bind(("127.0.0.1", args.port))?;
+    println!("ready");
+    io::stdout().flush()?;
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let (sock, _) = match listener.accept() {
+            Ok(c) => c,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let _ = sock.set_nodelay(true);
+        if args.ktls_fixed {
+            sys::install_fixed_keys(sock.as_raw_fd(), &sys::KEY_B, &sys::KEY_A)?;
+        }
+        let result = match &tls {
+            Some(cfg) => {
+                let conn = rustls::ServerConnection::new(cfg.clone()).map_err(io::Error::other)?;
+                handle(&mut rustls::StreamOwned::new(conn, sock), &mut buf)
+            }
+            None => handle(&mut { sock }, &mut buf),
+        };
+        if let Err(e) = result {
+            eprintln!("bench-server: connection: {e}");
+        }
+    }
+}
+
+fn handle(s: &mut impl ReadWrite, buf: &mut [u8]) -> io::Result<()> {
+    let mut op = [0u8; 1];
+    s.read_exact(&mut op)?;
+    match op[0] {
+        b'P' => {
+            s.write_all(b"p")?;
+            s.flush()
+        }
+        b'B' => {
+            let mut len = [0u8; 8];
+            s.read_exact(&mut len)?;
+            let mut left = u64::from_be_bytes(len);
+            while left > 0 {
+                let want = usize::try_from(left.min(buf.len() as u64)).unwrap_or(buf.len());
+                let n = s.read(&mut buf[..want])?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "bulk: early EOF"));
+                }
+                left -= n as u64;
+            }
+            s.write_all(b"k")?;
+            s.flush()
+        }
+        other => Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad opcode {other:#x}"))),
+    }
+}
+
+trait ReadWrite: Read + Write {}
+impl<T: Read + Write> ReadWrite for T {}
+
+/// rustls server side of the handshake floor: TLS 1.3, client certificate required and checked
+/// against the bundle, no tickets (as tether's servers).
+fn server_config(dir: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("svid.pem"))
+        .map_err(io::Error::other)?
+        .collect::<Result<_, _>>()
+        .map_err(io::Error::other)?;
+    let key = PrivateKeyDer::from_pem_file(dir.join("svid.key")).map_err(io::Error::other)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(dir.join("bundle.pem")).map_err(io::Error::other)? {
+        roots.add(c.map_err(io::Error::other)?).map_err(io::Error::other)?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(io::Error::other)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(io::Error::other)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(io::Error::other)?;
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(cfg))
+}
+
+/// Fixed-key kTLS (the same keys as `bench-client --ktls-fixed`). The only unsafe code.
+mod sys {
+    use std::io;
+    use std::os::fd::RawFd;
+
+    const TCP_ULP: libc::c_int = 31;
+    const SOL_TLS: libc::c_int = 282;
+    const TLS_TX: libc::c_int = 1;
+    const TLS_RX: libc::c_int = 2;
+
+    /// `struct tls12_crypto_info_aes_gcm_128` (linux/tls.h), TLS 1.3, AES-GCM-128.
+    #[repr(C)]
+    #[derive(Debug, Clone, Copy)]
+    pub(crate) struct Tls13AesGcm128 {
+        version: u16,
+        cipher_type: u16,
+        iv: [u8; 8],
+        key: [u8; 16],
+        salt: [u8; 4],
+        rec_seq: [u8; 8],
+    }
+    const _: () = assert!(std::mem::size_of::<Tls13AesGcm128>() == 40);
+
+    /// Client-to-server keys.
+    pub(crate) const KEY_A: Tls13AesGcm128 = Tls13AesGcm128 {
+        version: 0x0304,
+        cipher_type: 51,
+        iv: [0xa1; 8],
+        key: [0x11; 16],
+        salt: [0x5a; 4],
+        rec_seq: [0; 8],
+    };
+    /// Server-to-client keys.
+    pub(crate) const KEY_B: Tls13AesGcm128 = Tls13AesGcm128 {
+        version: 0x0304,
+        cipher_type: 51,
+        iv: [0xb2; 8],
+        key: [0x22; 16],
+        salt: [0x6b; 4],
+        rec_seq: [0; 8],
+    };
+
+    fn check(ret: libc::c_int) -> io::Result<()> {
+        if ret == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    pub(crate) fn install_fixed_keys(
+        fd: RawFd,
+        tx: &Tls13AesGcm128,
+        rx: &Tls13AesGcm128,
+    ) -> io::Result<()> {
+        let name = b"tls";
+        // SAFETY: `name` is a live 3-byte buffer and the length passed is its length; the kernel
+        // only reads it.
+        check(unsafe { libc::setsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), 3) })?;
+        for (dir, info) in [(TLS_TX, tx), (TLS_RX, rx)] {
+            // SAFETY: `info` is a fully initialised #[repr(C)] struct with the kernel's layout
+            // (size asserted); the kernel copies 40 bytes and keeps no pointer.
+            check(unsafe { libc::setsockopt(fd, SOL_TLS, dir, std::ptr::from_ref(info).cast(), 40) })?;
+        }
+        Ok(())
+    }
+}
