@@ -55,7 +55,11 @@ pub fn bin_dir() -> PathBuf {
 /// Absolute path of `libtether.so`.
 pub fn shim_path() -> PathBuf {
     let p = bin_dir().join("libtether.so");
-    assert!(p.exists(), "{} is missing: run `cargo build --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo build --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -85,7 +89,10 @@ pub fn expected_mode() -> &'static str {
 
 /// `mb` megabytes scaled by `TETHER_E2E_SIZE_PCT` (at least 1 MiB).
 pub fn scaled_bytes(mb: u64) -> u64 {
-    let pct: u64 = std::env::var("TETHER_E2E_SIZE_PCT").ok().and_then(|v| v.parse().ok()).unwrap_or(100);
+    let pct: u64 = std::env::var("TETHER_E2E_SIZE_PCT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     (mb * pct / 100).max(1) * 1024 * 1024
 }
 
@@ -95,8 +102,16 @@ pub fn derived_id(exe: &str) -> String {
     let uid = current_uid();
     let mut id = format!("spiffe://{TRUST_DOMAIN}/uid/{uid}/exe");
     for seg in real.to_str().unwrap().split('/').filter(|s| !s.is_empty()) {
-        let seg: String =
-            seg.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+        let seg: String = seg
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
         id.push('/');
         id.push_str(match seg.as_str() {
             "." => "_",
@@ -135,10 +150,14 @@ pub fn free_port() -> u16 {
 pub fn is_listening(port: u16) -> bool {
     let want = format!(":{port:04X}");
     ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        fs::read_to_string(f).unwrap_or_default().lines().skip(1).any(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
-        })
+        fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+            })
     })
 }
 
@@ -152,7 +171,11 @@ pub struct Policy {
 }
 
 fn quoted_list(items: &[&str]) -> String {
-    items.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ")
+    items
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 impl Policy {
@@ -162,13 +185,21 @@ impl Policy {
 
     /// Protect the local listening `port`, accepting clients matching `allow`.
     pub fn inbound(mut self, port: u16, allow: &[&str]) -> Self {
-        let _ = write!(self.toml, "\n[[inbound]]\nports = [{port}]\nallow = [{}]\n", quoted_list(allow));
+        let _ = write!(
+            self.toml,
+            "\n[[inbound]]\nports = [{port}]\nallow = [{}]\n",
+            quoted_list(allow)
+        );
         self
     }
 
     /// Protect connections to 127.0.0.1:`port`, accepting servers matching `allow`.
     pub fn outbound(mut self, port: u16, allow: &[&str]) -> Self {
-        let _ = write!(self.toml, "\n[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [{}]\n", quoted_list(allow));
+        let _ = write!(
+            self.toml,
+            "\n[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [{}]\n",
+            quoted_list(allow)
+        );
         self
     }
 
@@ -178,7 +209,10 @@ impl Policy {
     }
 
     fn config(&self) -> String {
-        format!("trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"derive\"\n{}", self.toml)
+        format!(
+            "trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"derive\"\n{}",
+            self.toml
+        )
     }
 }
 
@@ -225,13 +259,25 @@ impl std::fmt::Display for Run {
 impl Harness {
     /// A scratch directory and a running tetherd serving `policy`.
     pub fn new(name: &str, policy: Policy) -> Self {
-        let base = std::env::var_os("TETHER_E2E_TMP").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
-        let dir = base.join(format!("tether-e2e-{name}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        let base = std::env::var_os("TETHER_E2E_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let dir = base.join(format!(
+            "tether-e2e-{name}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(dir.join("logs")).unwrap();
         let socket = dir.join("tetherd.sock");
         let broker_log = dir.join("logs/tetherd.log");
-        let mut h = Harness { dir, socket, broker_log, broker: None, children: Vec::new() };
+        let mut h = Harness {
+            dir,
+            socket,
+            broker_log,
+            broker: None,
+            children: Vec::new(),
+        };
         h.start_broker(&policy);
         h
     }
@@ -255,13 +301,22 @@ impl Harness {
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .process_group(0);
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {}: {e}", tetherd_path().display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", tetherd_path().display()));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !self.socket.exists() {
             if let Some(st) = child.try_wait().unwrap() {
-                panic!("tetherd exited with {st}:\n{}", fs::read_to_string(&self.broker_log).unwrap_or_default());
+                panic!(
+                    "tetherd exited with {st}:\n{}",
+                    fs::read_to_string(&self.broker_log).unwrap_or_default()
+                );
             }
-            assert!(Instant::now() < deadline, "tetherd did not create {}", self.socket.display());
+            assert!(
+                Instant::now() < deadline,
+                "tetherd did not create {}",
+                self.socket.display()
+            );
             thread::sleep(Duration::from_millis(20));
         }
         self.broker = Some(child);
@@ -270,6 +325,14 @@ impl Harness {
     /// The scratch directory.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// A document root `www/` holding `index.html` with `index` as its content.
+    pub fn www(&self, index: &str) -> PathBuf {
+        let d = self.dir.join("www");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join("index.html"), index).unwrap();
+        d
     }
 
     /// A path inside the scratch directory.
@@ -302,7 +365,9 @@ impl Harness {
 
     /// A plain command (not under the shim, whatever the test process environment says).
     pub fn plain<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
-        cmd.env_remove("LD_PRELOAD").env_remove("TETHER_LOG").env_remove("TETHER_MODE")
+        cmd.env_remove("LD_PRELOAD")
+            .env_remove("TETHER_LOG")
+            .env_remove("TETHER_MODE")
     }
 
     /// Start a long-running child; output goes to `logs/NAME.out` / `.err`. Killed on drop.
@@ -323,10 +388,16 @@ impl Harness {
 
     /// Wait up to `timeout` for the stdout of spawned child `name` to satisfy `pred`; returns
     /// the stdout at that point.
-    pub fn wait_stdout(&self, name: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+    pub fn wait_stdout(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
         let deadline = Instant::now() + timeout;
         loop {
-            let out = fs::read_to_string(self.dir.join("logs").join(format!("{name}.out"))).unwrap_or_default();
+            let out = fs::read_to_string(self.dir.join("logs").join(format!("{name}.out")))
+                .unwrap_or_default();
             if pred(&out) || Instant::now() >= deadline {
                 return out;
             }
@@ -338,7 +409,8 @@ impl Harness {
         let out = fs::File::create(self.dir.join("logs").join(format!("{name}.out"))).unwrap();
         let err = fs::File::create(self.dir.join("logs").join(format!("{name}.err"))).unwrap();
         cmd.stdin(stdin).stdout(out).stderr(err).process_group(0);
-        cmd.spawn().unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"))
+        cmd.spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({cmd:?}): {e}"))
     }
 
     /// Start a server and wait until it listens on `port`.
@@ -348,9 +420,16 @@ impl Harness {
         while !is_listening(port) {
             let idx = self.children.len() - 1;
             if let Some(st) = self.children[idx].try_wait().unwrap() {
-                panic!("{name} exited with {st} before listening on {port}:\n{}", self.output(name));
+                panic!(
+                    "{name} exited with {st} before listening on {port}:\n{}",
+                    self.output(name)
+                );
             }
-            assert!(Instant::now() < deadline, "{name} did not listen on {port}:\n{}", self.output(name));
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not listen on {port}:\n{}",
+                self.output(name)
+            );
             thread::sleep(Duration::from_millis(20));
         }
         pid
@@ -358,8 +437,15 @@ impl Harness {
 
     /// stdout and stderr of a spawned child so far.
     pub fn output(&self, name: &str) -> String {
-        let rd = |ext: &str| fs::read_to_string(self.dir.join("logs").join(format!("{name}.{ext}"))).unwrap_or_default();
-        format!("--- {name} stdout\n{}\n--- {name} stderr\n{}", rd("out"), rd("err"))
+        let rd = |ext: &str| {
+            fs::read_to_string(self.dir.join("logs").join(format!("{name}.{ext}")))
+                .unwrap_or_default()
+        };
+        format!(
+            "--- {name} stdout\n{}\n--- {name} stderr\n{}",
+            rd("out"),
+            rd("err")
+        )
     }
 
     /// Run a command to completion, killing its process group after `timeout`.
@@ -368,7 +454,13 @@ impl Harness {
     }
 
     /// [`run`](Self::run) with stdin read from a file.
-    pub fn run_with_stdin(&self, name: &str, cmd: &mut Command, timeout: Duration, stdin: Stdio) -> Run {
+    pub fn run_with_stdin(
+        &self,
+        name: &str,
+        cmd: &mut Command,
+        timeout: Duration,
+        stdin: Stdio,
+    ) -> Run {
         let mut child = self.spawn_child(name, cmd, stdin);
         let deadline = Instant::now() + timeout;
         let mut timed_out = false;
@@ -385,8 +477,16 @@ impl Harness {
         };
         // Children of the command (if any) go with it.
         kill_group(&mut child);
-        let rd = |ext: &str| fs::read_to_string(self.dir.join("logs").join(format!("{name}.{ext}"))).unwrap_or_default();
-        Run { status, stdout: rd("out"), stderr: rd("err"), timed_out }
+        let rd = |ext: &str| {
+            fs::read_to_string(self.dir.join("logs").join(format!("{name}.{ext}")))
+                .unwrap_or_default()
+        };
+        Run {
+            status,
+            stdout: rd("out"),
+            stderr: rd("err"),
+            timed_out,
+        }
     }
 
     /// The parsed shim log lines of program `name`.
@@ -402,7 +502,12 @@ impl Harness {
     }
 
     /// Wait up to `timeout` for `pred` over the shim log of `name`.
-    pub fn wait_log(&self, name: &str, timeout: Duration, pred: impl Fn(&[LogLine]) -> bool) -> Vec<LogLine> {
+    pub fn wait_log(
+        &self,
+        name: &str,
+        timeout: Duration,
+        pred: impl Fn(&[LogLine]) -> bool,
+    ) -> Vec<LogLine> {
         let deadline = Instant::now() + timeout;
         loop {
             let lines = self.log_lines(name);
@@ -514,7 +619,10 @@ impl LogLine {
             }
             fields.insert(key, val);
         }
-        Some(LogLine { raw: line.to_string(), fields })
+        Some(LogLine {
+            raw: line.to_string(),
+            fields,
+        })
     }
 
     pub fn get(&self, key: &str) -> &str {
@@ -536,12 +644,29 @@ pub fn read_log(path: &Path) -> Vec<LogLine> {
     parse_log(&fs::read_to_string(path).unwrap_or_default())
 }
 
+/// The first line with this event and decision, or a panic that shows all of `lines`.
+pub fn expect_line<'a>(lines: &'a [LogLine], event: &str, decision: &str) -> &'a LogLine {
+    lines
+        .iter()
+        .find(|l| l.is(event, decision))
+        .unwrap_or_else(|| {
+            panic!(
+                "no `event={event} decision={decision}` line:\n{}",
+                show(lines)
+            )
+        })
+}
+
 /// Render lines for an assertion message.
 pub fn show(lines: &[LogLine]) -> String {
     if lines.is_empty() {
         return "(no shim log lines)".into();
     }
-    lines.iter().map(|l| l.raw.as_str()).collect::<Vec<_>>().join("\n")
+    lines
+        .iter()
+        .map(|l| l.raw.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -577,17 +702,31 @@ pub struct DataPathCheck {
 
 impl DataPathCheck {
     pub fn begin() -> Self {
-        DataPathCheck { before: TlsStat::read() }
+        DataPathCheck {
+            before: TlsStat::read(),
+        }
     }
 
     /// Every `decision=allow` line in `lines` (at least one) names the expected mode; in UML,
     /// the kTLS software TX and RX counters rose. (Counters are per network namespace:
     /// `scripts/test-e2e --uml` runs one test at a time so that the rise is this test's own.)
     pub fn finish(self, lines: &[LogLine]) {
-        let allowed: Vec<&LogLine> = lines.iter().filter(|l| l.get("decision") == "allow").collect();
-        assert!(!allowed.is_empty(), "no allowed protected connection was logged:\n{}", show(lines));
+        let allowed: Vec<&LogLine> = lines
+            .iter()
+            .filter(|l| l.get("decision") == "allow")
+            .collect();
+        assert!(
+            !allowed.is_empty(),
+            "no allowed protected connection was logged:\n{}",
+            show(lines)
+        );
         for l in &allowed {
-            assert_eq!(l.get("mode"), expected_mode(), "wrong data path in: {}", l.raw);
+            assert_eq!(
+                l.get("mode"),
+                expected_mode(),
+                "wrong data path in: {}",
+                l.raw
+            );
         }
         if in_uml() {
             let after = TlsStat::read();
@@ -626,11 +765,28 @@ pub fn write_random_file(path: &Path, len: u64) {
     f.flush().unwrap();
 }
 
+/// `key=value` lines of a helper's stdout (the first `=` splits).
+pub fn kv(out: &str) -> BTreeMap<String, String> {
+    out.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 /// SHA-256 of a file, via `sha256sum`.
 pub fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum").arg(path).output().unwrap();
-    assert!(out.status.success(), "sha256sum {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    assert!(
+        out.status.success(),
+        "sha256sum {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A python3 client used by several tests. `client.py PORT [--get] [--ktls-expected]`:
@@ -666,14 +822,24 @@ s.close()
 /// `python3 -m http.server PORT --bind 127.0.0.1 --directory DIR` as a command.
 pub fn http_server(port: u16, dir: &Path) -> Command {
     let mut c = Command::new(PYTHON);
-    c.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1", "--directory"]).arg(dir);
+    c.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--directory",
+    ])
+    .arg(dir);
     c
 }
 
 /// `curl` fetching `url` into `out`, failing on HTTP errors, bounded in time.
 pub fn curl_get(url: &str, out: &Path) -> Command {
     let mut c = Command::new("curl");
-    c.args(["-sS", "--fail", "--max-time", "120", "-o"]).arg(out).arg(url);
+    c.args(["-sS", "--fail", "--max-time", "120", "-o"])
+        .arg(out)
+        .arg(url);
     c
 }
 
@@ -695,6 +861,11 @@ pub fn nginx(h: &Harness, port: u16) -> (Command, PathBuf) {
     let conf_path = prefix.join("nginx.conf");
     fs::write(&conf_path, conf).unwrap();
     let mut c = Command::new("nginx");
-    c.arg("-e").arg(prefix.join("error.log")).arg("-p").arg(&prefix).arg("-c").arg(&conf_path);
+    c.arg("-e")
+        .arg(prefix.join("error.log"))
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&conf_path);
     (c, prefix)
 }

@@ -8,21 +8,55 @@ use std::process::Command;
 use tether_shim_tests::shim_path;
 
 const HOOKS: &[&str] = &[
-    "connect", "accept", "accept4", "sendfile", "sendfile64", "close", "close_range", "shutdown", "dup", "dup2",
-    "dup3", "fcntl", "fcntl64", "getpeername", "getsockname", "getsockopt", "setsockopt", "read", "readv", "recv",
-    "recvfrom", "recvmsg", "__read_chk", "__recv_chk", "__recvfrom_chk",
+    "connect",
+    "accept",
+    "accept4",
+    "sendfile",
+    "sendfile64",
+    "close",
+    "close_range",
+    "shutdown",
+    "dup",
+    "dup2",
+    "dup3",
+    "fcntl",
+    "fcntl64",
+    "getpeername",
+    "getsockname",
+    "getsockopt",
+    "setsockopt",
+    "read",
+    "readv",
+    "recv",
+    "recvfrom",
+    "recvmsg",
+    "__read_chk",
+    "__recv_chk",
+    "__recvfrom_chk",
     // exec hand-off of relayed fds (f09708a): the userspace relay lives in the calling process,
     // so exec must hand inherited protected fds over before the image is replaced.
-    "execve", "execv", "execvp", "execvpe", "fexecve",
+    "execve",
+    "execv",
+    "execvp",
+    "execvpe",
+    "fexecve",
 ];
 
-/// 12. `nm -D --defined-only libtether.so`: the defined functions (T, W, i) are exactly the
+/// Acceptance 12: `nm -D --defined-only libtether.so`: the defined functions (T, W, i) are exactly the
 /// hooks. Non-function symbols (data, absolute version nodes) are ignored.
 #[test]
 fn shared_object_exports_exactly_the_hooks() {
     let so = shim_path();
-    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(&so).output().unwrap();
-    assert!(out.status.success(), "nm failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nm")
+        .args(["-D", "--defined-only"])
+        .arg(&so)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let got: BTreeSet<String> = text
         .lines()
@@ -33,7 +67,9 @@ fn shared_object_exports_exactly_the_hooks() {
                 [k, n] => (*k, *n),
                 _ => return None,
             };
-            ["T", "t", "W", "i"].contains(&kind).then(|| name.split('@').next().unwrap().to_string())
+            ["T", "t", "W", "i"]
+                .contains(&kind)
+                .then(|| name.split('@').next().unwrap().to_string())
         })
         .collect();
     let want: BTreeSet<String> = HOOKS.iter().map(|s| s.to_string()).collect();

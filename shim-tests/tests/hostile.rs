@@ -17,7 +17,12 @@ fn real_client_hello() -> Vec<u8> {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     let mut client = Command::new("openssl")
-        .args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}")])
+        .args([
+            "s_client",
+            "-tls1_3",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -36,27 +41,30 @@ fn real_client_hello() -> Vec<u8> {
     buf
 }
 
-/// Read until the server drops us; returns how it ended (EOF or reset), or panics on a hang.
+/// The server dropped us: a read ends with EOF or a reset; data or a hang panics.
 fn wait_dropped(s: &mut TcpStream, what: &str, limit: Duration) {
     s.set_read_timeout(Some(limit)).unwrap();
     let mut buf = [0u8; 4096];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => panic!("{what}: the protected server sent {n} bytes to a hostile client"),
-            Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe) => {
-                return
-            }
-            Err(e) => panic!("{what}: not dropped within {limit:?}: {e}"),
-        }
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: the protected server sent {n} bytes to a hostile client"),
+        Err(e)
+            if matches!(
+                e.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
+            ) => {}
+        Err(e) => panic!("{what}: not dropped within {limit:?}: {e}"),
     }
 }
 
 fn count(lines: &[LogLine], reason: &str) -> usize {
-    lines.iter().filter(|l| l.is("accept", "deny") && l.get("reason").contains(reason)).count()
+    lines
+        .iter()
+        .filter(|l| l.is("accept", "deny") && l.get("reason").contains(reason))
+        .count()
 }
 
-/// 10. Garbage, a truncated ClientHello and a silent client against python http.server under
+/// Acceptance 10: Garbage, a truncated ClientHello and a silent client against python http.server under
 /// tether (handshake timeout 1 s): all are dropped, the silent and truncated ones at the
 /// timeout, and good clients are served while and after they hang around.
 #[test]
@@ -64,11 +72,12 @@ fn hostile_clients_are_dropped_and_good_clients_still_served() {
     let timeout = Duration::from_millis(1000);
     let port = free_port();
     let mut h = Harness::new("hostile", Policy::new().both(port));
-    let www = h.path("www");
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("index.html"), "still here\n").unwrap();
+    let www = h.www("still here\n");
     let mut server = http_server(port, &www);
-    server.env("TETHER_HANDSHAKE_TIMEOUT_MS", timeout.as_millis().to_string());
+    server.env(
+        "TETHER_HANDSHAKE_TIMEOUT_MS",
+        timeout.as_millis().to_string(),
+    );
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     let hello = real_client_hello();
 
@@ -76,35 +85,76 @@ fn hostile_clients_are_dropped_and_good_clients_still_served() {
     let t0 = Instant::now();
     let mut silent = TcpStream::connect(&addr).unwrap();
     let mut garbage = TcpStream::connect(&addr).unwrap();
-    let junk: Vec<u8> = (0..4096u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80).collect();
+    let junk: Vec<u8> = (0..4096u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 0x80)
+        .collect();
     garbage.write_all(&junk).unwrap();
     let mut truncated = TcpStream::connect(&addr).unwrap();
     truncated.write_all(&hello[..50]).unwrap();
 
     let good = |name: &str| {
-        let mut c = curl_get(&format!("http://{addr}/index.html"), &h.path(&format!("{name}.out")));
+        let mut c = curl_get(
+            &format!("http://{addr}/index.html"),
+            &h.path(&format!("{name}.out")),
+        );
         let run = h.run(name, h.shim(&mut c, name), Duration::from_secs(40));
-        assert!(run.success(), "{name} failed: {run}\n{}", show(&h.log_lines(name)));
-        assert_eq!(fs::read_to_string(h.path(&format!("{name}.out"))).unwrap(), "still here\n");
+        assert!(
+            run.success(),
+            "{name} failed: {run}\n{}",
+            show(&h.log_lines(name))
+        );
+        assert_eq!(
+            fs::read_to_string(h.path(&format!("{name}.out"))).unwrap(),
+            "still here\n"
+        );
     };
     good("good-during");
 
     wait_dropped(&mut garbage, "garbage", Duration::from_secs(5));
-    wait_dropped(&mut truncated, "truncated ClientHello", timeout * 5 + Duration::from_secs(5));
-    wait_dropped(&mut silent, "silent client", timeout * 5 + Duration::from_secs(5));
-    assert!(t0.elapsed() >= timeout * 9 / 10, "silent client dropped before the handshake timeout");
+    wait_dropped(
+        &mut truncated,
+        "truncated ClientHello",
+        timeout * 5 + Duration::from_secs(5),
+    );
+    wait_dropped(
+        &mut silent,
+        "silent client",
+        timeout * 5 + Duration::from_secs(5),
+    );
+    assert!(
+        t0.elapsed() >= timeout * 9 / 10,
+        "silent client dropped before the handshake timeout"
+    );
     good("good-after");
 
-    let lines = h.wait_log("server", Duration::from_secs(3), |l| count(l, "timed out") >= 2 && count(l, "not speaking TLS") >= 1);
-    assert!(count(&lines, "timed out") >= 2, "silent and truncated clients were not logged as timed out:\n{}", show(&lines));
-    assert!(count(&lines, "not speaking TLS") >= 1, "garbage client not logged as non-TLS:\n{}", show(&lines));
-    for l in lines.iter().filter(|l| l.is("accept", "deny") && l.get("reason").contains("timed out")) {
+    let lines = h.wait_log("server", Duration::from_secs(3), |l| {
+        count(l, "timed out") >= 2 && count(l, "not speaking TLS") >= 1
+    });
+    assert!(
+        count(&lines, "timed out") >= 2,
+        "silent and truncated clients were not logged as timed out:\n{}",
+        show(&lines)
+    );
+    assert!(
+        count(&lines, "not speaking TLS") >= 1,
+        "garbage client not logged as non-TLS:\n{}",
+        show(&lines)
+    );
+    for l in lines
+        .iter()
+        .filter(|l| l.is("accept", "deny") && l.get("reason").contains("timed out"))
+    {
         assert_eq!(l.get("errno"), "ETIMEDOUT", "{}", l.raw);
     }
-    assert_eq!(lines.iter().filter(|l| l.is("accept", "allow")).count(), 2, "{}", show(&lines));
+    assert_eq!(
+        lines.iter().filter(|l| l.is("accept", "allow")).count(),
+        2,
+        "{}",
+        show(&lines)
+    );
 }
 
-/// 10b. nginx (one worker, epoll, non-blocking listener) keeps serving a good client while a
+/// Acceptance 10b: nginx (one worker, epoll, non-blocking listener) keeps serving a good client while a
 /// silent client sits in its accept queue: the good client must not wait for the silent one's
 /// handshake timeout. (The handshake runs inside accept(2); if it is serialised, one idle TCP
 /// connection freezes the whole event loop for the timeout.)
@@ -115,7 +165,10 @@ fn nginx_serves_good_client_while_silent_client_is_pending() {
     let mut h = Harness::new("hostile-nginx", Policy::new().both(port));
     let (mut cmd, prefix) = nginx(&h, port);
     fs::write(prefix.join("www/index.html"), "still here\n").unwrap();
-    cmd.env("TETHER_HANDSHAKE_TIMEOUT_MS", timeout.as_millis().to_string());
+    cmd.env(
+        "TETHER_HANDSHAKE_TIMEOUT_MS",
+        timeout.as_millis().to_string(),
+    );
     h.spawn_server("nginx", h.shim(&mut cmd, "nginx"), port);
 
     let addr = format!("127.0.0.1:{port}");
@@ -125,11 +178,19 @@ fn nginx_serves_good_client_while_silent_client_is_pending() {
     let mut c = curl_get(&format!("http://{addr}/index.html"), &h.path("good.out"));
     let run = h.run("good", h.shim(&mut c, "good"), Duration::from_secs(40));
     let waited = t.elapsed();
-    assert!(run.success(), "good client failed: {run}\n{}", show(&h.log_lines("good")));
+    assert!(
+        run.success(),
+        "good client failed: {run}\n{}",
+        show(&h.log_lines("good"))
+    );
     assert!(
         waited < timeout / 2,
         "the good client waited {waited:?} behind a silent client (handshake timeout {timeout:?}): \
          the protected server stops serving while one peer stays silent"
     );
-    wait_dropped(&mut silent, "silent client", timeout + Duration::from_secs(5));
+    wait_dropped(
+        &mut silent,
+        "silent client",
+        timeout + Duration::from_secs(5),
+    );
 }

@@ -8,16 +8,49 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tether_shim_tests::{derived_id, free_port, http_server, show, tether_cli_path, DataPathCheck, Harness, Policy};
+use tether_shim_tests::{
+    derived_id, expect_line, free_port, http_server, show, tether_cli_path, DataPathCheck, Harness,
+    Policy,
+};
 
 /// `tether svid --out DIR`: the SVID tetherd issues to the `tether` process itself.
 fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
     let dir = h.path("svid");
     let mut cmd = Command::new(tether_cli_path());
-    cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", h.socket());
+    cmd.arg("svid")
+        .arg("--out")
+        .arg(&dir)
+        .env("TETHER_SOCKET", h.socket());
     let run = h.run("tether-svid", h.plain(&mut cmd), Duration::from_secs(20));
     assert!(run.success(), "tether svid --out failed: {run}");
-    (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
+    (
+        dir.join("svid.pem"),
+        dir.join("svid.key"),
+        dir.join("bundle.pem"),
+    )
+}
+
+/// `openssl s_server` on `port` presenting the exported SVID and requiring a client certificate
+/// that chains to the bundle, plus `extra` arguments.
+fn s_server(svid: &(PathBuf, PathBuf, PathBuf), port: u16, extra: &[&str]) -> Command {
+    let (cert, key, bundle) = svid;
+    let mut c = Command::new("openssl");
+    c.args([
+        "s_server",
+        "-Verify",
+        "1",
+        "-verify_return_error",
+        "-tls1_3",
+    ])
+    .args(extra)
+    .arg("-CAfile")
+    .arg(bundle)
+    .arg("-cert")
+    .arg(cert)
+    .arg("-key")
+    .arg(key)
+    .args(["-accept", &port.to_string()]);
+    c
 }
 
 /// `openssl s_server -Verify 1` (client certificate required, the bundle as CA) accepts curl
@@ -26,34 +59,51 @@ fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
 #[test]
 fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
     let port = free_port();
-    let mut h = Harness::new("s-server", Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]));
-    let (cert, key, bundle) = svid_files(&h);
-    let mut server = Command::new("openssl");
-    server
-        .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www"])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-accept", &port.to_string()]);
+    let mut h = Harness::new(
+        "s-server",
+        Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
+    );
+    let mut server = s_server(&svid_files(&h), port, &["-www"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin();
 
     let mut curl = Command::new("curl");
-    curl.args(["-sS", "-i", "--max-time", "30", &format!("http://127.0.0.1:{port}/tether-was-here")]);
+    curl.args([
+        "-sS",
+        "-i",
+        "--max-time",
+        "30",
+        &format!("http://127.0.0.1:{port}/tether-was-here"),
+    ]);
     let run = h.run("curl", h.shim(&mut curl, "curl"), Duration::from_secs(40));
     let lines = h.log_lines("curl");
-    assert!(run.success(), "curl via tether to openssl s_server failed: {run}\n{}\n{}", show(&lines), h.output("s_server"));
-    assert!(run.stdout.starts_with("HTTP/1.0 200"), "no HTTP response: {run}");
+    assert!(
+        run.success(),
+        "curl via tether to openssl s_server failed: {run}\n{}\n{}",
+        show(&lines),
+        h.output("s_server")
+    );
+    assert!(
+        run.stdout.starts_with("HTTP/1.0 200"),
+        "no HTTP response: {run}"
+    );
     // The -www page describes the session, including the client certificate it verified.
-    assert!(!run.stdout.contains("no client certificate available"), "s_server saw no client cert: {run}");
+    assert!(
+        !run.stdout.contains("no client certificate available"),
+        "s_server saw no client cert: {run}"
+    );
     let curl_uri = format!("URI:{}", derived_id("/usr/bin/curl"));
-    assert!(run.stdout.contains(&curl_uri), "s_server's page does not show curl's SVID ({curl_uri}): {run}");
-    let allow = lines.iter().find(|l| l.is("connect", "allow"));
-    let allow = allow.unwrap_or_else(|| panic!("no connect allow line:\n{}", show(&lines)));
-    assert_eq!(allow.get("peer_id"), derived_id(tether_cli_path().to_str().unwrap()), "{}", allow.raw);
+    assert!(
+        run.stdout.contains(&curl_uri),
+        "s_server's page does not show curl's SVID ({curl_uri}): {run}"
+    );
+    let allow = expect_line(&lines, "connect", "allow");
+    assert_eq!(
+        allow.get("peer_id"),
+        derived_id(tether_cli_path().to_str().unwrap()),
+        "{}",
+        allow.raw
+    );
     check.finish(&lines);
 }
 
@@ -62,12 +112,17 @@ fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
 #[test]
 fn openssl_s_client_with_exported_svid_reaches_tether_server() {
     let port = free_port();
-    let mut h = Harness::new("s-client", Policy::new().inbound(port, &[tether_shim_tests::ANY_ID]));
+    let mut h = Harness::new(
+        "s-client",
+        Policy::new().inbound(port, &[tether_shim_tests::ANY_ID]),
+    );
     let (cert, key, bundle) = svid_files(&h);
-    let www = h.path("www");
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("index.html"), "served through tether\n").unwrap();
-    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let www = h.www("served through tether\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(port, &www), "server"),
+        port,
+    );
     let check = DataPathCheck::begin();
 
     let req = h.path("request.txt");
@@ -82,13 +137,31 @@ fn openssl_s_client_with_exported_svid_reaches_tether_server() {
         .arg("-key")
         .arg(&key)
         .args(["-connect", &format!("127.0.0.1:{port}")]);
-    let run = h.run_with_stdin("s_client", h.plain(&mut client), Duration::from_secs(30), Stdio::from(fs::File::open(&req).unwrap()));
-    let server = h.wait_log("server", Duration::from_secs(3), |l| l.iter().any(|l| l.is("accept", "allow")));
-    assert!(run.stdout.contains("HTTP/1.0 200"), "s_client got no HTTP response: {run}\n{}", show(&server));
-    assert!(run.stdout.contains("served through tether"), "no body: {run}");
-    let allow = server.iter().find(|l| l.is("accept", "allow"));
-    let allow = allow.unwrap_or_else(|| panic!("no accept allow line:\n{}", show(&server)));
-    assert_eq!(allow.get("peer_id"), derived_id(tether_cli_path().to_str().unwrap()), "{}", allow.raw);
+    let run = h.run_with_stdin(
+        "s_client",
+        h.plain(&mut client),
+        Duration::from_secs(30),
+        Stdio::from(fs::File::open(&req).unwrap()),
+    );
+    let server = h.wait_log("server", Duration::from_secs(3), |l| {
+        l.iter().any(|l| l.is("accept", "allow"))
+    });
+    assert!(
+        run.stdout.contains("HTTP/1.0 200"),
+        "s_client got no HTTP response: {run}\n{}",
+        show(&server)
+    );
+    assert!(
+        run.stdout.contains("served through tether"),
+        "no body: {run}"
+    );
+    let allow = expect_line(&server, "accept", "allow");
+    assert_eq!(
+        allow.get("peer_id"),
+        derived_id(tether_cli_path().to_str().unwrap()),
+        "{}",
+        allow.raw
+    );
     check.finish(&server);
 }
 
@@ -122,29 +195,34 @@ print("done", flush=True)
 fn openssl_key_update_mid_stream_is_handled_or_fails_closed() {
     use std::io::Write as _;
     let port = free_port();
-    let mut h = Harness::new("keyupdate", Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]));
-    let (cert, key, bundle) = svid_files(&h);
-    let mut server = Command::new("openssl");
-    server
-        .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3"])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-accept", &port.to_string()]);
+    let mut h = Harness::new(
+        "keyupdate",
+        Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
+    );
+    let mut server = s_server(&svid_files(&h), port, &[]);
     let mut stdin = h.spawn_with_stdin("s_server", h.plain(&mut server));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !tether_shim_tests::is_listening(port) {
-        assert!(std::time::Instant::now() < deadline, "s_server did not listen:\n{}", h.output("s_server"));
+        assert!(
+            std::time::Instant::now() < deadline,
+            "s_server did not listen:\n{}",
+            h.output("s_server")
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     let mut client = Command::new(tether_shim_tests::PYTHON);
-    client.arg(h.script("ku_reader.py", PY_KEYUPDATE_READER)).arg(port.to_string());
+    client
+        .arg(h.script("ku_reader.py", PY_KEYUPDATE_READER))
+        .arg(port.to_string());
     h.spawn("reader", h.shim(&mut client, "reader"));
-    let out = h.wait_stdout("reader", Duration::from_secs(20), |o| o.contains("connected") || o.contains("done"));
-    assert!(out.contains("connected"), "reader did not connect: {out}\n{}", show(&h.log_lines("reader")));
+    let out = h.wait_stdout("reader", Duration::from_secs(20), |o| {
+        o.contains("connected") || o.contains("done")
+    });
+    assert!(
+        out.contains("connected"),
+        "reader did not connect: {out}\n{}",
+        show(&h.log_lines("reader"))
+    );
     std::thread::sleep(Duration::from_millis(500));
     for line in ["hello1\n", "k\n", "hello2\n"] {
         stdin.write_all(line.as_bytes()).unwrap();
@@ -152,15 +230,37 @@ fn openssl_key_update_mid_stream_is_handled_or_fails_closed() {
         std::thread::sleep(Duration::from_millis(500));
     }
     let out = h.wait_stdout("reader", Duration::from_secs(30), |o| o.contains("done"));
-    let end = out.lines().find_map(|l| l.strip_prefix("end=")).unwrap_or("(none)").to_string();
+    let end = out
+        .lines()
+        .find_map(|l| l.strip_prefix("end="))
+        .unwrap_or("(none)")
+        .to_string();
     let s_server = h.output("s_server");
-    assert!(out.contains("hello1"), "data before the KeyUpdate was lost: {out}\n{s_server}\n{}", show(&h.log_lines("reader")));
+    assert!(
+        out.contains("hello1"),
+        "data before the KeyUpdate was lost: {out}\n{s_server}\n{}",
+        show(&h.log_lines("reader"))
+    );
     // s_server reports its `k` command (SSL_key_update + SSL_do_handshake) this way.
-    assert!(s_server.contains("SSL_do_handshake -> 1"), "s_server did not send a KeyUpdate:\n{s_server}");
+    assert!(
+        s_server.contains("SSL_do_handshake -> 1"),
+        "s_server did not send a KeyUpdate:\n{s_server}"
+    );
     if tether_shim_tests::in_uml() {
-        assert!(["complete", "errno_ECONNRESET"].contains(&end.as_str()), "kTLS after KeyUpdate ended with {end}: {out}");
+        assert!(
+            ["complete", "errno_ECONNRESET"].contains(&end.as_str()),
+            "kTLS after KeyUpdate ended with {end}: {out}"
+        );
     } else {
-        assert_eq!(end, "complete", "userspace path did not survive a KeyUpdate: {out}\n{}", show(&h.log_lines("reader")));
+        assert_eq!(
+            end,
+            "complete",
+            "userspace path did not survive a KeyUpdate: {out}\n{}",
+            show(&h.log_lines("reader"))
+        );
     }
-    eprintln!("KeyUpdate: reader ended with {end} (mode {})", tether_shim_tests::expected_mode());
+    eprintln!(
+        "KeyUpdate: reader ended with {end} (mode {})",
+        tether_shim_tests::expected_mode()
+    );
 }

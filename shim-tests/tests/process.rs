@@ -3,11 +3,10 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::collections::BTreeMap;
-use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
-use tether_shim_tests::{free_port, http_server, show, DataPathCheck, Harness, Policy, PYTHON};
+use tether_shim_tests::{free_port, http_server, kv, show, DataPathCheck, Harness, Policy, PYTHON};
 
 /// Parent connects, forks with the connection open; the child opens its own protected
 /// connection; then the parent uses its pre-fork connection and a new one.
@@ -46,14 +45,12 @@ except Exception as e:
 print("parent_new=" + request(connect()), flush=True)
 "#;
 
-fn kv(out: &str) -> BTreeMap<String, String> {
-    out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
 /// tetherd audit lines for `event="issued"`: pid -> serial.
 fn issued(broker_log: &str) -> BTreeMap<String, String> {
     let field = |l: &str, k: &str| {
-        l.split_whitespace().find_map(|w| w.strip_prefix(&format!("{k}="))).map(|v| v.trim_matches('"').to_string())
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .map(|v| v.trim_matches('"').to_string())
     };
     broker_log
         .lines()
@@ -62,16 +59,18 @@ fn issued(broker_log: &str) -> BTreeMap<String, String> {
         .collect()
 }
 
-/// 8. A forked child gets its own SVID (its own attestation by pid) and both processes keep
+/// Acceptance 8: A forked child gets its own SVID (its own attestation by pid) and both processes keep
 /// working, including the parent's connection opened before the fork.
 #[test]
 fn forked_child_fetches_its_own_svid_and_both_connect() {
     let port = free_port();
     let mut h = Harness::new("fork", Policy::new().both(port));
-    let www = h.path("www");
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("index.html"), "fork test\n").unwrap();
-    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let www = h.www("fork test\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(port, &www), "server"),
+        port,
+    );
     let check = DataPathCheck::begin();
 
     let mut cmd = Command::new(PYTHON);
@@ -81,7 +80,11 @@ fn forked_child_fetches_its_own_svid_and_both_connect() {
     let out = kv(&run.stdout);
     let ok = |k: &str| out.get(k).is_some_and(|v| v.starts_with("HTTP/1.0 200"));
     assert!(
-        run.success() && ok("child") && ok("parent_held") && ok("parent_new") && out.get("child_status").map(String::as_str) == Some("0"),
+        run.success()
+            && ok("child")
+            && ok("parent_held")
+            && ok("parent_new")
+            && out.get("child_status").map(String::as_str) == Some("0"),
         "fork program failed: {run}\n{}",
         show(&lines)
     );
@@ -95,7 +98,12 @@ fn forked_child_fetches_its_own_svid_and_both_connect() {
         "expected SVIDs issued to parent pid {parent} and child pid {child} with distinct serials; issued: {issued:?}\n{}",
         h.broker_log()
     );
-    assert_eq!(lines.iter().filter(|l| l.is("connect", "allow")).count(), 3, "{}", show(&lines));
+    assert_eq!(
+        lines.iter().filter(|l| l.is("connect", "allow")).count(),
+        3,
+        "{}",
+        show(&lines)
+    );
     check.finish(&lines);
 }
 
@@ -188,7 +196,7 @@ print("peak=%d" % peak[0])
 print("after=%d" % after)
 "#;
 
-/// 9. 200 concurrent protected connections from one threaded client all succeed, and the
+/// Acceptance 9: 200 concurrent protected connections from one threaded client all succeed, and the
 /// client's fd count returns to its baseline.
 #[test]
 fn two_hundred_concurrent_connections_succeed_without_fd_leaks() {
@@ -196,25 +204,54 @@ fn two_hundred_concurrent_connections_succeed_without_fd_leaks() {
     let port = free_port();
     let mut h = Harness::new("concurrent", Policy::new().both(port));
     let mut server = Command::new(PYTHON);
-    server.arg(h.script("echo_server.py", PY_ECHO_SERVER)).arg(port.to_string());
+    server
+        .arg(h.script("echo_server.py", PY_ECHO_SERVER))
+        .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     let check = DataPathCheck::begin();
 
     let mut client = Command::new(PYTHON);
-    client.arg(h.script("threaded_client.py", PY_THREADED_CLIENT)).arg(port.to_string()).arg(n.to_string());
-    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(180));
+    client
+        .arg(h.script("threaded_client.py", PY_THREADED_CLIENT))
+        .arg(port.to_string())
+        .arg(n.to_string());
+    let run = h.run(
+        "client",
+        h.shim(&mut client, "client"),
+        Duration::from_secs(180),
+    );
     let out = kv(&run.stdout);
     let num = |k: &str| out.get(k).and_then(|v| v.parse::<i64>().ok()).unwrap_or(-1);
     let lines = h.log_lines("client");
-    let denies: Vec<_> = lines.iter().filter(|l| l.get("decision") != "allow").cloned().collect();
+    let denies: Vec<_> = lines
+        .iter()
+        .filter(|l| l.get("decision") != "allow")
+        .cloned()
+        .collect();
     assert!(
         run.success() && num("ok") == n && num("errors") == 0,
         "not all {n} connections succeeded: {run}\nnon-allow client log lines:\n{}\n{}",
         show(&denies),
         h.output("server")
     );
-    assert!(num("peak") >= num("base") + n, "peak fd count {} < base {} + {n}: were they concurrent?", num("peak"), num("base"));
-    assert_eq!(num("after"), num("base"), "fd leak: {} fds after, baseline {}\n{run}", num("after"), num("base"));
-    assert_eq!(lines.iter().filter(|l| l.is("connect", "allow")).count(), n as usize + 1, "{}", show(&denies));
+    assert!(
+        num("peak") >= num("base") + n,
+        "peak fd count {} < base {} + {n}: were they concurrent?",
+        num("peak"),
+        num("base")
+    );
+    assert_eq!(
+        num("after"),
+        num("base"),
+        "fd leak: {} fds after, baseline {}\n{run}",
+        num("after"),
+        num("base")
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.is("connect", "allow")).count(),
+        n as usize + 1,
+        "{}",
+        show(&denies)
+    );
     check.finish(&lines);
 }

@@ -4,13 +4,13 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    free_port, http_server, scaled_bytes, sha256, show, write_random_file, DataPathCheck, Harness, Policy, PYTHON,
+    free_port, http_server, kv, scaled_bytes, sha256, show, write_random_file, DataPathCheck,
+    Harness, Policy, PYTHON,
 };
 
 /// Threaded server: reads each connection to EOF, then replies with what it saw, one
@@ -69,15 +69,13 @@ sys.stdout.write(r.decode())
 s.close()
 "#;
 
-fn kv(out: &str) -> BTreeMap<String, String> {
-    out.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
-}
-
 fn sink(name: &str) -> (Harness, u16) {
     let port = free_port();
     let mut h = Harness::new(name, Policy::new().both(port));
     let mut server = Command::new(PYTHON);
-    server.arg(h.script("sink_server.py", PY_SINK_SERVER)).arg(port.to_string());
+    server
+        .arg(h.script("sink_server.py", PY_SINK_SERVER))
+        .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     (h, port)
 }
@@ -91,15 +89,39 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
     write_random_file(&file, scaled_bytes(20));
     let check = DataPathCheck::begin();
     let mut client = Command::new(PYTHON);
-    client.arg(h.script("sink_client.py", PY_SINK_CLIENT)).arg(port.to_string()).arg(&file);
-    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(150));
+    client
+        .arg(h.script("sink_client.py", PY_SINK_CLIENT))
+        .arg(port.to_string())
+        .arg(&file);
+    let run = h.run(
+        "client",
+        h.shim(&mut client, "client"),
+        Duration::from_secs(150),
+    );
     let lines = h.log_lines("client");
     let out = kv(&run.stdout);
     let len = fs::metadata(&file).unwrap().len().to_string();
-    assert!(run.success(), "client failed: {run}\n{}\n{}", show(&lines), h.output("server"));
-    assert_eq!(out.get("sent"), Some(&len), "sendfile sent a different count: {run}");
-    assert_eq!(out.get("n"), Some(&len), "server received a different count: {run}");
-    assert_eq!(out.get("sha").map(String::as_str), Some(sha256(&file).as_str()), "sha256 differs: {run}");
+    assert!(
+        run.success(),
+        "client failed: {run}\n{}\n{}",
+        show(&lines),
+        h.output("server")
+    );
+    assert_eq!(
+        out.get("sent"),
+        Some(&len),
+        "sendfile sent a different count: {run}"
+    );
+    assert_eq!(
+        out.get("n"),
+        Some(&len),
+        "server received a different count: {run}"
+    );
+    assert_eq!(
+        out.get("sha").map(String::as_str),
+        Some(sha256(&file).as_str()),
+        "sha256 differs: {run}"
+    );
     let mut all = lines;
     all.extend(h.log_lines("server"));
     check.finish(&all);
@@ -111,15 +133,45 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
 fn getpeername_and_getsockname_report_the_real_endpoints() {
     let (h, port) = sink("addrs");
     let mut client = Command::new(PYTHON);
-    client.arg(h.script("sink_client.py", PY_SINK_CLIENT)).arg(port.to_string());
-    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(30));
+    client
+        .arg(h.script("sink_client.py", PY_SINK_CLIENT))
+        .arg(port.to_string());
+    let run = h.run(
+        "client",
+        h.shim(&mut client, "client"),
+        Duration::from_secs(30),
+    );
     let out = kv(&run.stdout);
-    assert!(run.success() && out.contains_key("server_peer"), "client failed: {run}\n{}", show(&h.log_lines("client")));
-    assert_eq!(out["client_peer"], format!("127.0.0.1:{port}"), "client getpeername: {run}");
-    assert_eq!(out["server_local"], format!("127.0.0.1:{port}"), "server getsockname: {run}");
-    assert_eq!(out["client_local"], out["server_peer"], "client getsockname != server getpeername: {run}");
-    let allow = h.log_lines("client").into_iter().find(|l| l.is("connect", "allow")).unwrap();
-    assert_eq!(allow.get("local"), out["client_local"], "logged local address: {}", allow.raw);
+    assert!(
+        run.success() && out.contains_key("server_peer"),
+        "client failed: {run}\n{}",
+        show(&h.log_lines("client"))
+    );
+    assert_eq!(
+        out["client_peer"],
+        format!("127.0.0.1:{port}"),
+        "client getpeername: {run}"
+    );
+    assert_eq!(
+        out["server_local"],
+        format!("127.0.0.1:{port}"),
+        "server getsockname: {run}"
+    );
+    assert_eq!(
+        out["client_local"], out["server_peer"],
+        "client getsockname != server getpeername: {run}"
+    );
+    let allow = h
+        .log_lines("client")
+        .into_iter()
+        .find(|l| l.is("connect", "allow"))
+        .unwrap();
+    assert_eq!(
+        allow.get("local"),
+        out["client_local"],
+        "logged local address: {}",
+        allow.raw
+    );
 }
 
 /// A program connects, then execs another program that inherits the protected fd (the
@@ -140,10 +192,12 @@ os.execv("/bin/sh", ["sh", "-c", 'printf "GET /index.html HTTP/1.0\\r\\nHost: t\
 fn protected_fd_inherited_across_exec_keeps_working() {
     let port = free_port();
     let mut h = Harness::new("exec", Policy::new().both(port));
-    let www = h.path("www");
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("index.html"), "after exec\n").unwrap();
-    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let www = h.www("after exec\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(port, &www), "server"),
+        port,
+    );
     let mut cmd = Command::new(PYTHON);
     cmd.arg(h.script("exec.py", PY_EXEC)).arg(port.to_string());
     let run = h.run("exec", h.shim(&mut cmd, "exec"), Duration::from_secs(20));
@@ -160,10 +214,12 @@ fn protected_fd_inherited_across_exec_keeps_working() {
 fn bash_dev_tcp_with_cat_reads_response_to_eof() {
     let port = free_port();
     let mut h = Harness::new("bash-dev-tcp", Policy::new().both(port));
-    let www = h.path("www");
-    fs::create_dir_all(&www).unwrap();
-    fs::write(www.join("index.html"), "hello shell\n").unwrap();
-    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let www = h.www("hello shell\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(port, &www), "server"),
+        port,
+    );
     let script = format!(
         "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /index.html HTTP/1.0\\r\\nHost: t\\r\\n\\r\\n' >&3 && cat <&3"
     );
@@ -218,11 +274,19 @@ fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
     let port = free_port();
     let mut h = Harness::new("peer-killed", Policy::new().both(port));
     let mut server = Command::new(PYTHON);
-    server.arg(h.script("dying.py", PY_DYING_SERVER)).arg(port.to_string());
+    server
+        .arg(h.script("dying.py", PY_DYING_SERVER))
+        .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     let mut client = Command::new(PYTHON);
-    client.arg(h.script("reader.py", PY_READ_TO_END)).arg(port.to_string());
-    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(40));
+    client
+        .arg(h.script("reader.py", PY_READ_TO_END))
+        .arg(port.to_string());
+    let run = h.run(
+        "client",
+        h.shim(&mut client, "client"),
+        Duration::from_secs(40),
+    );
     let out = kv(&run.stdout);
     let end = out.get("end").map(String::as_str).unwrap_or("");
     assert!(
@@ -288,17 +352,33 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
     let port = free_port();
     let mut h = Harness::new("asyncio", Policy::new().both(port));
     let mut server = Command::new(PYTHON);
-    server.arg(h.script("aserver.py", PY_ASYNCIO_SERVER)).arg(port.to_string());
+    server
+        .arg(h.script("aserver.py", PY_ASYNCIO_SERVER))
+        .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     let check = DataPathCheck::begin();
     let mut client = Command::new(PYTHON);
-    client.arg(h.script("aclient.py", PY_ASYNCIO_CLIENT)).args([port.to_string(), n.to_string(), size.to_string()]);
-    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(150));
+    client.arg(h.script("aclient.py", PY_ASYNCIO_CLIENT)).args([
+        port.to_string(),
+        n.to_string(),
+        size.to_string(),
+    ]);
+    let run = h.run(
+        "client",
+        h.shim(&mut client, "client"),
+        Duration::from_secs(150),
+    );
     let lines = h.log_lines("client");
     assert!(
         run.success() && kv(&run.stdout).get("ok") == Some(&n.to_string()),
         "asyncio echo failed: {run}\n{}\n{}",
-        show(&lines.iter().filter(|l| l.get("decision") != "allow").cloned().collect::<Vec<_>>()),
+        show(
+            &lines
+                .iter()
+                .filter(|l| l.get("decision") != "allow")
+                .cloned()
+                .collect::<Vec<_>>()
+        ),
         h.output("server")
     );
     check.finish(&lines);
