@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    free_port, http_server, kv, scaled_bytes, sha256, show, write_random_file, DataPathCheck,
-    Harness, Policy, PYTHON,
+    curl_get, free_port, http_server, kv, scaled_bytes, sha256, show, write_random_file,
+    DataPathCheck, Harness, Policy, PYTHON,
 };
 
 /// Threaded server: reads each connection to EOF, then replies with what it saw, one
@@ -382,4 +382,81 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
         h.output("server")
     );
     check.finish(&lines);
+}
+
+/// A port no rule names passes through untouched: both sides under the shim, plain HTTP works,
+/// a plain client (no tether) can talk to the shimmed server, and nothing is logged.
+#[test]
+fn unlisted_port_passes_through_in_plaintext() {
+    let (protected, unlisted) = (free_port(), free_port());
+    let mut h = Harness::new("passthrough", Policy::new().both(protected));
+    let www = h.www("plain and simple\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(unlisted, &www), "server"),
+        unlisted,
+    );
+    let url = format!("http://127.0.0.1:{unlisted}/index.html");
+    let run = h.run(
+        "curl",
+        h.shim(&mut curl_get(&url, &h.path("a.out")), "curl"),
+        Duration::from_secs(30),
+    );
+    assert!(
+        run.success(),
+        "shimmed curl to an unlisted port failed: {run}"
+    );
+    let plain = h.run(
+        "plain",
+        h.plain(&mut curl_get(&url, &h.path("b.out"))),
+        Duration::from_secs(30),
+    );
+    assert!(
+        plain.success(),
+        "plain curl to a shimmed server on an unlisted port failed: {plain}"
+    );
+    for f in ["a.out", "b.out"] {
+        assert_eq!(fs::read_to_string(h.path(f)).unwrap(), "plain and simple\n");
+    }
+    let logged = [h.log_lines("curl"), h.log_lines("server")].concat();
+    assert!(
+        logged.is_empty(),
+        "pass-through connections were logged:\n{}",
+        show(&logged)
+    );
+}
+
+/// Logging is off unless TETHER_LOG is set; `TETHER_LOG=1` writes the line to stderr.
+#[test]
+fn connection_log_only_when_tether_log_is_set() {
+    let port = free_port();
+    let mut h = Harness::new("logging", Policy::new().both(port));
+    let www = h.www("logged?\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(port, &www), "server"),
+        port,
+    );
+    let url = format!("http://127.0.0.1:{port}/index.html");
+
+    let mut quiet = curl_get(&url, &h.path("q.out"));
+    h.shim(&mut quiet, "quiet").env_remove("TETHER_LOG");
+    let run = h.run("quiet", &mut quiet, Duration::from_secs(30));
+    assert!(run.success(), "{run}");
+    assert!(
+        !run.stderr.contains("tether:"),
+        "logged without TETHER_LOG: {run}"
+    );
+    assert!(
+        !h.log_path("quiet").exists(),
+        "a log file appeared without TETHER_LOG"
+    );
+
+    let mut loud = curl_get(&url, &h.path("l.out"));
+    h.shim(&mut loud, "loud").env("TETHER_LOG", "1");
+    let run = h.run("loud", &mut loud, Duration::from_secs(30));
+    assert!(run.success(), "{run}");
+    let lines = tether_shim_tests::parse_log(&run.stderr);
+    assert_eq!(lines.len(), 1, "expected one line on stderr: {run}");
+    assert!(lines[0].is("connect", "allow"), "{}", lines[0].raw);
 }
