@@ -460,3 +460,155 @@ fn connection_log_only_when_tether_log_is_set() {
     assert_eq!(lines.len(), 1, "expected one line on stderr: {run}");
     assert!(lines[0].is("connect", "allow"), "{}", lines[0].raw);
 }
+
+/// Socket options and dups on a protected fd: TCP options reach the TCP socket, the fd still
+/// looks like an AF_INET stream socket, and a dup keeps working after the original is closed
+/// (fcntl F_DUPFD_CLOEXEC, then dup2 onto a fixed number).
+const PY_SOCKOPTS: &str = r#"
+import fcntl, os, socket, sys
+port = int(sys.argv[1])
+s = socket.create_connection(("127.0.0.1", port), timeout=30)
+fd = s.fileno()
+def opt(level, name):
+    try:
+        return str(s.getsockopt(level, name))
+    except OSError as e:
+        return "errno%d" % e.errno
+try:
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    print("set_nodelay=ok")
+except OSError as e:
+    print("set_nodelay=errno%d" % e.errno)
+print("nodelay=" + opt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+print("domain=" + opt(socket.SOL_SOCKET, socket.SO_DOMAIN))
+print("type=" + opt(socket.SOL_SOCKET, socket.SO_TYPE))
+print("protocol=" + opt(socket.SOL_SOCKET, socket.SO_PROTOCOL))
+print("so_error=" + opt(socket.SOL_SOCKET, socket.SO_ERROR))
+d1 = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+os.dup2(d1, 50)
+os.close(d1)
+s.close()
+t = socket.socket(fileno=50)
+t.settimeout(30)
+t.sendall(b"GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n")
+data = b""
+while True:
+    x = t.recv(65536)
+    if not x:
+        break
+    data += x
+print("status=" + data.split(b"\r\n", 1)[0].decode("latin1"))
+print("body_ok=%s" % data.endswith(b"sockopts\n"))
+"#;
+
+#[test]
+fn socket_options_and_dups_on_a_protected_fd_behave_like_tcp() {
+    let port = free_port();
+    let mut h = Harness::new("sockopts", Policy::new().both(port));
+    let www = h.www("sockopts\n");
+    h.spawn_server(
+        "server",
+        h.shim(&mut http_server(port, &www), "server"),
+        port,
+    );
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(h.script("sockopts.py", PY_SOCKOPTS))
+        .arg(port.to_string());
+    let run = h.run(
+        "client",
+        h.shim(&mut cmd, "client"),
+        Duration::from_secs(30),
+    );
+    let out = kv(&run.stdout);
+    let want = [
+        ("set_nodelay", "ok"),
+        ("nodelay", "1"),
+        ("domain", "2"),   // AF_INET
+        ("type", "1"),     // SOCK_STREAM
+        ("protocol", "6"), // IPPROTO_TCP
+        ("so_error", "0"),
+        ("status", "HTTP/1.0 200 OK"),
+        ("body_ok", "True"),
+    ];
+    let wrong: Vec<String> = want
+        .iter()
+        .filter(|(k, v)| out.get(*k).map(String::as_str) != Some(*v))
+        .map(|(k, v)| format!("{k}: want {v}, got {:?}", out.get(*k)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "protected fd differs from TCP: {wrong:#?}\n{run}\n{}",
+        show(&h.log_lines("client"))
+    );
+}
+
+/// 300 sequential protected connections from one process: threads and fds return to their
+/// baseline (nothing per connection is left behind in the shim).
+const PY_SEQUENTIAL: &str = r#"
+import os, socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def one():
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n")
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            break
+        data += d
+    s.close()
+    return data.startswith(b"HTTP/1.0 200")
+def counts():
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task"))
+one()
+time.sleep(0.3)
+base = counts()
+t0 = time.time()
+ok = sum(one() for _ in range(n))
+print("ms_per_connection=%.1f" % ((time.time() - t0) * 1000 / n))
+after = counts()
+deadline = time.time() + 5
+while after != base and time.time() < deadline:
+    time.sleep(0.1)
+    after = counts()
+print("ok=%d" % ok)
+print("base_fds=%d" % base[0])
+print("after_fds=%d" % after[0])
+print("base_threads=%d" % base[1])
+print("after_threads=%d" % after[1])
+"#;
+
+#[test]
+fn sequential_connections_leave_no_fds_or_threads_behind() {
+    let n = 300;
+    let port = free_port();
+    let mut h = Harness::new("sequential", Policy::new().both(port));
+    let mut server = Command::new(PYTHON);
+    server
+        .arg("-m")
+        .arg("http.server")
+        .arg(port.to_string())
+        .args(["--bind", "127.0.0.1"]);
+    server.arg("--directory").arg(h.www("seq\n"));
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let mut cmd = Command::new(PYTHON);
+    cmd.arg(h.script("seq.py", PY_SEQUENTIAL))
+        .args([port.to_string(), n.to_string()]);
+    let run = h.run(
+        "client",
+        h.shim(&mut cmd, "client"),
+        Duration::from_secs(240),
+    );
+    let out = kv(&run.stdout);
+    assert_eq!(out.get("ok"), Some(&n.to_string()), "{run}");
+    assert_eq!(out.get("after_fds"), out.get("base_fds"), "fd leak: {run}");
+    assert_eq!(
+        out.get("after_threads"),
+        out.get("base_threads"),
+        "thread leak: {run}"
+    );
+    eprintln!(
+        "sequential: {} ms per connection (python client and server)",
+        out["ms_per_connection"]
+    );
+}
