@@ -203,6 +203,19 @@ impl Policy {
         self
     }
 
+    /// Append raw TOML (rules with a `mode`, `default = "deny"`, ...).
+    pub fn raw(mut self, toml: &str) -> Self {
+        self.toml.push('\n');
+        self.toml.push_str(toml);
+        self.toml.push('\n');
+        self
+    }
+
+    /// The whole tetherd config this policy produces (for rewriting it before a reload).
+    pub fn to_config(&self) -> String {
+        self.config()
+    }
+
     /// Both directions on `port`, allowing the whole trust domain: the common case.
     pub fn both(self, port: u16) -> Self {
         self.inbound(port, &[ANY_ID]).outbound(port, &[ANY_ID])
