@@ -157,6 +157,16 @@ impl Peer {
         Ok(AttestedPeer { facts, start_time: self.start_time })
     }
 
+    /// The cheap half of [`Peer::attest`]: the pid still names the process that connected
+    /// (start time, and the pidfd when there is one). For repeated requests on a connection
+    /// that was already attested, such as connection reports.
+    pub fn recheck(&self) -> Result<(), AttestError> {
+        if start_time(self.cred.pid)? != self.start_time {
+            return Err(AttestError::PidReused { pid: self.cred.pid });
+        }
+        self.check_pidfd()
+    }
+
     fn check_pidfd(&self) -> Result<(), AttestError> {
         let Some(fd) = &self.pidfd else { return Ok(()) };
         let pid = self.cred.pid;

@@ -157,6 +157,11 @@ impl Ca {
         &self.federated
     }
 
+    /// When the signing certificate expires.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
     /// Issue an X.509-SVID for `id` with a fresh P-256 key, valid from now - [`BACKDATE`] for
     /// `ttl` (capped at the CA's own expiry).
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<IssuedSvid, CaError> {

@@ -4,7 +4,11 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::Duration;
 
-use tether_proto::wire::{self, io::read_frame, io::write_frame, Request, Response, StatusResponse, SvidResponse};
+use tether_proto::wire::{
+    self, io::read_frame, io::write_frame, ConnectionReport, LiveConnection, PolicyCheckRequest,
+    PolicyCheckResponse, PolicyResponse, Request, Response, StatusResponse, SvidResponse,
+};
+use tether_proto::SpiffeId;
 
 use crate::error::Error;
 
@@ -47,6 +51,51 @@ impl Client {
             Response::Status(s) => Ok(s),
             Response::Error(e) => Err(Error::Refused(e)),
             _ => Err(Error::UnexpectedResponse("status")),
+        }
+    }
+
+    /// The policy in force and its generation.
+    pub fn fetch_policy(&mut self) -> Result<PolicyResponse, Error> {
+        match self.call(&Request::FetchPolicy {})? {
+            Response::Policy(p) => Ok(p),
+            Response::Error(e) => Err(Error::Refused(e)),
+            _ => Err(Error::UnexpectedResponse("policy")),
+        }
+    }
+
+    /// Report a connection of this process.
+    pub fn report(&mut self, report: ConnectionReport) -> Result<(), Error> {
+        self.expect_ok(&Request::Report(report)).map(drop)
+    }
+
+    /// The live connection table (all rows for root, else this user's).
+    pub fn connections(&mut self) -> Result<Vec<LiveConnection>, Error> {
+        match self.call(&Request::Connections {})? {
+            Response::Connections(c) => Ok(c.connections),
+            Response::Error(e) => Err(Error::Refused(e)),
+            _ => Err(Error::UnexpectedResponse("connections")),
+        }
+    }
+
+    /// Ask tetherd to re-read its config; returns its message.
+    pub fn reload(&mut self) -> Result<String, Error> {
+        self.expect_ok(&Request::Reload {})
+    }
+
+    /// Which rules decide a connection from `from` to `to` (`ADDR:PORT`).
+    pub fn policy_check(&mut self, from: SpiffeId, to: String) -> Result<PolicyCheckResponse, Error> {
+        match self.call(&Request::PolicyCheck(PolicyCheckRequest { from, to }))? {
+            Response::PolicyCheck(p) => Ok(p),
+            Response::Error(e) => Err(Error::Refused(e)),
+            _ => Err(Error::UnexpectedResponse("policy_check")),
+        }
+    }
+
+    fn expect_ok(&mut self, request: &Request) -> Result<String, Error> {
+        match self.call(request)? {
+            Response::Ok(ok) => Ok(ok.message),
+            Response::Error(e) => Err(Error::Refused(e)),
+            _ => Err(Error::UnexpectedResponse("ok")),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -251,6 +252,41 @@ pub enum CaSource {
     Files { cert: PathBuf, key: PathBuf, bundle: Option<PathBuf> },
 }
 
+/// Where tetherd serves Prometheus metrics: `"127.0.0.1:9464"` or `"unix:/run/tether/metrics.sock"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for MetricsListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("bad metrics address {s:?}: the unix socket path must be absolute"));
+            }
+            return Ok(Self::Unix(PathBuf::from(path)));
+        }
+        s.parse::<SocketAddr>().map(Self::Tcp).map_err(|_| {
+            format!(
+                "bad metrics address {s:?}: expected IP:PORT (e.g. \"127.0.0.1:9464\", \"[::1]:9464\") \
+                 or unix:/absolute/path"
+            )
+        })
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -263,6 +299,8 @@ pub struct Config {
     pub federated_bundles: BTreeMap<TrustDomain, PathBuf>,
     pub entries: Vec<Entry>,
     pub policy: Policy,
+    /// Prometheus listener; off when `None`.
+    pub metrics: Option<MetricsListen>,
 }
 
 /// The file as written. Policy keys are listed here rather than `#[serde(flatten)]`ed, because
@@ -289,6 +327,7 @@ struct RawConfig {
     outbound: Vec<OutboundRule>,
     #[serde(default)]
     default: DefaultAction,
+    metrics: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -384,6 +423,11 @@ impl Config {
             }
         };
 
+        let metrics = match raw.metrics {
+            Some(m) => Some(m.get_ref().parse::<MetricsListen>().map_err(|e| err_at(m.span().start, e))?),
+            None => None,
+        };
+
         Ok(Self {
             trust_domain: raw.trust_domain,
             socket: raw.socket.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
@@ -394,6 +438,7 @@ impl Config {
             federated_bundles: raw.federated_bundles,
             entries,
             policy: Policy { inbound: raw.inbound, outbound: raw.outbound, default: raw.default },
+            metrics,
         })
     }
 
@@ -573,6 +618,8 @@ selectors = ["unix:uid:0", "unix:gid:50", "unix:path:/usr/bin/python3.11"]
             ("svid_ttl = \"1s\"", "outside the allowed range", 2),
             ("svid_ttl = \"31d\"", "outside the allowed range", 2),
             ("unmatched = \"allow\"", "unknown variant", 2),
+            ("metrics = \"localhost:9464\"", "bad metrics address", 2),
+            ("metrics = \"unix:run/m.sock\"", "must be absolute", 2),
         ];
         for (body, why, line) in cases {
             let e = cfg(body).unwrap_err().to_string();
@@ -594,6 +641,17 @@ selectors = ["unix:uid:0", "unix:gid:50", "unix:path:/usr/bin/python3.11"]
         assert!(c.policy.inbound_rule(8443).is_some());
         assert!(c.policy.outbound_rule("127.0.0.1:8443".parse().unwrap()).is_some());
         assert!(c.policy.outbound_rule("[::1]:8443".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn metrics_listeners_parse() {
+        assert_eq!(cfg("").unwrap().metrics, None);
+        let tcp = cfg("metrics = \"127.0.0.1:9464\"").unwrap().metrics.unwrap();
+        assert_eq!(tcp, MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()));
+        assert_eq!(tcp.to_string(), "127.0.0.1:9464");
+        let unix = cfg("metrics = \"unix:/run/tether/metrics.sock\"").unwrap().metrics.unwrap();
+        assert_eq!(unix, MetricsListen::Unix("/run/tether/metrics.sock".into()));
+        assert_eq!(unix.to_string(), "unix:/run/tether/metrics.sock");
     }
 
     #[test]

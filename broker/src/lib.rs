@@ -5,6 +5,10 @@
 //! - [`ca`]: the signing CA and X.509-SVID issuance.
 //! - [`cache`]: SVIDs cached per process until half-life.
 //! - [`server`]: the Unix socket server and audit log.
+//! - [`reload`]: live config reload (SIGHUP, `tether reload`) and the socket-mtime signal.
+//! - [`connections`]: the live connection table fed by the shims' reports.
+//! - [`policy_check`]: `tether policy check`, which rule decides a connection and why.
+//! - [`metrics`]: Prometheus counters and the `GET /metrics` responder.
 //! - [`client`]: a blocking client for the CLI and tests.
 //! - [`env`]: environment variables, behind a trait.
 //!
@@ -17,10 +21,14 @@ pub mod ca;
 pub mod cache;
 pub mod client;
 pub mod config;
+pub mod connections;
 pub mod env;
 pub mod error;
 pub mod files;
+pub mod metrics;
 pub mod pem;
+pub mod policy_check;
+pub mod reload;
 pub mod run;
 pub mod server;
 pub mod sys;

@@ -12,22 +12,27 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tether_proto::wire::{
-    self, io::read_frame, io::write_frame, ErrorCode, ErrorResponse, Request, Response, StatusResponse,
+    self, io::read_frame, io::write_frame, ConnectionEvent, ConnectionReport, ConnectionsResponse, ErrorCode,
+    ErrorResponse, OkResponse, PolicyCheckRequest, PolicyResponse, Request, Response, StatusResponse,
     SvidResponse, WireError,
 };
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::attest::{ExeHashes, Peer};
+use crate::attest::{self, AttestedPeer, ExeHashes, Peer};
 use crate::ca::Ca;
 use crate::cache::SvidCache;
 use crate::config::Config;
+use crate::connections::{ConnectionTable, Viewer};
 use crate::error::Error;
+use crate::metrics::{Gauges, Metrics};
+use crate::reload::{ConfigSource, ReloadError, SocketStamp};
+use crate::{policy_check, sys};
 
 /// Audit events use this tracing target.
 pub const AUDIT: &str = "tether::audit";
@@ -56,32 +61,122 @@ impl Default for ServerOptions {
     }
 }
 
+/// The config in force and its generation (1 at start, bumped by each successful reload).
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub generation: u64,
+}
+
 /// Everything a connection handler needs.
 #[derive(Debug)]
 pub struct Broker {
-    config: Config,
+    state: RwLock<Arc<Snapshot>>,
+    source: ConfigSource,
+    /// Serialises reloads, so generations and socket stamps advance together.
+    reloading: Mutex<()>,
+    stamp: SocketStamp,
     ca: Ca,
     cache: SvidCache,
-    hashes: Option<ExeHashes>,
+    hashes: ExeHashes,
+    connections: ConnectionTable,
+    metrics: Metrics,
     started: Instant,
     opts: ServerOptions,
     live: AtomicUsize,
 }
 
 impl Broker {
+    /// A broker serving `config`. Reloads re-read the embedded default with `config`'s socket,
+    /// state dir and metrics listener pinned, unless [`Broker::with_source`] names the real source.
     pub fn new(config: Config, ca: Ca, opts: ServerOptions) -> Self {
-        let hashes = config.needs_exe_hash().then(ExeHashes::default);
-        Self { config, ca, cache: SvidCache::default(), hashes, started: Instant::now(), opts, live: AtomicUsize::new(0) }
+        let source = ConfigSource {
+            path: None,
+            socket: Some(config.socket.clone()),
+            state_dir: Some(config.state_dir.clone()),
+            metrics: config.metrics.clone(),
+        };
+        Self {
+            stamp: SocketStamp::new(config.socket.clone()),
+            state: RwLock::new(Arc::new(Snapshot { config, generation: 1 })),
+            source,
+            reloading: Mutex::new(()),
+            ca,
+            cache: SvidCache::default(),
+            hashes: ExeHashes::default(),
+            connections: ConnectionTable::default(),
+            metrics: Metrics::default(),
+            started: Instant::now(),
+            opts,
+            live: AtomicUsize::new(0),
+        }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// Reload from `source` (the `--config` file and the command-line overrides).
+    pub fn with_source(mut self, source: ConfigSource) -> Self {
+        self.source = source;
+        self
+    }
+
+    /// The config in force now.
+    pub fn current(&self) -> Arc<Snapshot> {
+        Arc::clone(&self.state.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn connections(&self) -> &ConnectionTable {
+        &self.connections
+    }
+
+    /// The Prometheus exposition, gauges read now.
+    pub fn render_metrics(&self) -> String {
+        let ca_left = self.ca.not_after().unix_timestamp() - OffsetDateTime::now_utc().unix_timestamp();
+        self.metrics.render(Gauges {
+            live_connections: self.connections.len() as u64,
+            ca_expiry_seconds: ca_left,
+            policy_generation: self.current().generation,
+        })
+    }
+
+    /// Re-read the config source and put it in force; `trigger` names the cause in the log.
+    /// On failure the old config stays in force, and the error is logged and returned.
+    pub fn reload(&self, trigger: &str) -> Result<u64, ReloadError> {
+        let _one_at_a_time = self.reloading.lock().unwrap_or_else(|p| p.into_inner());
+        let old = self.current();
+        let loaded = self.source.load().map_err(ReloadError::Invalid).and_then(|new| {
+            let fixed = crate::reload::restart_only_changes(&old.config, &new);
+            if fixed.is_empty() {
+                Ok(new)
+            } else {
+                Err(ReloadError::NeedsRestart(fixed))
+            }
+        });
+        let new = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                self.metrics.reload_failed();
+                error!(trigger, error = %e, "config reload failed");
+                return Err(e);
+            }
+        };
+        let generation = old.generation + 1;
+        let (rules_in, rules_out, entries) = (new.policy.inbound.len(), new.policy.outbound.len(), new.entries.len());
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(Snapshot { config: new, generation });
+        // After the swap: a shim that sees the new mtime and re-fetches gets the new policy.
+        if let Err(e) = self.stamp.touch() {
+            warn!(error = %e, "cannot update the socket's mtime; shims see the new policy with their next SVID");
+        }
+        info!(trigger, generation, rules_in, rules_out, entries, "policy reloaded");
+        Ok(generation)
     }
 
     pub fn status(&self) -> StatusResponse {
         StatusResponse {
             version: env!("CARGO_PKG_VERSION").to_owned(),
-            trust_domain: self.config.trust_domain.clone(),
+            trust_domain: self.current().config.trust_domain.clone(),
             live_identities: self.cache.len() as u64,
             uptime_secs: self.started.elapsed().as_secs(),
         }
@@ -91,6 +186,10 @@ impl Broker {
     pub fn fetch_svid(&self, peer: &Peer) -> Result<SvidResponse, Error> {
         let result = self.fetch_svid_inner(peer);
         if let Err(e) = &result {
+            if matches!(e, Error::Attest(_)) {
+                self.metrics.attestation_failed();
+            }
+            self.metrics.svid_refused(e.to_wire().code);
             warn!(
                 target: AUDIT,
                 event = "refused",
@@ -106,9 +205,11 @@ impl Broker {
     }
 
     fn fetch_svid_inner(&self, peer: &Peer) -> Result<SvidResponse, Error> {
-        let attested = peer.attest(self.hashes.as_ref())?;
+        let snap = self.current();
+        let config = &snap.config;
+        let attested = peer.attest(config.needs_exe_hash().then_some(&self.hashes))?;
         let facts = attested.facts();
-        let id = self.config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
+        let id = config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
             reason: format!(
                 "no registration entry matches uid {} running {} (unmatched = \"deny\")",
                 facts.uid,
@@ -117,7 +218,10 @@ impl Broker {
         })?;
         let key = (facts.pid, attested.start_time());
         if self.opts.cache {
-            if let Some(svid) = self.cache.get(key, &id) {
+            if let Some(mut svid) = self.cache.get(key, &id) {
+                // The certificate is reused; the policy is always the one in force.
+                svid.policy = config.policy.clone();
+                svid.policy_generation = snap.generation;
                 info!(
                     target: AUDIT,
                     event = "reused",
@@ -133,7 +237,8 @@ impl Broker {
                 return Ok(svid);
             }
         }
-        let issued = self.ca.issue(&id, self.config.svid_ttl)?;
+        let issued = self.ca.issue(&id, config.svid_ttl)?;
+        self.metrics.svid_issued();
         let svid = SvidResponse {
             spiffe_id: id,
             cert_chain: issued.chain,
@@ -143,8 +248,8 @@ impl Broker {
             serial: issued.serial,
             not_before: unix(issued.not_before),
             not_after: unix(issued.not_after),
-            policy: self.config.policy.clone(),
-            policy_generation: 0,
+            policy: config.policy.clone(),
+            policy_generation: snap.generation,
         };
         info!(
             target: AUDIT,
@@ -159,7 +264,7 @@ impl Broker {
             "SVID issued"
         );
         if self.opts.cache {
-            self.cache.insert(key, svid.clone(), self.config.svid_ttl);
+            self.cache.insert(key, svid.clone(), config.svid_ttl);
         }
         Ok(svid)
     }
@@ -185,6 +290,15 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
             fs::DirBuilder::new().recursive(true).mode(0o755).create(parent)?;
         }
     }
+    remove_stale_socket(path)?;
+    let listener = UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+/// Remove a socket file at `path` that nobody answers on. A live socket (another daemon) or
+/// a file that is not a socket is an error; a missing path is fine.
+pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
     match fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             if UnixStream::connect(path).is_ok() {
@@ -204,9 +318,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let listener = UnixListener::bind(path)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(0o666))?;
-    Ok(listener)
+    Ok(())
 }
 
 /// Serve forever.
@@ -217,6 +329,10 @@ pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
         let n = sweeper.cache.sweep();
         if n > 0 {
             debug!(dropped = n, "dropped cached SVIDs of exited processes");
+        }
+        let n = sweeper.connections.sweep(|(pid, st)| attest::start_time(pid).is_ok_and(|t| t == st));
+        if n > 0 {
+            debug!(dropped = n, "dropped live connections of exited processes");
         }
     })?;
     for conn in listener.incoming() {
@@ -298,6 +414,8 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(broker.opts.client_timeout));
     // Recorded now, so that a pid recycled later cannot inherit this connection's identity.
     let peer = Peer::from_stream(&stream);
+    // Attested on the first report or policy fetch; later ones only re-check the pid.
+    let mut reporter: Option<AttestedPeer> = None;
     loop {
         let deadline = Instant::now() + broker.opts.client_timeout;
         let body = match read_frame(&mut DeadlineReader { stream: &stream, deadline }) {
@@ -338,11 +456,36 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
                     Err(e) => Response::Error(e.to_wire()),
                 },
                 Err(e) => {
+                    broker.metrics.attestation_failed();
+                    broker.metrics.svid_refused(ErrorCode::AttestationFailed);
                     warn!(target: AUDIT, event = "refused", reason = %e, "SVID refused: peer not attestable");
                     Response::Error(ErrorResponse { code: ErrorCode::AttestationFailed, message: e.to_string() })
                 }
             },
             Request::Status {} => Response::Status(broker.status()),
+            Request::FetchPolicy {} => match attested_peer(broker, &peer, &mut reporter) {
+                Ok(_) => {
+                    let snap = broker.current();
+                    Response::Policy(PolicyResponse { policy: snap.config.policy.clone(), generation: snap.generation })
+                }
+                Err(e) => Response::Error(e),
+            },
+            Request::Report(r) => match attested_peer(broker, &peer, &mut reporter) {
+                Ok(who) => broker.report(who, r),
+                Err(e) => Response::Error(e),
+            },
+            Request::Connections {} => match &peer {
+                Ok(p) => {
+                    let viewer = if is_admin(p.uid()) { Viewer::All } else { Viewer::Uid(p.uid()) };
+                    Response::Connections(ConnectionsResponse { connections: broker.connections.list(viewer) })
+                }
+                Err(e) => {
+                    broker.metrics.attestation_failed();
+                    Response::Error(ErrorResponse { code: ErrorCode::AttestationFailed, message: e.to_string() })
+                }
+            },
+            Request::Reload {} => reload_request(broker, &peer),
+            Request::PolicyCheck(req) => policy_check_request(broker, req),
             _ => Response::Error(ErrorResponse {
                 code: ErrorCode::UnknownRequest,
                 message: "request type not handled by this broker".to_owned(),
@@ -352,6 +495,91 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
             return;
         }
     }
+}
+
+/// root and tetherd's own user may reload and see every connection.
+fn is_admin(uid: u32) -> bool {
+    uid == 0 || uid == sys::effective_uid()
+}
+
+fn attestation_failed(broker: &Broker, e: &attest::AttestError) -> ErrorResponse {
+    broker.metrics.attestation_failed();
+    debug!(error = %e, "peer not attestable");
+    ErrorResponse { code: ErrorCode::AttestationFailed, message: e.to_string() }
+}
+
+/// The connection's attested peer: attested in full (no exe hash) the first time, then only
+/// re-checked (start time, pidfd) so that a stream of reports costs one small /proc read each.
+fn attested_peer<'a>(
+    broker: &Broker,
+    peer: &Result<Peer, attest::AttestError>,
+    cached: &'a mut Option<AttestedPeer>,
+) -> Result<&'a AttestedPeer, ErrorResponse> {
+    let p = peer.as_ref().map_err(|e| attestation_failed(broker, e))?;
+    let attested = match cached.take() {
+        Some(a) => {
+            p.recheck().map_err(|e| attestation_failed(broker, &e))?;
+            a
+        }
+        None => p.attest(None).map_err(|e| attestation_failed(broker, &e))?,
+    };
+    Ok(cached.insert(attested))
+}
+
+impl Broker {
+    /// A shim's connection report, attributed to `who`.
+    fn report(&self, who: &AttestedPeer, r: ConnectionReport) -> Response {
+        self.metrics.report(&r);
+        match r.event {
+            ConnectionEvent::Open => {
+                if let Err(full) = self.connections.open(who, r) {
+                    self.metrics.report_dropped(full);
+                    debug!(pid = who.facts().pid, %full, "connection report dropped");
+                    return Response::Error(ErrorResponse { code: ErrorCode::LimitExceeded, message: full.to_string() });
+                }
+            }
+            ConnectionEvent::Close => {
+                self.connections.close((who.facts().pid, who.start_time()), r.conn_id);
+            }
+            ConnectionEvent::Refused => {}
+        }
+        Response::Ok(OkResponse { message: String::new() })
+    }
+}
+
+fn reload_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>) -> Response {
+    let p = match peer {
+        Ok(p) => p,
+        Err(e) => return Response::Error(attestation_failed(broker, e)),
+    };
+    if let Err(e) = p.attest(None) {
+        return Response::Error(attestation_failed(broker, &e));
+    }
+    if !is_admin(p.uid()) {
+        warn!(pid = p.pid(), uid = p.uid(), "reload refused: not root");
+        return Response::Error(ErrorResponse {
+            code: ErrorCode::PermissionDenied,
+            message: format!(
+                "only root or tetherd's own user (uid {}) may reload the config; you are uid {}",
+                sys::effective_uid(),
+                p.uid()
+            ),
+        });
+    }
+    match broker.reload(&format!("tether reload (pid {})", p.pid())) {
+        Ok(generation) => Response::Ok(OkResponse { message: format!("config reloaded; policy generation {generation}") }),
+        Err(e) => Response::Error(ErrorResponse { code: ErrorCode::InvalidConfig, message: e.to_string() }),
+    }
+}
+
+fn policy_check_request(broker: &Broker, req: PolicyCheckRequest) -> Response {
+    let to = match policy_check::parse_target(&req.to) {
+        Ok(to) => to,
+        Err(message) => return Response::Error(ErrorResponse { code: ErrorCode::BadRequest, message }),
+    };
+    let snap = broker.current();
+    let local = policy_check::is_local_address(to.ip());
+    Response::PolicyCheck(policy_check::explain(&snap.config.policy, &req.from, to, local))
 }
 
 /// Seconds since the epoch, now.

@@ -1,14 +1,20 @@
-//! All of tetherd's unsafe code: two `getsockopt` calls on an accepted Unix stream.
+//! All of tetherd's unsafe code: two `getsockopt` calls on an accepted Unix stream,
+//! `geteuid`, and `utimensat` on the socket path.
 //!
-//! std's `UnixStream::peer_cred` is unstable and there is no safe `SO_PEERPIDFD`, so this
+//! std's `UnixStream::peer_cred` is unstable, there is no safe `SO_PEERPIDFD`, and
+//! `File::set_modified` needs an open file (a socket path cannot be opened), so this
 //! module calls libc directly. It is the only module allowed `unsafe` (the crate denies it
 //! everywhere else), and every block carries a `// SAFETY:` comment.
 #![allow(unsafe_code)]
 
+use std::ffi::CString;
 use std::io;
 use std::mem::size_of;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `SO_PEERPIDFD` (Linux 6.5+). The generic value, shared by x86_64 and aarch64.
 const SO_PEERPIDFD: libc::c_int = 77;
@@ -73,4 +79,59 @@ pub fn peer_pidfd(stream: &UnixStream) -> io::Result<Option<OwnedFd>> {
     // SAFETY: on success the kernel installed `fd` as a new descriptor in our table that
     // nothing else refers to, so taking ownership of it here is sound and it is closed once.
     Ok(Some(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// This process's effective uid.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory of ours and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Set the mtime (and atime) of `path` itself, not of what it points to, to `when`.
+/// Works on sockets, which cannot be opened. Nanosecond precision is kept, so distinct
+/// values stay distinct on tmpfs and ext4.
+pub fn set_mtime(path: &Path, when: SystemTime) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains a NUL byte"))?;
+    let since = when.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let ts = libc::timespec {
+        tv_sec: since.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(since.subsec_nanos() as i32),
+    };
+    let times = [ts, ts];
+    // SAFETY: `c` is a NUL-terminated string that outlives the call; `times` is an array of
+    // exactly two initialised timespecs, as utimensat requires; AT_FDCWD needs no open fd.
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `SOL_TCP`-level option that attaches an upper-layer protocol (`"tls"`) to a TCP socket.
+pub const TCP_ULP: libc::c_int = 31;
+/// The kernel TLS socket level.
+pub const SOL_TLS: libc::c_int = 282;
+/// Install the transmit key (`tls12_crypto_info_*` struct) on a socket with the tls ULP.
+pub const TLS_TX: libc::c_int = 1;
+
+/// `setsockopt(fd, level, name, bytes)`: for the kTLS probes of `tether doctor`.
+pub fn set_raw_sockopt(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int, value: &[u8]) -> io::Result<()> {
+    // SAFETY: `value` is a live, readable slice and we pass its exact length, so the kernel
+    // reads at most `value.len()` bytes from it. The fd is borrowed from an open socket.
+    let rc = unsafe {
+        libc::setsockopt(socket.as_raw_fd(), level, name, value.as_ptr().cast(), value.len() as libc::socklen_t)
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The running C library's version (`gnu_get_libc_version()`, e.g. "2.36").
+pub fn glibc_version() -> String {
+    // SAFETY: glibc returns a pointer to a static NUL-terminated string that lives for the
+    // whole process and is never written to; we copy it out at once.
+    let s = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
+    s.to_string_lossy().into_owned()
 }

@@ -322,6 +322,12 @@ pub enum ErrorCode {
     NoIdentity,
     /// The broker is at its connection limit; retry.
     Busy,
+    /// The caller is not allowed this request (e.g. `reload` by a non-root user).
+    PermissionDenied,
+    /// A reload found the config file invalid; the old config stays in force.
+    InvalidConfig,
+    /// A bounded table is full (e.g. too many live connections reported by one process).
+    LimitExceeded,
     Internal,
     /// A code from a newer peer.
     #[serde(other)]

@@ -65,6 +65,24 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
         cmd: Vec<std::ffi::OsString>,
     },
+    /// List the live protected connections tetherd knows of (root sees all; others their own).
+    Connections {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Print a JSON array of connection objects.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make tetherd re-read its config file (root or tetherd's user only).
+    Reload {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Inspect the connection policy in force.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Load generator: N clients fetch SVIDs for S seconds (see scripts/bench-broker).
     #[command(hide = true)]
     BenchSvid {
@@ -77,6 +95,21 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Explain which rules decide a connection from SPIFFE_ID to ADDR:PORT, and why.
+    Check {
+        #[arg(long, value_name = "SPIFFE_ID")]
+        from: tether_proto::SpiffeId,
+        #[arg(long, value_name = "ADDR:PORT")]
+        to: String,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -84,6 +117,16 @@ fn main() -> ExitCode {
         Command::Status { socket, json } => status(&socket_path(socket, &ProcessEnv), json),
         Command::Run { socket, lib, allow_uninterposable, cmd } => {
             run(&socket_path(socket, &ProcessEnv), lib, allow_uninterposable, cmd)
+        }
+        Command::Connections { socket, json } => {
+            tether_broker::connections::command(&socket_path(socket, &ProcessEnv), json).map(|s| print!("{s}"))
+        }
+        Command::Reload { socket } => {
+            tether_broker::reload::command(&socket_path(socket, &ProcessEnv)).map(|s| print!("{s}"))
+        }
+        Command::Policy { command: PolicyCommand::Check { from, to, socket, json } } => {
+            tether_broker::policy_check::command(&socket_path(socket, &ProcessEnv), from, &to, json)
+                .map(|s| print!("{s}"))
         }
         Command::BenchSvid { socket, clients, seconds } => {
             bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))

@@ -7,10 +7,11 @@ use std::time::Duration;
 
 use clap::Parser;
 use tether_broker::ca::Ca;
-use tether_broker::config::{Config, EtcFiles};
+use tether_broker::config::MetricsListen;
 use tether_broker::env::ProcessEnv;
+use tether_broker::reload::{self, ConfigSource};
 use tether_broker::server::{self, Broker, ServerOptions};
-use tether_broker::{init_logging, LogFormat};
+use tether_broker::{init_logging, metrics, LogFormat};
 
 /// The tether identity broker: attests local processes and issues them X.509-SVIDs.
 #[derive(Debug, Parser)]
@@ -27,6 +28,9 @@ struct Args {
     state_dir: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    /// Serve Prometheus metrics at IP:PORT or unix:/PATH (overrides the config's `metrics`).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<MetricsListen>,
     /// Validate the config and exit.
     #[arg(long)]
     check_config: bool,
@@ -46,11 +50,13 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let loaded = match &args.config {
-        Some(path) => Config::load(path, &EtcFiles::default()),
-        None => Config::embedded_default(),
+    let source = ConfigSource {
+        path: args.config.clone(),
+        socket: args.socket.clone(),
+        state_dir: args.state_dir.clone(),
+        metrics: args.metrics.clone(),
     };
-    let mut config = match loaded {
+    let config = match source.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("tetherd: {e}");
@@ -61,12 +67,14 @@ fn main() -> ExitCode {
         println!("config OK: trust domain {}, {} entries", config.trust_domain, config.entries.len());
         return ExitCode::SUCCESS;
     }
-    if let Some(s) = args.socket {
-        config.socket = s;
-    }
-    if let Some(d) = args.state_dir {
-        config.state_dir = d;
-    }
+    // Before anything can be signalled: SIGHUP reloads, it must never kill tetherd.
+    let sighup = match reload::catch_sighup() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tetherd: cannot install the SIGHUP handler: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     init_logging(args.log_format, &ProcessEnv);
     let ca = match Ca::open(&config) {
         Ok(ca) => ca,
@@ -83,6 +91,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let metrics_listener = match config.metrics.as_ref().map(metrics::bind).transpose() {
+        Ok(l) => l,
+        Err(e) => {
+            let at = config.metrics.as_ref().map(ToString::to_string).unwrap_or_default();
+            eprintln!("tetherd: cannot serve metrics on {at}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     tracing::info!(
         socket = %config.socket.display(),
         trust_domain = %config.trust_domain,
@@ -96,7 +112,18 @@ fn main() -> ExitCode {
         cache: !args.no_cache,
         sweep_interval: Duration::from_millis(args.sweep_interval_ms.max(10)),
     };
-    let broker = Arc::new(Broker::new(config, ca, opts));
+    let broker = Arc::new(Broker::new(config, ca, opts).with_source(source));
+    if let Err(e) = reload::spawn_sighup_reloader(Arc::clone(&broker), sighup) {
+        eprintln!("tetherd: cannot start the SIGHUP thread: {e}");
+        return ExitCode::FAILURE;
+    }
+    if let Some(l) = metrics_listener {
+        let b = Arc::clone(&broker);
+        if let Err(e) = metrics::spawn(l, Arc::new(move || b.render_metrics())) {
+            eprintln!("tetherd: cannot start the metrics thread: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
     match server::serve(broker, listener) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
