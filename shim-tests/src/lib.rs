@@ -7,6 +7,14 @@
 //! such as nginx leave nothing behind), even when the test panics. On a failure the scratch
 //! directory is kept and its path printed, so the shim and tetherd logs can be read.
 //!
+//! Where the issue 3 acceptance cases live: `transfer.rs` (1 curl/python, 5 nginx, 6 redis),
+//! `refusal.rs` (2 ClientHello to nc, 3 plain client, 4 allow lists, 11 TETHER_MODE=ktls, and
+//! the rest of the errno mapping), `interop.rs` (7 openssl both ways, plus KeyUpdate),
+//! `process.rs` (8 fork, 9 200 concurrent), `hostile.rs` (10), `exports.rs` (12), and
+//! `semantics.rs` (what a program must not notice: sendfile/half-close, addresses, exec,
+//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency).
+//! Run them with `scripts/test-e2e [--host|--uml|--all]`.
+//!
 //! Environment knobs (all optional):
 //! - `TETHER_E2E_SIZE_PCT`: scale the large test files (default 100; the UML runner uses less,
 //!   as kTLS crypto there is generic C at about 25 MB/s).
