@@ -2,11 +2,13 @@
 
 use std::fs::{self, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 /// Write `data` to `path` through a fresh temporary file created with `mode` (so a key file is
-/// never readable by others, not even briefly), then rename it into place.
+/// never readable by others, not even briefly), then rename it into place. The mode is set
+/// exactly (not narrowed by the umask), and the file and its directory are synced, so after a
+/// crash `path` holds either the old contents or the new ones, never a partial file.
 pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "no file name"))?;
     let mut tmp_name = name.to_owned();
@@ -17,18 +19,21 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         _ => {}
     }
     let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(&tmp)?;
-    let written = f.write_all(data).and_then(|()| f.sync_all());
+    let written = f
+        .set_permissions(fs::Permissions::from_mode(mode))
+        .and_then(|()| f.write_all(data))
+        .and_then(|()| f.sync_all());
     if let Err(e) = written.and_then(|()| fs::rename(&tmp, path)) {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }
-    Ok(())
+    // Make the rename itself durable.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs::File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
-
     use super::*;
 
     #[test]

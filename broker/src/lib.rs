@@ -11,6 +11,9 @@
 //! - [`metrics`]: Prometheus counters and the `GET /metrics` responder.
 //! - [`client`]: a blocking client for the CLI and tests.
 //! - [`env`]: environment variables, behind a trait.
+//! - [`doctor`]: `tether doctor`'s checks (kTLS, tetherd, clock, ld.so.preload, library, glibc).
+//! - [`install`]: `/etc/ld.so.preload` host-wide mode and systemd drop-ins, with guards.
+//! - [`elf`]: reading a library's type, dynamic symbols and glibc version needs.
 //!
 //! `unsafe` is denied (not forbidden) crate-wide only so that [`sys`], the one module holding the
 //! two `getsockopt` FFI calls std cannot do safely, may allow it locally.
@@ -22,9 +25,12 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod connections;
+pub mod doctor;
+pub mod elf;
 pub mod env;
 pub mod error;
 pub mod files;
+pub mod install;
 pub mod metrics;
 pub mod pem;
 pub mod policy_check;

@@ -65,6 +65,57 @@ enum Command {
         #[arg(trailing_var_arg = true, required = true, value_name = "CMD")]
         cmd: Vec<std::ffi::OsString>,
     },
+    /// Check kernel TLS, tetherd, the clock, /etc/ld.so.preload, the library and glibc, and say
+    /// how to fix what is wrong. Exit status 1 when a check FAILs.
+    Doctor {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// libtether.so to check (default: where `tether run` looks).
+        #[arg(long, value_name = "PATH")]
+        lib: Option<PathBuf>,
+        /// Filesystem root holding etc/ld.so.preload.
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Print a JSON array of {check, status, detail, fix}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Host-wide mode: add libtether.so to /etc/ld.so.preload (--host-wide), or remove it
+    /// (--uninstall). Refuses a missing or unsafe library, a too-old glibc, or a silent tetherd.
+    Install {
+        #[arg(long, required_unless_present = "uninstall", conflicts_with = "uninstall")]
+        host_wide: bool,
+        /// Remove libtether from /etc/ld.so.preload, keeping other entries.
+        #[arg(long)]
+        uninstall: bool,
+        /// Filesystem root to install into (paths are taken inside it).
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Absolute path of libtether.so (default: where `tether run` looks).
+        #[arg(long, value_name = "PATH")]
+        lib: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        /// Install even if tetherd is not answering, and replace another libtether entry.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put systemd service NAME under tether: write /etc/systemd/system/NAME.service.d/tether.conf.
+    EnableUnit {
+        name: String,
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        #[arg(long, value_name = "PATH")]
+        lib: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+    },
+    /// Remove the drop-in written by enable-unit.
+    DisableUnit {
+        name: String,
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
     /// List the live protected connections tetherd knows of (root sees all; others their own).
     Connections {
         #[arg(long, value_name = "PATH")]
@@ -118,6 +169,16 @@ fn main() -> ExitCode {
         Command::Run { socket, lib, allow_uninterposable, cmd } => {
             run(&socket_path(socket, &ProcessEnv), lib, allow_uninterposable, cmd)
         }
+        Command::Doctor { socket, lib, root, json } => {
+            return doctor(socket_path(socket, &ProcessEnv), lib, root, json);
+        }
+        Command::Install { host_wide: _, uninstall, root, lib, socket, force } => {
+            install(uninstall, root, lib, socket_path(socket, &ProcessEnv), force)
+        }
+        Command::EnableUnit { name, root, lib, socket } => {
+            enable_unit(&name, &root, lib, &socket_path(socket, &ProcessEnv))
+        }
+        Command::DisableUnit { name, root } => disable_unit(&name, &root),
         Command::Connections { socket, json } => {
             tether_broker::connections::command(&socket_path(socket, &ProcessEnv), json).map(|s| print!("{s}"))
         }
@@ -139,6 +200,54 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn doctor(socket: PathBuf, lib: Option<PathBuf>, root: PathBuf, json: bool) -> ExitCode {
+    use tether_broker::doctor;
+    let findings = doctor::run(&doctor::Options { socket, root, lib, env: &ProcessEnv });
+    if json {
+        println!("{}", doctor::render_json(&findings));
+    } else {
+        print!("{}", doctor::render_text(&findings));
+    }
+    if doctor::passed(&findings) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn install(uninstall: bool, root: PathBuf, lib: Option<PathBuf>, socket: PathBuf, force: bool) -> Result<(), Error> {
+    use tether_broker::install::{choose_lib, host_wide_command, HostWide};
+    let cli = |e: tether_broker::install::Refused| Error::Cli(e.0);
+    let msg = if uninstall {
+        host_wide_command(None, &root)
+    } else {
+        let lib = choose_lib(&root, lib, &ProcessEnv).map_err(cli)?;
+        host_wide_command(Some(&HostWide { root: root.clone(), lib, socket, force }), &root)
+    };
+    println!("{}", msg.map_err(cli)?);
+    Ok(())
+}
+
+fn enable_unit(name: &str, root: &Path, lib: Option<PathBuf>, socket: &Path) -> Result<(), Error> {
+    use tether_broker::install;
+    let cli = |e: install::Refused| Error::Cli(e.0);
+    let lib = install::choose_lib(root, lib, &ProcessEnv).map_err(cli)?;
+    let (path, next) = install::enable_unit(root, name, &lib, socket).map_err(cli)?;
+    println!("wrote {}
+to apply it: {next}", path.display());
+    Ok(())
+}
+
+fn disable_unit(name: &str, root: &Path) -> Result<(), Error> {
+    use tether_broker::install;
+    match install::disable_unit(root, name).map_err(|e| Error::Cli(e.0))? {
+        Some((path, next)) => println!("removed {}
+to apply it: {next}", path.display()),
+        None => println!("no tether drop-in for {name}"),
+    }
+    Ok(())
 }
 
 /// Exec CMD under the shim. Returns only on failure.
