@@ -49,7 +49,6 @@ fn doctor_reports_kernel_tls_and_a_healthy_setup() {
         "--lib",
         lib.to_str().unwrap(),
     ]);
-    eprintln!("{f:#?}");
     for check in ["ktls", "ktls-module", "ktls-ciphers", "tetherd", "clock", "preload", "library", "glibc"] {
         let x = finding(&f, check);
         assert!(x["detail"].as_str().is_some_and(|s| !s.is_empty()), "{x}");
