@@ -68,10 +68,11 @@ impl Client {
         self.expect_ok(&Request::Report(report)).map(drop)
     }
 
-    /// The live connection table (all rows for root, else this user's).
-    pub fn connections(&mut self) -> Result<Vec<LiveConnection>, Error> {
+    /// The live connection table (all rows for root, else this user's), and how many rows
+    /// did not fit in the response.
+    pub fn connections(&mut self) -> Result<(Vec<LiveConnection>, u64), Error> {
         match self.call(&Request::Connections {})? {
-            Response::Connections(c) => Ok(c.connections),
+            Response::Connections(c) => Ok((c.connections, c.omitted)),
             Response::Error(e) => Err(Error::Refused(e)),
             _ => Err(Error::UnexpectedResponse("connections")),
         }

@@ -175,6 +175,22 @@ impl ConnectionTable {
     }
 }
 
+/// Keep the first rows whose JSON fits in `budget` bytes; returns them and how many were left out.
+/// (A full table of [`MAX_TOTAL`] rows is far larger than one wire frame.)
+pub fn fit(mut rows: Vec<LiveConnection>, budget: usize) -> (Vec<LiveConnection>, u64) {
+    let mut used = 0;
+    let keep = rows
+        .iter()
+        .take_while(|r| {
+            used += serde_json::to_vec(r).map_or(usize::MAX / 2, |v| v.len() + 1);
+            used <= budget
+        })
+        .count();
+    let omitted = (rows.len() - keep) as u64;
+    rows.truncate(keep);
+    (rows, omitted)
+}
+
 /// `5s`, `3m07s`, `2h05m`, `3d04h`.
 pub fn age(secs: u64) -> String {
     match secs {
@@ -259,7 +275,10 @@ pub fn render_table(rows: &[LiveConnection], now: u64) -> String {
 
 /// `tether connections [--json]`: the table for people, or a JSON array of rows.
 pub fn command(socket: &Path, json: bool) -> Result<String, Error> {
-    let rows = Client::connect(socket, DEFAULT_TIMEOUT)?.connections()?;
+    let (rows, omitted) = Client::connect(socket, DEFAULT_TIMEOUT)?.connections()?;
+    if omitted > 0 {
+        eprintln!("tether: {omitted} more connections not shown (the table exceeds one response)");
+    }
     if json {
         return serde_json::to_string_pretty(&rows).map(|s| s + "\n").map_err(|e| Error::Cli(e.to_string()));
     }
@@ -364,5 +383,18 @@ mod tests {
         assert_eq!(size(1023), "1023");
         assert_eq!(size(1536), "1.5K");
         assert_eq!(size(20 << 20), "20.0M");
+    }
+
+    #[test]
+    fn a_large_table_is_cut_to_fit_one_frame() {
+        let who = me();
+        let t = ConnectionTable::default();
+        for i in 0..MAX_PER_PROCESS as u64 {
+            t.open(&who, report(i)).unwrap();
+        }
+        let (rows, omitted) = fit(t.list(Viewer::All), 100_000);
+        assert!(!rows.is_empty() && omitted > 0);
+        assert_eq!(rows.len() as u64 + omitted, MAX_PER_PROCESS as u64);
+        assert!(serde_json::to_vec(&rows).unwrap().len() <= 100_000);
     }
 }

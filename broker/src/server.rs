@@ -28,7 +28,7 @@ use crate::attest::{self, AttestedPeer, ExeHashes, Peer};
 use crate::ca::Ca;
 use crate::cache::SvidCache;
 use crate::config::Config;
-use crate::connections::{ConnectionTable, Viewer};
+use crate::connections::{self, ConnectionTable, Viewer};
 use crate::error::Error;
 use crate::metrics::{Gauges, Metrics};
 use crate::reload::{ConfigSource, ReloadError, SocketStamp};
@@ -477,7 +477,10 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
             Request::Connections {} => match &peer {
                 Ok(p) => {
                     let viewer = if is_admin(p.uid()) { Viewer::All } else { Viewer::Uid(p.uid()) };
-                    Response::Connections(ConnectionsResponse { connections: broker.connections.list(viewer) })
+                    // Leave room for the envelope under the frame limit.
+                    let (connections, omitted) =
+                        connections::fit(broker.connections.list(viewer), wire::MAX_BODY - 4096);
+                    Response::Connections(ConnectionsResponse { connections, omitted })
                 }
                 Err(e) => {
                     broker.metrics.attestation_failed();

@@ -220,6 +220,13 @@ pub struct PolicyResponse {
 #[serde(deny_unknown_fields)]
 pub struct ConnectionsResponse {
     pub connections: Vec<LiveConnection>,
+    /// Rows left out because the whole table would not fit in one frame.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub omitted: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// One row of `tether connections`.
