@@ -22,15 +22,21 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
     if e != libc::EIO {
         return first;
     }
-    let Some(p) = fd_table::get(fd) else {
-        return first;
-    };
-    if !matches!(p.path, DataPath::Ktls) {
-        guard::set_errno(e);
-        return first;
-    }
-    if p.peer_closed.load(Ordering::Relaxed) {
-        return 0;
+    let p = fd_table::get(fd);
+    match &p {
+        Some(p) if !matches!(p.path, DataPath::Ktls) => {
+            guard::set_errno(e);
+            return first;
+        }
+        Some(p) if p.peer_closed.load(Ordering::Relaxed) => return 0,
+        Some(_) => {}
+        // Not in our table, but a kTLS socket all the same: inherited across exec (the new
+        // image's table starts empty). Handle its control records too.
+        None if ktls::is_ktls_socket(fd) => {}
+        None => {
+            guard::set_errno(e);
+            return first;
+        }
     }
     for _ in 0..MAX_SKIPPED {
         match ktls::handle_control_record(fd) {
@@ -41,11 +47,14 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
                 }
             }
             Ok(Control::Eof) => {
-                p.peer_closed.store(true, Ordering::Relaxed);
+                if let Some(p) = &p {
+                    p.peer_closed.store(true, Ordering::Relaxed);
+                }
                 return 0;
             }
             Ok(Control::Reset(why)) => {
-                log::Line::new("read").kv("fd", fd).kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default()).kv("reason", why).emit();
+                let peer = p.as_ref().and_then(|p| p.peer.as_ref()).map(|v| v.id().to_string());
+                log::Line::new("read").kv("fd", fd).kv("peer_id", peer.unwrap_or_default()).kv("reason", why).emit();
                 guard::set_errno(libc::ECONNRESET);
                 return -1;
             }

@@ -73,6 +73,30 @@ pub(crate) fn attach_ulp(fd: RawFd) -> Result<(), AttachError> {
     }
 }
 
+/// Does `fd` have the "tls" ULP attached (a kTLS socket, possibly inherited across exec)?
+pub(crate) fn is_ktls_socket(fd: RawFd) -> bool {
+    let mut name = [0u8; 16];
+    let mut len = name.len() as libc::socklen_t;
+    // SAFETY: out-buffer and its length.
+    let rc = unsafe { crate::real::getsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_mut_ptr().cast(), &mut len) };
+    rc == 0 && name.starts_with(b"tls")
+}
+
+/// Ask the kernel to send any delayed ACK now (and leave delayed-ACK "pingpong" mode).
+pub(crate) fn quickack(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: pointer/length of an int.
+    unsafe {
+        crate::real::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_QUICKACK,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
+    };
+}
+
 #[repr(C)]
 #[derive(Zeroize)]
 struct Aes128 {

@@ -157,7 +157,8 @@ pub(crate) fn server(
 }
 
 fn finish(mut conn: Connection, io: &mut DeadlineIo, check: &PeerCheck) -> Result<Established, HandshakeError> {
-    let r = drive(&mut conn, io);
+    let quickack = matches!(conn, Connection::Server(_));
+    let r = drive(&mut conn, io, quickack);
     if let Some(refusal) = check.refusal() {
         return Err(HandshakeError::Refused(refusal));
     }
@@ -169,7 +170,7 @@ fn finish(mut conn: Connection, io: &mut DeadlineIo, check: &PeerCheck) -> Resul
 }
 
 /// Run the handshake to completion, one record at a time, flushing everything we owe.
-fn drive(conn: &mut Connection, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
+fn drive(conn: &mut Connection, io: &mut DeadlineIo, quickack: bool) -> Result<(), HandshakeError> {
     let mut record = Vec::with_capacity(MAX_CIPHERTEXT + 5);
     let mut flight = Vec::with_capacity(4096);
     loop {
@@ -184,6 +185,12 @@ fn drive(conn: &mut Connection, io: &mut DeadlineIo) -> Result<(), HandshakeErro
             return Ok(());
         }
         read_record(io, &mut record)?;
+        if quickack {
+            // A server that sends no tickets has nothing to piggyback its ACK of the client's
+            // last flight on; a delayed ACK (~40 ms) would then hold the client's first request
+            // behind Nagle. Ack each handshake record at once instead.
+            crate::sys::ktls::quickack(io.fd);
+        }
         let mut rest = &record[..];
         while !rest.is_empty() {
             let n = conn.read_tls(&mut rest)?;
