@@ -9,9 +9,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::io::{self, Read, Write};
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::os::unix::net::UnixListener;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -31,8 +31,6 @@ pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 
 const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
-/// One accepted scrape, ready to be answered with a renderer.
-type Scrape = Box<dyn FnOnce(&dyn Fn() -> String) + Send>;
 
 /// A counter with a fixed list of label names; values are `&'static str` from bounded sets.
 #[derive(Debug, Default)]
@@ -295,58 +293,68 @@ pub fn bind(listen: &MetricsListen) -> io::Result<Listener> {
     }
 }
 
-/// Serve `GET /metrics` on `listener` from a background thread.
-pub fn spawn(listener: Listener, render: Arc<dyn Fn() -> String + Send + Sync>) -> io::Result<()> {
+/// A scraper's connection: TCP or Unix.
+trait ScrapeStream: Read + Write + Send + 'static {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()>;
+}
+
+impl ScrapeStream for TcpStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+impl ScrapeStream for UnixStream {
+    fn set_timeouts(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))?;
+        self.set_write_timeout(Some(t))
+    }
+}
+
+/// Accept forever, answering each scrape on its own short-lived thread (at most [`MAX_SCRAPERS`]).
+fn accept_loop<S: ScrapeStream>(incoming: impl Iterator<Item = io::Result<S>>, render: &Arc<Renderer>) {
     let busy = Arc::new(AtomicUsize::new(0));
-    std::thread::Builder::new().name("metrics".into()).spawn(move || {
-        let handle = |stream: Scrape| {
-            if busy.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPERS {
-                busy.fetch_sub(1, Ordering::AcqRel);
-                debug!("metrics: too many concurrent scrapes; closing one");
-                return;
-            }
-            let (busy, render) = (Arc::clone(&busy), Arc::clone(&render));
-            let spawned = std::thread::Builder::new().name("scrape".into()).stack_size(128 << 10).spawn(move || {
-                stream(&*render);
-                busy.fetch_sub(1, Ordering::AcqRel);
-            });
-            if spawned.is_err() {
-                warn!("metrics: cannot spawn a scrape thread");
+    for s in incoming {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, "metrics accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
             }
         };
-        match listener {
-            Listener::Tcp(l) => {
-                info!(addr = ?l.local_addr().ok(), "serving metrics");
-                for s in l.incoming() {
-                    match s {
-                        Ok(s) => {
-                            let _ = s.set_read_timeout(Some(SCRAPE_TIMEOUT));
-                            let _ = s.set_write_timeout(Some(SCRAPE_TIMEOUT));
-                            handle(Box::new(move |r| answer(s, r)));
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "metrics accept failed");
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                }
-            }
-            Listener::Unix(l) => {
-                info!(path = ?l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.to_owned())), "serving metrics");
-                for s in l.incoming() {
-                    match s {
-                        Ok(s) => {
-                            let _ = s.set_read_timeout(Some(SCRAPE_TIMEOUT));
-                            let _ = s.set_write_timeout(Some(SCRAPE_TIMEOUT));
-                            handle(Box::new(move |r| answer(s, r)));
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "metrics accept failed");
-                            std::thread::sleep(Duration::from_millis(50));
-                        }
-                    }
-                }
-            }
+        if busy.fetch_add(1, Ordering::AcqRel) >= MAX_SCRAPERS {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            debug!("metrics: too many concurrent scrapes; closing one");
+            continue;
+        }
+        let _ = s.set_timeouts(SCRAPE_TIMEOUT);
+        let (busy2, render) = (Arc::clone(&busy), Arc::clone(render));
+        let spawned = std::thread::Builder::new().name("scrape".into()).stack_size(128 << 10).spawn(move || {
+            answer(s, &*render);
+            busy2.fetch_sub(1, Ordering::AcqRel);
+        });
+        if spawned.is_err() {
+            busy.fetch_sub(1, Ordering::AcqRel);
+            warn!("metrics: cannot spawn a scrape thread");
+        }
+    }
+}
+
+/// Renders the exposition at scrape time.
+pub type Renderer = dyn Fn() -> String + Send + Sync;
+
+/// Serve `GET /metrics` on `listener` from a background thread.
+pub fn spawn(listener: Listener, render: Arc<Renderer>) -> io::Result<()> {
+    std::thread::Builder::new().name("metrics".into()).spawn(move || match listener {
+        Listener::Tcp(l) => {
+            info!(addr = ?l.local_addr().ok(), "serving metrics");
+            accept_loop(l.incoming(), &render);
+        }
+        Listener::Unix(l) => {
+            info!(path = ?l.local_addr().ok().and_then(|a| a.as_pathname().map(|p| p.to_owned())), "serving metrics");
+            accept_loop(l.incoming(), &render);
         }
     })?;
     Ok(())
