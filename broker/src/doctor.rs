@@ -30,7 +30,9 @@ use crate::server::now_unix;
 use crate::sys;
 
 /// The exports every libtether.so has; a library without them is not ours or is broken.
-pub const REQUIRED_HOOKS: &[&str] = &["connect", "accept", "accept4", "close", "read", "recv", "sendfile"];
+pub const REQUIRED_HOOKS: &[&str] = &[
+    "connect", "accept", "accept4", "close", "read", "recv", "sendfile",
+];
 /// `/etc/ld.so.preload`, relative to the root.
 pub const PRELOAD_FILE: &str = "etc/ld.so.preload";
 /// How long the doctor waits for tetherd.
@@ -68,15 +70,30 @@ pub struct Finding {
 
 impl Finding {
     fn ok(check: &'static str, detail: impl Into<String>) -> Self {
-        Self { check, status: Status::Ok, detail: detail.into(), fix: None }
+        Self {
+            check,
+            status: Status::Ok,
+            detail: detail.into(),
+            fix: None,
+        }
     }
 
     fn warn(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { check, status: Status::Warn, detail: detail.into(), fix: Some(fix.into()) }
+        Self {
+            check,
+            status: Status::Warn,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 
     fn fail(check: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Self {
-        Self { check, status: Status::Fail, detail: detail.into(), fix: Some(fix.into()) }
+        Self {
+            check,
+            status: Status::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
     }
 }
 
@@ -93,7 +110,11 @@ pub struct Options<'a> {
 
 impl fmt::Debug for Options<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Options").field("socket", &self.socket).field("root", &self.root).field("lib", &self.lib).finish()
+        f.debug_struct("Options")
+            .field("socket", &self.socket)
+            .field("root", &self.root)
+            .field("lib", &self.lib)
+            .finish()
     }
 }
 
@@ -109,7 +130,10 @@ pub fn run(o: &Options<'_>) -> Vec<Finding> {
     out.push(clock_finding(&o.socket, status.is_ok()));
     out.push(preload_finding(&o.root, status.is_ok()));
     let lib = find_library(o.lib.clone(), o.env);
-    let inspected = lib.as_ref().map_err(Clone::clone).and_then(|p| inspect_library(p).map(|i| (p.clone(), i)));
+    let inspected = lib
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|p| inspect_library(p).map(|i| (p.clone(), i)));
     out.push(library_finding(&lib, &inspected));
     out.push(glibc_finding(&inspected));
     out
@@ -178,9 +202,27 @@ pub struct Cipher {
 /// The three TLS 1.3 ciphers tether can hand to the kernel (`tls12_crypto_info_*` layouts:
 /// header, iv, key, salt, rec_seq[8]).
 pub const CIPHERS: [Cipher; 3] = [
-    Cipher { name: "aes-gcm-128", id: 51, iv: 8, key: 16, salt: 4 },
-    Cipher { name: "aes-gcm-256", id: 52, iv: 8, key: 32, salt: 4 },
-    Cipher { name: "chacha20-poly1305", id: 54, iv: 12, key: 32, salt: 0 },
+    Cipher {
+        name: "aes-gcm-128",
+        id: 51,
+        iv: 8,
+        key: 16,
+        salt: 4,
+    },
+    Cipher {
+        name: "aes-gcm-256",
+        id: 52,
+        iv: 8,
+        key: 32,
+        salt: 4,
+    },
+    Cipher {
+        name: "chacha20-poly1305",
+        id: 54,
+        iv: 12,
+        key: 32,
+        salt: 0,
+    },
 ];
 
 impl Cipher {
@@ -221,7 +263,10 @@ const KTLS_FIX: &str = "modprobe tls (the kernel needs CONFIG_TLS=m or =y; Debia
 fn ktls_finding(ulp: &io::Result<()>, env: &dyn Env) -> Finding {
     const C: &str = "ktls";
     match ulp {
-        Ok(()) => Finding::ok(C, "kernel TLS available: setsockopt(TCP_ULP, \"tls\") works on a TCP socket"),
+        Ok(()) => Finding::ok(
+            C,
+            "kernel TLS available: setsockopt(TCP_ULP, \"tls\") works on a TCP socket",
+        ),
         Err(e) => {
             let detail = format!(
                 "kernel TLS missing: setsockopt(TCP_ULP, \"tls\") failed with {}; tether falls back to its \
@@ -230,7 +275,11 @@ fn ktls_finding(ulp: &io::Result<()>, env: &dyn Env) -> Finding {
             );
             let forced = env.var("TETHER_MODE").is_some_and(|m| m == "ktls");
             if forced {
-                Finding::fail(C, format!("{detail}; TETHER_MODE=ktls is set, so protected connections fail"), KTLS_FIX)
+                Finding::fail(
+                    C,
+                    format!("{detail}; TETHER_MODE=ktls is set, so protected connections fail"),
+                    KTLS_FIX,
+                )
             } else {
                 Finding::warn(C, detail, KTLS_FIX)
             }
@@ -241,7 +290,10 @@ fn ktls_finding(ulp: &io::Result<()>, env: &dyn Env) -> Finding {
 /// Where the tls module is: loaded, built in, available on disk, or nowhere.
 fn module_finding(ulp: &io::Result<()>) -> Finding {
     const C: &str = "ktls-module";
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim().to_owned();
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
     if Path::new("/sys/module/tls").exists() {
         return if Path::new("/sys/module/tls/initstate").exists() {
             Finding::ok(C, "the tls module is loaded")
@@ -250,18 +302,29 @@ fn module_finding(ulp: &io::Result<()>) -> Finding {
         };
     }
     if ulp.is_ok() {
-        return Finding::ok(C, "the tls ULP works (module state not visible in /sys/module)");
+        return Finding::ok(
+            C,
+            "the tls ULP works (module state not visible in /sys/module)",
+        );
     }
     let on_disk = ["ko", "ko.xz", "ko.zst", "ko.gz"]
         .iter()
         .map(|ext| PathBuf::from(format!("/lib/modules/{release}/kernel/net/tls/tls.{ext}")))
         .find(|p| p.exists());
     if let Some(p) = on_disk {
-        return Finding::warn(C, format!("the tls module is not loaded ({} exists)", p.display()), KTLS_FIX);
+        return Finding::warn(
+            C,
+            format!("the tls module is not loaded ({} exists)", p.display()),
+            KTLS_FIX,
+        );
     }
-    let config = fs::read_to_string(format!("/boot/config-{release}")).ok().and_then(|c| {
-        c.lines().find(|l| l.starts_with("CONFIG_TLS=") || l.starts_with("# CONFIG_TLS is not set")).map(str::to_owned)
-    });
+    let config = fs::read_to_string(format!("/boot/config-{release}"))
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("CONFIG_TLS=") || l.starts_with("# CONFIG_TLS is not set"))
+                .map(str::to_owned)
+        });
     let why = config.map(|l| format!(" ({l})")).unwrap_or_default();
     Finding::warn(
         C,
@@ -284,9 +347,16 @@ fn ciphers_finding(ulp: &io::Result<()>) -> Finding {
         }
     }
     if broken.is_empty() {
-        Finding::ok(C, format!("TLS 1.3 TLS_TX accepted for {}", works.join(", ")))
+        Finding::ok(
+            C,
+            format!("TLS 1.3 TLS_TX accepted for {}", works.join(", ")),
+        )
     } else {
-        let listed = if works.is_empty() { "none".to_owned() } else { works.join(", ") };
+        let listed = if works.is_empty() {
+            "none".to_owned()
+        } else {
+            works.join(", ")
+        };
         Finding::warn(
             C,
             format!("kernel accepts {listed}; refuses {}: connections negotiating those use userspace TLS", broken.join(", ")),
@@ -308,11 +378,20 @@ fn tetherd_finding(socket: &Path, status: &Result<StatusResponse, Error>) -> Fin
     match status {
         Ok(s) if s.version == cli => Finding::ok(
             C,
-            format!("reachable at {}: version {}, trust domain {}", socket.display(), s.version, s.trust_domain),
+            format!(
+                "reachable at {}: version {}, trust domain {}",
+                socket.display(),
+                s.version,
+                s.trust_domain
+            ),
         ),
         Ok(s) => Finding::warn(
             C,
-            format!("reachable at {}, but tetherd is version {} and this CLI {cli}", socket.display(), s.version),
+            format!(
+                "reachable at {}, but tetherd is version {} and this CLI {cli}",
+                socket.display(),
+                s.version
+            ),
             "install matching versions and restart tetherd (systemctl restart tetherd)",
         ),
         Err(e) => {
@@ -330,7 +409,11 @@ fn tetherd_finding(socket: &Path, status: &Result<StatusResponse, Error>) -> Fin
                 Error::Connect { error, .. } => error.to_string(),
                 other => other.to_string(),
             };
-            Finding::fail(C, format!("not answering at {}: {why}", socket.display()), fix)
+            Finding::fail(
+                C,
+                format!("not answering at {}: {why}", socket.display()),
+                fix,
+            )
         }
     }
 }
@@ -345,7 +428,9 @@ fn clock_finding(socket: &Path, broker_up: bool) -> Finding {
     if !(1_704_067_200..7_258_118_400).contains(&now) {
         return Finding::fail(
             C,
-            format!("system clock reads {date}, which is not plausible: certificates will not validate"),
+            format!(
+                "system clock reads {date}, which is not plausible: certificates will not validate"
+            ),
             "set the clock (timedatectl set-ntp true, or chronyc makestep), then restart tetherd",
         );
     }
@@ -421,7 +506,10 @@ fn ntp_synchronized() -> Option<bool> {
 fn civil_date(unix: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp(unix as i64)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| format!("@{unix}"))
 }
 
@@ -430,12 +518,16 @@ fn civil_date(unix: u64) -> String {
 /// The entries of an ld.so.preload text, as the loader splits them (on blanks, tabs, newlines
 /// and colons; it has no comment syntax).
 pub fn preload_entries(text: &str) -> Vec<&str> {
-    text.split([' ', '\t', '\n', ':', '\r']).filter(|s| !s.is_empty()).collect()
+    text.split([' ', '\t', '\n', ':', '\r'])
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 /// Is this preload entry a libtether?
 pub fn is_tether_entry(entry: &str) -> bool {
-    Path::new(entry).file_name().is_some_and(|n| n == "libtether.so")
+    Path::new(entry)
+        .file_name()
+        .is_some_and(|n| n == "libtether.so")
 }
 
 /// `root` joined with an absolute path from inside it.
@@ -449,16 +541,31 @@ fn preload_finding(root: &Path, broker_up: bool) -> Finding {
     let shown = Path::new("/").join(PRELOAD_FILE);
     let text = match fs::read_to_string(&file) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Finding::ok(C, format!("host-wide mode off ({} does not exist)", shown.display()))
+            return Finding::ok(
+                C,
+                format!("host-wide mode off ({} does not exist)", shown.display()),
+            )
         }
         Err(e) => {
-            return Finding::fail(C, format!("cannot read {}: {e}", shown.display()), "check its permissions (it should be 0644 root:root)")
+            return Finding::fail(
+                C,
+                format!("cannot read {}: {e}", shown.display()),
+                "check its permissions (it should be 0644 root:root)",
+            )
         }
         Ok(t) => t,
     };
     let entries = preload_entries(&text);
-    let missing: Vec<&str> = entries.iter().copied().filter(|e| !under_root(root, Path::new(e)).exists()).collect();
-    let ours: Vec<&str> = entries.iter().copied().filter(|e| is_tether_entry(e)).collect();
+    let missing: Vec<&str> = entries
+        .iter()
+        .copied()
+        .filter(|e| !under_root(root, Path::new(e)).exists())
+        .collect();
+    let ours: Vec<&str> = entries
+        .iter()
+        .copied()
+        .filter(|e| is_tether_entry(e))
+        .collect();
     if !missing.is_empty() {
         return Finding::fail(
             C,
@@ -495,11 +602,23 @@ pub fn inspect_library(path: &Path) -> Result<ElfInfo, String> {
         return Err(format!("{} is not an ELF shared object", path.display()));
     }
     if info.machine != elf::HOST_MACHINE {
-        return Err(format!("{} is for another machine (e_machine {})", path.display(), info.machine));
+        return Err(format!(
+            "{} is for another machine (e_machine {})",
+            path.display(),
+            info.machine
+        ));
     }
-    let missing: Vec<&str> = REQUIRED_HOOKS.iter().copied().filter(|s| !info.exports(s)).collect();
+    let missing: Vec<&str> = REQUIRED_HOOKS
+        .iter()
+        .copied()
+        .filter(|s| !info.exports(s))
+        .collect();
     if !missing.is_empty() {
-        return Err(format!("{} does not export {} (not libtether.so?)", path.display(), missing.join(", ")));
+        return Err(format!(
+            "{} does not export {} (not libtether.so?)",
+            path.display(),
+            missing.join(", ")
+        ));
     }
     Ok(info)
 }
@@ -517,12 +636,20 @@ pub fn insecure_path(path: &Path) -> Option<String> {
         };
         let mode = md.mode();
         if md.uid() != 0 {
-            return Some(format!("{} is owned by uid {}, not root", cur.display(), md.uid()));
+            return Some(format!(
+                "{} is owned by uid {}, not root",
+                cur.display(),
+                md.uid()
+            ));
         }
         let writable = mode & 0o022 != 0;
         let sticky_dir = md.is_dir() && mode & 0o1000 != 0;
         if writable && (first || !sticky_dir) && !md.file_type().is_symlink() {
-            return Some(format!("{} is writable by group or others (mode {:o})", cur.display(), mode & 0o7777));
+            return Some(format!(
+                "{} is writable by group or others (mode {:o})",
+                cur.display(),
+                mode & 0o7777
+            ));
         }
         first = false;
         p = cur.parent();
@@ -530,7 +657,10 @@ pub fn insecure_path(path: &Path) -> Option<String> {
     None
 }
 
-fn library_finding(lib: &Result<PathBuf, String>, inspected: &Result<(PathBuf, ElfInfo), String>) -> Finding {
+fn library_finding(
+    lib: &Result<PathBuf, String>,
+    inspected: &Result<(PathBuf, ElfInfo), String>,
+) -> Finding {
     const C: &str = "library";
     let path = match lib {
         Ok(p) => p,
@@ -543,9 +673,17 @@ fn library_finding(lib: &Result<PathBuf, String>, inspected: &Result<(PathBuf, E
         }
     };
     match inspected {
-        Err(e) => Finding::fail(C, e.clone(), "rebuild or reinstall libtether.so (cargo build --workspace, or reinstall the package)"),
+        Err(e) => Finding::fail(
+            C,
+            e.clone(),
+            "rebuild or reinstall libtether.so (cargo build --workspace, or reinstall the package)",
+        ),
         Ok((_, info)) => {
-            let detail = format!("{}: ELF shared object exporting {}", path.display(), REQUIRED_HOOKS.join(" "));
+            let detail = format!(
+                "{}: ELF shared object exporting {}",
+                path.display(),
+                REQUIRED_HOOKS.join(" ")
+            );
             match insecure_path(path) {
                 None => Finding::ok(C, detail),
                 Some(why) => Finding::warn(
@@ -565,12 +703,21 @@ pub fn host_glibc() -> Option<GlibcVersion> {
 
 /// The library's newest `GLIBC_x.y` need, compared with the host's. `Err` says why it cannot load.
 pub fn glibc_compatible(path: &Path, info: &ElfInfo) -> Result<String, String> {
-    let host = host_glibc().ok_or_else(|| format!("cannot tell the host's glibc version ({:?})", sys::glibc_version()))?;
+    let host = host_glibc().ok_or_else(|| {
+        format!(
+            "cannot tell the host's glibc version ({:?})",
+            sys::glibc_version()
+        )
+    })?;
     match info.max_glibc() {
-        None => Ok(format!("host glibc {host}; {} needs no versioned glibc symbols", path.display())),
-        Some(need) if need <= host => {
-            Ok(format!("host glibc {host} >= {need}, the newest version {} needs (.gnu.version_r)", path.display()))
-        }
+        None => Ok(format!(
+            "host glibc {host}; {} needs no versioned glibc symbols",
+            path.display()
+        )),
+        Some(need) if need <= host => Ok(format!(
+            "host glibc {host} >= {need}, the newest version {} needs (.gnu.version_r)",
+            path.display()
+        )),
         Some(need) => Err(format!(
             "{} needs GLIBC_{need} but the host has glibc {host}: the loader would refuse it",
             path.display()
@@ -582,7 +729,11 @@ fn glibc_finding(inspected: &Result<(PathBuf, ElfInfo), String>) -> Finding {
     const C: &str = "glibc";
     let Ok((path, info)) = inspected else {
         let host = sys::glibc_version();
-        return Finding::warn(C, format!("host glibc {host}; library not checked"), "see the library check");
+        return Finding::warn(
+            C,
+            format!("host glibc {host}; library not checked"),
+            "see the library check",
+        );
     };
     match glibc_compatible(path, info) {
         Ok(d) => Finding::ok(C, d),
@@ -602,7 +753,10 @@ mod tests {
     #[test]
     fn crypto_info_layouts_match_the_kernel_structs() {
         // tls12_crypto_info_aes_gcm_128 = 40, _256 = 56, chacha20_poly1305 = 56 bytes.
-        let sizes: Vec<usize> = CIPHERS.iter().map(|c| c.dummy_crypto_info().len()).collect();
+        let sizes: Vec<usize> = CIPHERS
+            .iter()
+            .map(|c| c.dummy_crypto_info().len())
+            .collect();
         assert_eq!(sizes, [40, 56, 56]);
         let info = CIPHERS[0].dummy_crypto_info();
         assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 0x0304);
@@ -612,15 +766,30 @@ mod tests {
     #[test]
     fn preload_entries_split_like_the_loader() {
         let t = "/a/libx.so /usr/lib/tether/libtether.so\n\n/b.so:/c.so\t/d.so\n";
-        assert_eq!(preload_entries(t), ["/a/libx.so", "/usr/lib/tether/libtether.so", "/b.so", "/c.so", "/d.so"]);
+        assert_eq!(
+            preload_entries(t),
+            [
+                "/a/libx.so",
+                "/usr/lib/tether/libtether.so",
+                "/b.so",
+                "/c.so",
+                "/d.so"
+            ]
+        );
         assert!(is_tether_entry("/usr/lib/tether/libtether.so"));
         assert!(!is_tether_entry("/usr/lib/libtether.so.1"));
     }
 
     #[test]
     fn under_root_keeps_absolute_paths_inside() {
-        assert_eq!(under_root(Path::new("/tmp/r"), Path::new("/etc/x")), PathBuf::from("/tmp/r/etc/x"));
-        assert_eq!(under_root(Path::new("/"), Path::new("/etc/x")), PathBuf::from("/etc/x"));
+        assert_eq!(
+            under_root(Path::new("/tmp/r"), Path::new("/etc/x")),
+            PathBuf::from("/tmp/r/etc/x")
+        );
+        assert_eq!(
+            under_root(Path::new("/"), Path::new("/etc/x")),
+            PathBuf::from("/etc/x")
+        );
     }
 
     #[test]
@@ -650,6 +819,8 @@ mod tests {
     }
 
     fn nix_is_root() -> bool {
-        fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+        fs::metadata("/proc/self")
+            .map(|m| m.uid() == 0)
+            .unwrap_or(false)
     }
 }

@@ -116,27 +116,47 @@ impl Reader {
         }
         self.f.seek(SeekFrom::Start(off))?;
         let mut v = vec![0u8; len as usize];
-        self.f.read_exact(&mut v).map_err(|_| invalid("truncated ELF file"))?;
+        self.f
+            .read_exact(&mut v)
+            .map_err(|_| invalid("truncated ELF file"))?;
         Ok(v)
     }
 
     fn u16(&self, b: &[u8], at: usize) -> io::Result<u16> {
-        let s = b.get(at..at + 2).ok_or_else(|| invalid("truncated ELF structure"))?;
+        let s = b
+            .get(at..at + 2)
+            .ok_or_else(|| invalid("truncated ELF structure"))?;
         let a = [s[0], s[1]];
-        Ok(if self.le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) })
+        Ok(if self.le {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        })
     }
 
     fn u32(&self, b: &[u8], at: usize) -> io::Result<u32> {
-        let s = b.get(at..at + 4).ok_or_else(|| invalid("truncated ELF structure"))?;
+        let s = b
+            .get(at..at + 4)
+            .ok_or_else(|| invalid("truncated ELF structure"))?;
         let a = [s[0], s[1], s[2], s[3]];
-        Ok(if self.le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) })
+        Ok(if self.le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        })
     }
 
     fn u64(&self, b: &[u8], at: usize) -> io::Result<u64> {
-        let s = b.get(at..at + 8).ok_or_else(|| invalid("truncated ELF structure"))?;
+        let s = b
+            .get(at..at + 8)
+            .ok_or_else(|| invalid("truncated ELF structure"))?;
         let mut a = [0u8; 8];
         a.copy_from_slice(s);
-        Ok(if self.le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) })
+        Ok(if self.le {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        })
     }
 
     /// A word: 8 bytes in ELF64, 4 in ELF32.
@@ -214,7 +234,14 @@ pub fn inspect(path: &Path) -> io::Result<ElfInfo> {
             }
         }
     }
-    let mut info = ElfInfo { is64, kind, machine, has_interp, exports: Vec::new(), version_needs: Vec::new() };
+    let mut info = ElfInfo {
+        is64,
+        kind,
+        machine,
+        has_interp,
+        exports: Vec::new(),
+        version_needs: Vec::new(),
+    };
     if shnum == 0 {
         return Ok(info);
     }
@@ -234,7 +261,9 @@ pub fn inspect(path: &Path) -> io::Result<ElfInfo> {
         });
     }
     let strings_of = |r: &mut Reader, s: &Section| -> io::Result<Vec<u8>> {
-        let t = sections.get(s.link as usize).ok_or_else(|| invalid("bad sh_link"))?;
+        let t = sections
+            .get(s.link as usize)
+            .ok_or_else(|| invalid("bad sh_link"))?;
         r.at(t.offset, t.size)
     };
     for s in &sections {
@@ -245,7 +274,11 @@ pub fn inspect(path: &Path) -> io::Result<ElfInfo> {
                 let size = if is64 { 24 } else { 16 };
                 for sym in syms.chunks_exact(size) {
                     let name = r.u32(sym, 0)?;
-                    let (st_info, shndx) = if is64 { (sym[4], r.u16(sym, 6)?) } else { (sym[12], r.u16(sym, 14)?) };
+                    let (st_info, shndx) = if is64 {
+                        (sym[4], r.u16(sym, 6)?)
+                    } else {
+                        (sym[12], r.u16(sym, 14)?)
+                    };
                     let binding = st_info >> 4;
                     // Defined (not SHN_UNDEF) and global (1) or weak (2).
                     if shndx != 0 && (binding == 1 || binding == 2) && name != 0 {
@@ -289,7 +322,12 @@ mod tests {
     use super::*;
 
     fn libc_path() -> std::path::PathBuf {
-        for p in ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6", "/lib64/libc.so.6", "/usr/lib/libc.so.6"] {
+        for p in [
+            "/lib/x86_64-linux-gnu/libc.so.6",
+            "/lib/aarch64-linux-gnu/libc.so.6",
+            "/lib64/libc.so.6",
+            "/usr/lib/libc.so.6",
+        ] {
             if Path::new(p).exists() {
                 return p.into();
             }
@@ -302,7 +340,11 @@ mod tests {
         let info = inspect(&libc_path()).unwrap();
         assert!(info.is_shared_object());
         assert_eq!(info.machine, HOST_MACHINE);
-        assert!(info.exports("connect") && info.exports("accept4"), "{:?}", &info.exports[..10]);
+        assert!(
+            info.exports("connect") && info.exports("accept4"),
+            "{:?}",
+            &info.exports[..10]
+        );
         assert!(!info.exports("definitely_not_a_libc_symbol"));
     }
 

@@ -79,25 +79,37 @@ fn read_preload(path: &Path) -> Result<Option<String>, Refused> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return refuse(format!("{}: {e}", path.display())),
         Ok(m) if !m.is_file() => {
-            return refuse(format!("{} is not a regular file (symlink?): edit it by hand", path.display()))
+            return refuse(format!(
+                "{} is not a regular file (symlink?): edit it by hand",
+                path.display()
+            ))
         }
         Ok(_) => {}
     }
-    fs::read_to_string(path).map(Some).map_err(|e| Refused(format!("cannot read {}: {e}", path.display())))
+    fs::read_to_string(path)
+        .map(Some)
+        .map_err(|e| Refused(format!("cannot read {}: {e}", path.display())))
 }
 
 fn write_preload(path: &Path, text: &str) -> Result<(), Refused> {
-    write_atomically(path, text.as_bytes(), 0o644).map_err(|e| Refused(format!("cannot write {}: {e}", path.display())))
+    write_atomically(path, text.as_bytes(), 0o644)
+        .map_err(|e| Refused(format!("cannot write {}: {e}", path.display())))
 }
 
 /// Every guard of the host-wide install, in order; nothing is written by this function.
 pub fn check_host_wide(o: &HostWide) -> Result<(), Refused> {
     if !o.lib.is_absolute() {
-        return refuse(format!("--lib {} must be an absolute path", o.lib.display()));
+        return refuse(format!(
+            "--lib {} must be an absolute path",
+            o.lib.display()
+        ));
     }
     let on_disk = under_root(&o.root, &o.lib);
     if !on_disk.is_file() {
-        return refuse(format!("refusing: {} does not exist (install the package, or pass --lib)", on_disk.display()));
+        return refuse(format!(
+            "refusing: {} does not exist (install the package, or pass --lib)",
+            on_disk.display()
+        ));
     }
     let info = doctor::inspect_library(&on_disk).map_err(|e| Refused(format!("refusing: {e}")))?;
     doctor::glibc_compatible(&on_disk, &info).map_err(|e| {
@@ -128,10 +140,16 @@ pub fn install_host_wide(o: &HostWide) -> Result<Outcome, Refused> {
     let text = read_preload(&path)?.unwrap_or_default();
     let ours = o.lib.to_string_lossy().into_owned();
     let entries = preload_entries(&text);
-    if entries.iter().any(|e| *e == ours) && entries.iter().filter(|e| is_tether_entry(e)).count() == 1 {
+    if entries.iter().any(|e| *e == ours)
+        && entries.iter().filter(|e| is_tether_entry(e)).count() == 1
+    {
         return Ok(Outcome::AlreadyThere);
     }
-    let others: Vec<&str> = entries.iter().copied().filter(|e| is_tether_entry(e) && *e != ours).collect();
+    let others: Vec<&str> = entries
+        .iter()
+        .copied()
+        .filter(|e| is_tether_entry(e) && *e != ours)
+        .collect();
     if !others.is_empty() && !o.force {
         return refuse(format!(
             "refusing: {} already preloads another libtether ({}); tether install --uninstall first, or pass --force",
@@ -165,7 +183,8 @@ pub fn uninstall_host_wide(root: &Path) -> Result<Outcome, Refused> {
         return Ok(Outcome::NothingToRemove);
     }
     if preload_entries(&kept).is_empty() {
-        fs::remove_file(&path).map_err(|e| Refused(format!("cannot remove {}: {e}", path.display())))?;
+        fs::remove_file(&path)
+            .map_err(|e| Refused(format!("cannot remove {}: {e}", path.display())))?;
     } else {
         write_preload(&path, &kept)?;
     }
@@ -184,8 +203,16 @@ fn remove_tether_entries(text: &str) -> (String, Vec<String>) {
             kept.push('\n');
             continue;
         }
-        removed.extend(entries.iter().filter(|e| is_tether_entry(e)).map(|e| (*e).to_owned()));
-        let rest: Vec<&str> = entries.into_iter().filter(|e| !is_tether_entry(e)).collect();
+        removed.extend(
+            entries
+                .iter()
+                .filter(|e| is_tether_entry(e))
+                .map(|e| (*e).to_owned()),
+        );
+        let rest: Vec<&str> = entries
+            .into_iter()
+            .filter(|e| !is_tether_entry(e))
+            .collect();
         if !rest.is_empty() {
             kept.push_str(&rest.join(" "));
             kept.push('\n');
@@ -236,7 +263,9 @@ pub fn unit_name(name: &str) -> Result<String, Refused> {
     let ok = !base.is_empty()
         && base.len() <= 248
         && !base.starts_with('.')
-        && base.bytes().all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b));
+        && base
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b":-_.\\@".contains(&b));
     if !ok {
         return refuse(format!("{name:?} is not a systemd service name"));
     }
@@ -245,20 +274,35 @@ pub fn unit_name(name: &str) -> Result<String, Refused> {
 
 /// `root/etc/systemd/system/NAME.service.d/tether.conf`.
 pub fn dropin_path(root: &Path, unit: &str) -> PathBuf {
-    root.join("etc/systemd/system").join(format!("{unit}.d")).join(DROPIN_NAME)
+    root.join("etc/systemd/system")
+        .join(format!("{unit}.d"))
+        .join(DROPIN_NAME)
 }
 
 /// The drop-in text for `lib` and `socket`.
 pub fn render_dropin(lib: &Path, socket: &Path) -> String {
-    DROPIN_TEMPLATE.replace("@TETHER_LIB@", &lib.to_string_lossy()).replace("@TETHER_SOCKET@", &socket.to_string_lossy())
+    DROPIN_TEMPLATE
+        .replace("@TETHER_LIB@", &lib.to_string_lossy())
+        .replace("@TETHER_SOCKET@", &socket.to_string_lossy())
 }
 
 /// Write the drop-in for `name`; returns its path and the commands to apply it.
-pub fn enable_unit(root: &Path, name: &str, lib: &Path, socket: &Path) -> Result<(PathBuf, String), Refused> {
+pub fn enable_unit(
+    root: &Path,
+    name: &str,
+    lib: &Path,
+    socket: &Path,
+) -> Result<(PathBuf, String), Refused> {
     let unit = unit_name(name)?;
     for (what, p) in [("--lib", lib), ("--socket", socket)] {
-        if !p.is_absolute() || p.to_string_lossy().contains(|c: char| c.is_whitespace() || c == '"' || c == '\\') {
-            return refuse(format!("{what} {} must be an absolute path without blanks, quotes or backslashes", p.display()));
+        if !p.is_absolute()
+            || p.to_string_lossy()
+                .contains(|c: char| c.is_whitespace() || c == '"' || c == '\\')
+        {
+            return refuse(format!(
+                "{what} {} must be an absolute path without blanks, quotes or backslashes",
+                p.display()
+            ));
         }
     }
     let path = dropin_path(root, &unit);
@@ -266,7 +310,10 @@ pub fn enable_unit(root: &Path, name: &str, lib: &Path, socket: &Path) -> Result
     fs::create_dir_all(dir).map_err(|e| Refused(format!("{}: {e}", dir.display())))?;
     write_atomically(&path, render_dropin(lib, socket).as_bytes(), 0o644)
         .map_err(|e| Refused(format!("cannot write {}: {e}", path.display())))?;
-    Ok((path, format!("systemctl daemon-reload && systemctl restart {unit}")))
+    Ok((
+        path,
+        format!("systemctl daemon-reload && systemctl restart {unit}"),
+    ))
 }
 
 /// Remove the drop-in for `name` (and its directory when empty). `Ok(None)` when there was none.
@@ -281,7 +328,10 @@ pub fn disable_unit(root: &Path, name: &str) -> Result<Option<(PathBuf, String)>
     if let Some(dir) = path.parent() {
         let _ = fs::remove_dir(dir); // only succeeds when empty
     }
-    Ok(Some((path, format!("systemctl daemon-reload && systemctl restart {unit}"))))
+    Ok(Some((
+        path,
+        format!("systemctl daemon-reload && systemctl restart {unit}"),
+    )))
 }
 
 #[cfg(test)]
@@ -310,9 +360,18 @@ mod tests {
 
     #[test]
     fn the_dropin_template_is_filled() {
-        let t = render_dropin(Path::new("/usr/lib/tether/libtether.so"), Path::new("/run/tether/tetherd.sock"));
-        assert!(t.contains("Environment=LD_PRELOAD=/usr/lib/tether/libtether.so\n"), "{t}");
-        assert!(t.contains("Environment=TETHER_SOCKET=/run/tether/tetherd.sock\n"), "{t}");
+        let t = render_dropin(
+            Path::new("/usr/lib/tether/libtether.so"),
+            Path::new("/run/tether/tetherd.sock"),
+        );
+        assert!(
+            t.contains("Environment=LD_PRELOAD=/usr/lib/tether/libtether.so\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Environment=TETHER_SOCKET=/run/tether/tetherd.sock\n"),
+            "{t}"
+        );
         assert!(t.contains("After=tetherd.service") && t.contains("Wants=tetherd.service"));
         assert!(!t.contains('@'));
     }

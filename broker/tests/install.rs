@@ -33,13 +33,21 @@ impl RealPreloadUntouched {
 
 impl Drop for RealPreloadUntouched {
     fn drop(&mut self) {
-        assert_eq!(real_preload(), self.0, "the real /etc/ld.so.preload changed!");
+        assert_eq!(
+            real_preload(),
+            self.0,
+            "the real /etc/ld.so.preload changed!"
+        );
     }
 }
 
 fn built_lib() -> PathBuf {
     let p = Path::new(TETHER).with_file_name("libtether.so");
-    assert!(p.is_file(), "{} missing: build the workspace first (cargo build --workspace)", p.display());
+    assert!(
+        p.is_file(),
+        "{} missing: build the workspace first (cargo build --workspace)",
+        p.display()
+    );
     p
 }
 
@@ -59,22 +67,42 @@ fn root_with_lib(tag: &str) -> TempDir {
 }
 
 fn tether(args: &[&str]) -> Output {
-    Command::new(TETHER).args(args).env_remove("TETHER_LIB").output().unwrap()
+    Command::new(TETHER)
+        .args(args)
+        .env_remove("TETHER_LIB")
+        .output()
+        .unwrap()
 }
 
 fn install(root: &TempDir, socket: &Path, extra: &[&str]) -> Output {
-    let mut args = vec!["install", "--host-wide", "--root", root.path().to_str().unwrap(), "--lib", LIB];
+    let mut args = vec![
+        "install",
+        "--host-wide",
+        "--root",
+        root.path().to_str().unwrap(),
+        "--lib",
+        LIB,
+    ];
     args.extend(["--socket", socket.to_str().unwrap()]);
     args.extend_from_slice(extra);
     tether(&args)
 }
 
 fn uninstall(root: &TempDir) -> Output {
-    tether(&["install", "--uninstall", "--root", root.path().to_str().unwrap()])
+    tether(&[
+        "install",
+        "--uninstall",
+        "--root",
+        root.path().to_str().unwrap(),
+    ])
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 fn preload(root: &TempDir) -> Option<String> {
@@ -100,14 +128,26 @@ fn install_is_idempotent_and_uninstall_keeps_other_entries() {
     assert_eq!(fs::read_dir(root.path().join("etc")).unwrap().count(), 1);
 
     let o = install(&root, &d.socket, &[]);
-    assert!(o.status.success() && text(&o).contains("already on"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("already on"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(preload(&root).unwrap(), format!("/opt/other.so\n{LIB}\n"));
 
     let o = uninstall(&root);
-    assert!(o.status.success() && text(&o).contains("host-wide mode off"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("host-wide mode off"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(preload(&root).unwrap(), "/opt/other.so\n");
     let o = uninstall(&root);
-    assert!(o.status.success() && text(&o).contains("already off"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("already off"),
+        "{}",
+        text(&o)
+    );
 
     // Alone in the file: uninstall removes the file it created.
     fs::remove_file(root.path().join("etc/ld.so.preload")).unwrap();
@@ -118,7 +158,13 @@ fn install_is_idempotent_and_uninstall_keeps_other_entries() {
 
     // The doctor agrees with what install did.
     assert!(install(&root, &d.socket, &[]).status.success());
-    let o = tether(&["doctor", "--socket", d.socket.to_str().unwrap(), "--root", root.path().to_str().unwrap()]);
+    let o = tether(&[
+        "doctor",
+        "--socket",
+        d.socket.to_str().unwrap(),
+        "--root",
+        root.path().to_str().unwrap(),
+    ]);
     assert!(text(&o).contains("host-wide mode ON"), "{}", text(&o));
 }
 
@@ -131,9 +177,17 @@ fn install_refuses_unsafe_libraries_old_glibc_and_a_silent_tetherd() {
     let refused = |root: &TempDir, socket: &Path, extra: &[&str], why: &str| {
         fs::write(root.path().join("etc/ld.so.preload"), before).unwrap();
         let o = install(root, socket, extra);
-        assert!(!o.status.success(), "installed although {why}: {}", text(&o));
+        assert!(
+            !o.status.success(),
+            "installed although {why}: {}",
+            text(&o)
+        );
         assert!(text(&o).contains(why), "expected {why:?} in: {}", text(&o));
-        assert_eq!(preload(root).unwrap(), before, "a refused install changed the file");
+        assert_eq!(
+            preload(root).unwrap(),
+            before,
+            "a refused install changed the file"
+        );
     };
 
     // The library is missing.
@@ -153,8 +207,14 @@ fn install_refuses_unsafe_libraries_old_glibc_and_a_silent_tetherd() {
     // Built for a newer glibc than the host has: rewrite its newest GLIBC_2.N need to 9.N.
     let root = root_with_lib("inst-glibc");
     let lib = root.path().join(&LIB[1..]);
-    let need = tether_broker::elf::inspect(&lib).unwrap().max_glibc().unwrap();
-    let (from, to) = (format!("GLIBC_{need}\0"), format!("GLIBC_9{}\0", &need.to_string()[1..]));
+    let need = tether_broker::elf::inspect(&lib)
+        .unwrap()
+        .max_glibc()
+        .unwrap();
+    let (from, to) = (
+        format!("GLIBC_{need}\0"),
+        format!("GLIBC_9{}\0", &need.to_string()[1..]),
+    );
     let mut bytes = fs::read(&lib).unwrap();
     let mut n = 0;
     for i in 0..bytes.len() - from.len() {
@@ -179,21 +239,47 @@ fn install_refuses_unsafe_libraries_old_glibc_and_a_silent_tetherd() {
     let root = root_with_lib("inst-perms");
     let lib = root.path().join(&LIB[1..]);
     std::os::unix::fs::chown(&lib, Some(common::NOBODY_UID), None).unwrap();
-    refused(&root, &d.socket, &["--force"], "owned by uid 65534, not root");
+    refused(
+        &root,
+        &d.socket,
+        &["--force"],
+        "owned by uid 65534, not root",
+    );
     std::os::unix::fs::chown(&lib, Some(0), None).unwrap();
     fs::set_permissions(&lib, fs::Permissions::from_mode(0o664)).unwrap();
-    refused(&root, &d.socket, &["--force"], "writable by group or others");
+    refused(
+        &root,
+        &d.socket,
+        &["--force"],
+        "writable by group or others",
+    );
     fs::set_permissions(&lib, fs::Permissions::from_mode(0o644)).unwrap();
     fs::set_permissions(lib.parent().unwrap(), fs::Permissions::from_mode(0o777)).unwrap();
-    refused(&root, &d.socket, &["--force"], "writable by group or others");
+    refused(
+        &root,
+        &d.socket,
+        &["--force"],
+        "writable by group or others",
+    );
     fs::set_permissions(lib.parent().unwrap(), fs::Permissions::from_mode(0o755)).unwrap();
     assert!(install(&root, &d.socket, &[]).status.success());
 
     // A relative --lib.
     let root = root_with_lib("inst-relative");
     fs::write(root.path().join("etc/ld.so.preload"), before).unwrap();
-    let o = tether(&["install", "--host-wide", "--root", root.path().to_str().unwrap(), "--lib", "libtether.so"]);
-    assert!(!o.status.success() && text(&o).contains("absolute"), "{}", text(&o));
+    let o = tether(&[
+        "install",
+        "--host-wide",
+        "--root",
+        root.path().to_str().unwrap(),
+        "--lib",
+        "libtether.so",
+    ]);
+    assert!(
+        !o.status.success() && text(&o).contains("absolute"),
+        "{}",
+        text(&o)
+    );
 }
 
 /// The real-/etc code path (`--root /`), run where /etc is a bind-mounted copy: a private mount
@@ -209,7 +295,12 @@ fn real_etc_path_inside_a_mount_namespace() {
     let d = Daemon::start(&[]);
     let work = TempDir::new("inst-ns");
     let etc = work.path().join("etc");
-    let ok = Command::new("cp").arg("-a").arg("/etc/.").arg(&etc).status().unwrap();
+    let ok = Command::new("cp")
+        .arg("-a")
+        .arg("/etc/.")
+        .arg(&etc)
+        .status()
+        .unwrap();
     assert!(ok.success());
     let marker = format!(".tether-test-copy-{}", std::process::id());
     fs::write(etc.join(&marker), b"").unwrap();
@@ -233,7 +324,16 @@ cat /etc/ld.so.preload >"$out/after-install"
 if [ -e /etc/ld.so.preload ]; then cat /etc/ld.so.preload >"$out/after-uninstall"; fi
 "#;
     let st = Command::new("unshare")
-        .args(["--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"])
+        .args([
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+            "sh",
+            "-c",
+            script,
+            "sh",
+        ])
         .arg(&etc)
         .arg(&marker)
         .arg(TETHER)
@@ -243,50 +343,114 @@ if [ -e /etc/ld.so.preload ]; then cat /etc/ld.so.preload >"$out/after-uninstall
         .env_remove("TETHER_LIB")
         .output()
         .unwrap();
-    assert!(st.status.success(), "namespace script failed: {}", text(&st));
+    assert!(
+        st.status.success(),
+        "namespace script failed: {}",
+        text(&st)
+    );
     let installed = fs::read_to_string(out.join("after-install")).unwrap();
-    let orig = guard.0.clone().map(|b| String::from_utf8(b).unwrap()).unwrap_or_default();
-    assert!(installed.ends_with(&format!("{}\n", lib.display())), "{installed}");
-    assert!(installed.starts_with(&orig), "other entries kept: {installed}");
+    let orig = guard
+        .0
+        .clone()
+        .map(|b| String::from_utf8(b).unwrap())
+        .unwrap_or_default();
+    assert!(
+        installed.ends_with(&format!("{}\n", lib.display())),
+        "{installed}"
+    );
+    assert!(
+        installed.starts_with(&orig),
+        "other entries kept: {installed}"
+    );
     let after = fs::read_to_string(out.join("after-uninstall")).ok();
-    assert_eq!(after.unwrap_or_default(), orig, "uninstall restored the copy");
+    assert_eq!(
+        after.unwrap_or_default(),
+        orig,
+        "uninstall restored the copy"
+    );
     // The copy, not the real file, was written.
     assert_eq!(fs::read(etc.join("ld.so.preload")).ok(), guard.0);
     drop(guard); // asserts the real /etc/ld.so.preload is unchanged
 }
 
 fn nix_root() -> bool {
-    fs::metadata("/proc/self").map(|m| m.uid() == 0).unwrap_or(false)
+    fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
 }
 
 #[test]
 fn enable_unit_writes_a_dropin_and_disable_unit_removes_it() {
     let root = TempDir::new("unit");
     let r = root.path().to_str().unwrap();
-    let o = tether(&["enable-unit", "nginx", "--root", r, "--lib", LIB, "--socket", "/run/tether/tetherd.sock"]);
+    let o = tether(&[
+        "enable-unit",
+        "nginx",
+        "--root",
+        r,
+        "--lib",
+        LIB,
+        "--socket",
+        "/run/tether/tetherd.sock",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(text(&o).contains("systemctl daemon-reload && systemctl restart nginx.service"), "{}", text(&o));
-    let path = root.path().join("etc/systemd/system/nginx.service.d/tether.conf");
+    assert!(
+        text(&o).contains("systemctl daemon-reload && systemctl restart nginx.service"),
+        "{}",
+        text(&o)
+    );
+    let path = root
+        .path()
+        .join("etc/systemd/system/nginx.service.d/tether.conf");
     let conf = fs::read_to_string(&path).unwrap();
     assert!(conf.contains(&format!("[Service]\nEnvironment=LD_PRELOAD={LIB}\nEnvironment=TETHER_SOCKET=/run/tether/tetherd.sock\n")), "{conf}");
-    assert!(conf.contains("[Unit]\nWants=tetherd.service\nAfter=tetherd.service\n"), "{conf}");
+    assert!(
+        conf.contains("[Unit]\nWants=tetherd.service\nAfter=tetherd.service\n"),
+        "{conf}"
+    );
     assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o644);
 
     // Rewriting is fine (atomic replace); NAME.service is accepted too.
-    let o = tether(&["enable-unit", "nginx.service", "--root", r, "--lib", LIB, "--socket", "/run/t.sock"]);
+    let o = tether(&[
+        "enable-unit",
+        "nginx.service",
+        "--root",
+        r,
+        "--lib",
+        LIB,
+        "--socket",
+        "/run/t.sock",
+    ]);
     assert!(o.status.success(), "{}", text(&o));
-    assert!(fs::read_to_string(&path).unwrap().contains("TETHER_SOCKET=/run/t.sock"));
+    assert!(fs::read_to_string(&path)
+        .unwrap()
+        .contains("TETHER_SOCKET=/run/t.sock"));
 
     for bad in ["../../etc/passwd", "a/b", ""] {
         let o = tether(&["enable-unit", bad, "--root", r, "--lib", LIB]);
         assert!(!o.status.success(), "{bad:?} accepted");
     }
     let o = tether(&["enable-unit", "x", "--root", r, "--lib", "relative.so"]);
-    assert!(!o.status.success() && text(&o).contains("absolute"), "{}", text(&o));
+    assert!(
+        !o.status.success() && text(&o).contains("absolute"),
+        "{}",
+        text(&o)
+    );
 
     let o = tether(&["disable-unit", "nginx", "--root", r]);
-    assert!(o.status.success() && text(&o).contains("removed"), "{}", text(&o));
-    assert!(!path.parent().unwrap().exists(), "empty drop-in dir removed");
+    assert!(
+        o.status.success() && text(&o).contains("removed"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        !path.parent().unwrap().exists(),
+        "empty drop-in dir removed"
+    );
     let o = tether(&["disable-unit", "nginx", "--root", r]);
-    assert!(o.status.success() && text(&o).contains("no tether drop-in"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("no tether drop-in"),
+        "{}",
+        text(&o)
+    );
 }

@@ -83,19 +83,14 @@ enum Command {
     /// Host-wide mode: add libtether.so to /etc/ld.so.preload (--host-wide), or remove it
     /// (--uninstall). Refuses a missing or unsafe library, a too-old glibc, or a silent tetherd.
     Install {
+        /// Add libtether.so to /etc/ld.so.preload: every program started afterwards loads it.
         #[arg(long, required_unless_present = "uninstall", conflicts_with = "uninstall")]
         host_wide: bool,
         /// Remove libtether from /etc/ld.so.preload, keeping other entries.
         #[arg(long)]
         uninstall: bool,
-        /// Filesystem root to install into (paths are taken inside it).
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        root: PathBuf,
-        /// Absolute path of libtether.so (default: where `tether run` looks).
-        #[arg(long, value_name = "PATH")]
-        lib: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        at: Placement,
         /// Install even if tetherd is not answering, and replace another libtether entry.
         #[arg(long)]
         force: bool,
@@ -103,12 +98,8 @@ enum Command {
     /// Put systemd service NAME under tether: write /etc/systemd/system/NAME.service.d/tether.conf.
     EnableUnit {
         name: String,
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        root: PathBuf,
-        #[arg(long, value_name = "PATH")]
-        lib: Option<PathBuf>,
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
+        #[command(flatten)]
+        at: Placement,
     },
     /// Remove the drop-in written by enable-unit.
     DisableUnit {
@@ -161,6 +152,20 @@ enum PolicyCommand {
     },
 }
 
+/// Where `install` and `enable-unit` act.
+#[derive(Debug, clap::Args)]
+struct Placement {
+    /// Filesystem root to act in (every path is taken inside it).
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+    /// Absolute path of libtether.so (default: where `tether run` looks).
+    #[arg(long, value_name = "PATH")]
+    lib: Option<PathBuf>,
+    /// tetherd's socket (default: $TETHER_SOCKET, else /run/tether/tetherd.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -172,12 +177,10 @@ fn main() -> ExitCode {
         Command::Doctor { socket, lib, root, json } => {
             return doctor(socket_path(socket, &ProcessEnv), lib, root, json);
         }
-        Command::Install { host_wide: _, uninstall, root, lib, socket, force } => {
-            install(uninstall, root, lib, socket_path(socket, &ProcessEnv), force)
+        Command::Install { host_wide: _, uninstall, at, force } => {
+            install(uninstall, at.root, at.lib, socket_path(at.socket, &ProcessEnv), force)
         }
-        Command::EnableUnit { name, root, lib, socket } => {
-            enable_unit(&name, &root, lib, &socket_path(socket, &ProcessEnv))
-        }
+        Command::EnableUnit { name, at } => enable_unit(&name, &at.root, at.lib, &socket_path(at.socket, &ProcessEnv)),
         Command::DisableUnit { name, root } => disable_unit(&name, &root),
         Command::Connections { socket, json } => {
             tether_broker::connections::command(&socket_path(socket, &ProcessEnv), json).map(|s| print!("{s}"))
