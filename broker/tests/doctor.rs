@@ -141,7 +141,8 @@ fn doctor_reports_kernel_tls_and_a_healthy_setup() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&text.stdout);
-    println!("{text}");
+    // Own lines: under --nocapture the harness has just printed "test NAME ... ".
+    println!("\n{text}");
     assert!(text.contains("ok    tetherd"), "{text}");
     if !kernel_has_ktls() {
         assert!(
