@@ -49,12 +49,13 @@ pub(crate) fn ensure_init() {
     });
 }
 
-// Lock order: identity (fetch, state) -> fd table -> reporter -> relay.
+// Lock order: identity (fetch, state) -> fd table -> reporter -> inbound pool -> relay.
 extern "C" fn atfork_prepare() {
     guard::internal(|| {
         identity::atfork_prepare();
         fd_table::atfork_prepare();
         report::atfork_prepare();
+        ops::inbound::atfork_prepare();
         fallback::atfork_prepare();
     });
 }
@@ -62,6 +63,7 @@ extern "C" fn atfork_prepare() {
 extern "C" fn atfork_parent() {
     guard::internal(|| {
         fallback::atfork_parent();
+        ops::inbound::atfork_parent();
         report::atfork_release();
         fd_table::atfork_release();
         identity::atfork_parent();
@@ -71,6 +73,7 @@ extern "C" fn atfork_parent() {
 extern "C" fn atfork_child() {
     guard::internal(|| {
         fallback::atfork_child();
+        ops::inbound::atfork_child();
         report::atfork_release();
         fd_table::atfork_release();
         identity::atfork_child();

@@ -1,24 +1,22 @@
-//! Inbound: accept(2)/accept4(2) on a protected port.
+//! Inbound: accept(2)/accept4(2).
 //!
-//! A client that fails the handshake (garbage, a bad or unlisted SVID, silence past the
-//! timeout) is closed and the real accept is called again, so the program only ever sees
-//! verified connections: a blocking listener keeps waiting for the next client, and a
-//! non-blocking one gets the kernel's own EAGAIN when the backlog is empty.
+//! Unprotected ports pass straight through. On a protected port (a `mutual` or `permissive`
+//! inbound rule) the handshake runs on a tether thread, never inside the program's accept (see
+//! [`super::inbound`]): the program only ever receives connections whose handshake finished,
+//! and a client that fails (garbage, a truncated hello, silence, a bad or unlisted SVID) is
+//! logged and closed without the program seeing it or waiting for it.
 
 use std::os::fd::RawFd;
-use std::time::Instant;
 
 use libc::{c_int, sockaddr, socklen_t};
 use tether_proto::Mode;
 
+use super::inbound::{self, Next};
 use super::protect::{self, Failure};
 use crate::fd_table::{self, Direction};
 use crate::guard::Outcome;
 use crate::sys::net;
 use crate::{identity, log, settings};
-
-/// First byte of a TLS handshake record.
-const TLS_HANDSHAKE: u8 = 0x16;
 
 /// # Safety
 /// Arguments as passed to accept4(2); `flags` is `None` for accept(2).
@@ -28,91 +26,88 @@ pub(crate) unsafe fn accept(
     len: *mut socklen_t,
     flags: Option<c_int>,
 ) -> Outcome<c_int> {
-    if settings::get().disabled {
+    if settings::get().disabled || !net::is_tcp(lfd) {
         return Outcome::PassThrough;
     }
-    loop {
-        // SAFETY: forwarded from the caller.
-        let fd = unsafe {
-            match flags {
-                Some(f) => crate::real::accept4(lfd, addr, len, f),
-                None => crate::real::accept(lfd, addr, len),
-            }
-        };
-        if fd < 0 {
-            return Outcome::Fail(-1, crate::guard::errno());
-        }
-        match decide(fd) {
-            Decision::Deliver => return Outcome::Done(fd),
-            Decision::Drop => {
-                // SAFETY: `fd` is the connection we just accepted and have not handed out.
-                unsafe { crate::real::close(fd) };
-            }
-        }
-    }
-}
-
-enum Decision {
-    Deliver,
-    Drop,
-}
-
-fn decide(fd: RawFd) -> Decision {
-    if !net::is_tcp(fd) {
-        return Decision::Deliver;
-    }
-    let (Some(local), Some(remote)) = (net::local_addr(fd), net::peer_addr(fd)) else {
-        return Decision::Deliver;
+    let Some(local) = net::local_addr(lfd) else {
+        return Outcome::PassThrough;
     };
     let ident = match identity::current() {
         Ok(i) => i,
         Err(e) => {
-            // Without a policy we cannot know whether this port is protected: refuse.
+            // Without a policy we cannot tell whether this port is protected: refuse the
+            // connection rather than hand it over unchecked.
+            // SAFETY: forwarded from the caller.
+            let fd = unsafe { real_accept(lfd, addr, len, flags) };
+            if fd < 0 {
+                return Outcome::Fail(-1, crate::guard::errno());
+            }
+            let remote = net::peer_addr(fd).unwrap_or(local);
             protect::log_failure(Direction::Inbound, None, remote, &Failure::NoIdentity(e));
             net::kill(fd);
-            return Decision::Drop;
+            // SAFETY: the connection we just accepted and never handed out.
+            unsafe { crate::real::close(fd) };
+            return Outcome::Fail(-1, libc::ECONNABORTED);
         }
     };
-    let Some(rule) = ident.policy.inbound_rule(local.port()) else {
-        return Decision::Deliver;
+    let Some(rule) = ident.policy.inbound_rule(local.port()).cloned() else {
+        return Outcome::PassThrough;
     };
-    match rule.mode {
-        Mode::Observe => {
-            log::Line::new("accept")
-                .kv("decision", "observe")
-                .kv("local_id", &ident.id)
-                .kv("peer", remote)
-                .kv("reason", "rule would require mutual TLS; observe mode lets plaintext through")
-                .emit();
-            protect::track_plaintext(fd, Direction::Inbound, &ident, local, remote, "observe");
-            return Decision::Deliver;
+    if rule.mode == Mode::Observe {
+        // SAFETY: forwarded from the caller.
+        let fd = unsafe { real_accept(lfd, addr, len, flags) };
+        if fd < 0 {
+            return Outcome::Fail(-1, crate::guard::errno());
         }
-        Mode::Permissive => {
-            let deadline = Instant::now() + settings::get().handshake_timeout;
-            match net::peek_first_byte(fd, deadline) {
-                Ok(Some(TLS_HANDSHAKE)) => {}
-                Ok(_) | Err(_) => {
-                    log::Line::new("accept")
-                        .kv("decision", "plaintext")
-                        .kv("local_id", &ident.id)
-                        .kv("peer", remote)
-                        .kv("reason", "permissive mode: client did not start TLS")
-                        .emit();
-                    protect::track_plaintext(fd, Direction::Inbound, &ident, local, remote, "plaintext");
-                    return Decision::Deliver;
+        let remote = net::peer_addr(fd).unwrap_or(local);
+        log::Line::new("accept")
+            .kv("decision", "observe")
+            .kv("local_id", &ident.id)
+            .kv("peer", remote)
+            .kv("reason", "rule would require mutual TLS; observe mode lets plaintext through")
+            .emit();
+        protect::track_plaintext(fd, Direction::Inbound, &ident, net::local_addr(fd).unwrap_or(local), remote, "observe");
+        return Outcome::Done(fd);
+    }
+    let blocking = net::status_flags(lfd) & libc::O_NONBLOCK == 0;
+    loop {
+        match inbound::step(lfd, &ident, &rule) {
+            Next::Deliver { fd, peer, conn } => {
+                // The program's accept4 flags apply to what it receives.
+                let f = flags.unwrap_or(0);
+                set_flags(fd, f & libc::SOCK_NONBLOCK != 0, f & libc::SOCK_CLOEXEC != 0);
+                // SAFETY: the caller's out-parameters, as accept(2) fills them.
+                unsafe { net::to_raw(peer, addr, len) };
+                if let Some(c) = conn {
+                    fd_table::insert(fd, c);
                 }
+                return Outcome::Done(fd);
             }
-        }
-        _ => {}
-    }
-    match protect::protect(fd, Direction::Inbound, &ident, &rule.allow, local, remote) {
-        Ok(p) => {
-            fd_table::insert(fd, p);
-            Decision::Deliver
-        }
-        Err(f) => {
-            protect::log_failure(Direction::Inbound, Some(&ident), remote, &f);
-            Decision::Drop
+            Next::Error(e) => return Outcome::Fail(-1, e),
+            Next::WouldBlock if blocking => inbound::wait(lfd),
+            Next::WouldBlock => return Outcome::Fail(-1, libc::EAGAIN),
         }
     }
+}
+
+/// # Safety
+/// As accept4(2).
+unsafe fn real_accept(lfd: RawFd, addr: *mut sockaddr, len: *mut socklen_t, flags: Option<c_int>) -> c_int {
+    // SAFETY: forwarded.
+    unsafe {
+        match flags {
+            Some(f) => crate::real::accept4(lfd, addr, len, f),
+            None => crate::real::accept(lfd, addr, len),
+        }
+    }
+}
+
+fn set_flags(fd: RawFd, nonblock: bool, cloexec: bool) {
+    let fl = net::status_flags(fd);
+    let want = if nonblock { fl | libc::O_NONBLOCK } else { fl & !libc::O_NONBLOCK };
+    if want != fl {
+        net::set_status_flags(fd, want);
+    }
+    // SAFETY: F_SETFD with an int argument.
+    unsafe { crate::real::fcntl(fd, libc::F_SETFD, if cloexec { libc::FD_CLOEXEC as usize } else { 0 }) };
 }

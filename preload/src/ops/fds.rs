@@ -11,13 +11,19 @@ use crate::fd_table::{self, DataPath};
 use crate::guard::Outcome;
 use crate::sys::{ktls, net};
 
+/// One of tether's own fds (relay sockets, pending inbound handshakes)?
+fn is_ours(fd: RawFd) -> bool {
+    fallback::is_internal(fd) || super::inbound::is_internal(fd)
+}
+
 pub(crate) fn close(fd: RawFd) -> Outcome<c_int> {
-    if fallback::is_internal(fd) {
+    if is_ours(fd) {
         // One of the relay's own fds: the program never had it. Closing it would break a
         // protected connection, so refuse as the kernel would for a number it does not hold.
         return Outcome::Fail(-1, libc::EBADF);
     }
     fd_table::remove(fd);
+    super::inbound::listener_closed(fd);
     Outcome::PassThrough
 }
 
@@ -29,7 +35,11 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
     let lo = first.min(i32::MAX as u32) as RawFd;
     let hi = last.min(i32::MAX as u32) as RawFd;
     fd_table::remove_range(lo, hi);
-    let ours: Vec<RawFd> = fallback::internal_fds().into_iter().filter(|fd| (lo..=hi).contains(fd)).collect();
+    let mut ours: Vec<RawFd> = fallback::internal_fds();
+    ours.extend(super::inbound::internal_fds());
+    ours.retain(|fd| (lo..=hi).contains(fd));
+    ours.sort_unstable();
+    ours.dedup();
     if ours.is_empty() {
         return Outcome::PassThrough;
     }
@@ -58,7 +68,7 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
 
 /// Before dup2/dup3 onto `new`: refuse to clobber our own fds.
 pub(crate) fn check_dup_target(new: RawFd) -> Result<(), i32> {
-    if fallback::is_internal(new) {
+    if is_ours(new) {
         Err(libc::EBUSY)
     } else {
         Ok(())

@@ -4,5 +4,6 @@
 pub(crate) mod accept;
 pub(crate) mod connect;
 pub(crate) mod fds;
+pub(crate) mod inbound;
 pub(crate) mod io;
 pub(crate) mod protect;

@@ -83,6 +83,16 @@ pub(crate) unsafe fn to_raw(sa: SocketAddr, addr: *mut sockaddr, len: *mut sockl
     }
 }
 
+/// A C sockaddr for `sa`, and its length.
+pub(crate) fn sockaddr_of(sa: SocketAddr) -> (libc::sockaddr_storage, socklen_t) {
+    // SAFETY: zeroed storage is valid; to_raw writes at most its size.
+    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: a buffer of `len` bytes.
+    unsafe { to_raw(sa, (&mut st as *mut libc::sockaddr_storage).cast(), &mut len) };
+    (st, len)
+}
+
 fn sockname(fd: RawFd, peer: bool) -> Option<SocketAddr> {
     // SAFETY: zeroed storage + its size are a valid out-buffer.
     let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };

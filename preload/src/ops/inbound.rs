@@ -1,0 +1,437 @@
+//! Inbound handshakes off the program's accept path.
+//!
+//! A server handshake can take as long as the client likes (up to the timeout), so running it
+//! inside the program's `accept` would let one silent TCP client stall an event-loop server for
+//! the whole timeout, and a trickle of them stall it forever. Instead the accept hook drains
+//! the kernel backlog without blocking and hands each new connection to a handshake thread;
+//! `accept` returns only connections whose handshake has finished (kTLS installed or relay
+//! adopted), or that permissive mode lets through in plaintext.
+//!
+//! How the program learns that one is ready:
+//! - a **blocking** accept waits on the listener *and* our eventfd;
+//! - a **non-blocking** listener is woken with a *doorbell*: the handshake thread makes a
+//!   loopback connection to the listener, so whatever the program polls with (poll, epoll LT or
+//!   ET, select) reports it readable; our accept recognises the doorbell by its source address,
+//!   closes it, and hands out the ready connection. In a pre-fork server (several processes
+//!   accepting on one socket) a doorbell may wake a sibling, so it is rung again every
+//!   [`RERING`] until the connection is taken.
+//!
+//! Pending and ready fds are tether's own until handed out: `close`/`close_range`/`dup2` cannot
+//! touch them, and a forked child closes its copies.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tether_proto::{InboundRule, Mode};
+
+use super::protect;
+use crate::fd_table::{Direction, Protected};
+use crate::identity::Identity;
+use crate::sys::net;
+use crate::{guard, log, settings};
+
+/// First byte of a TLS handshake record.
+const TLS_HANDSHAKE: u8 = 0x16;
+/// Handshakes in flight per process; connections beyond this are refused at once.
+const MAX_PENDING: usize = 256;
+/// How often an untaken ready connection rings the doorbell again.
+const RERING: Duration = Duration::from_millis(25);
+/// Longest a blocking accept sleeps before re-checking (a safety net for lost wake-ups).
+const BLOCKING_POLL_MS: i32 = 100;
+
+/// A connection ready to be handed to the program.
+struct Ready {
+    fd: RawFd,
+    peer: SocketAddr,
+    conn: Option<Arc<Protected>>,
+    at: Instant,
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Listener fd → connections ready for it, oldest first.
+    ready: HashMap<RawFd, VecDeque<Ready>>,
+    /// Every fd we hold: pending handshakes and ready connections.
+    held: HashSet<RawFd>,
+    /// Source addresses of our doorbell connections, with when they were rung.
+    doorbells: HashMap<SocketAddr, Instant>,
+}
+
+static POOL: Mutex<Option<Pool>> = Mutex::new(None);
+static PENDING: AtomicUsize = AtomicUsize::new(0);
+static HELD: AtomicUsize = AtomicUsize::new(0);
+/// eventfd signalled when a connection becomes ready (for blocking accepts); -1 until needed.
+static WAKE: AtomicI32 = AtomicI32::new(-1);
+
+fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
+    let mut g = POOL.lock();
+    let r = f(g.get_or_insert_with(Pool::default));
+    let held = g.as_ref().map_or(0, |p| p.held.len());
+    HELD.store(held, Ordering::Release);
+    r
+}
+
+/// Is `fd` a connection we hold (pending or ready, not yet the program's)?
+pub(crate) fn is_internal(fd: RawFd) -> bool {
+    if fd == WAKE.load(Ordering::Relaxed) {
+        return true;
+    }
+    HELD.load(Ordering::Acquire) != 0 && with_pool(|p| p.held.contains(&fd))
+}
+
+/// Fds we hold, for `close_range`.
+pub(crate) fn internal_fds() -> Vec<RawFd> {
+    let mut v: Vec<RawFd> = with_pool(|p| p.held.iter().copied().collect());
+    let w = WAKE.load(Ordering::Relaxed);
+    if w >= 0 {
+        v.push(w);
+    }
+    v.sort_unstable();
+    v
+}
+
+/// What accept should do for this listener.
+pub(crate) enum Next {
+    /// Hand this connection to the program.
+    Deliver { fd: RawFd, peer: SocketAddr, conn: Option<Arc<Protected>> },
+    /// Nothing ready and the backlog is empty.
+    WouldBlock,
+    /// The real accept failed with this errno.
+    Error(i32),
+}
+
+/// One step of a pooled accept on `lfd`: take a ready connection, else drain the backlog into
+/// handshake threads and try again.
+pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Next {
+    if let Some(r) = take_ready(lfd) {
+        return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
+    }
+    loop {
+        // accept4's SOCK_NONBLOCK applies to the new socket, not to the wait: never call it
+        // on a listener with nothing queued (a blocking listener would block us here).
+        let mut pfd = libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd, zero timeout.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 || pfd.revents & libc::POLLIN == 0 {
+            break;
+        }
+        let mut st: libc::sockaddr_storage = unsafe_zeroed();
+        let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: out-buffers of the declared size.
+        let fd = unsafe {
+            crate::real::accept4(
+                lfd,
+                (&mut st as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            let e = guard::errno();
+            match e {
+                libc::EAGAIN => break,
+                libc::ECONNABORTED | libc::EINTR | libc::EPROTO => continue,
+                _ => return Next::Error(e),
+            }
+        }
+        // SAFETY: the kernel filled `len` bytes of `st`.
+        let peer = unsafe { net::from_raw((&st as *const libc::sockaddr_storage).cast(), len) };
+        let Some(peer) = peer else {
+            // Not an inet peer (cannot happen on a TCP listener): hand it over untouched.
+            return Next::Deliver { fd, peer: unspecified(), conn: None };
+        };
+        if is_doorbell(peer) {
+            close_fd(fd);
+            continue;
+        }
+        start(lfd, fd, peer, ident.clone(), rule.clone());
+    }
+    match take_ready(lfd) {
+        Some(r) => Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn },
+        None => Next::WouldBlock,
+    }
+}
+
+/// For a blocking accept: wait until the listener or a handshake has something.
+pub(crate) fn wait(lfd: RawFd) {
+    let wake = wake_fd();
+    let mut fds = [
+        libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+    ];
+    let n = if wake >= 0 { 2 } else { 1 };
+    // SAFETY: valid pollfd array of `n` entries.
+    unsafe { libc::poll(fds.as_mut_ptr(), n, BLOCKING_POLL_MS) };
+    if wake >= 0 && fds[1].revents & libc::POLLIN != 0 {
+        let mut v = 0u64;
+        // SAFETY: eventfd reads are 8 bytes.
+        unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+fn take_ready(lfd: RawFd) -> Option<Ready> {
+    if HELD.load(Ordering::Acquire) == 0 {
+        return None;
+    }
+    with_pool(|p| {
+        let q = p.ready.get_mut(&lfd)?;
+        let r = q.pop_front()?;
+        if q.is_empty() {
+            p.ready.remove(&lfd);
+        }
+        p.held.remove(&r.fd);
+        Some(r)
+    })
+}
+
+fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: InboundRule) {
+    if PENDING.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING {
+        PENDING.fetch_sub(1, Ordering::AcqRel);
+        log::Line::new("accept")
+            .kv("decision", "deny")
+            .kv("peer", peer)
+            .kv("reason", format!("more than {MAX_PENDING} handshakes in flight"))
+            .emit();
+        net::kill(fd);
+        close_fd(fd);
+        return;
+    }
+    with_pool(|p| p.held.insert(fd));
+    let spawned = std::thread::Builder::new()
+        .name("tether-accept".into())
+        .stack_size(256 * 1024)
+        .spawn(move || {
+            guard::mark_internal_thread();
+            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
+                .unwrap_or(false);
+            if !ok {
+                with_pool(|p| p.held.remove(&fd));
+                close_fd(fd);
+            }
+            PENDING.fetch_sub(1, Ordering::AcqRel);
+        });
+    if spawned.is_err() {
+        PENDING.fetch_sub(1, Ordering::AcqRel);
+        with_pool(|p| p.held.remove(&fd));
+        net::kill(fd);
+        close_fd(fd);
+    }
+}
+
+/// Runs on a handshake thread. Returns whether `fd` was queued for the program.
+fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Identity, rule: &InboundRule) -> bool {
+    let Some(local) = net::local_addr(fd) else { return false };
+    let conn = match rule.mode {
+        Mode::Permissive => {
+            let deadline = Instant::now() + settings::get().handshake_timeout;
+            match net::peek_first_byte(fd, deadline) {
+                Ok(Some(TLS_HANDSHAKE)) => protect_it(fd, ident, rule, local, peer),
+                _ => {
+                    log::Line::new("accept")
+                        .kv("decision", "plaintext")
+                        .kv("local_id", &ident.id)
+                        .kv("peer", peer)
+                        .kv("reason", "permissive mode: client did not start TLS")
+                        .emit();
+                    Some(Protected::new(
+                        crate::fd_table::DataPath::Plaintext,
+                        Direction::Inbound,
+                        ident.id.clone(),
+                        None,
+                        local,
+                        peer,
+                        "plaintext",
+                    ))
+                }
+            }
+        }
+        _ => protect_it(fd, ident, rule, local, peer),
+    };
+    let Some(conn) = conn else { return false };
+    with_pool(|p| {
+        p.ready.entry(lfd).or_default().push_back(Ready { fd, peer, conn: Some(conn), at: Instant::now() })
+    });
+    notify(lfd, fd);
+    true
+}
+
+fn protect_it(fd: RawFd, ident: &Identity, rule: &InboundRule, local: SocketAddr, peer: SocketAddr) -> Option<Arc<Protected>> {
+    match protect::protect(fd, Direction::Inbound, ident, &rule.allow, local, peer) {
+        Ok(p) => Some(p),
+        Err(f) => {
+            protect::log_failure(Direction::Inbound, Some(ident), peer, &f);
+            None
+        }
+    }
+}
+
+/// Wake whoever accepts on `lfd`, until `fd` has been taken (or the handshake timeout passes,
+/// after which it is dropped: nobody is accepting).
+fn notify(lfd: RawFd, fd: RawFd) {
+    let deadline = Instant::now() + settings::get().handshake_timeout.max(Duration::from_secs(5));
+    loop {
+        let w = wake_fd();
+        if w >= 0 {
+            let one = 1u64;
+            // SAFETY: eventfd writes are 8 bytes.
+            unsafe { libc::write(w, (&one as *const u64).cast(), 8) };
+        }
+        // A blocking accept waits on the eventfd; only a non-blocking listener (an event loop,
+        // maybe in several processes) needs a new connection to notice.
+        if net::status_flags(lfd) & libc::O_NONBLOCK != 0 {
+            ring_doorbell(lfd);
+        }
+        std::thread::sleep(RERING);
+        let still_here = with_pool(|p| p.held.contains(&fd));
+        if !still_here {
+            return;
+        }
+        if Instant::now() > deadline {
+            let dropped = with_pool(|p| {
+                if let Some(q) = p.ready.get_mut(&lfd) {
+                    q.retain(|r| r.fd != fd);
+                }
+                p.held.remove(&fd)
+            });
+            if dropped {
+                log::Line::new("accept")
+                    .kv("decision", "deny")
+                    .kv("reason", "handshake finished but the program never accepted the connection")
+                    .emit();
+                net::kill(fd);
+                close_fd(fd);
+            }
+            return;
+        }
+    }
+}
+
+/// Make the listener readable: connect to it from a loopback address we remember.
+fn ring_doorbell(lfd: RawFd) {
+    let Some(listen) = net::local_addr(lfd) else { return };
+    let target = match listen.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), listen.port()),
+        IpAddr::V6(ip) if ip.is_unspecified() => SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), listen.port()),
+        _ => listen,
+    };
+    let domain = if target.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: plain socket creation.
+    let s = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if s < 0 {
+        return;
+    }
+    // Bind first and register the source address, so the doorbell is known before the
+    // program can possibly accept it.
+    let src = SocketAddr::new(if target.is_ipv4() { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::V6(Ipv6Addr::LOCALHOST) }, 0);
+    let (sa, sl) = net::sockaddr_of(src);
+    // SAFETY: `sa`/`sl` describe a valid sockaddr.
+    if unsafe { libc::bind(s, (&sa as *const libc::sockaddr_storage).cast(), sl) } == 0 {
+        if let Some(me) = net::local_addr(s) {
+            with_pool(|p| {
+                let now = Instant::now();
+                p.doorbells.retain(|_, t| now.duration_since(*t) < Duration::from_secs(30));
+                p.doorbells.insert(me, now);
+            });
+            let (ta, tl) = net::sockaddr_of(target);
+            // SAFETY: as above. Non-blocking: the SYN is enough to queue the connection.
+            unsafe { crate::real::connect(s, (&ta as *const libc::sockaddr_storage).cast(), tl) };
+            let _ = net::wait(s, libc::POLLOUT, Instant::now() + Duration::from_millis(200));
+        }
+    }
+    close_fd(s);
+}
+
+fn is_doorbell(peer: SocketAddr) -> bool {
+    with_pool(|p| p.doorbells.remove(&peer).is_some())
+}
+
+fn wake_fd() -> RawFd {
+    let w = WAKE.load(Ordering::Acquire);
+    if w >= 0 {
+        return w;
+    }
+    // SAFETY: plain eventfd creation.
+    let e = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if e < 0 {
+        return -1;
+    }
+    match WAKE.compare_exchange(-1, e, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => e,
+        Err(other) => {
+            close_fd(e);
+            other
+        }
+    }
+}
+
+/// The program closed a listener: drop what was ready for it.
+pub(crate) fn listener_closed(lfd: RawFd) {
+    if HELD.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let fds: Vec<RawFd> = with_pool(|p| {
+        let q = p.ready.remove(&lfd).unwrap_or_default();
+        q.iter().map(|r| {
+            p.held.remove(&r.fd);
+            r.fd
+        }).collect()
+    });
+    for fd in fds {
+        net::kill(fd);
+        close_fd(fd);
+    }
+}
+
+fn close_fd(fd: RawFd) {
+    // SAFETY: an fd we own.
+    unsafe { crate::real::close(fd) };
+}
+
+fn unspecified() -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
+}
+
+fn unsafe_zeroed() -> libc::sockaddr_storage {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Age of the oldest ready connection, for diagnostics.
+#[allow(dead_code)] // reason: kept for `tether doctor`-style introspection in tests
+fn oldest_ready() -> Option<Duration> {
+    with_pool(|p| p.ready.values().flat_map(|q| q.front()).map(|r| r.at.elapsed()).max())
+}
+
+pub(crate) fn atfork_prepare() {
+    std::mem::forget(POOL.lock());
+}
+
+pub(crate) fn atfork_parent() {
+    // SAFETY: locked by this thread in atfork_prepare, guard forgotten.
+    unsafe { POOL.force_unlock() };
+}
+
+/// The child has none of the handshake threads: close its copies of what they hold.
+pub(crate) fn atfork_child() {
+    // SAFETY: as above; the child has only this thread.
+    unsafe { POOL.force_unlock() };
+    let held: Vec<RawFd> = with_pool(|p| {
+        let v = p.held.drain().collect();
+        p.ready.clear();
+        p.doorbells.clear();
+        v
+    });
+    for fd in held {
+        close_fd(fd);
+    }
+    PENDING.store(0, Ordering::Release);
+    HELD.store(0, Ordering::Release);
+    let w = WAKE.swap(-1, Ordering::AcqRel);
+    if w >= 0 {
+        close_fd(w);
+    }
+}
