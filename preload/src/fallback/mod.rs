@@ -225,6 +225,13 @@ fn become_keeper() -> ! {
         keep.push(registered.link.tcp);
         keep.push(registered.relay_end);
     }
+    // A relay thread publishes its state only once it runs. If the exec came right after the
+    // first adopt, it may not have yet: then every connection is still in `reg.pending`, and
+    // the keeper starts from an empty state of the current generation (`relay::keep` welcomes
+    // the pending ones). Without this the keeper left, and nobody relayed.
+    let relay = relay
+        .filter(|r| r.generation() == reg.generation)
+        .or_else(|| reg.relay.map(|fds| relay::Relay::new(fds, reg.generation)));
     drop(reg);
     let (Some(relay), Ok(epoll)) = (relay, sys::epoll_create()) else {
         // SAFETY: nothing to serve.

@@ -62,8 +62,14 @@ pub(super) fn lock_state() -> MutexGuard<'static, Option<Relay>> {
     STATE.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Tests hold this to keep a freshly spawned relay thread from publishing its state yet.
+#[cfg(test)]
+pub(super) static START_GATE: Mutex<()> = Mutex::new(());
+
 fn run(fds: RelayFds, generation: u64) {
     crate::guard::mark_internal_thread();
+    #[cfg(test)]
+    drop(START_GATE.lock().unwrap_or_else(PoisonError::into_inner));
     let _ = catch_unwind(AssertUnwindSafe(|| {
         *lock_state() = Some(Relay::new(fds, generation));
         serve_thread(fds.epoll, generation)
@@ -145,7 +151,7 @@ pub(super) struct Relay {
 }
 
 impl Relay {
-    fn new(fds: RelayFds, generation: u64) -> Self {
+    pub(super) fn new(fds: RelayFds, generation: u64) -> Self {
         Self {
             fds,
             generation,

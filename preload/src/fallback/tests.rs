@@ -514,6 +514,54 @@ fn before_exec_hands_the_connection_to_a_keeper_process() {
     wait_until_idle();
 }
 
+/// Regression: exec right after the first adopt, before the new relay thread has published
+/// its state (the connection is still pending). The keeper used to find no state and leave, so
+/// nobody relayed and the exec'd program's first write failed with EPIPE. A forked child (no
+/// relay thread) adopts with the relay's start held back, then calls `before_exec`.
+#[test]
+fn before_exec_right_after_the_first_adopt_still_hands_the_connection_over() {
+    let _serial = serial();
+    register_atfork();
+    let hs = handshake();
+    let (program_fd, client) = (hs.program.as_raw_fd(), hs.client);
+    let mut server = hs.server;
+    // SAFETY: the child adopts, forks the keeper, does one exchange and calls _exit.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let gate = super::relay::START_GATE.lock().unwrap_or_else(PoisonError::into_inner);
+            let link = adopt(program_fd, Connection::Client(client)).unwrap();
+            assert!(super::relay::lock_state().is_none(), "relay started despite the gate");
+            before_exec();
+            drop(gate);
+            let mut program = &hs.program;
+            program.write_all(b"ping").unwrap();
+            let mut buf = [0u8; 4];
+            program.read_exact(&mut buf).unwrap();
+            drop(link);
+            buf == *b"pong"
+        }));
+        // SAFETY: leaves the child at once, without running the test harness's atexit state.
+        unsafe { libc::_exit(if ok.unwrap_or(false) { 0 } else { 1 }) };
+    }
+    assert!(pid > 0);
+    drop(client);
+    drop(hs.program);
+    let mut buf = [0u8; 4];
+    let exchanged = server.read_exact(&mut buf).and_then(|()| {
+        server.write_all(b"pong")?;
+        server.flush()
+    });
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed");
+    exchanged.expect("the keeper relays the request and the reply");
+    assert_eq!(&buf, b"ping");
+    assert!(read_to_end(&mut server).expect("keeper sends close_notify").is_empty());
+    send_close_notify(&mut server);
+}
+
 #[test]
 fn peer_tcp_eof_without_close_notify_reads_as_eof_and_is_noted() {
     let _serial = serial();
