@@ -14,6 +14,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--elapsed", type=int, default=0)
 ap.add_argument("--loadavg", default="")
+ap.add_argument("--rev", default="")
 ap.add_argument("parts", nargs="+")
 args = ap.parse_args()
 
@@ -102,6 +103,7 @@ for m in metas:
     st = m["stunnel"]
     w(f"  - stunnel {st['version']}: {st['new_sessions']} full handshakes, {st['resumed']} resumed (sessionResume = no; checked on {st.get('verify_conns', '?')} extra connections at log level info), "
       f"cipher {st['cipher']}")
+w(f"- Code under test: {args.rev or '?'} (release build of the work tree).")
 w(f"- Background load: other agents were building and testing on the same 2-core machine during this run "
   f"(load average at the end: {args.loadavg}); treat small differences as noise. Whole run: {args.elapsed} s.")
 w("")
@@ -226,7 +228,7 @@ os.makedirs(args.out, exist_ok=True)
 with open(os.path.join(args.out, "results.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
 with open(os.path.join(args.out, "raw.json"), "w") as f:
-    json.dump({"meta": metas, "elapsed_s": args.elapsed, "targets": targets, "records": records}, f, indent=1)
+    json.dump({"meta": metas, "rev": args.rev, "elapsed_s": args.elapsed, "targets": targets, "records": records}, f, indent=1)
 
 # ---- chart data: one file per panel, rows "label median min max [median min max]" ----------
 SHORT = {"plain": "plain", "tether-ktls": "tether-kTLS", "tether-user": "tether-user", "raw-ktls": "raw-kTLS",

@@ -317,34 +317,35 @@ mod sys {
     const TLS_TX: libc::c_int = 1;
     const TLS_RX: libc::c_int = 2;
 
-    /// `struct tls12_crypto_info_aes_gcm_128` (linux/tls.h), TLS 1.3, AES-GCM-128.
+    /// `struct tls12_crypto_info_aes_gcm_256` (linux/tls.h), TLS 1.3, AES-GCM-256: the suite tether
+    /// negotiates (TLS13_AES_256_GCM_SHA384), so the raw pair does the same cipher work.
     #[repr(C)]
     #[derive(Debug, Clone, Copy)]
-    pub(crate) struct Tls13AesGcm128 {
+    pub(crate) struct Tls13AesGcm256 {
         version: u16,
         cipher_type: u16,
         iv: [u8; 8],
-        key: [u8; 16],
+        key: [u8; 32],
         salt: [u8; 4],
         rec_seq: [u8; 8],
     }
-    const _: () = assert!(std::mem::size_of::<Tls13AesGcm128>() == 40);
+    const _: () = assert!(std::mem::size_of::<Tls13AesGcm256>() == 56);
 
     /// Client-to-server keys.
-    pub(crate) const KEY_A: Tls13AesGcm128 = Tls13AesGcm128 {
+    pub(crate) const KEY_A: Tls13AesGcm256 = Tls13AesGcm256 {
         version: 0x0304,
-        cipher_type: 51,
+        cipher_type: 52,
         iv: [0xa1; 8],
-        key: [0x11; 16],
+        key: [0x11; 32],
         salt: [0x5a; 4],
         rec_seq: [0; 8],
     };
     /// Server-to-client keys.
-    pub(crate) const KEY_B: Tls13AesGcm128 = Tls13AesGcm128 {
+    pub(crate) const KEY_B: Tls13AesGcm256 = Tls13AesGcm256 {
         version: 0x0304,
-        cipher_type: 51,
+        cipher_type: 52,
         iv: [0xb2; 8],
-        key: [0x22; 16],
+        key: [0x22; 32],
         salt: [0x6b; 4],
         rec_seq: [0; 8],
     };
@@ -359,8 +360,8 @@ mod sys {
 
     pub(crate) fn install_fixed_keys(
         fd: RawFd,
-        tx: &Tls13AesGcm128,
-        rx: &Tls13AesGcm128,
+        tx: &Tls13AesGcm256,
+        rx: &Tls13AesGcm256,
     ) -> io::Result<()> {
         let name = b"tls";
         // SAFETY: `name` is a live 3-byte buffer and the length passed is its length; the kernel
@@ -368,8 +369,8 @@ mod sys {
         check(unsafe { libc::setsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), 3) })?;
         for (dir, info) in [(TLS_TX, tx), (TLS_RX, rx)] {
             // SAFETY: `info` is a fully initialised #[repr(C)] struct with the kernel's layout
-            // (size asserted); the kernel copies 40 bytes and keeps no pointer.
-            check(unsafe { libc::setsockopt(fd, SOL_TLS, dir, std::ptr::from_ref(info).cast(), 40) })?;
+            // (size asserted); the kernel copies 56 bytes and keeps no pointer.
+            check(unsafe { libc::setsockopt(fd, SOL_TLS, dir, std::ptr::from_ref(info).cast(), 56) })?;
         }
         Ok(())
     }
