@@ -3,8 +3,7 @@
 //! Each one only guards (re-entrancy, panics, errno) and delegates: the decision is made in
 //! [`crate::ops`], and the real work is done by [`crate::real`]. The read family is the
 //! exception to the guard-first rule: it calls the real function first and takes the guarded
-//! slow path only when that failed with EIO while we have protected connections, so the
-//! common case costs one branch.
+//! slow path only when that failed with EIO, so the common case costs one branch.
 
 use libc::{c_char, c_int, c_void, iovec, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
 
@@ -260,7 +259,9 @@ macro_rules! read_export {
         pub unsafe extern "C" fn $name($fd: $fdty $(, $arg: $ty)*) -> ssize_t {
             // SAFETY: forwarded unchanged to the real function of the same name.
             let r = unsafe { real::$name($fd $(, $arg)*) };
-            if r >= 0 || fd_table::is_empty() || guard::inside() || guard::errno() != libc::EIO {
+            // No table check here: a kTLS socket inherited across exec is not in this image's
+            // table, and EIO on a read is rare enough that the slow path may look for itself.
+            if r >= 0 || guard::inside() || guard::errno() != libc::EIO {
                 return r;
             }
             // SAFETY: as above; the slow path may repeat the call.
