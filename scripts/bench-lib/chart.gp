@@ -33,7 +33,7 @@ set title "Added peak RSS vs plaintext process (MiB; stunnel includes its proces
 unset logscale y
 set yrange [*:*]
 set arrow 1 from graph 0, first 3 to graph 1, first 3 nohead dt 2 lc rgb "red"
-set label 1 "3 MiB target" at graph 0.01, first 3.4 tc rgb "red"
+set label 1 "3 MiB target" at graph 0.99, first 3.4 right tc rgb "red" front
 plot datadir."/chart-memory.dat" using 2:3:4:xtic(1) title "client" lc rgb "#7f6084", \
      "" using 5:6:7 title "server" lc rgb "#a5a5a5"
 unset multiplot

@@ -36,6 +36,11 @@ run_part() {
     local configs=(plain tether-user stunnel rustls)
     [[ $env == uml ]] && configs=(plain tether-ktls tether-user raw-ktls stunnel rustls)
 
+    local port
+    for port in $P_PLAIN $P_TETHER $P_RAWKTLS $P_RUSTLS $P_ST_BACK $P_ST_TLS $P_ST_FRONT \
+        $R_PLAIN $R_TETHER $R_ST_BACK $R_ST_TLS $R_ST_FRONT; do
+        ! listening "$port" 1 || die "port $port is already in use (a leftover benchmark process?)"
+    done
     mkdir -p "$out/logs"
     : >"$out/results.jsonl"
     RUN=$(mktemp -d /tmp/tether-bench.XXXXXX)
@@ -151,10 +156,10 @@ under() { # CONFIG ROLE
 
 # Wait (up to ~15 s) until 127.0.0.1:PORT is listening. Reads /proc/net/tcp only: the UML guest
 # has no /proc/net/tcp6, and a probe connection would cost a failed handshake on tether ports.
-listening() { # PORT
+listening() { # PORT [TRIES]
     local hex i
     hex=$(printf ':%04X' "$1")
-    for i in $(seq 150); do
+    for i in $(seq "${2:-150}"); do
         awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { found = 1 } END { exit !found }' \
             /proc/net/tcp && return 0
         sleep 0.1
@@ -208,6 +213,7 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
         port=$P_ST_FRONT
     fi
     listening "$port" || die "$c: server did not listen on $port"
+    kill -0 "$spid" 2>/dev/null || die "$c: bench-server exited (see $OUT/logs/stderr.log)"
 
     local -a cpre
     read -r -a cpre <<<"$(under "$c" client)"
