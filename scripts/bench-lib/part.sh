@@ -253,7 +253,7 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
         local csv
         csv=$(env "${cpre[@]}" timeout 600 redis-benchmark -p "$rfront" -t set,get -n "$redis_n" -c 1 --csv) ||
             die "$c: redis-benchmark failed"
-        local line name rps p50 p99
+        local name rps p50 p99
         while IFS=, read -r name rps _ _ p50 _ p99 _; do
             name=${name//\"/}
             [[ $name == SET || $name == GET ]] || continue
