@@ -80,9 +80,13 @@ wait_socket() {
 wait_port() {
     local hex i
     hex=$(printf ':%04X' "$1")
+    local tables=()
+    for t in /proc/net/tcp /proc/net/tcp6; do
+        [[ -r $t ]] && tables+=("$t") # a kernel without IPv6 (User-Mode Linux here) has no tcp6
+    done
     for i in $(seq 150); do
         awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { found = 1 } END { exit !found }' \
-            /proc/net/tcp /proc/net/tcp6 2>/dev/null && return 0
+            "${tables[@]}" && return 0
         sleep 0.1
     done
     return 1
