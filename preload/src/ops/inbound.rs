@@ -201,24 +201,88 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
         return;
     }
     with_pool(|p| p.held.insert(fd));
-    let spawned = std::thread::Builder::new()
-        .name("tether-accept".into())
-        .stack_size(256 * 1024)
-        .spawn(move || {
-            guard::mark_internal_thread();
-            let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
-                .unwrap_or(false);
-            if !ok {
+    let job = Job { lfd, fd, peer, ident, rule };
+    let spawn = {
+        let mut w = WORKERS.lock();
+        w.jobs.push_back(job);
+        if w.idle == 0 {
+            w.threads += 1;
+            true
+        } else {
+            WORK.notify_one();
+            false
+        }
+    };
+    if spawn {
+        let spawned = std::thread::Builder::new()
+            .name("tether-accept".into())
+            .stack_size(256 * 1024)
+            .spawn(worker);
+        if spawned.is_err() {
+            // Take the job back out: it is refused.
+            let mut w = WORKERS.lock();
+            w.threads -= 1;
+            if let Some(pos) = w.jobs.iter().position(|j| j.fd == fd) {
+                w.jobs.remove(pos);
+                drop(w);
+                PENDING.fetch_sub(1, Ordering::AcqRel);
                 with_pool(|p| p.held.remove(&fd));
+                net::kill(fd);
                 close_fd(fd);
             }
-            PENDING.fetch_sub(1, Ordering::AcqRel);
-        });
-    if spawned.is_err() {
+        }
+    }
+}
+
+/// One pending inbound handshake.
+struct Job {
+    lfd: RawFd,
+    fd: RawFd,
+    peer: SocketAddr,
+    ident: Arc<Identity>,
+    rule: InboundRule,
+}
+
+/// Handshake workers are reused: spawning a thread (and a malloc arena) per connection cost
+/// both latency and memory. There is never a wait for a free worker, though: when none is idle a
+/// new one starts (up to [`MAX_PENDING`] in all), so a silent client never delays another.
+struct Workers {
+    jobs: VecDeque<Job>,
+    threads: usize,
+    idle: usize,
+}
+
+static WORKERS: Mutex<Workers> = Mutex::new(Workers { jobs: VecDeque::new(), threads: 0, idle: 0 });
+static WORK: parking_lot::Condvar = parking_lot::Condvar::new();
+/// An idle worker exits after this long without work.
+const WORKER_IDLE: Duration = Duration::from_secs(10);
+
+fn worker() {
+    guard::mark_internal_thread();
+    loop {
+        let job = {
+            let mut w = WORKERS.lock();
+            loop {
+                if let Some(j) = w.jobs.pop_front() {
+                    break Some(j);
+                }
+                w.idle += 1;
+                let timed_out = WORK.wait_for(&mut w, WORKER_IDLE).timed_out();
+                w.idle -= 1;
+                if timed_out && w.jobs.is_empty() {
+                    w.threads -= 1;
+                    break None;
+                }
+            }
+        };
+        let Some(Job { lfd, fd, peer, ident, rule }) = job else { return };
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
+            .unwrap_or(false);
+        if !ok {
+            with_pool(|p| p.held.remove(&fd));
+            close_fd(fd);
+        }
         PENDING.fetch_sub(1, Ordering::AcqRel);
-        with_pool(|p| p.held.remove(&fd));
-        net::kill(fd);
-        close_fd(fd);
     }
 }
 
@@ -285,9 +349,20 @@ fn notify(lfd: RawFd, fd: RawFd) {
         if net::status_flags(lfd) & libc::O_NONBLOCK != 0 {
             ring_doorbell(lfd);
         }
-        std::thread::sleep(RERING);
-        let still_here = with_pool(|p| p.held.contains(&fd));
-        if !still_here {
+        // The program usually takes it within microseconds: look again soon, then back off to
+        // RERING, so the worker is free for the next handshake quickly.
+        let mut taken = false;
+        let mut step = Duration::from_micros(200);
+        let until = Instant::now() + RERING;
+        while Instant::now() < until {
+            std::thread::sleep(step);
+            if !with_pool(|p| p.held.contains(&fd)) {
+                taken = true;
+                break;
+            }
+            step = (step * 2).min(Duration::from_millis(8));
+        }
+        if taken {
             return;
         }
         if Instant::now() > deadline {
@@ -407,18 +482,32 @@ fn oldest_ready() -> Option<Duration> {
 }
 
 pub(crate) fn atfork_prepare() {
+    std::mem::forget(WORKERS.lock());
     std::mem::forget(POOL.lock());
 }
 
 pub(crate) fn atfork_parent() {
-    // SAFETY: locked by this thread in atfork_prepare, guard forgotten.
-    unsafe { POOL.force_unlock() };
+    // SAFETY: both locked by this thread in atfork_prepare, guards forgotten.
+    unsafe {
+        POOL.force_unlock();
+        WORKERS.force_unlock();
+    }
 }
 
 /// The child has none of the handshake threads: close its copies of what they hold.
 pub(crate) fn atfork_child() {
     // SAFETY: as above; the child has only this thread.
-    unsafe { POOL.force_unlock() };
+    unsafe {
+        POOL.force_unlock();
+        WORKERS.force_unlock();
+    }
+    // No worker threads exist in the child; their queued jobs' fds are closed below (held).
+    {
+        let mut w = WORKERS.lock();
+        w.jobs.clear();
+        w.threads = 0;
+        w.idle = 0;
+    }
     let held: Vec<RawFd> = with_pool(|p| {
         let v = p.held.drain().collect();
         p.ready.clear();

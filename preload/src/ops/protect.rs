@@ -130,14 +130,19 @@ fn protect_inner(
 ) -> Result<Arc<Protected>, Failure> {
     let plan = plan(fd)?;
     let flags = net::status_flags(fd);
-    net::set_status_flags(fd, flags | libc::O_NONBLOCK);
+    let toggle = flags & libc::O_NONBLOCK == 0;
+    if toggle {
+        net::set_status_flags(fd, flags | libc::O_NONBLOCK);
+    }
     let deadline = Instant::now() + settings::get().handshake_timeout;
     let mut io = DeadlineIo { fd, deadline };
     let est = match direction {
         Direction::Outbound => handshake::client(&mut io, &ident.creds, allow, remote),
         Direction::Inbound => handshake::server(&mut io, &ident.creds, allow),
     };
-    net::set_status_flags(fd, flags);
+    if toggle {
+        net::set_status_flags(fd, flags);
+    }
     let est = est.map_err(Failure::Handshake)?;
     let (path, detail) = match plan {
         Plan::Ktls => {
