@@ -22,7 +22,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicI32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -317,9 +317,10 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Identity, rule: &I
     };
     let Some(conn) = conn else { return false };
     with_pool(|p| {
-        p.ready.entry(lfd).or_default().push_back(Ready { fd, peer, conn: Some(conn), at: Instant::now() })
+        p.ready.entry(lfd).or_default().push_back(Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+        ensure_ringer(p);
     });
-    notify(lfd, fd);
+    notify(lfd);
     true
 }
 
@@ -333,53 +334,87 @@ fn protect_it(fd: RawFd, ident: &Identity, rule: &InboundRule, local: SocketAddr
     }
 }
 
-/// Wake whoever accepts on `lfd`, until `fd` has been taken (or the handshake timeout passes,
-/// after which it is dropped: nobody is accepting).
-fn notify(lfd: RawFd, fd: RawFd) {
-    let deadline = Instant::now() + settings::get().handshake_timeout.max(Duration::from_secs(5));
+/// Wake whoever accepts on `lfd`: the eventfd for blocking accepts, a doorbell for event loops.
+fn notify(lfd: RawFd) {
+    let w = wake_fd();
+    if w >= 0 {
+        let one = 1u64;
+        // SAFETY: eventfd writes are 8 bytes.
+        unsafe { libc::write(w, (&one as *const u64).cast(), 8) };
+    }
+    // A blocking accept waits on the eventfd; only a non-blocking listener (an event loop,
+    // maybe in several processes) needs a new connection to notice.
+    if net::status_flags(lfd) & libc::O_NONBLOCK != 0 {
+        ring_doorbell(lfd);
+    }
+}
+
+/// Whether the ringer thread runs (changed only under the POOL lock).
+static RINGER: AtomicBool = AtomicBool::new(false);
+
+/// Start the ringer if it is not running. Call with the pool lock held (inside `with_pool`).
+fn ensure_ringer(_locked: &mut Pool) {
+    if RINGER.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = std::thread::Builder::new().name("tether-ringer".into()).stack_size(128 * 1024).spawn(|| {
+        guard::mark_internal_thread();
+        let _ = std::panic::catch_unwind(ringer);
+    });
+    if spawned.is_err() {
+        RINGER.store(false, Ordering::Release);
+    }
+}
+
+/// One thread per process re-rings for ready connections the program has not taken within
+/// [`RERING`] (a sibling process may have been the one woken, or a wake-up was lost), and drops
+/// those nobody takes within the handshake timeout. Handshake workers never wait for this.
+fn ringer() {
+    let give_up = settings::get().handshake_timeout.max(Duration::from_secs(5));
+    let mut idle_since = Instant::now();
     loop {
-        let w = wake_fd();
-        if w >= 0 {
-            let one = 1u64;
-            // SAFETY: eventfd writes are 8 bytes.
-            unsafe { libc::write(w, (&one as *const u64).cast(), 8) };
-        }
-        // A blocking accept waits on the eventfd; only a non-blocking listener (an event loop,
-        // maybe in several processes) needs a new connection to notice.
-        if net::status_flags(lfd) & libc::O_NONBLOCK != 0 {
-            ring_doorbell(lfd);
-        }
-        // The program usually takes it within microseconds: look again soon, then back off to
-        // RERING, so the worker is free for the next handshake quickly.
-        let mut taken = false;
-        let mut step = Duration::from_micros(200);
-        let until = Instant::now() + RERING;
-        while Instant::now() < until {
-            std::thread::sleep(step);
-            if !with_pool(|p| p.held.contains(&fd)) {
-                taken = true;
-                break;
-            }
-            step = (step * 2).min(Duration::from_millis(8));
-        }
-        if taken {
-            return;
-        }
-        if Instant::now() > deadline {
-            let dropped = with_pool(|p| {
-                if let Some(q) = p.ready.get_mut(&lfd) {
-                    q.retain(|r| r.fd != fd);
+        std::thread::sleep(RERING);
+        let (rering, expired, empty) = with_pool(|p| {
+            let mut rering = Vec::new();
+            let mut expired = Vec::new();
+            for (lfd, q) in p.ready.iter_mut() {
+                q.retain(|r| {
+                    let age = r.at.elapsed();
+                    if age > give_up {
+                        expired.push(r.fd);
+                        false
+                    } else {
+                        true
+                    }
+                });
+                if q.front().is_some_and(|r| r.at.elapsed() >= RERING) {
+                    rering.push(*lfd);
                 }
-                p.held.remove(&fd)
-            });
-            if dropped {
-                log::Line::new("accept")
-                    .kv("decision", "deny")
-                    .kv("reason", "handshake finished but the program never accepted the connection")
-                    .emit();
-                net::kill(fd);
-                close_fd(fd);
             }
+            p.ready.retain(|_, q| !q.is_empty());
+            for fd in &expired {
+                p.held.remove(fd);
+            }
+            let empty = p.ready.is_empty();
+            if empty && idle_since.elapsed() > Duration::from_secs(10) {
+                RINGER.store(false, Ordering::Release);
+            }
+            (rering, expired, empty)
+        });
+        for fd in expired {
+            log::Line::new("accept")
+                .kv("decision", "deny")
+                .kv("reason", "handshake finished but the program never accepted the connection")
+                .emit();
+            net::kill(fd);
+            close_fd(fd);
+        }
+        for lfd in rering {
+            notify(lfd);
+        }
+        if !empty {
+            idle_since = Instant::now();
+        } else if !RINGER.load(Ordering::Acquire) {
             return;
         }
     }
@@ -475,12 +510,6 @@ fn unsafe_zeroed() -> libc::sockaddr_storage {
     unsafe { std::mem::zeroed() }
 }
 
-/// Age of the oldest ready connection, for diagnostics.
-#[allow(dead_code)] // reason: kept for `tether doctor`-style introspection in tests
-fn oldest_ready() -> Option<Duration> {
-    with_pool(|p| p.ready.values().flat_map(|q| q.front()).map(|r| r.at.elapsed()).max())
-}
-
 pub(crate) fn atfork_prepare() {
     std::mem::forget(WORKERS.lock());
     std::mem::forget(POOL.lock());
@@ -519,6 +548,7 @@ pub(crate) fn atfork_child() {
     }
     PENDING.store(0, Ordering::Release);
     HELD.store(0, Ordering::Release);
+    RINGER.store(false, Ordering::Release);
     let w = WAKE.swap(-1, Ordering::AcqRel);
     if w >= 0 {
         close_fd(w);
