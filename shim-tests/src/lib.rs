@@ -23,6 +23,8 @@
 
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
 
+pub mod fixed_ktls;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::fs;
