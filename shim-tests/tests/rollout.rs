@@ -94,8 +94,10 @@ fn permissive_port_accepts_tether_and_plaintext_clients() {
 #[test]
 fn observe_mode_logs_without_encrypting() {
     let port = free_port();
-    let policy =
-        Policy::new().raw(&format!("[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [\"{ANY_ID}\"]\nmode = \"observe\""));
+    let metrics = free_port();
+    let policy = Policy::new().raw(&format!(
+        "metrics = \"127.0.0.1:{metrics}\"\n[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [\"{ANY_ID}\"]\nmode = \"observe\""
+    ));
     let mut h = Harness::new("observe", policy);
     let mut nc = Command::new("nc");
     nc.args(["-l", "127.0.0.1", &port.to_string()]);
@@ -108,6 +110,27 @@ fn observe_mode_logs_without_encrypting() {
     let lines = h.log_lines("curl");
     let l = lines.iter().find(|l| l.is("connect", "observe")).unwrap_or_else(|| panic!("{}", show(&lines)));
     assert!(l.get("reason").contains("observe"), "{}", l.raw);
+
+    // ... and counted: the shim's report reaches tetherd's metrics as a plaintext connection.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = scrape(metrics);
+        if body.lines().any(|l| l.starts_with("tether_connections_total{mode=\"plaintext\"} ") && !l.ends_with(" 0")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "observe decision not counted:\n{body}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// GET /metrics from tetherd's Prometheus endpoint.
+fn scrape(port: u16) -> String {
+    use std::io::Read;
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
 }
 
 /// `default = "deny"`: unmatched outbound TCP is refused (EACCES) with a logged reason, while
