@@ -21,14 +21,14 @@ run_part() {
     local rel=$TARGET_DIR/release
     local reps bulk_bytes conns redis_n file_mib
     if ((quick)); then
-        reps=3 bulk_bytes=$((128 << 20)) conns=200 redis_n=5000 file_mib=64
+        reps=3 bulk_bytes=$((64 << 20)) conns=150 redis_n=3000 file_mib=32
     else
         reps=5 bulk_bytes=$((1 << 30)) conns=1000 redis_n=20000 file_mib=256
     fi
     if [[ $env == uml ]]; then
         # One CPU, generic C AES-GCM (~30 MiB/s) and ptrace'd syscalls: same shape, smaller sizes.
         if ((quick)); then
-            bulk_bytes=$((16 << 20)) conns=50 redis_n=500 file_mib=16
+            bulk_bytes=$((8 << 20)) conns=30 redis_n=300 file_mib=8
         else
             bulk_bytes=$((256 << 20)) conns=500 redis_n=5000 file_mib=64
         fi
