@@ -83,8 +83,9 @@ pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     hook(|| ops::fds::shutdown(fd, how), || unsafe { real::shutdown(fd, how) }, || (unsafe { real::shutdown(fd, how) }, guard::errno()))
 }
 
-/// Run a dup-family call and mirror its effect in the fd table.
-fn dup_like(old: c_int, new: Option<c_int>, call: impl FnOnce() -> c_int) -> c_int {
+/// Run a dup-family call and mirror its effect in the fd table. Re-entrant calls (our own
+/// code) go straight to `call` through the guard, like every other hook.
+fn dup_like(old: c_int, new: Option<c_int>, call: impl Fn() -> c_int) -> c_int {
     hook(
         || {
             if let Some(n) = new {
@@ -99,39 +100,31 @@ fn dup_like(old: c_int, new: Option<c_int>, call: impl FnOnce() -> c_int) -> c_i
             ops::fds::duplicated(old, r);
             Outcome::Done(r)
         },
-        || -1,
+        &call,
         || (-1, libc::EBADF),
     )
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
-    if guard::inside() {
-        // SAFETY: forwarded, dup(2).
-        return unsafe { real::dup(fd) };
-    }
     // SAFETY: forwarded, dup(2).
     dup_like(fd, None, || unsafe { real::dup(fd) })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
-    if guard::inside() {
-        // SAFETY: forwarded, dup2(2).
-        return unsafe { real::dup2(old, new) };
-    }
     // SAFETY: forwarded, dup2(2).
     dup_like(old, Some(new), || unsafe { real::dup2(old, new) })
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
-    if guard::inside() {
-        // SAFETY: forwarded, dup3(2).
-        return unsafe { real::dup3(old, new, flags) };
-    }
     // SAFETY: forwarded, dup3(2).
     dup_like(old, Some(new), || unsafe { real::dup3(old, new, flags) })
+}
+
+fn is_dupfd(cmd: c_int) -> bool {
+    cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC
 }
 
 /// fcntl(2) is variadic in C. On the x86-64 and AArch64 Linux ABIs the one optional argument
@@ -139,7 +132,7 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 /// machine word and forwarded unchanged.
 #[no_mangle]
 pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
-    if guard::inside() || (cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC) {
+    if !is_dupfd(cmd) {
         // SAFETY: forwarded, fcntl(2).
         return unsafe { real::fcntl(fd, cmd, arg) };
     }
@@ -149,7 +142,7 @@ pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 
 #[no_mangle]
 pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
-    if guard::inside() || (cmd != libc::F_DUPFD && cmd != libc::F_DUPFD_CLOEXEC) {
+    if !is_dupfd(cmd) {
         // SAFETY: forwarded, fcntl64.
         return unsafe { real::fcntl64(fd, cmd, arg) };
     }
@@ -261,7 +254,7 @@ macro_rules! read_export {
             let r = unsafe { real::$name($fd $(, $arg)*) };
             // No table check here: a kTLS socket inherited across exec is not in this image's
             // table, and EIO on a read is rare enough that the slow path may look for itself.
-            if r >= 0 || guard::inside() || guard::errno() != libc::EIO {
+            if r >= 0 || guard::errno() != libc::EIO {
                 return r;
             }
             // SAFETY: as above; the slow path may repeat the call.

@@ -311,17 +311,25 @@ pub(crate) fn atfork_parent() {
     if let Some(relay) = state.as_mut() {
         relay.hand_off();
     }
-    let links = std::mem::take(&mut reg.links);
-    let pending = std::mem::take(&mut reg.pending);
-    for registered in links.values() {
-        forget_internal(&mut set, registered.relay_end);
-        sys::close_raw(registered.relay_end);
-    }
+    let (links, pending) = release_registrations(&mut reg, &mut set);
     drop(set);
     drop(reg);
     drop(state);
     drop(pending);
     drop(links);
+}
+
+/// Take every registration out of the registry and close this process's copies of their relay
+/// ends. The returned values hold `Arc<Link>`s: drop them after releasing the locks (a last
+/// `Arc<Link>` closes its TCP fd under `INTERNAL`).
+fn release_registrations(reg: &mut Registry, set: &mut Vec<RawFd>) -> (BTreeMap<u64, Registered>, Vec<relay::Pending>) {
+    let links = std::mem::take(&mut reg.links);
+    let pending = std::mem::take(&mut reg.pending);
+    for registered in links.values() {
+        forget_internal(set, registered.relay_end);
+        sys::close_raw(registered.relay_end);
+    }
+    (links, pending)
 }
 
 /// `pthread_atfork` child: the child has no relay thread. Close the child's copies of the
@@ -346,12 +354,7 @@ pub(crate) fn atfork_child() {
             sys::close_raw(fd);
         }
     }
-    let links = std::mem::take(&mut reg.links);
-    let pending = std::mem::take(&mut reg.pending);
-    for registered in links.values() {
-        forget_internal(&mut set, registered.relay_end);
-        sys::close_raw(registered.relay_end);
-    }
+    let (links, pending) = release_registrations(&mut reg, &mut set);
     drop(set);
     drop(reg);
     drop(state);

@@ -66,7 +66,7 @@ impl Failure {
             Self::Ktls(_) | Self::Relay(_) => libc::EIO,
             Self::Connect(e) => *e,
             Self::Handshake(h) => match h {
-                HandshakeError::Refused(Refusal::NotAllowed(_)) | HandshakeError::Refused(_) => libc::EPERM,
+                HandshakeError::Refused(_) => libc::EPERM,
                 HandshakeError::Timeout => libc::ETIMEDOUT,
                 HandshakeError::PeerClosed | HandshakeError::NotTls => libc::ECONNREFUSED,
                 HandshakeError::Tls(_) => libc::ECONNRESET,
