@@ -26,12 +26,16 @@ pub(crate) unsafe fn accept(
     len: *mut socklen_t,
     flags: Option<c_int>,
 ) -> Outcome<c_int> {
-    if settings::get().disabled || !net::is_tcp(lfd) {
+    if settings::get().disabled {
         return Outcome::PassThrough;
     }
+    // Unix and other non-inet listeners end here, with one syscall.
     let Some(local) = net::local_addr(lfd) else {
         return Outcome::PassThrough;
     };
+    if !net::is_tcp_stream(lfd) {
+        return Outcome::PassThrough;
+    }
     let ident = match identity::current() {
         Ok(i) => i,
         Err(e) => {

@@ -23,7 +23,8 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
     let Some(dest) = (unsafe { net::from_raw(addr, len) }) else {
         return Outcome::PassThrough;
     };
-    if !net::is_tcp(fd) || fd_table::get(fd).is_some() {
+    // An inet address: the socket is AF_INET/AF_INET6 (or the real connect fails anyway).
+    if !net::is_tcp_stream(fd) || fd_table::get(fd).is_some() {
         return Outcome::PassThrough;
     }
     let ident = match identity::current() {

@@ -119,7 +119,7 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
         if unsafe { libc::poll(&mut pfd, 1, 0) } <= 0 || pfd.revents & libc::POLLIN == 0 {
             break;
         }
-        let mut st: libc::sockaddr_storage = unsafe_zeroed();
+        let mut st = net::zeroed_storage();
         let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: out-buffers of the declared size.
         let fd = unsafe {
@@ -503,11 +503,6 @@ fn close_fd(fd: RawFd) {
 
 fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
-}
-
-fn unsafe_zeroed() -> libc::sockaddr_storage {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    unsafe { std::mem::zeroed() }
 }
 
 pub(crate) fn atfork_prepare() {

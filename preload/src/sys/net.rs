@@ -48,8 +48,7 @@ pub(crate) unsafe fn to_raw(sa: SocketAddr, addr: *mut sockaddr, len: *mut sockl
     if addr.is_null() || len.is_null() {
         return;
     }
-    // SAFETY: zeroed sockaddr_storage is valid.
-    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut storage = zeroed_storage();
     let full = match sa {
         SocketAddr::V4(v4) => {
             let p = (&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
@@ -83,10 +82,15 @@ pub(crate) unsafe fn to_raw(sa: SocketAddr, addr: *mut sockaddr, len: *mut sockl
     }
 }
 
+/// An all-zero `sockaddr_storage`: an empty out-buffer for the socket calls.
+pub(crate) fn zeroed_storage() -> libc::sockaddr_storage {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    unsafe { std::mem::zeroed() }
+}
+
 /// A C sockaddr for `sa`, and its length.
 pub(crate) fn sockaddr_of(sa: SocketAddr) -> (libc::sockaddr_storage, socklen_t) {
-    // SAFETY: zeroed storage is valid; to_raw writes at most its size.
-    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut st = zeroed_storage();
     let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
     // SAFETY: a buffer of `len` bytes.
     unsafe { to_raw(sa, (&mut st as *mut libc::sockaddr_storage).cast(), &mut len) };
@@ -94,8 +98,7 @@ pub(crate) fn sockaddr_of(sa: SocketAddr) -> (libc::sockaddr_storage, socklen_t)
 }
 
 fn sockname(fd: RawFd, peer: bool) -> Option<SocketAddr> {
-    // SAFETY: zeroed storage + its size are a valid out-buffer.
-    let mut st: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut st = zeroed_storage();
     let mut len = size_of::<libc::sockaddr_storage>() as socklen_t;
     let p = (&mut st as *mut libc::sockaddr_storage).cast::<sockaddr>();
     // SAFETY: out-buffer as above.
@@ -129,12 +132,9 @@ fn int_opt(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
     (rc == 0).then_some(v)
 }
 
-/// Is `fd` a TCP stream socket (AF_INET/AF_INET6, SOCK_STREAM, TCP)?
-pub(crate) fn is_tcp(fd: RawFd) -> bool {
-    let domain = int_opt(fd, libc::SOL_SOCKET, libc::SO_DOMAIN);
-    if !matches!(domain, Some(libc::AF_INET) | Some(libc::AF_INET6)) {
-        return false;
-    }
+/// Is `fd` a TCP socket, given that the caller already knows it is AF_INET/AF_INET6 (from the
+/// address it connects to or is bound to)? Two getsockopt calls; UDP fails at the first.
+pub(crate) fn is_tcp_stream(fd: RawFd) -> bool {
     int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
         && matches!(int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL), Some(0) | Some(libc::IPPROTO_TCP))
 }
