@@ -201,6 +201,19 @@ pub fn start_time(pid: i32) -> Result<u64, AttestError> {
     parse_start_time(&stat).ok_or_else(|| AttestError::Proc { pid, what: "unparsable stat".to_owned() })
 }
 
+/// Is `(pid, start_time)` still a running process? A zombie (exited, not yet reaped by its
+/// parent) is not: its connections and SVID died with it.
+pub fn is_running(pid: i32, start_time: u64) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, None | Some("Z") | Some("X")) && parse_start_time(&stat) == Some(start_time)
+}
+
 /// `comm` (field 2) may hold spaces and parentheses, so fields are counted after the last `)`.
 fn parse_start_time(stat: &str) -> Option<u64> {
     let after = &stat[stat.rfind(')')? + 1..];
@@ -272,6 +285,24 @@ mod tests {
     use std::process::Command;
 
     use super::*;
+
+    /// A process that exited but was not reaped yet (a zombie) kept its live-connection rows
+    /// and cached SVID: the sweeper must count it as gone.
+    #[test]
+    fn unreaped_zombie_is_not_running() {
+        let mut child = Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        let st = start_time(pid).unwrap();
+        // Wait until it has exited, without reaping it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while is_running(pid, st) {
+            assert!(std::time::Instant::now() < deadline, "child never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(std::fs::metadata(format!("/proc/{pid}")).is_ok(), "still in /proc as a zombie");
+        child.wait().unwrap();
+        assert!(is_running(std::process::id() as i32, start_time(std::process::id() as i32).unwrap()));
+    }
 
     #[test]
     fn start_time_survives_hostile_comm() {

@@ -59,7 +59,7 @@ impl SvidCache {
         let keys: Vec<ProcessKey> = self.lock().keys().copied().collect();
         let dead: Vec<ProcessKey> = keys
             .into_iter()
-            .filter(|&(pid, st)| !attest::start_time(pid).is_ok_and(|t| t == st))
+            .filter(|&(pid, st)| !attest::is_running(pid, st))
             .collect();
         let mut map = self.lock();
         for k in &dead {

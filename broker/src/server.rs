@@ -330,7 +330,7 @@ pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
         if n > 0 {
             debug!(dropped = n, "dropped cached SVIDs of exited processes");
         }
-        let n = sweeper.connections.sweep(|(pid, st)| attest::start_time(pid).is_ok_and(|t| t == st));
+        let n = sweeper.connections.sweep(|(pid, st)| attest::is_running(pid, st));
         if n > 0 {
             debug!(dropped = n, "dropped live connections of exited processes");
         }
