@@ -42,6 +42,9 @@ pub enum AttestError {
     Proc { pid: i32, what: String },
     /// The executable is too large to hash.
     ExeTooLarge { pid: i32, size: u64 },
+    /// Bytes of a request came from a process (or credentials) other than the one that
+    /// connected: a forked child, or a process that changed its uid, on an inherited socket.
+    ForeignSender { conn: sys::PeerCred, sender: Option<sys::PeerCred> },
 }
 
 impl fmt::Display for AttestError {
@@ -53,6 +56,15 @@ impl fmt::Display for AttestError {
             Self::Proc { pid, what } => write!(f, "cannot attest pid {pid}: {what}"),
             Self::ExeTooLarge { pid, size } => {
                 write!(f, "executable of pid {pid} is {size} bytes, over the {MAX_HASHED_EXE}-byte hash limit")
+            }
+            Self::ForeignSender { conn, sender: Some(s) } => write!(
+                f,
+                "request sent by pid {} (uid {}, gid {}) on a connection opened by pid {} (uid {}, gid {}); \
+                 each process must open its own connection",
+                s.pid, s.uid, s.gid, conn.pid, conn.uid, conn.gid
+            ),
+            Self::ForeignSender { conn, sender: None } => {
+                write!(f, "request without sender credentials on the connection of pid {}", conn.pid)
             }
         }
     }
@@ -66,6 +78,8 @@ pub struct Peer {
     cred: sys::PeerCred,
     start_time: u64,
     pidfd: Option<OwnedFd>,
+    /// The pidfd's inode: on pidfs (Linux 6.9+) it names one process for the boot's lifetime.
+    pidfd_ino: Option<u64>,
 }
 
 /// A peer whose identity facts were read from /proc and re-checked against PID reuse.
@@ -93,7 +107,8 @@ impl Peer {
         let cred = sys::peer_cred(stream).map_err(AttestError::Socket)?;
         let pidfd = sys::peer_pidfd(stream).map_err(AttestError::Socket)?;
         let start_time = start_time(cred.pid)?;
-        let peer = Self { cred, start_time, pidfd };
+        let pidfd_ino = pidfd.as_ref().map(fd_inode).transpose().map_err(AttestError::Socket)?;
+        let peer = Self { cred, start_time, pidfd, pidfd_ino };
         // The start time must belong to the process the pidfd pins, not to a successor.
         peer.check_pidfd()?;
         Ok(peer)
@@ -103,7 +118,26 @@ impl Peer {
     /// start-time check on chosen values.
     #[cfg(test)]
     fn for_test(pid: i32, uid: u32, gid: u32, start_time: u64) -> Self {
-        Self { cred: sys::PeerCred { pid, uid, gid }, start_time, pidfd: None }
+        Self { cred: sys::PeerCred { pid, uid, gid }, start_time, pidfd: None, pidfd_ino: None }
+    }
+
+    /// The bytes described by `sender` (one `recvmsg`) came from the process that connected,
+    /// with the credentials it connected with. The kernel stamps every message, so a forked
+    /// child writing on an inherited connection, or a process that changed its uid or gid
+    /// since it connected, is caught here, before its request is read. With pidfds on pidfs
+    /// the sender is compared by process, not only by pid number.
+    pub fn check_sender(&self, sender: Option<&sys::Sender>) -> Result<(), AttestError> {
+        let foreign = || AttestError::ForeignSender { conn: self.cred, sender: sender.map(|s| s.cred) };
+        let s = sender.ok_or_else(foreign)?;
+        if s.cred != self.cred {
+            return Err(foreign());
+        }
+        if let (Some(want), Some(fd)) = (self.pidfd_ino, &s.pidfd) {
+            if fd_inode(fd).map_err(AttestError::Socket)? != want {
+                return Err(foreign());
+            }
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> i32 {
@@ -183,6 +217,10 @@ impl Peer {
             _ => Err(AttestError::PidReused { pid }),
         }
     }
+}
+
+fn fd_inode(fd: &OwnedFd) -> io::Result<u64> {
+    Ok(File::from(fd.try_clone()?).metadata()?.ino())
 }
 
 fn proc_err(pid: i32, file: &str, e: io::Error) -> AttestError {

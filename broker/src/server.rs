@@ -323,6 +323,9 @@ pub fn remove_stale_socket(path: &Path) -> io::Result<()> {
 
 /// Serve forever.
 pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
+    // Every request is attested by the credentials the kernel stamps on it (see AttestedReader).
+    let pidfds = sys::pass_credentials(&listener)?;
+    debug!(pidfds, "per-message credentials on");
     let sweeper = Arc::clone(&broker);
     std::thread::Builder::new().name("cache-sweep".into()).spawn(move || loop {
         std::thread::sleep(sweeper.opts.sweep_interval);
@@ -369,20 +372,34 @@ pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads that fail with `TimedOut` once `deadline` passes, however the bytes trickle in.
-struct DeadlineReader<'a> {
+/// Reads that fail with `TimedOut` once `deadline` passes, however the bytes trickle in, and
+/// that check the sender of every chunk (`SCM_CREDENTIALS`, `SCM_PIDFD`) against the process
+/// that connected. A chunk from anyone else fails with `PermissionDenied`, with the reason
+/// left in `foreign`.
+struct AttestedReader<'a> {
     stream: &'a UnixStream,
     deadline: Instant,
+    peer: Option<&'a Peer>,
+    foreign: &'a mut Option<attest::AttestError>,
 }
 
-impl Read for DeadlineReader<'_> {
+impl Read for AttestedReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
         self.stream.set_read_timeout(Some(left))?;
-        (&mut &*self.stream).read(buf)
+        let (n, sender) = sys::recv_with_sender(self.stream, buf)?;
+        if n > 0 {
+            if let Some(p) = self.peer {
+                if let Err(e) = p.check_sender(sender.as_ref()) {
+                    *self.foreign = Some(e);
+                    return Err(io::ErrorKind::PermissionDenied.into());
+                }
+            }
+        }
+        Ok(n)
     }
 }
 
@@ -418,7 +435,17 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
     let mut reporter: Option<AttestedPeer> = None;
     loop {
         let deadline = Instant::now() + broker.opts.client_timeout;
-        let body = match read_frame(&mut DeadlineReader { stream: &stream, deadline }) {
+        let mut foreign = None;
+        let read = read_frame(&mut AttestedReader { stream: &stream, deadline, peer: peer.as_ref().ok(), foreign: &mut foreign });
+        if let Some(e) = foreign {
+            // Someone other than the connecting process wrote on this connection: nothing
+            // more on it can be trusted, whoever sends it.
+            broker.metrics.attestation_failed();
+            warn!(target: AUDIT, event = "refused", reason = %e, "request refused: foreign sender on the connection");
+            reply_error(&mut stream, ErrorCode::AttestationFailed, e.to_string());
+            return;
+        }
+        let body = match read {
             Ok(Some(body)) => body,
             Ok(None) => return,
             Err(WireError::Truncated) => {

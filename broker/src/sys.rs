@@ -1,5 +1,5 @@
-//! All of tetherd's unsafe code: two `getsockopt` calls on an accepted Unix stream,
-//! `geteuid`, and `utimensat` on the socket path.
+//! All of tetherd's unsafe code: `getsockopt`/`setsockopt` and `recvmsg` with credential
+//! messages on Unix streams, `geteuid`, and `utimensat` on the socket path.
 //!
 //! std's `UnixStream::peer_cred` is unstable, there is no safe `SO_PEERPIDFD`, and
 //! `File::set_modified` needs an open file (a socket path cannot be opened), so this
@@ -18,6 +18,105 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// `SO_PEERPIDFD` (Linux 6.5+). The generic value, shared by x86_64 and aarch64.
 const SO_PEERPIDFD: libc::c_int = 77;
+
+/// `SO_PASSPIDFD` (Linux 6.5+): every received message carries an `SCM_PIDFD`.
+const SO_PASSPIDFD: libc::c_int = 76;
+/// The control message type of a pidfd passed with `SO_PASSPIDFD`.
+const SCM_PIDFD: libc::c_int = 0x04;
+
+/// Ask the kernel to stamp every message received on `socket` with its sender's credentials
+/// (`SO_PASSCRED`, required) and a pidfd (`SO_PASSPIDFD`, when the kernel has it). Set on a
+/// listening socket, both are inherited by every accepted stream, and a message sent before
+/// the accept is stamped too. Returns whether pidfds will come.
+pub fn pass_credentials(socket: &impl AsRawFd) -> io::Result<bool> {
+    let on: libc::c_int = 1;
+    set_raw_sockopt(socket, libc::SOL_SOCKET, libc::SO_PASSCRED, &on.to_ne_bytes())?;
+    match set_raw_sockopt(socket, libc::SOL_SOCKET, SO_PASSPIDFD, &on.to_ne_bytes()) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Who sent the bytes of one `recvmsg`, as the kernel stamped them.
+#[derive(Debug)]
+pub struct Sender {
+    /// `SCM_CREDENTIALS`: the sender's thread-group id and *real* uid and gid at send time.
+    pub cred: PeerCred,
+    /// `SCM_PIDFD`: a pidfd for the sending process.
+    pub pidfd: Option<OwnedFd>,
+}
+
+/// `recvmsg` into `buf`, returning the byte count and the sender of those bytes. The kernel
+/// never merges bytes from two different senders into one `recvmsg` on a Unix stream, so the
+/// sender applies to every byte returned. `None` only when the socket lacks `SO_PASSCRED`.
+pub fn recv_with_sender(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<Sender>)> {
+    // Room for one ucred and one int cmsg, with alignment to spare.
+    let mut control = [0u64; 16];
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    // SAFETY: an all-zero msghdr is a valid "no name, no iov, no control" value.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control);
+    // SAFETY: `msg` points at `iov` (which describes the live, writable `buf`) and at the
+    // live, writable `control` array with its exact size; all outlive the call. The fd is
+    // owned by `stream`. MSG_CMSG_CLOEXEC keeps received pidfds out of any child.
+    let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cred = None;
+    let mut pidfd = None;
+    let mut passed_fds = false;
+    // SAFETY: the CMSG_* walk stays within `msg_controllen` bytes of `control`, which the
+    // kernel filled; each header is read only after CMSG_NXTHDR/CMSG_FIRSTHDR vouched for it.
+    let mut c = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+    while !c.is_null() {
+        // SAFETY: `c` is non-null and points at a complete cmsghdr inside `control`.
+        let (level, kind, len) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len) };
+        // SAFETY: CMSG_LEN is pure arithmetic.
+        let want = |n: usize| len as usize >= unsafe { libc::CMSG_LEN(n as u32) } as usize;
+        if level == libc::SOL_SOCKET && kind == libc::SCM_CREDENTIALS && want(size_of::<libc::ucred>()) {
+            // SAFETY: the data holds a whole ucred (checked just above); it may be unaligned.
+            let u: libc::ucred = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
+            cred = Some(PeerCred { pid: u.pid, uid: u.uid, gid: u.gid });
+        } else if level == libc::SOL_SOCKET && kind == SCM_PIDFD && want(size_of::<libc::c_int>()) {
+            // SAFETY: the data holds a whole int (checked above).
+            let fd: libc::c_int = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
+            if fd >= 0 {
+                // SAFETY: the kernel installed `fd` in our table for us alone; owning it here
+                // closes it exactly once.
+                pidfd = Some(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        } else if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
+            // A client passed descriptors: close them at once (they would pile up in our fd
+            // table) and refuse the message.
+            passed_fds = true;
+            // SAFETY: CMSG_LEN(0) is pure arithmetic; the data holds `count` ints, all inside
+            // this cmsg, each a descriptor the kernel installed for us alone.
+            let count = (len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize) / size_of::<libc::c_int>();
+            for i in 0..count {
+                // SAFETY: as above; each fd is owned here and closed once, on drop.
+                drop(unsafe {
+                    let p = libc::CMSG_DATA(c).cast::<libc::c_int>().add(i);
+                    OwnedFd::from_raw_fd(std::ptr::read_unaligned(p))
+                });
+            }
+        }
+        // SAFETY: `msg` and `c` are as above.
+        c = unsafe { libc::CMSG_NXTHDR(&msg, c) };
+    }
+    if passed_fds {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "a client passed file descriptors"));
+    }
+    if msg.msg_flags & libc::MSG_CTRUNC != 0 {
+        // Something was cut off (a descriptor we did not expect?): trust nothing from it.
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, "truncated credential message"));
+    }
+    Ok((n as usize, cred.map(|cred| Sender { cred, pidfd })))
+}
 
 /// The credentials the kernel recorded when the peer called `connect(2)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

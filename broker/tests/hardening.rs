@@ -1,0 +1,118 @@
+//! Attacks on tetherd from local users, each reproduced against a real daemon.
+#![allow(clippy::unwrap_used, unsafe_code)]
+
+mod common;
+
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use common::{read_response, send, Daemon, NOBODY_UID};
+use tether_proto::wire::{self, ErrorCode, Request, Response};
+
+/// What a forked child read back after sending `frame` on `fd`, as uid/gid `drop_to` if given.
+/// The child uses only raw syscalls (the test process is multithreaded), and its result comes
+/// back through a pipe.
+fn in_forked_child(fd: i32, drop_to: Option<u32>, frame: &[u8]) -> Vec<u8> {
+    let mut pipe = [0i32; 2];
+    // SAFETY: `pipe` is a writable array of two ints.
+    assert_eq!(unsafe { libc::pipe(pipe.as_mut_ptr()) }, 0);
+    let mut buf = vec![0u8; wire::MAX_BODY + wire::HEADER_LEN];
+    // SAFETY: fork in a test; the child below calls only async-signal-safe functions on
+    // memory allocated before the fork, then _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: raw syscalls on fds and buffers that are valid in the child.
+        unsafe {
+            if let Some(id) = drop_to {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(id) != 0 || libc::setuid(id) != 0 {
+                    libc::_exit(3);
+                }
+            }
+            if libc::write(fd, frame.as_ptr().cast(), frame.len()) != frame.len() as isize {
+                libc::_exit(4);
+            }
+            let mut got = 0usize;
+            loop {
+                let n = libc::read(fd, buf.as_mut_ptr().add(got).cast(), buf.len() - got);
+                if n <= 0 {
+                    break;
+                }
+                got += n as usize;
+                if got >= wire::HEADER_LEN {
+                    let len = u32::from_be_bytes([buf[4], buf[5], buf[6], buf[7]]) as usize;
+                    if got >= wire::HEADER_LEN + len {
+                        break;
+                    }
+                }
+            }
+            libc::write(pipe[1], buf.as_ptr().cast(), got);
+            libc::_exit(0);
+        }
+    }
+    // SAFETY: both pipe ends are ours; the write end is closed so the read sees EOF.
+    let (read_end, _) = unsafe { (OwnedFd::from_raw_fd(pipe[0]), libc::close(pipe[1])) };
+    let mut out = Vec::new();
+    std::fs::File::from(read_end).read_to_end(&mut out).unwrap();
+    let mut status = 0;
+    // SAFETY: waiting for our own child.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child failed: {status:#x}");
+    out
+}
+
+fn decode_response(frame: &[u8]) -> Response {
+    assert!(frame.len() >= wire::HEADER_LEN, "no response: {} bytes", frame.len());
+    wire::decode(&frame[wire::HEADER_LEN..]).unwrap()
+}
+
+/// The attack from issue 10: root opens a connection (as the shim's report thread does) and
+/// forks; the child drops to nobody and asks for an SVID on the inherited socket. tetherd used
+/// to attest the connection once, at accept, and handed the child root's SVID and key.
+#[test]
+fn forked_child_after_setuid_cannot_fetch_the_parents_svid_on_an_inherited_connection() {
+    let d = Daemon::start(&[]);
+    let mut s = d.raw();
+    send(&mut s, &wire::encode(&Request::FetchSvid {}).unwrap());
+    let Response::Svid(parent) = read_response(&mut s) else { panic!("parent gets its SVID") };
+    let frame = wire::encode(&Request::FetchSvid {}).unwrap();
+
+    let got = in_forked_child(s.as_raw_fd(), Some(NOBODY_UID), &frame);
+    match decode_response(&got) {
+        Response::Error(e) => {
+            assert_eq!(e.code, ErrorCode::AttestationFailed, "{}", e.message);
+            assert!(e.message.contains("uid 65534"), "{}", e.message);
+        }
+        Response::Svid(svid) => panic!("the child got {} (the parent's is {})", svid.spiffe_id, parent.spiffe_id),
+        other => panic!("unexpected {other:?}"),
+    }
+    // The connection is closed for everyone: the byte stream can no longer be trusted.
+    common::assert_closed(&mut s);
+    assert!(d.log_text().contains("foreign sender"), "{}", d.log_text());
+    d.client().fetch_svid().unwrap();
+}
+
+/// The same without the uid change: a forked child is a different process, so it cannot use
+/// its parent's connection either (it must open its own and be attested as itself).
+#[test]
+fn forked_child_with_the_same_uid_is_refused_on_the_parents_connection() {
+    let d = Daemon::start(&[]);
+    let s = d.raw();
+    let frame = wire::encode(&Request::FetchSvid {}).unwrap();
+    let got = in_forked_child(s.as_raw_fd(), None, &frame);
+    let Response::Error(e) = decode_response(&got) else { panic!("the child must be refused") };
+    assert_eq!(e.code, ErrorCode::AttestationFailed, "{}", e.message);
+}
+
+/// A frame split between two writers: the parent sends the header, the child the body.
+/// The kernel stamps each write, so the child's half is caught.
+#[test]
+fn frame_half_written_by_a_forked_child_is_refused() {
+    let d = Daemon::start(&[]);
+    let mut s = d.raw();
+    let frame = wire::encode(&Request::FetchSvid {}).unwrap();
+    std::io::Write::write_all(&mut s, &frame[..wire::HEADER_LEN]).unwrap();
+    let got = in_forked_child(s.as_raw_fd(), Some(NOBODY_UID), &frame[wire::HEADER_LEN..]);
+    let Response::Error(e) = decode_response(&got) else { panic!("the split frame must be refused") };
+    assert_eq!(e.code, ErrorCode::AttestationFailed, "{}", e.message);
+}
