@@ -42,6 +42,8 @@ pub enum AttestError {
     Proc { pid: i32, what: String },
     /// The executable is too large to hash.
     ExeTooLarge { pid: i32, size: u64 },
+    /// The uid used up its budget for hashing executables; retry in a few seconds.
+    HashRateLimited { pid: i32, uid: u32 },
     /// Bytes of a request came from a process (or credentials) other than the one that
     /// connected: a forked child, or a process that changed its uid, on an inherited socket.
     ForeignSender { conn: sys::PeerCred, sender: Option<sys::PeerCred> },
@@ -57,6 +59,10 @@ impl fmt::Display for AttestError {
             Self::ExeTooLarge { pid, size } => {
                 write!(f, "executable of pid {pid} is {size} bytes, over the {MAX_HASHED_EXE}-byte hash limit")
             }
+            Self::HashRateLimited { pid, uid } => write!(
+                f,
+                "pid {pid}: uid {uid} has used its budget for hashing changed executables; retry in a few seconds"
+            ),
             Self::ForeignSender { conn, sender: Some(s) } => write!(
                 f,
                 "request sent by pid {} (uid {}, gid {}) on a connection opened by pid {} (uid {}, gid {}); \
@@ -171,7 +177,7 @@ impl Peer {
             what: "no Groups: line in status".to_owned(),
         })?;
         let exe_sha256 = match hashes {
-            Some(h) => Some(h.hash(pid)?),
+            Some(h) => Some(h.hash(pid, self.cred.uid)?),
             None => None,
         };
         // Everything above may describe a successor process if the pid was recycled while we
@@ -264,31 +270,53 @@ fn parse_groups(status: &str) -> Option<Vec<u32>> {
     line.split_whitespace().map(|g| g.parse().ok()).collect()
 }
 
-/// SHA-256 of executables, cached by (device, inode, mtime, size) so each binary is read once.
+/// SHA-256 of executables, cached by (device, inode, size, mtime, ctime), so each binary is
+/// read once. The ctime matters: an owner can rewrite a binary in place at the same size and
+/// restore its mtime with `touch -r`, but any write or `utimensat` moves the ctime, and only
+/// the kernel can set it. Fresh hashing is rate-limited per uid (bytes per second), so a user
+/// who keeps touching a large binary cannot keep tetherd busy reading it.
 #[derive(Debug, Default)]
 pub struct ExeHashes {
-    cache: Mutex<HashMap<(u64, u64, i64, i64, u64), [u8; 32]>>,
+    cache: Mutex<HashMap<FileStamp, [u8; 32]>>,
+    budgets: Mutex<HashMap<u32, HashBudget>>,
 }
+
+/// (dev, ino, size, mtime s, mtime ns, ctime s, ctime ns)
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
 
 /// Bound on cached hashes; the cache is cleared when it fills (binaries rarely change).
 const MAX_CACHED_HASHES: usize = 4096;
+/// Each uid may have this many bytes hashed afresh in a burst...
+const HASH_BURST: u64 = 2 * MAX_HASHED_EXE;
+/// ...refilled at this many bytes per second.
+const HASH_RATE: u64 = 64 << 20;
+
+/// A token bucket of bytes.
+#[derive(Debug, Clone, Copy)]
+struct HashBudget {
+    left: u64,
+    at: std::time::Instant,
+}
 
 impl ExeHashes {
-    /// Hash the file `/proc/<pid>/exe` refers to. Opening through /proc reads the binary the
-    /// process really runs, whatever mount namespace or rename tricks it used.
-    pub fn hash(&self, pid: i32) -> Result<[u8; 32], AttestError> {
+    /// Hash the file `/proc/<pid>/exe` refers to, for a process of `uid`. Opening through
+    /// /proc reads the binary the process really runs, whatever mount namespace or rename
+    /// tricks it used.
+    pub fn hash(&self, pid: i32, uid: u32) -> Result<[u8; 32], AttestError> {
         let mut file = File::open(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))?;
-        let key_of = |f: &File| -> Result<_, AttestError> {
+        let key_of = |f: &File| -> Result<FileStamp, AttestError> {
             let m = f.metadata().map_err(|e| proc_err(pid, "exe", e))?;
-            Ok((m.dev(), m.ino(), m.mtime(), m.mtime_nsec(), m.size()))
+            Ok((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()))
         };
         let key = key_of(&file)?;
         if let Some(h) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
             return Ok(*h);
         }
-        if key.4 > MAX_HASHED_EXE {
-            return Err(AttestError::ExeTooLarge { pid, size: key.4 });
+        let size = key.2;
+        if size > MAX_HASHED_EXE {
+            return Err(AttestError::ExeTooLarge { pid, size });
         }
+        self.spend(pid, uid, size)?;
         let mut ctx = digest::Context::new(&digest::SHA256);
         let mut buf = vec![0u8; 64 << 10];
         let mut total = 0u64;
@@ -306,7 +334,7 @@ impl ExeHashes {
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
         // If the file changed while we read it, do not cache (or trust) the result.
-        if key_of(&file)? != key || total != key.4 {
+        if key_of(&file)? != key || total != size {
             return Err(AttestError::Proc { pid, what: "executable changed while hashing".to_owned() });
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -315,6 +343,25 @@ impl ExeHashes {
         }
         cache.insert(key, out);
         Ok(out)
+    }
+
+    /// Take `bytes` from `uid`'s hashing budget, or refuse.
+    fn spend(&self, pid: i32, uid: u32, bytes: u64) -> Result<(), AttestError> {
+        let now = std::time::Instant::now();
+        let mut budgets = self.budgets.lock().unwrap_or_else(|p| p.into_inner());
+        if budgets.len() >= MAX_CACHED_HASHES && !budgets.contains_key(&uid) {
+            // Full budgets only grant more; dropping them loses nothing but memory.
+            budgets.retain(|_, b| b.left < HASH_BURST);
+        }
+        let b = budgets.entry(uid).or_insert(HashBudget { left: HASH_BURST, at: now });
+        let refill = now.duration_since(b.at).as_millis() as u64 * (HASH_RATE / 1000);
+        b.left = b.left.saturating_add(refill).min(HASH_BURST);
+        b.at = now;
+        if b.left < bytes {
+            return Err(AttestError::HashRateLimited { pid, uid });
+        }
+        b.left -= bytes;
+        Ok(())
     }
 }
 
@@ -340,6 +387,57 @@ mod tests {
         assert!(std::fs::metadata(format!("/proc/{pid}")).is_ok(), "still in /proc as a zombie");
         child.wait().unwrap();
         assert!(is_running(std::process::id() as i32, start_time(std::process::id() as i32).unwrap()));
+    }
+
+    /// The owner of a registered binary rewrites it in place at the same size and puts its
+    /// mtime back (`touch -r`). The old cache key (dev, ino, size, mtime) served the genuine
+    /// binary's hash for the rewritten one; the ctime, which only the kernel sets, catches it.
+    #[test]
+    fn rewritten_same_size_binary_with_restored_mtime_is_hashed_again() {
+        use std::io::{Seek, SeekFrom, Write};
+        let dir = std::env::temp_dir().join(format!("h10a-broker-rewrite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bin = dir.join("sleep");
+        std::fs::copy("/usr/bin/sleep", &bin).unwrap();
+        let hashes = ExeHashes::default();
+        let run_and_hash = || {
+            let mut child = Command::new(&bin).arg("30").spawn().unwrap();
+            let h = hashes.hash(child.id() as i32, 0);
+            child.kill().unwrap();
+            child.wait().unwrap();
+            h.unwrap()
+        };
+        let genuine = run_and_hash();
+        let meta = std::fs::metadata(&bin).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        {
+            // Flip a byte of the section header table (e_shoff, at 0x28): the loader never
+            // reads it, so the binary still runs.
+            let mut f = std::fs::OpenOptions::new().read(true).write(true).open(&bin).unwrap();
+            let bytes = std::fs::read(&bin).unwrap();
+            let shoff = u64::from_le_bytes(bytes[0x28..0x30].try_into().unwrap());
+            f.seek(SeekFrom::Start(shoff)).unwrap();
+            f.write_all(&[bytes[shoff as usize] ^ 0xff]).unwrap();
+            f.set_modified(meta.modified().unwrap()).unwrap();
+        }
+        let after = std::fs::metadata(&bin).unwrap();
+        assert_eq!((after.len(), after.mtime(), after.mtime_nsec()), (meta.len(), meta.mtime(), meta.mtime_nsec()));
+        let rewritten = run_and_hash();
+        let want = digest::digest(&digest::SHA256, &std::fs::read(&bin).unwrap());
+        assert_ne!(genuine, rewritten, "the rewritten binary was served the genuine binary's cached hash");
+        assert_eq!(rewritten.as_slice(), want.as_ref());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn fresh_hashing_is_rate_limited_per_uid() {
+        let hashes = ExeHashes::default();
+        hashes.spend(1, 1000, HASH_BURST).unwrap();
+        assert!(matches!(hashes.spend(1, 1000, 1 << 20), Err(AttestError::HashRateLimited { uid: 1000, .. })));
+        // Another uid is not affected.
+        hashes.spend(2, 1001, HASH_BURST).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        hashes.spend(1, 1000, 1 << 20).unwrap();
     }
 
     #[test]

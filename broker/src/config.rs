@@ -241,6 +241,25 @@ impl Accounts for MapAccounts {
 pub struct Entry {
     pub spiffe_id: SpiffeId,
     pub selectors: Vec<Selector>,
+    /// Refuse a process that may be impersonating the registered binary (traced, running code
+    /// its own user can write, or an executable other than the registered path). Applies only
+    /// to entries with a path or sha256 selector; on unless `impersonation_checks = false`.
+    pub impersonation_checks: bool,
+}
+
+impl Entry {
+    /// Does this entry name a binary (path or sha256), the thing an impersonator targets?
+    pub fn names_a_binary(&self) -> bool {
+        self.selectors.iter().any(|s| matches!(s, Selector::Path(_) | Selector::Sha256(_)))
+    }
+
+    /// The registered path, if the entry has a path selector.
+    pub fn path(&self) -> Option<&Path> {
+        self.selectors.iter().find_map(|s| match s {
+            Selector::Path(p) => Some(p.as_path()),
+            _ => None,
+        })
+    }
 }
 
 /// Where the signing CA comes from.
@@ -335,6 +354,12 @@ struct RawConfig {
 struct RawEntry {
     spiffe_id: Spanned<SpiffeId>,
     selectors: Spanned<Vec<Spanned<String>>>,
+    #[serde(default = "yes")]
+    impersonation_checks: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// An invalid configuration: where, and why.
@@ -403,7 +428,22 @@ impl Config {
             for s in e.selectors.get_ref() {
                 selectors.push(Selector::parse(s.get_ref(), accounts).map_err(|m| err_at(s.span().start, m))?);
             }
-            entries.push(Entry { spiffe_id: e.spiffe_id.into_inner(), selectors });
+            entries.push(Entry {
+                spiffe_id: e.spiffe_id.into_inner(),
+                selectors,
+                impersonation_checks: e.impersonation_checks,
+            });
+        }
+
+        if raw.federated_bundles.contains_key(&raw.trust_domain) {
+            return Err(ConfigError {
+                origin: origin.to_owned(),
+                message: format!(
+                    "federated_bundles names our own trust domain {:?}: its roots would be trusted for \
+                     our own identities; put our roots in ca_bundle instead",
+                    raw.trust_domain.as_str()
+                ),
+            });
         }
 
         let ca = match (raw.ca_cert, raw.ca_key) {
@@ -440,6 +480,28 @@ impl Config {
             policy: Policy { inbound: raw.inbound, outbound: raw.outbound, default: raw.default },
             metrics,
         })
+    }
+
+    /// Things that are valid but probably not meant, for `tetherd --check-config` and the log.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for e in &self.entries {
+            if e.names_a_binary() && !e.selectors.iter().any(|s| matches!(s, Selector::Uid(_))) {
+                out.push(format!(
+                    "entry {}: a path or sha256 selector without a uid selector: any local user who \
+                     runs that binary gets this identity; add unix:uid or unix:user",
+                    e.spiffe_id
+                ));
+            }
+            if e.names_a_binary() && !e.impersonation_checks {
+                out.push(format!(
+                    "entry {}: impersonation_checks = false: a process of the same user can obtain this \
+                     identity by running the binary under ptrace or with its own LD_PRELOAD",
+                    e.spiffe_id
+                ));
+            }
+        }
+        out
     }
 
     /// Does any entry need the executable's hash? Hashing is skipped otherwise.
@@ -627,6 +689,29 @@ selectors = ["unix:uid:0", "unix:gid:50", "unix:path:/usr/bin/python3.11"]
             assert!(e.contains(&format!("line {line}")), "{body}: {e}");
             assert!(e.contains("test.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn federated_bundles_for_our_own_trust_domain_are_refused() {
+        let e = cfg("[federated_bundles]\n\"example.org\" = \"/etc/tether/x.pem\"").unwrap_err().to_string();
+        assert!(e.contains("our own trust domain"), "{e}");
+        cfg("[federated_bundles]\n\"partner.org\" = \"/etc/tether/p.pem\"").unwrap();
+    }
+
+    #[test]
+    fn binary_selectors_without_a_uid_are_warned_about() {
+        let c = cfg(
+            "[[entry]]\nspiffe_id = \"spiffe://example.org/a\"\nselectors = [\"unix:path:/usr/bin/a\"]\n\
+             [[entry]]\nspiffe_id = \"spiffe://example.org/b\"\nselectors = [\"unix:uid:0\", \"unix:path:/usr/bin/b\"]\n\
+             [[entry]]\nspiffe_id = \"spiffe://example.org/c\"\nselectors = [\"unix:uid:0\", \"unix:path:/usr/bin/c\"]\n\
+             impersonation_checks = false\n",
+        )
+        .unwrap();
+        let w = c.warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(w[0].contains("/a") && w[0].contains("without a uid"), "{w:?}");
+        assert!(w[1].contains("/c") && w[1].contains("impersonation_checks = false"), "{w:?}");
+        assert!(c.entries[1].impersonation_checks && !c.entries[2].impersonation_checks);
     }
 
     #[test]

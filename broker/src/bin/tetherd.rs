@@ -64,6 +64,9 @@ fn main() -> ExitCode {
         }
     };
     if args.check_config {
+        for w in config.warnings() {
+            println!("warning: {w}");
+        }
         println!("config OK: trust domain {}, {} entries", config.trust_domain, config.entries.len());
         return ExitCode::SUCCESS;
     }
@@ -99,6 +102,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for w in config.warnings() {
+        tracing::warn!("{w}");
+    }
     tracing::info!(
         socket = %config.socket.display(),
         trust_domain = %config.trust_domain,
