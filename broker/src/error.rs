@@ -8,12 +8,15 @@ use tether_proto::wire::{ErrorCode, ErrorResponse, WireError};
 use crate::attest::AttestError;
 use crate::ca::CaError;
 use crate::config::ConfigError;
+use crate::impersonation::Impersonation;
 
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     Config(ConfigError),
     Attest(AttestError),
+    /// Attested, but the process may be impersonating the binary its entry names.
+    Impersonation(Impersonation),
     Ca(CaError),
     /// Attested, but no entry grants an identity (and `unmatched = "deny"`).
     NoIdentity { reason: String },
@@ -35,6 +38,7 @@ impl fmt::Display for Error {
         match self {
             Self::Config(e) => e.fmt(f),
             Self::Attest(e) => e.fmt(f),
+            Self::Impersonation(e) => write!(f, "refused as a possible impersonation: {e}"),
             Self::Ca(e) => e.fmt(f),
             Self::NoIdentity { reason } => write!(f, "no identity: {reason}"),
             Self::Wire(e) => e.fmt(f),
@@ -61,6 +65,11 @@ impl From<AttestError> for Error {
         Self::Attest(e)
     }
 }
+impl From<Impersonation> for Error {
+    fn from(e: Impersonation) -> Self {
+        Self::Impersonation(e)
+    }
+}
 impl From<CaError> for Error {
     fn from(e: CaError) -> Self {
         Self::Ca(e)
@@ -82,6 +91,7 @@ impl Error {
     pub fn to_wire(&self) -> ErrorResponse {
         let (code, message) = match self {
             Self::Attest(e) => (ErrorCode::AttestationFailed, e.to_string()),
+            Self::Impersonation(_) => (ErrorCode::AttestationFailed, self.to_string()),
             Self::NoIdentity { reason } => (ErrorCode::NoIdentity, reason.clone()),
             Self::Wire(e) => (e.code(), e.to_string()),
             Self::Refused(r) => (r.code, r.message.clone()),

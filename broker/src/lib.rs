@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the TOML config, selectors and identity selection.
 //! - [`attest`]: SO_PEERCRED + /proc, with PID-reuse checks; builds [`attest::AttestedPeer`].
+//! - [`impersonation`]: refusing tracers, injected code and bind mounts for binary-named entries.
 //! - [`ca`]: the signing CA and X.509-SVID issuance.
 //! - [`cache`]: SVIDs cached per process until half-life.
 //! - [`server`]: the Unix socket server and audit log.
@@ -30,6 +31,7 @@ pub mod elf;
 pub mod env;
 pub mod error;
 pub mod files;
+pub mod impersonation;
 pub mod install;
 pub mod metrics;
 pub mod pem;

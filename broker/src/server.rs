@@ -186,7 +186,7 @@ impl Broker {
     pub fn fetch_svid(&self, peer: &Peer) -> Result<SvidResponse, Error> {
         let result = self.fetch_svid_inner(peer);
         if let Err(e) = &result {
-            if matches!(e, Error::Attest(_)) {
+            if matches!(e, Error::Attest(_) | Error::Impersonation(_)) {
                 self.metrics.attestation_failed();
             }
             self.metrics.svid_refused(e.to_wire().code);
@@ -209,6 +209,12 @@ impl Broker {
         let config = &snap.config;
         let attested = peer.attest(config.needs_exe_hash().then_some(&self.hashes))?;
         let facts = attested.facts();
+        let entry = config.matching_entry(facts);
+        if let Some(e) = entry.filter(|e| e.names_a_binary() && e.impersonation_checks) {
+            crate::impersonation::check(facts, e.path())?;
+            // Those checks read /proc by pid: prove it still names the process that connected.
+            peer.recheck()?;
+        }
         let id = config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
             reason: format!(
                 "no registration entry matches uid {} running {} (unmatched = \"deny\")",

@@ -1,0 +1,160 @@
+//! Anti-impersonation checks for entries that name a binary (a path or sha256 selector).
+//!
+//! A path or hash selector says "this identity belongs to that program". A process of the
+//! same uid can run the genuine program and still be someone else:
+//!
+//! - under ptrace, where it can change anything the program does;
+//! - with its own code loaded (LD_PRELOAD, LD_AUDIT, LD_LIBRARY_PATH, a memfd), which lives
+//!   in a file the attacker can write;
+//! - with something else mounted over the registered path, in a mount namespace of its own.
+//!
+//! [`check`] refuses each of these, reading `/proc/<pid>/status`, `/proc/<pid>/maps` and
+//! `/proc/<pid>/map_files/` (which needs root, or CAP_CHECKPOINT_RESTORE; without it the check
+//! fails closed). What it does not stop is written in the README's security model.
+
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::config::ProcessFacts;
+
+/// Why a process was judged to be impersonating a registered binary.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Impersonation {
+    /// `TracerPid` is not 0.
+    Traced { pid: i32, tracer: i32 },
+    /// Executable code is mapped from a file the process's own user (or one of its groups)
+    /// can write.
+    WritableCode { pid: i32, file: PathBuf },
+    /// The mapped executable is not the file the registered path names in tetherd's mount
+    /// namespace (a bind mount, or another mount namespace).
+    NotTheRegisteredFile { pid: i32, registered: PathBuf },
+    /// /proc could not be read, so nothing can be vouched for.
+    Unreadable { pid: i32, what: String },
+}
+
+impl fmt::Display for Impersonation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Traced { pid, tracer } => write!(f, "pid {pid} is being traced by pid {tracer}"),
+            Self::WritableCode { pid, file } => write!(
+                f,
+                "pid {pid} runs code from {}, which its own user or group can write (set \
+                 impersonation_checks = false on the entry if that is intended)",
+                file.display()
+            ),
+            Self::NotTheRegisteredFile { pid, registered } => write!(
+                f,
+                "pid {pid} does not run the file {} names in tetherd's mount namespace",
+                registered.display()
+            ),
+            Self::Unreadable { pid, what } => write!(f, "cannot check pid {pid} for impersonation: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Impersonation {}
+
+/// Refuse a process that may be impersonating the binary an entry names. `registered` is
+/// the entry's path selector, if it has one. Call [`crate::attest::Peer::recheck`] afterwards:
+/// everything here is read from /proc by pid.
+pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impersonation> {
+    let pid = facts.pid;
+    let unreadable = |what: String| Impersonation::Unreadable { pid, what };
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| unreadable(format!("status: {e}")))?;
+    let tracer = tracer_pid(&status).ok_or_else(|| unreadable("no TracerPid: line in status".to_owned()))?;
+    if tracer != 0 {
+        return Err(Impersonation::Traced { pid, tracer });
+    }
+    if let Some(path) = registered {
+        let running = fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| unreadable(format!("exe: {e}")))?;
+        let genuine = fs::metadata(path).map_err(|e| unreadable(format!("{}: {e}", path.display())))?;
+        if (running.dev(), running.ino()) != (genuine.dev(), genuine.ino()) {
+            return Err(Impersonation::NotTheRegisteredFile { pid, registered: path.to_owned() });
+        }
+    }
+    // root can write every file; the check would refuse every root process and stop nothing.
+    if facts.uid == 0 {
+        return Ok(());
+    }
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| unreadable(format!("maps: {e}")))?;
+    for m in executable_file_mappings(&maps) {
+        // map_files/ names the mapped file itself, in whatever mount namespace it came from.
+        let meta = fs::metadata(format!("/proc/{pid}/map_files/{}", m.range))
+            .map_err(|e| unreadable(format!("map_files/{}: {e}", m.range)))?;
+        if writable_by(&meta, facts) {
+            return Err(Impersonation::WritableCode { pid, file: PathBuf::from(m.path) });
+        }
+    }
+    Ok(())
+}
+
+/// Can the process's uid, primary gid or a supplementary group write (or make writable) the
+/// file? The owner counts whatever the mode says, because the owner may chmod.
+fn writable_by(meta: &fs::Metadata, facts: &ProcessFacts) -> bool {
+    let mode = meta.mode();
+    let in_group = meta.gid() == facts.gid || facts.supplementary_gids.contains(&meta.gid());
+    meta.uid() == facts.uid || (in_group && mode & 0o020 != 0) || mode & 0o002 != 0
+}
+
+fn tracer_pid(status: &str) -> Option<i32> {
+    status.lines().find_map(|l| l.strip_prefix("TracerPid:"))?.trim().parse().ok()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+struct Mapping<'a> {
+    range: &'a str,
+    path: &'a str,
+}
+
+/// Executable mappings backed by a file (inode not 0): `range` as map_files/ names it.
+fn executable_file_mappings(maps: &str) -> impl Iterator<Item = Mapping<'_>> {
+    maps.lines().filter_map(|line| {
+        let mut fields = line.splitn(6, ' ');
+        let range = fields.next()?;
+        let perms = fields.next()?;
+        let (_offset, _dev, inode) = (fields.next()?, fields.next()?, fields.next()?);
+        let path = fields.next().unwrap_or("").trim_start();
+        (perms.as_bytes().get(2) == Some(&b'x') && inode != "0").then_some(Mapping { range, path })
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_lines_parse() {
+        let maps = "\
+55d0c0a00000-55d0c0a02000 r--p 00000000 fd:01 1234 /usr/bin/sleep
+55d0c0a02000-55d0c0a06000 r-xp 00002000 fd:01 1234 /usr/bin/sleep
+7f00aa000000-7f00aa001000 r-xp 00000000 00:00 0 
+7f00ab000000-7f00ab100000 r-xp 00000000 00:1f 99 /tmp/evil lib.so (deleted)
+7ffd1e3f0000-7ffd1e3f2000 r-xp 00000000 00:00 0                          [vdso]";
+        let got: Vec<_> = executable_file_mappings(maps).collect();
+        assert_eq!(
+            got,
+            vec![
+                Mapping { range: "55d0c0a02000-55d0c0a06000", path: "/usr/bin/sleep" },
+                Mapping { range: "7f00ab000000-7f00ab100000", path: "/tmp/evil lib.so (deleted)" },
+            ]
+        );
+    }
+
+    #[test]
+    fn tracer_pid_parses() {
+        assert_eq!(tracer_pid("Name:\tx\nTracerPid:\t0\n"), Some(0));
+        assert_eq!(tracer_pid("TracerPid:\t4242\n"), Some(4242));
+        assert_eq!(tracer_pid("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn own_process_as_nobody_runs_no_writable_code() {
+        // The test binary is root's; seen as a process of uid 65534 it passes every check.
+        let me = std::process::id() as i32;
+        let facts = ProcessFacts { pid: me, uid: 65534, gid: 65534, ..Default::default() };
+        check(&facts, Some(&std::env::current_exe().unwrap_or_default())).unwrap();
+    }
+}
