@@ -8,6 +8,7 @@
 //! - [`server`]: the Unix socket server and audit log.
 //! - [`reload`]: live config reload (SIGHUP, `tether reload`) and the socket-mtime signal.
 //! - [`connections`]: the live connection table fed by the shims' reports.
+//! - [`quota`]: per-uid shares of connections and requests in flight.
 //! - [`policy_check`]: `tether policy check`, which rule decides a connection and why.
 //! - [`metrics`]: Prometheus counters and the `GET /metrics` responder.
 //! - [`client`]: a blocking client for the CLI and tests.
@@ -36,6 +37,7 @@ pub mod install;
 pub mod metrics;
 pub mod pem;
 pub mod policy_check;
+pub mod quota;
 pub mod reload;
 pub mod run;
 pub mod server;

@@ -88,6 +88,11 @@ impl Metrics {
         self.reports_dropped.inc(&[why.label()]);
     }
 
+    /// A report failed its field checks.
+    pub fn report_invalid(&self) {
+        self.reports_dropped.inc(&["invalid"]);
+    }
+
     /// Count what a shim's report says happened. An `open` over kTLS or userspace TLS is a
     /// successful handshake; a plaintext open (observe, permissive) had none. A `refused`
     /// report is a failed handshake, labelled by the class of its reason.

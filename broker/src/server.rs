@@ -31,6 +31,7 @@ use crate::config::Config;
 use crate::connections::{self, ConnectionTable, Viewer};
 use crate::error::Error;
 use crate::metrics::{Gauges, Metrics};
+use crate::quota::PerUid;
 use crate::reload::{ConfigSource, ReloadError, SocketStamp};
 use crate::{policy_check, sys};
 
@@ -44,6 +45,10 @@ pub struct ServerOptions {
     pub client_timeout: Duration,
     /// Live connections beyond this are answered `busy` and closed.
     pub max_connections: usize,
+    /// Live connections one uid may hold (root and tetherd's own uid: only the global cap).
+    pub max_connections_per_uid: usize,
+    /// Requests of one uid served at the same time; more are answered `busy`.
+    pub max_in_flight_per_uid: usize,
     /// Cache SVIDs per process until half-life. Off only for benchmarking issuance.
     pub cache: bool,
     /// How often entries of exited processes are dropped from the cache.
@@ -54,7 +59,9 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             client_timeout: Duration::from_secs(5),
-            max_connections: 512,
+            max_connections: 4096,
+            max_connections_per_uid: 256,
+            max_in_flight_per_uid: 32,
             cache: true,
             sweep_interval: Duration::from_secs(10),
         }
@@ -84,6 +91,8 @@ pub struct Broker {
     started: Instant,
     opts: ServerOptions,
     live: AtomicUsize,
+    connections_per_uid: PerUid,
+    in_flight: PerUid,
 }
 
 impl Broker {
@@ -107,6 +116,8 @@ impl Broker {
             connections: ConnectionTable::default(),
             metrics: Metrics::default(),
             started: Instant::now(),
+            connections_per_uid: PerUid::new(opts.max_connections_per_uid),
+            in_flight: PerUid::new(opts.max_in_flight_per_uid),
             opts,
             live: AtomicUsize::new(0),
         }
@@ -298,6 +309,9 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
     }
     remove_stale_socket(path)?;
     let listener = UnixListener::bind(path)?;
+    // Before anyone can connect through the permissions below: a stream accepted from this
+    // listener takes its credential-passing flags from it at connect time.
+    sys::pass_credentials(&listener)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o666))?;
     Ok(listener)
 }
@@ -357,25 +371,58 @@ pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
         if broker.live.fetch_add(1, Ordering::AcqRel) >= broker.opts.max_connections {
             broker.live.fetch_sub(1, Ordering::AcqRel);
             warn!(limit = broker.opts.max_connections, "connection limit reached; answering busy");
-            let mut s = stream;
-            let _ = s.set_write_timeout(Some(Duration::from_millis(100)));
-            reply_error(&mut s, ErrorCode::Busy, "tetherd is at its connection limit; retry shortly".into());
+            busy(stream, "tetherd is at its connection limit; retry shortly".into());
             continue;
         }
-        let b = Arc::clone(&broker);
+        // Also on the stream itself, in case it connected before the listener had the flags
+        // (a caller's own listener). Bytes queued before the accept carry credentials anyway.
+        if let Err(e) = sys::pass_credentials(&stream) {
+            broker.live.fetch_sub(1, Ordering::AcqRel);
+            warn!(error = %e, "cannot turn on credential passing; closing the connection");
+            continue;
+        }
+        // The uid the kernel recorded at connect; the per-message checks come later.
+        let uid = sys::peer_cred(&stream).map_or(u32::MAX, |c| c.uid);
+        if !broker.connections_per_uid.try_take(uid, is_admin(uid)) {
+            broker.live.fetch_sub(1, Ordering::AcqRel);
+            let limit = broker.opts.max_connections_per_uid;
+            debug!(uid, limit, "per-user connection limit reached; answering busy");
+            busy(stream, format!("uid {uid} already holds {limit} connections to tetherd, the per-user limit"));
+            continue;
+        }
+        let held = Held { broker: Arc::clone(&broker), uid };
         let spawned = std::thread::Builder::new()
             .name("conn".into())
             .stack_size(256 << 10)
             .spawn(move || {
-                handle_connection(&b, stream);
-                b.live.fetch_sub(1, Ordering::AcqRel);
+                handle_connection(&held.broker, stream);
+                drop(held);
             });
         if let Err(e) = spawned {
-            broker.live.fetch_sub(1, Ordering::AcqRel);
+            // The closure, and the `Held` in it, were dropped: the counts are given back.
             warn!(error = %e, "cannot spawn a connection thread");
         }
     }
     Ok(())
+}
+
+/// A live connection's share of the global and per-uid counts, given back on drop (also
+/// when the connection's thread panics or cannot be spawned).
+struct Held {
+    broker: Arc<Broker>,
+    uid: u32,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.broker.connections_per_uid.give_back(self.uid);
+        self.broker.live.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn busy(mut stream: UnixStream, message: String) {
+    let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+    reply_error(&mut stream, ErrorCode::Busy, message);
 }
 
 /// Reads that fail with `TimedOut` once `deadline` passes, however the bytes trickle in, and
@@ -482,6 +529,15 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
                 return;
             }
         };
+        let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
+        let Some(_in_flight) = broker.in_flight.acquire(uid, is_admin(uid)) else {
+            let limit = broker.opts.max_in_flight_per_uid;
+            let message = format!("uid {uid} already has {limit} requests in flight, the per-user limit; retry");
+            if !reply_error(&mut stream, ErrorCode::Busy, message) {
+                return;
+            }
+            continue;
+        };
         let response = match request {
             Request::FetchSvid {} => match &peer {
                 Ok(p) => match broker.fetch_svid(p) {
@@ -568,6 +624,14 @@ impl Broker {
         self.metrics.report(&r);
         match r.event {
             ConnectionEvent::Open => {
+                let r = match connections::ValidReport::parse(r) {
+                    Ok(r) => r,
+                    Err(bad) => {
+                        self.metrics.report_invalid();
+                        debug!(pid = who.facts().pid, %bad, "connection report refused");
+                        return Response::Error(ErrorResponse { code: ErrorCode::BadRequest, message: bad.to_string() });
+                    }
+                };
                 if let Err(full) = self.connections.open(who, r) {
                     self.metrics.report_dropped(full);
                     debug!(pid = who.facts().pid, %full, "connection report dropped");

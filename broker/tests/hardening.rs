@@ -116,3 +116,111 @@ fn frame_half_written_by_a_forked_child_is_refused() {
     let Response::Error(e) = decode_response(&got) else { panic!("the split frame must be refused") };
     assert_eq!(e.code, ErrorCode::AttestationFailed, "{}", e.message);
 }
+
+/// VmRSS of `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// One local user opened 512 idle connections and every other process on the host got
+/// `busy` (then EACCES on every TCP connect). Now each uid has its own share.
+#[test]
+fn one_uid_holding_1000_broker_connections_does_not_starve_other_uids() {
+    let d = Daemon::start(&[]);
+    let script = format!(
+        "import socket, sys, time\n\
+         held = []\n\
+         for _ in range(1000):\n\
+         \x20   c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n\
+         \x20   c.connect({:?})\n\
+         \x20   held.append(c)\n\
+         print(len(held), flush=True)\n\
+         time.sleep(60)\n",
+        d.socket.display().to_string()
+    );
+    let mut hog = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(hog.stdout.take().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "1000", "the hog could not open its connections");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+
+    // Root, and an ordinary user other than the hog, are both still served.
+    let root = d.client().fetch_svid();
+    let other = std::process::Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups", common::TETHER, "svid", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let _ = hog.kill();
+    let _ = hog.wait();
+    let root = root.unwrap();
+    assert!(root.spiffe_id.as_str().contains("/uid/0/"), "{}", root.spiffe_id);
+    let text = String::from_utf8_lossy(&other.stdout);
+    assert!(other.status.success() && text.contains("/uid/1000/"), "{text} {}", String::from_utf8_lossy(&other.stderr));
+    assert!(d.log_text().contains("per-user connection limit") || !d.log_text().contains("connection limit reached"));
+}
+
+/// 60 reports with megabyte-sized strings took tetherd from 8 MB to 67 MB. Each field is
+/// now checked, so 1,000 oversized reports leave its memory where it was.
+#[test]
+fn a_thousand_oversized_reports_leave_tetherd_rss_within_16_mib() {
+    let d = Daemon::start(&[]);
+    let mut s = d.raw();
+    let report = |conn_id: u64, reason: String| {
+        Request::Report(wire::ConnectionReport {
+            event: wire::ConnectionEvent::Open,
+            conn_id,
+            direction: wire::Direction::Outbound,
+            local_addr: "127.0.0.1:40000".into(),
+            remote_addr: "127.0.0.1:8443".into(),
+            local_id: None,
+            peer_id: Some("spiffe://tether.internal/admin".parse().unwrap()),
+            data_path: "ktls".into(),
+            decision: "allow".into(),
+            reason: Some(reason),
+            opened_at: 1,
+            bytes: None,
+        })
+    };
+    // Warm up (thread stacks, the table, the allocator) with a valid report.
+    send(&mut s, &wire::encode(&report(u64::MAX, "ok".into())).unwrap());
+    assert!(matches!(read_response(&mut s), Response::Ok(_)));
+    let before = rss_kib(d.child.id());
+    let huge = "x".repeat(64 << 10);
+    let mut refused = 0;
+    for i in 0..1000 {
+        send(&mut s, &wire::encode(&report(i, huge.clone())).unwrap());
+        if let Response::Error(e) = read_response(&mut s) {
+            assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+            refused += 1;
+        }
+    }
+    let after = rss_kib(d.child.id());
+    eprintln!("tetherd RSS {before} KiB -> {after} KiB after 1000 oversized reports");
+    assert!(after < before + 16 * 1024, "RSS grew from {before} KiB to {after} KiB");
+    assert_eq!(refused, 1000);
+    // The valid report is listed, with its peer ID marked as a claim.
+    let out = d.tether(false, &["connections"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("PEER ID (CLAIMED)") && table.contains("spiffe://tether.internal/admin"), "{table}");
+}
+
+/// An idle broker connection is closed after the client deadline.
+#[test]
+fn idle_connections_time_out() {
+    let d = Daemon::start(&["--client-timeout-ms", "300"]);
+    let mut s = d.raw();
+    let t = std::time::Instant::now();
+    match read_response(&mut s) {
+        Response::Error(e) => assert_eq!(e.code, ErrorCode::Timeout),
+        other => panic!("{other:?}"),
+    }
+    common::assert_closed(&mut s);
+    assert!(t.elapsed() < std::time::Duration::from_secs(2));
+}

@@ -157,6 +157,7 @@ pub struct ConnectionReport {
     pub local_addr: String,
     pub remote_addr: String,
     pub local_id: Option<SpiffeId>,
+    /// The peer's ID as the reporting process claims it; tetherd shows it as a claim.
     pub peer_id: Option<SpiffeId>,
     /// "ktls", "userspace", or "plaintext" (observe/permissive).
     pub data_path: String,

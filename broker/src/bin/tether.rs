@@ -108,6 +108,10 @@ enum Command {
         root: PathBuf,
     },
     /// List the live protected connections tetherd knows of (root sees all; others their own).
+    ///
+    /// PID and EXE are attested by tetherd. Everything else is as the reporting process claims
+    /// it: a process can report any peer ID, so PEER ID (CLAIMED) is not proof of who it
+    /// talked to.
     Connections {
         #[arg(long, value_name = "PATH")]
         socket: Option<PathBuf>,

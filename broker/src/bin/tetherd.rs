@@ -38,8 +38,11 @@ struct Args {
     #[arg(long, hide = true, default_value_t = 5000)]
     client_timeout_ms: u64,
     /// Live connection cap.
-    #[arg(long, hide = true, default_value_t = 512)]
+    #[arg(long, hide = true, default_value_t = 4096)]
     max_connections: usize,
+    /// Live connections per uid (root and tetherd's own uid: only the global cap).
+    #[arg(long, hide = true, default_value_t = 256)]
+    max_connections_per_uid: usize,
     /// Issue a fresh SVID for every request (benchmarks only).
     #[arg(long, hide = true)]
     no_cache: bool,
@@ -112,9 +115,18 @@ fn main() -> ExitCode {
         svid_ttl_secs = config.svid_ttl.as_secs(),
         "tetherd listening"
     );
+    // One descriptor per live connection, plus the CA, logs and pidfds in flight.
+    let want = args.max_connections as u64 * 2 + 64;
+    match tether_broker::sys::raise_fd_limit(want) {
+        Ok(n) if n < want => tracing::warn!(limit = n, want, "open-file limit is below what the connection cap needs"),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),
+    }
     let opts = ServerOptions {
         client_timeout: Duration::from_millis(args.client_timeout_ms.max(1)),
         max_connections: args.max_connections.max(1),
+        max_connections_per_uid: args.max_connections_per_uid.max(1),
+        max_in_flight_per_uid: ServerOptions::default().max_in_flight_per_uid,
         cache: !args.no_cache,
         sweep_interval: Duration::from_millis(args.sweep_interval_ms.max(10)),
     };
