@@ -1,6 +1,10 @@
 //! This process's identity: its SVID, trust bundle and policy, fetched from tetherd on first
 //! need, cached, and refreshed at half-life. After fork the child forgets the parent's and
 //! fetches its own (tetherd attests the child as the new process it is).
+//!
+//! A process that tetherd attests but gives no identity (no entry matches it, under
+//! `unmatched = "deny"`) still gets the policy ([`policy_without_identity`]), so that
+//! destinations no rule protects pass through; only protected ones fail.
 
 use std::fmt;
 use std::io;
@@ -11,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
-use tether_proto::wire::{self, Request, Response, SvidResponse};
+use tether_proto::wire::{self, ErrorCode, Request, Response, SvidResponse};
 use tether_proto::{Policy, SpiffeId};
 
 use crate::settings;
@@ -52,7 +56,9 @@ impl fmt::Debug for Identity {
 pub(crate) enum IdentityError {
     /// tetherd could not be reached.
     Unreachable(String),
-    /// tetherd answered with an error (e.g. no registration entry matches us).
+    /// tetherd attested us and no registration entry matches (the message says what it saw).
+    NoIdentity(String),
+    /// tetherd answered with another error.
     Refused(String),
     /// tetherd's answer was unusable.
     Invalid(String),
@@ -62,6 +68,7 @@ impl fmt::Display for IdentityError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Unreachable(w) => write!(f, "tetherd unreachable: {w}"),
+            Self::NoIdentity(w) => write!(f, "no identity for this process (add a registration entry): {w}"),
             Self::Refused(w) => write!(f, "tetherd refused an identity: {w}"),
             Self::Invalid(w) => write!(f, "tetherd sent an unusable SVID: {w}"),
         }
@@ -74,6 +81,8 @@ struct State {
 }
 
 static STATE: Mutex<State> = Mutex::new(State { current: None, last_failure: None });
+/// The policy alone, for a process with no identity, and the socket mtime it was read at.
+static POLICY_ONLY: Mutex<Option<(Option<SystemTime>, Arc<Policy>)>> = Mutex::new(None);
 /// Serialises fetches, so a burst of first connections makes one broker round trip.
 static FETCH: Mutex<()> = Mutex::new(());
 
@@ -165,13 +174,54 @@ fn fetch() -> Result<Identity, IdentityError> {
     let stamp = policy_stamp();
     match call(&Request::FetchSvid {})? {
         Response::Svid(svid) => build(svid, stamp),
+        Response::Error(e) if e.code == ErrorCode::NoIdentity => Err(IdentityError::NoIdentity(e.message)),
         Response::Error(e) => Err(IdentityError::Refused(format!("{}: {}", e.code, e.message))),
         _ => Err(IdentityError::Invalid("unexpected response type".into())),
     }
 }
 
-/// One request/response round trip with tetherd on a fresh connection.
+/// The policy in force, for a process that tetherd attested and gave no identity (`why` is
+/// [`IdentityError::NoIdentity`]). `None` for any other failure, or if the policy cannot be
+/// fetched: then nothing is known and every TCP connection fails closed. Re-read when the
+/// socket's mtime says the config was reloaded.
+pub(crate) fn policy_without_identity(why: &IdentityError) -> Option<Arc<Policy>> {
+    if !matches!(why, IdentityError::NoIdentity(_)) {
+        return None;
+    }
+    let stamp = policy_stamp();
+    if let Some((at, p)) = POLICY_ONLY.lock().as_ref() {
+        if *at == stamp {
+            return Some(p.clone());
+        }
+    }
+    let _one = FETCH.lock();
+    let policy = match call(&Request::FetchPolicy {}) {
+        Ok(Response::Policy(p)) => Arc::new(p.policy),
+        _ => return None,
+    };
+    *POLICY_ONLY.lock() = Some((stamp, policy.clone()));
+    Some(policy)
+}
+
+/// Pauses before asking again when tetherd answers `busy` (its per-user share is in use).
+const BUSY_RETRIES: [Duration; 3] = [Duration::from_millis(10), Duration::from_millis(40), Duration::from_millis(100)];
+
+/// One request/response round trip with tetherd on a fresh connection, retried a few times
+/// (150 ms in all) while tetherd answers `busy`.
 pub(crate) fn call(req: &Request) -> Result<Response, IdentityError> {
+    let mut pauses = BUSY_RETRIES.iter();
+    loop {
+        match call_once(req)? {
+            Response::Error(e) if e.code == ErrorCode::Busy => match pauses.next() {
+                Some(p) => std::thread::sleep(*p),
+                None => return Ok(Response::Error(e)),
+            },
+            r => return Ok(r),
+        }
+    }
+}
+
+fn call_once(req: &Request) -> Result<Response, IdentityError> {
     let unreachable = |e: io::Error| IdentityError::Unreachable(e.to_string());
     let socket = &settings::get().socket;
     let mut s = UnixStream::connect(socket)
@@ -217,22 +267,26 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identit
 }
 
 pub(crate) fn atfork_prepare() {
-    // Order: FETCH then STATE, as in `current`.
+    // Order: FETCH then STATE then POLICY_ONLY, as in `current` and `policy_without_identity`.
     std::mem::forget(FETCH.lock());
     std::mem::forget(STATE.lock());
+    std::mem::forget(POLICY_ONLY.lock());
 }
 
 pub(crate) fn atfork_parent() {
-    // SAFETY: both were locked by this thread in atfork_prepare and their guards forgotten.
+    // SAFETY: all three were locked by this thread in atfork_prepare and their guards forgotten.
     unsafe {
+        POLICY_ONLY.force_unlock();
         STATE.force_unlock();
         FETCH.force_unlock();
     }
 }
 
 pub(crate) fn atfork_child() {
-    // SAFETY: as in atfork_parent; the child has only this thread.
+    // SAFETY: as in atfork_parent; the child has only this thread. The policy-only cache is
+    // kept: the policy is the same for every process.
     unsafe {
+        POLICY_ONLY.force_unlock();
         STATE.force_unlock();
         FETCH.force_unlock();
     }

@@ -178,6 +178,8 @@ pub fn is_listening(port: u16) -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct Policy {
     toml: String,
+    /// `unmatched = ...`; "derive" unless set.
+    unmatched: Option<&'static str>,
 }
 
 fn quoted_list(items: &[&str]) -> String {
@@ -213,6 +215,12 @@ impl Policy {
         self
     }
 
+    /// `unmatched = "deny"` or `"derive"` (the default here).
+    pub fn unmatched(mut self, value: &'static str) -> Self {
+        self.unmatched = Some(value);
+        self
+    }
+
     /// Append raw TOML (rules with a `mode`, `default = "deny"`, ...).
     pub fn raw(mut self, toml: &str) -> Self {
         self.toml.push('\n');
@@ -233,7 +241,8 @@ impl Policy {
 
     fn config(&self) -> String {
         format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"derive\"\n{}",
+            "trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"{}\"\n{}",
+            self.unmatched.unwrap_or("derive"),
             self.toml
         )
     }

@@ -39,6 +39,10 @@ pub(crate) unsafe fn accept(
     let ident = match identity::current() {
         Ok(i) => i,
         Err(e) => {
+            // No identity, but tetherd's policy may say this port is not protected.
+            if identity::policy_without_identity(&e).is_some_and(|p| p.inbound_rule(local.port()).is_none()) {
+                return Outcome::PassThrough;
+            }
             // Without a policy we cannot tell whether this port is protected: refuse the
             // connection rather than hand it over unchecked.
             // SAFETY: forwarded from the caller.

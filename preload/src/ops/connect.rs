@@ -30,6 +30,11 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
     let ident = match identity::current() {
         Ok(i) => i,
         Err(e) => {
+            // No identity, but tetherd's policy may say this destination is not protected.
+            let policy = identity::policy_without_identity(&e);
+            if policy.is_some_and(|p| p.outbound_rule(dest).is_none() && p.default != DefaultAction::Deny) {
+                return Outcome::PassThrough;
+            }
             let f = Failure::NoIdentity(e);
             protect::log_failure(Direction::Outbound, None, dest, &f);
             return Outcome::Fail(-1, f.errno());
