@@ -103,9 +103,30 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
     Ok(len)
 }
 
-/// Encode `msg` as one complete frame.
+/// Counts the bytes serialised into it, keeping none.
+struct Counter(usize);
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encode `msg` as one complete frame. The buffer is sized exactly before anything is
+/// written into it, so it never reallocates: a private key in `msg` exists in one buffer,
+/// which is wiped on drop, and never in a freed, unwiped one.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Zeroizing<Vec<u8>>, WireError> {
-    let mut out = Zeroizing::new(Vec::with_capacity(4096));
+    let mut size = Counter(0);
+    serde_json::to_writer(&mut size, msg).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if size.0 > MAX_BODY {
+        return Err(WireError::TooLarge(size.0));
+    }
+    let mut out = Zeroizing::new(Vec::with_capacity(HEADER_LEN + size.0));
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
     out.extend_from_slice(&[0; 4]);
@@ -482,6 +503,26 @@ mod tests {
         let r: Response =
             decode(br#"{"type":"error","code":"quota_exceeded","message":"m"}"#).unwrap();
         assert!(matches!(r, Response::Error(ErrorResponse { code: ErrorCode::Unknown, .. })));
+    }
+
+    #[test]
+    fn frames_are_sized_before_they_are_written() {
+        let frame = encode(&Request::Report(ConnectionReport {
+            event: ConnectionEvent::Open,
+            conn_id: 1,
+            direction: Direction::Inbound,
+            local_addr: "x".repeat(10_000),
+            remote_addr: String::new(),
+            local_id: None,
+            peer_id: None,
+            data_path: String::new(),
+            decision: String::new(),
+            reason: None,
+            opened_at: 0,
+            bytes: None,
+        }))
+        .unwrap();
+        assert_eq!(frame.len(), frame.capacity(), "no spare capacity means no reallocation");
     }
 
     #[test]
