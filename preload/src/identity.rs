@@ -26,7 +26,8 @@ use crate::tls::verify::TrustStore;
 const BROKER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// After a failed fetch, do not ask again for this long (keeps a down broker from turning
-/// every connect into a 5 s stall).
+/// every connect into a 5 s stall), unless the socket file changed meanwhile: a restarted
+/// tetherd binds a new one, and is asked at once.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(1);
 
 pub(crate) struct Identity {
@@ -77,7 +78,8 @@ impl fmt::Display for IdentityError {
 
 struct State {
     current: Option<Arc<Identity>>,
-    last_failure: Option<(std::time::Instant, IdentityError)>,
+    /// When the last fetch failed, why, and the socket's mtime then.
+    last_failure: Option<(std::time::Instant, IdentityError, Option<SystemTime>)>,
 }
 
 static STATE: Mutex<State> = Mutex::new(State { current: None, last_failure: None });
@@ -106,12 +108,13 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     }
     {
         let st = STATE.lock();
-        if let Some((at, e)) = &st.last_failure {
-            if at.elapsed() < RETRY_AFTER_FAILURE {
+        if let Some((at, e, stamp)) = &st.last_failure {
+            if at.elapsed() < RETRY_AFTER_FAILURE && *stamp == policy_stamp() {
                 return usable(&st).ok_or_else(|| e.clone());
             }
         }
     }
+    let stamp = policy_stamp();
     match fetch() {
         Ok(id) => {
             let id = Arc::new(id);
@@ -122,7 +125,7 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
         }
         Err(e) => {
             let mut st = STATE.lock();
-            st.last_failure = Some((std::time::Instant::now(), e.clone()));
+            st.last_failure = Some((std::time::Instant::now(), e.clone(), stamp));
             usable(&st).ok_or(e)
         }
     }

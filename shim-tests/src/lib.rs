@@ -550,6 +550,17 @@ impl Harness {
         }
     }
 
+    /// Start tetherd again after [`Harness::stop_broker`], with the same state (CA) and
+    /// socket path, and wait until it answers.
+    pub fn restart_broker(&mut self, policy: &Policy) {
+        self.start_broker(policy);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            assert!(Instant::now() < deadline, "tetherd did not come back");
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Stop tetherd (to test what the shim does without it).
     pub fn stop_broker(&mut self) {
         if let Some(mut b) = self.broker.take() {
