@@ -367,6 +367,8 @@ impl ExeHashes {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use std::process::Command;
 
     use super::*;

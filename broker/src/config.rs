@@ -560,6 +560,8 @@ pub fn derived_id(td: &TrustDomain, uid: u32, exe: &Path) -> Option<SpiffeId> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     fn accounts() -> MapAccounts {

@@ -34,6 +34,8 @@ pub fn write_atomically(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     #[test]

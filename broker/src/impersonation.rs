@@ -123,6 +123,8 @@ fn executable_file_mappings(maps: &str) -> impl Iterator<Item = Mapping<'_>> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     #[test]

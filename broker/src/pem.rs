@@ -53,6 +53,8 @@ pub fn decode_all(text: &str, label: &str) -> Result<Vec<Zeroizing<Vec<u8>>>, St
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     #[test]

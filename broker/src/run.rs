@@ -237,6 +237,8 @@ pub fn preload_value(lib: &Path, existing: Option<OsString>) -> OsString {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
     use crate::env::MapEnv;
 

@@ -77,7 +77,7 @@ pub fn recv_with_sender(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usiz
         // SAFETY: `c` is non-null and points at a complete cmsghdr inside `control`.
         let (level, kind, len) = unsafe { ((*c).cmsg_level, (*c).cmsg_type, (*c).cmsg_len) };
         // SAFETY: CMSG_LEN is pure arithmetic.
-        let want = |n: usize| len as usize >= unsafe { libc::CMSG_LEN(n as u32) } as usize;
+        let want = |n: usize| len >= unsafe { libc::CMSG_LEN(n as u32) } as usize;
         if level == libc::SOL_SOCKET && kind == libc::SCM_CREDENTIALS && want(size_of::<libc::ucred>()) {
             // SAFETY: the data holds a whole ucred (checked just above); it may be unaligned.
             let u: libc::ucred = unsafe { std::ptr::read_unaligned(libc::CMSG_DATA(c).cast()) };
@@ -96,7 +96,7 @@ pub fn recv_with_sender(stream: &UnixStream, buf: &mut [u8]) -> io::Result<(usiz
             passed_fds = true;
             // SAFETY: CMSG_LEN(0) is pure arithmetic; the data holds `count` ints, all inside
             // this cmsg, each a descriptor the kernel installed for us alone.
-            let count = (len as usize).saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize) / size_of::<libc::c_int>();
+            let count = len.saturating_sub(unsafe { libc::CMSG_LEN(0) } as usize) / size_of::<libc::c_int>();
             for i in 0..count {
                 // SAFETY: as above; each fd is owned here and closed once, on drop.
                 drop(unsafe {

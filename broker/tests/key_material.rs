@@ -23,7 +23,7 @@ fn b64_window(pkcs8: &[u8]) -> Vec<u8> {
     let at = pkcs8.windows(5).position(|w| w == [0x02, 0x01, 0x01, 0x04, 0x20]).unwrap() + 5;
     let b64 = base64::engine::general_purpose::STANDARD.encode(pkcs8);
     // Character i encodes bits of bytes i*3/4 and (i*3+5)/4; start at a group boundary inside.
-    let first = (at + 2) / 3 * 4;
+    let first = at.div_ceil(3) * 4;
     b64.as_bytes()[first..first + 24].to_vec()
 }
 

@@ -276,6 +276,8 @@ impl<'de> Deserialize<'de> for IdPattern {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     #[test]

@@ -467,6 +467,8 @@ pub mod io {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     #[test]
