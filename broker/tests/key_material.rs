@@ -59,7 +59,12 @@ fn pem_der(pem: &str) -> Vec<u8> {
 
 #[test]
 fn no_stray_copy_of_an_issued_key_in_tetherds_memory() {
-    let d = Daemon::start(&["--sweep-interval-ms", "100"]);
+    // A policy large enough that an SVID response outgrows a 4 KiB buffer after the key.
+    let mut config = "trust_domain = \"tether.internal\"\nunmatched = \"derive\"\n".to_owned();
+    for port in 10000..10060 {
+        config.push_str(&format!("[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [\"spiffe://tether.internal/*\"]\n"));
+    }
+    let d = Daemon::start_with(Some(&config), &["--sweep-interval-ms", "100"]);
     let pid = d.child.id();
 
     // Issued to this (live) test process: the cache holds the key, once, and nothing else.
