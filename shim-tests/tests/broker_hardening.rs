@@ -183,3 +183,19 @@ fn broker_restart_keeps_established_connections_and_recovers_within_a_second() {
     eprintln!("recovered {ms} ms after tetherd answered again");
     assert!(ms <= 1000, "recovery took {ms} ms");
 }
+
+/// The inbound half: an unmatched server under `unmatched = "deny"` used to have every accepted
+/// connection killed (ECONNABORTED), protected port or not. Now a plain client is served on an
+/// unprotected port.
+#[test]
+fn unmatched_server_under_deny_serves_an_unprotected_port() {
+    let port = free_port();
+    let protected = free_port();
+    let mut h = Harness::new("noid-in", Policy::new().unmatched("deny").inbound(protected, &[ANY_ID]));
+    let www = h.www("served without an identity\n");
+    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    let mut c = curl_get(&format!("http://127.0.0.1:{port}/index.html"), &h.path("in.out"));
+    let run = h.run("curl", h.plain(&mut c), Duration::from_secs(30));
+    assert!(run.success(), "{run}\n{}", show(&h.log_lines("server")));
+    assert_eq!(fs::read_to_string(h.path("in.out")).unwrap(), "served without an identity\n");
+}
