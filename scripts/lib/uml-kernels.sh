@@ -15,15 +15,18 @@
 # (the host's apt configuration is never read for sources and never changed). apt checks the
 # InRelease signature against the Debian archive keyring and each .deb against the signed hashes.
 #
-# Callers provide die() (exits) and may set UML_CPUINFO (default /proc/cpuinfo) for tests.
+# Callers provide die() (exits) and REPO_ROOT; tests may set UML_CPUINFO (default /proc/cpuinfo).
 
 UML_KERNELS=(7.2 6.1)
 readonly UML_SID_MIRROR=http://deb.debian.org/debian
 readonly UML_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
-# The cache directory: /var/cache/tether/uml for root, else target/uml-kernels of this checkout.
+# The cache directory: /var/cache/tether/uml for root, else target/uml-kernels of this checkout
+# ($KTLS_VM_CACHE overrides both; the tests use that).
 uml_cache_dir() {
-    if ((EUID == 0)); then
+    if [[ -n ${KTLS_VM_CACHE:-} ]]; then
+        echo "$KTLS_VM_CACHE"
+    elif ((EUID == 0)); then
         echo /var/cache/tether/uml
     else
         echo "${CARGO_TARGET_DIR:-$REPO_ROOT/target}/uml-kernels"
