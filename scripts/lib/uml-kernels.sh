@@ -1,7 +1,7 @@
 # The User-Mode Linux kernels scripts/ktls-vm boots: where each comes from, fetching and caching
 # them, and telling "this kernel does not boot on this CPU" apart from other failures.
 # Sourced (by scripts/ktls-vm, scripts/test and scripts/lib/uml-kernels.test), not run.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034 # UML_* results are read by the scripts that source this
 #
 # Kernels, newest first (`--kernel auto` tries them in this order):
 #   7.2  Debian sid's user-mode-linux 7.2um1 (kernel 7.2.7). Boots on every x86 host of the pool,
@@ -71,7 +71,10 @@ uml_record_verdict() {
     f=$(uml_verdict_file "$1")
     mkdir -p "$(dirname -- "$f")" || die "cannot create $(dirname -- "$f")"
     tmp=$(mktemp "$f.XXXXXX") || die "mktemp $f failed"
-    echo "$2" >"$tmp" && mv -f -- "$tmp" "$f" || die "cannot write $f"
+    if ! { echo "$2" >"$tmp" && mv -f -- "$tmp" "$f"; }; then
+        rm -f -- "$tmp"
+        die "cannot write $f"
+    fi
 }
 
 # uml_resolve SPEC: set UML_BIN (the kernel binary), UML_MODDIR (its modules) and UML_VERSION
@@ -104,7 +107,7 @@ uml_resolve() {
     local d
     for d in "$(dirname -- "$UML_BIN")/../lib/uml/modules/$UML_VERSION" "/usr/lib/uml/modules/$UML_VERSION"; do
         if [[ -f $d/kernel/net/tls/tls.ko ]]; then
-            UML_MODDIR=$(cd -- "$d" && pwd -P)
+            UML_MODDIR=$(cd -- "$d" && pwd -P) # read by scripts/ktls-vm
             return 0
         fi
     done
