@@ -17,7 +17,8 @@
 #
 # Callers provide die() (exits) and REPO_ROOT; tests may set UML_CPUINFO (default /proc/cpuinfo).
 
-UML_KERNELS=(7.2 6.1)
+# KTLS_VM_KERNELS="A B" replaces the list (the harness tests use fake kernels' paths).
+read -r -a UML_KERNELS <<<"${KTLS_VM_KERNELS:-7.2 6.1}"
 readonly UML_SID_MIRROR=http://deb.debian.org/debian
 readonly UML_KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 

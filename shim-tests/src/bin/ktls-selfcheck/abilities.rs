@@ -3,10 +3,10 @@
 //!
 //! The report lines are stable text (scripts/test greps `rekey: supported` / `rekey: unsupported`).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
 
-use super::{sys, tcp_pair, StepError, TlsStat};
+use super::{expect_bytes, sys, tcp_pair, StepError, TlsStat};
 
 /// A TLS 1.3 cipher: name, `TLS_CIPHER_*`, and the iv/key/salt sizes of its `crypto_info`.
 struct Cipher {
@@ -117,7 +117,7 @@ fn rekey() -> Result<String> {
     sys::set_tls_raw(server.as_raw_fd(), sys::TLS_RX, &old).map_err(os)?;
     let first = b"rekey probe: under the first keys";
     client.write_all(first).map_err(os)?;
-    read_expect(&mut server, first, STEP)?;
+    expect_bytes(&mut server, first, STEP)?;
 
     let before = TlsStat::read()?;
     let new = aes.crypto_info(0x47);
@@ -138,7 +138,7 @@ fn rekey() -> Result<String> {
     }
     let second = b"rekey probe: under the second keys, a little longer";
     client.write_all(second).map_err(os)?;
-    read_expect(&mut server, second, STEP)?;
+    expect_bytes(&mut server, second, STEP)?;
     let after = TlsStat::read()?;
     let rise = |name: &str| -> Result<(u64, u64)> {
         let (a, b) = (before.get(name)?, after.get(name)?);
@@ -157,17 +157,6 @@ fn rekey() -> Result<String> {
         "rekey: supported (second TLS_TX and TLS_RX accepted, data verified under the new keys; \
          TlsTxRekeyOk {tx0}->{tx1}, TlsRxRekeyOk {rx0}->{rx1})"
     ))
-}
-
-fn read_expect(sock: &mut std::net::TcpStream, want: &[u8], step: &'static str) -> Result<()> {
-    let mut got = vec![0u8; want.len()];
-    sock.read_exact(&mut got)
-        .map_err(|e| StepError::os(step, &e))?;
-    if got == want {
-        Ok(())
-    } else {
-        Err(StepError::msg(step, "data differs after decryption"))
-    }
 }
 
 fn no_pad() -> Result<String> {
