@@ -78,6 +78,49 @@ uml_record_verdict() {
     fi
 }
 
+# uml_loud LINE...: a banner nobody scrolls past (stderr).
+uml_loud() {
+    local bar='!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!'
+    printf '%s\n' "$bar" >&2
+    printf '!!! %s\n' "$@" >&2
+    printf '%s\n' "$bar" >&2
+}
+
+# uml_boot_matrix KTLS_VM: boot-check every kernel of UML_KERNELS with KTLS_VM (scripts/ktls-vm).
+# Sets UML_BOOTED (the kernels that boot, newest first) and UML_LEFT_OUT ("K: reason" for each that
+# does not boot on this CPU, each announced with a banner). Returns 0 when some kernel boots, 1 when
+# none does (banner), 2 when a boot check failed for another reason (nothing may be skipped then).
+uml_boot_matrix() {
+    local vm=$1 k rc why err
+    UML_BOOTED=()
+    UML_LEFT_OUT=()
+    err=$(mktemp) || return 2
+    for k in "${UML_KERNELS[@]}"; do
+        rc=0
+        "$vm" --kernel "$k" --boot-check 2>"$err" || rc=$?
+        cat "$err" >&2
+        case $rc in
+        0) UML_BOOTED+=("$k") ;;
+        3)
+            why=$(sed -n 's/^ktls-vm: \(.*does not boot on this CPU.*\)/\1/p' "$err" | head -n1)
+            UML_LEFT_OUT+=("$k: ${why:-does not boot on this CPU}")
+            uml_loud "LEFT OUT: UML kernel $k does not boot on this CPU; its tests do NOT run on this host." \
+                "${why:-does not boot on this CPU}"
+            ;;
+        *)
+            echo "boot check of UML kernel $k failed (exit $rc), and not because of this CPU: nothing is skipped" >&2
+            rm -f "$err"
+            return 2
+            ;;
+        esac
+    done
+    rm -f "$err"
+    if ((${#UML_BOOTED[@]} == 0)); then
+        uml_loud "NO UML kernel boots on this CPU ($(uml_cpu_desc)): kTLS cannot be tested here." "${UML_LEFT_OUT[@]}"
+        return 1
+    fi
+}
+
 # uml_resolve SPEC: set UML_BIN (the kernel binary), UML_MODDIR (its modules) and UML_VERSION
 # (e.g. 7.2.7) for SPEC = a version from UML_KERNELS or the path of a linux.uml binary (its modules
 # are looked up in ../lib/uml/modules/VERSION beside it, else /usr/lib/uml/modules/VERSION).
