@@ -5,14 +5,12 @@
 //! The checks that `tether install --host-wide` relies on (the library file, its glibc needs,
 //! tetherd answering) are public functions here so both share one definition.
 //!
-//! Kernel TLS is probed the way the shim uses it: `setsockopt(TCP_ULP, "tls")` on a connected
-//! loopback TCP pair, then `TLS_TX` with dummy TLS 1.3 keys for each cipher on a fresh pair
-//! (the keys never protect any data: the sockets are closed unused).
+//! Kernel TLS is probed the way the shim uses it (see [`ktls`]): the `tls` ULP, each TLS 1.3
+//! cipher, rekey of an established pair, and `TLS_RX_EXPECT_NO_PAD`.
 
 use std::fmt;
 use std::fs;
 use std::io;
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -28,6 +26,10 @@ use crate::error::Error;
 use crate::run::find_library;
 use crate::server::now_unix;
 use crate::sys;
+
+mod ktls;
+
+pub use ktls::{probe_cipher, probe_ulp, Cipher, CIPHERS};
 
 /// The exports every libtether.so has; a library without them is not ours or is broken.
 pub const REQUIRED_HOOKS: &[&str] = &[
@@ -120,11 +122,7 @@ impl fmt::Debug for Options<'_> {
 
 /// Run every check, in a fixed order.
 pub fn run(o: &Options<'_>) -> Vec<Finding> {
-    let mut out = Vec::new();
-    let ulp = probe_ulp();
-    out.push(ktls_finding(&ulp, o.env));
-    out.push(module_finding(&ulp));
-    out.push(ciphers_finding(&ulp));
+    let mut out = ktls::findings(o.env);
     let status = tetherd_status(&o.socket);
     out.push(tetherd_finding(&o.socket, &status));
     out.push(clock_finding(&o.socket, status.is_ok()));
@@ -166,203 +164,6 @@ pub fn render_text(findings: &[Finding]) -> String {
 /// For tools: an array of `{check, status, detail, fix}`; status is `ok`, `warn` or `fail`.
 pub fn render_json(findings: &[Finding]) -> String {
     serde_json::to_string_pretty(findings).unwrap_or_else(|_| "[]".to_owned())
-}
-
-// ---- kernel TLS --------------------------------------------------------------------------------
-
-/// A connected loopback TCP pair: (client, server side).
-fn tcp_pair() -> io::Result<(TcpStream, TcpStream)> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    let c = TcpStream::connect(l.local_addr()?)?;
-    let (s, _) = l.accept()?;
-    Ok((c, s))
-}
-
-/// `setsockopt(SOL_TCP, TCP_ULP, "tls")` on a fresh connected pair.
-pub fn probe_ulp() -> io::Result<()> {
-    let (c, _s) = tcp_pair()?;
-    attach_ulp(&c)
-}
-
-fn attach_ulp(c: &TcpStream) -> io::Result<()> {
-    sys::set_raw_sockopt(c, libc::IPPROTO_TCP, sys::TCP_ULP, b"tls")
-}
-
-/// A TLS 1.3 cipher the kernel may implement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cipher {
-    pub name: &'static str,
-    /// `TLS_CIPHER_*`.
-    pub id: u16,
-    iv: usize,
-    key: usize,
-    salt: usize,
-}
-
-/// The three TLS 1.3 ciphers tether can hand to the kernel (`tls12_crypto_info_*` layouts:
-/// header, iv, key, salt, rec_seq[8]).
-pub const CIPHERS: [Cipher; 3] = [
-    Cipher {
-        name: "aes-gcm-128",
-        id: 51,
-        iv: 8,
-        key: 16,
-        salt: 4,
-    },
-    Cipher {
-        name: "aes-gcm-256",
-        id: 52,
-        iv: 8,
-        key: 32,
-        salt: 4,
-    },
-    Cipher {
-        name: "chacha20-poly1305",
-        id: 54,
-        iv: 12,
-        key: 32,
-        salt: 0,
-    },
-];
-
-impl Cipher {
-    /// `{u16 version = 0x0304, u16 cipher, iv, key, salt, rec_seq[8]}` with dummy key bytes.
-    pub fn dummy_crypto_info(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(4 + self.iv + self.key + self.salt + 8);
-        v.extend_from_slice(&0x0304u16.to_ne_bytes());
-        v.extend_from_slice(&self.id.to_ne_bytes());
-        v.resize(4 + self.iv + self.key + self.salt + 8, 0x5a);
-        v
-    }
-}
-
-/// ULP, then `TLS_TX` with `cipher`, on a fresh pair.
-pub fn probe_cipher(cipher: Cipher) -> io::Result<()> {
-    let (c, _s) = tcp_pair()?;
-    attach_ulp(&c)?;
-    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &cipher.dummy_crypto_info())
-}
-
-fn errno_name(e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOENT) => "ENOENT",
-        Some(libc::ENOPROTOOPT) => "ENOPROTOOPT",
-        Some(libc::EOPNOTSUPP) => "EOPNOTSUPP",
-        Some(libc::EINVAL) => "EINVAL",
-        Some(libc::EPERM) => "EPERM",
-        Some(libc::EBUSY) => "EBUSY",
-        Some(libc::ENOTCONN) => "ENOTCONN",
-        _ => return e.to_string(),
-    }
-    .to_owned()
-}
-
-const KTLS_FIX: &str = "modprobe tls (the kernel needs CONFIG_TLS=m or =y; Debian's stock kernels have it), \
-     and install packaging/modules-load.d/tls.conf as /etc/modules-load.d/tls.conf so it loads at boot";
-
-fn ktls_finding(ulp: &io::Result<()>, env: &dyn Env) -> Finding {
-    const C: &str = "ktls";
-    match ulp {
-        Ok(()) => Finding::ok(
-            C,
-            "kernel TLS available: setsockopt(TCP_ULP, \"tls\") works on a TCP socket",
-        ),
-        Err(e) => {
-            let detail = format!(
-                "kernel TLS missing: setsockopt(TCP_ULP, \"tls\") failed with {}; tether falls back to its \
-                 userspace TLS relay (same security, more CPU, no zero-copy sendfile)",
-                errno_name(e)
-            );
-            let forced = env.var("TETHER_MODE").is_some_and(|m| m == "ktls");
-            if forced {
-                Finding::fail(
-                    C,
-                    format!("{detail}; TETHER_MODE=ktls is set, so protected connections fail"),
-                    KTLS_FIX,
-                )
-            } else {
-                Finding::warn(C, detail, KTLS_FIX)
-            }
-        }
-    }
-}
-
-/// Where the tls module is: loaded, built in, available on disk, or nowhere.
-fn module_finding(ulp: &io::Result<()>) -> Finding {
-    const C: &str = "ktls-module";
-    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    if Path::new("/sys/module/tls").exists() {
-        return if Path::new("/sys/module/tls/initstate").exists() {
-            Finding::ok(C, "the tls module is loaded")
-        } else {
-            Finding::ok(C, "tls is built into the kernel")
-        };
-    }
-    if ulp.is_ok() {
-        return Finding::ok(
-            C,
-            "the tls ULP works (module state not visible in /sys/module)",
-        );
-    }
-    let on_disk = ["ko", "ko.xz", "ko.zst", "ko.gz"]
-        .iter()
-        .map(|ext| PathBuf::from(format!("/lib/modules/{release}/kernel/net/tls/tls.{ext}")))
-        .find(|p| p.exists());
-    if let Some(p) = on_disk {
-        return Finding::warn(
-            C,
-            format!("the tls module is not loaded ({} exists)", p.display()),
-            KTLS_FIX,
-        );
-    }
-    let config = fs::read_to_string(format!("/boot/config-{release}"))
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("CONFIG_TLS=") || l.starts_with("# CONFIG_TLS is not set"))
-                .map(str::to_owned)
-        });
-    let why = config.map(|l| format!(" ({l})")).unwrap_or_default();
-    Finding::warn(
-        C,
-        format!("no tls module for kernel {release}: not loaded, not built in, not in /lib/modules{why}"),
-        "boot a kernel built with CONFIG_TLS=m or =y (e.g. Debian's linux-image-amd64); until then tether uses userspace TLS",
-    )
-}
-
-fn ciphers_finding(ulp: &io::Result<()>) -> Finding {
-    const C: &str = "ktls-ciphers";
-    if ulp.is_err() {
-        return Finding::warn(C, "not tested: no kernel TLS", "see the ktls check");
-    }
-    let mut works = Vec::new();
-    let mut broken = Vec::new();
-    for c in CIPHERS {
-        match probe_cipher(c) {
-            Ok(()) => works.push(c.name),
-            Err(e) => broken.push(format!("{} ({})", c.name, errno_name(&e))),
-        }
-    }
-    if broken.is_empty() {
-        Finding::ok(
-            C,
-            format!("TLS 1.3 TLS_TX accepted for {}", works.join(", ")),
-        )
-    } else {
-        let listed = if works.is_empty() {
-            "none".to_owned()
-        } else {
-            works.join(", ")
-        };
-        Finding::warn(
-            C,
-            format!("kernel accepts {listed}; refuses {}: connections negotiating those use userspace TLS", broken.join(", ")),
-            "load the crypto modules (modprobe gcm ctr ghash-generic chacha20poly1305) or use a kernel with them",
-        )
-    }
 }
 
 // ---- tetherd -----------------------------------------------------------------------------------
@@ -749,19 +550,6 @@ fn glibc_finding(inspected: &Result<(PathBuf, ElfInfo), String>) -> Finding {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crypto_info_layouts_match_the_kernel_structs() {
-        // tls12_crypto_info_aes_gcm_128 = 40, _256 = 56, chacha20_poly1305 = 56 bytes.
-        let sizes: Vec<usize> = CIPHERS
-            .iter()
-            .map(|c| c.dummy_crypto_info().len())
-            .collect();
-        assert_eq!(sizes, [40, 56, 56]);
-        let info = CIPHERS[0].dummy_crypto_info();
-        assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 0x0304);
-        assert_eq!(u16::from_ne_bytes([info[2], info[3]]), 51);
-    }
 
     #[test]
     fn preload_entries_split_like_the_loader() {

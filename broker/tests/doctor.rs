@@ -1,5 +1,6 @@
 //! `tether doctor` against a real tetherd: on this host (no kTLS: it must say so and how to fix
-//! it) and, through scripts/test-doctor-uml, inside User-Mode Linux (kTLS ok, ciphers listed).
+//! it) and, through scripts/test-doctor-uml, inside User-Mode Linux (kTLS ok, ciphers listed,
+//! rekey and TLS_RX_EXPECT_NO_PAD as that kernel has them: UML 7.2 rekeys, 6.1 cannot).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -53,6 +54,18 @@ fn kernel_has_ktls() -> bool {
         || Path::new("/sys/module/tls").exists()
 }
 
+/// The running kernel's release is at least `major.minor`. This is the test's independent oracle
+/// for what the doctor probes (kTLS rekey arrived in Linux 6.14, TLS_RX_EXPECT_NO_PAD in 6.0).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut it = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let v = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    v >= (major, minor)
+}
+
 #[test]
 fn doctor_reports_kernel_tls_and_a_healthy_setup() {
     let d = Daemon::start(&[]);
@@ -70,6 +83,8 @@ fn doctor_reports_kernel_tls_and_a_healthy_setup() {
         "ktls",
         "ktls-module",
         "ktls-ciphers",
+        "ktls-rekey",
+        "ktls-no-pad",
         "tetherd",
         "clock",
         "preload",
@@ -92,7 +107,42 @@ fn doctor_reports_kernel_tls_and_a_healthy_setup() {
         for c in ["aes-gcm-128", "aes-gcm-256", "chacha20-poly1305"] {
             assert!(ciphers["detail"].as_str().unwrap().contains(c), "{ciphers}");
         }
+        let rekey = finding(&f, "ktls-rekey");
+        let detail = rekey["detail"].as_str().unwrap();
+        if kernel_at_least(6, 14) {
+            assert_eq!(rekey["status"], "ok", "{rekey}");
+            assert!(detail.contains("kernel rekeys kTLS"), "{rekey}");
+            assert!(
+                detail.contains("TlsTxRekeyOk") && detail.contains("TlsRxRekeyOk"),
+                "{rekey}"
+            );
+        } else {
+            assert_eq!(rekey["status"], "warn", "{rekey}");
+            assert!(
+                detail.contains("cannot rekey") && detail.contains("EBUSY"),
+                "{rekey}"
+            );
+            assert!(rekey["fix"].as_str().unwrap().contains("6.14"), "{rekey}");
+        }
+        let no_pad = finding(&f, "ktls-no-pad");
+        assert_eq!(
+            no_pad["status"],
+            if kernel_at_least(6, 0) { "ok" } else { "warn" },
+            "{no_pad}"
+        );
+        assert!(
+            no_pad["detail"]
+                .as_str()
+                .unwrap()
+                .contains("TLS_RX_EXPECT_NO_PAD"),
+            "{no_pad}"
+        );
     } else {
+        for check in ["ktls-rekey", "ktls-no-pad"] {
+            let x = finding(&f, check);
+            assert_eq!(x["status"], "warn", "{x}");
+            assert!(x["detail"].as_str().unwrap().contains("not tested"), "{x}");
+        }
         let k = finding(&f, "ktls");
         assert_eq!(k["status"], "warn", "no kTLS is degraded, not fatal: {k}");
         assert!(k["detail"].as_str().unwrap().contains("ENOENT"), "{k}");

@@ -110,7 +110,8 @@ w("")
 
 for env in envs:
     cfgs = [c for c in ORDER if any(r["env"] == env and r["config"] == c for r in records)]
-    w(f"## {env}: {'userspace fallback (no kTLS in this kernel)' if env == 'host' else 'User-Mode Linux 6.1 with kTLS'}")
+    kernel = next(m["kernel"] for m in metas if m["env"] == env)
+    w(f"## {env}: {'userspace fallback (no kTLS in this kernel)' if env == 'host' else f'User-Mode Linux {kernel} with kTLS'}")
     w("")
     w("### Bulk throughput (MiB/s, one connection)")
     w("")

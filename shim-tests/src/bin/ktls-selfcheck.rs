@@ -5,6 +5,13 @@
 //! both ways with plain `write`/`read`, pushes a 1 MiB file through `sendfile`, checks every byte,
 //! and checks that `/proc/net/tls_stat` counted the software TX/RX sessions.
 //!
+//! It then reports what this kernel's kTLS can do, each probed on loopback (never guessed from the
+//! kernel version): which TLS 1.3 ciphers `TLS_TX` accepts, whether an established kTLS pair can be
+//! rekeyed (a second `TLS_TX`/`TLS_RX` setsockopt, data checked under the new keys and counted by
+//! `TlsTxRekeyOk`/`TlsRxRekeyOk`), and whether `TLS_RX_EXPECT_NO_PAD` is accepted. A kernel without
+//! rekey or without a cipher is reported, not failed; a rekey the kernel accepts but then gets wrong
+//! is a FAIL.
+//!
 //! Exit status: 0 = PASS, 1 = a step failed (the step and errno are printed), 2 = the kernel has no
 //! kTLS (`TCP_ULP "tls"` gives ENOENT), which is the normal result outside `scripts/ktls-vm`.
 //!
@@ -50,10 +57,19 @@ enum Outcome {
 
 fn main() -> ExitCode {
     match run() {
-        Ok(Outcome::Pass(summary)) => {
-            println!("ktls-selfcheck: PASS ({summary})");
-            ExitCode::SUCCESS
-        }
+        Ok(Outcome::Pass(summary)) => match abilities::report() {
+            Ok(lines) => {
+                for line in lines {
+                    println!("ktls-selfcheck: {line}");
+                }
+                println!("ktls-selfcheck: PASS ({summary})");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("ktls-selfcheck: FAIL at {}: {}", e.step, e.detail);
+                ExitCode::FAILURE
+            }
+        },
         Ok(Outcome::Unavailable(why)) => {
             println!("ktls-selfcheck: kTLS unavailable ({why})");
             ExitCode::from(2)
@@ -251,6 +267,19 @@ fn temp_file_with(data: &[u8]) -> Result<File> {
     Ok(file)
 }
 
+/// A connected loopback TCP pair: (client, server side), with bounded reads.
+fn tcp_pair(step: &'static str) -> Result<(TcpStream, TcpStream)> {
+    let l = TcpListener::bind("127.0.0.1:0").map_err(|e| StepError::os(step, &e))?;
+    let addr = l.local_addr().map_err(|e| StepError::os(step, &e))?;
+    let c = TcpStream::connect(addr).map_err(|e| StepError::os(step, &e))?;
+    let (s, _) = l.accept().map_err(|e| StepError::os(step, &e))?;
+    for sock in [&c, &s] {
+        sock.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .map_err(|e| StepError::os(step, &e))?;
+    }
+    Ok((c, s))
+}
+
 /// `/proc/net/tls_stat`: lines of `Name<whitespace>value`.
 #[derive(Debug)]
 struct TlsStat(Vec<(String, u64)>);
@@ -287,6 +316,9 @@ fn print_counters(before: &TlsStat, after: &TlsStat) {
     }
 }
 
+#[path = "ktls-selfcheck/abilities.rs"]
+mod abilities;
+
 /// The kTLS socket options and `sendfile`. This is the only module with unsafe code.
 mod sys {
     use std::io;
@@ -299,7 +331,9 @@ mod sys {
     /// `TLS_TX` / `TLS_RX` from linux/tls.h.
     pub(crate) const TLS_TX: libc::c_int = 1;
     pub(crate) const TLS_RX: libc::c_int = 2;
-    const TLS_1_3_VERSION: u16 = 0x0304;
+    /// `TLS_RX_EXPECT_NO_PAD` from linux/tls.h (Linux 6.0+, TLS 1.3 only).
+    pub(crate) const TLS_RX_EXPECT_NO_PAD: libc::c_int = 4;
+    pub(crate) const TLS_1_3_VERSION: u16 = 0x0304;
     const TLS_CIPHER_AES_GCM_128: u16 = 51;
 
     /// `struct tls12_crypto_info_aes_gcm_128` from linux/tls.h (40 bytes, no padding).
@@ -358,6 +392,34 @@ mod sys {
         check(unsafe {
             libc::setsockopt(fd, SOL_TLS, direction, std::ptr::from_ref(info).cast(), len)
         })
+    }
+
+    /// `setsockopt(SOL_TLS, opt, bytes)`: a crypto_info of any cipher, or an int option.
+    pub(crate) fn set_tls_raw(fd: RawFd, opt: libc::c_int, bytes: &[u8]) -> io::Result<()> {
+        let len =
+            libc::socklen_t::try_from(bytes.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: `bytes` is a live buffer of exactly `len` bytes that the kernel only reads during
+        // the call; an unknown option or wrong size makes the call fail, not misbehave.
+        check(unsafe { libc::setsockopt(fd, SOL_TLS, opt, bytes.as_ptr().cast(), len) })
+    }
+
+    /// `getsockopt(SOL_TLS, opt)` for an int-valued option.
+    pub(crate) fn get_tls_u32(fd: RawFd, opt: libc::c_int) -> io::Result<u32> {
+        let mut val: u32 = 0;
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<u32>())
+            .map_err(|_| io::ErrorKind::InvalidInput)?;
+        // SAFETY: `val` is a live, writable u32 and `len` holds its size, so the kernel writes at
+        // most that many bytes; both pointers are valid for the duration of the call.
+        check(unsafe {
+            libc::getsockopt(
+                fd,
+                SOL_TLS,
+                opt,
+                std::ptr::from_mut(&mut val).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(val)
     }
 
     pub(crate) fn sendfile(
