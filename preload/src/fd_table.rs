@@ -5,6 +5,13 @@
 //! fcntl(F_DUPFD*) (copy, and remove whatever the target number held). A stale entry on a
 //! reused fd number would make us treat a fresh socket as protected, so every close path
 //! removes first.
+//!
+//! Not every close passes through a hook (glibc's `fclose` of an `fdopen`ed socket closes
+//! internally, and so do `closefrom`, `syscall(SYS_close)` and io_uring). So an entry is tied to
+//! the socket itself, not to the number: it records the socket's `SO_COOKIE` (a 64-bit id the
+//! kernel never reuses) and [`get`] checks it on every use. A mismatch means the number now
+//! names another socket: the stale entry is dropped and the fd is treated as new, never as
+//! already protected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -17,7 +24,8 @@ use tether_proto::wire::{ConnectionEvent, ConnectionReport};
 use tether_proto::SpiffeId;
 
 use crate::fallback::Link;
-use crate::report;
+use crate::sys::net;
+use crate::{log, report};
 use crate::tls::verify::VerifiedPeer;
 
 /// Where the crypto happens for a connection.
@@ -129,7 +137,15 @@ impl From<Direction> for tether_proto::wire::Direction {
     }
 }
 
-static TABLE: LazyLock<RwLock<HashMap<RawFd, Arc<Protected>>>> = LazyLock::new(|| RwLock::new(HashMap::new()));
+/// A table entry: the connection, and the cookie of the socket the fd number named when the
+/// entry was made.
+#[derive(Debug, Clone)]
+struct Entry {
+    cookie: u64,
+    conn: Arc<Protected>,
+}
+
+static TABLE: LazyLock<RwLock<HashMap<RawFd, Entry>>> = LazyLock::new(|| RwLock::new(HashMap::new()));
 /// Entries in the table; lets the hot paths skip the lock entirely when it is empty.
 static LEN: AtomicUsize = AtomicUsize::new(0);
 
@@ -137,17 +153,47 @@ pub(crate) fn is_empty() -> bool {
     LEN.load(Ordering::Acquire) == 0
 }
 
+/// The connection `fd` refers to, if the socket behind the number is still the one the entry
+/// was made for (one getsockopt). A stale entry is removed and `None` returned.
 pub(crate) fn get(fd: RawFd) -> Option<Arc<Protected>> {
     if is_empty() {
         return None;
     }
-    TABLE.read().get(&fd).cloned()
+    let e = TABLE.read().get(&fd).cloned()?;
+    if net::socket_cookie(fd) == Some(e.cookie) {
+        return Some(e.conn);
+    }
+    let stale = {
+        let mut t = TABLE.write();
+        let same = t.get(&fd).is_some_and(|cur| Arc::ptr_eq(&cur.conn, &e.conn) && cur.cookie == e.cookie);
+        let r = if same { t.remove(&fd) } else { None };
+        LEN.store(t.len(), Ordering::Release);
+        r
+    };
+    if stale.is_some() {
+        log::Line::new("fd")
+            .kv("fd", fd)
+            .kv("peer", e.conn.remote)
+            .kv("reason", "stale entry dropped: the fd was closed where no hook could see it and now names another socket")
+            .emit();
+    }
+    // Dropped here, outside the lock (its Drop queues a Close report).
+    drop(stale);
+    None
 }
 
+/// Record that `fd` (a socket) now refers to `p`.
 pub(crate) fn insert(fd: RawFd, p: Arc<Protected>) {
-    let mut t = TABLE.write();
-    t.insert(fd, p);
-    LEN.store(t.len(), Ordering::Release);
+    // A socket always has a cookie; 0 (never a real cookie) makes every later `get` miss,
+    // which fails safe: the fd is then treated as a new socket.
+    let cookie = net::socket_cookie(fd).unwrap_or(0);
+    let old = {
+        let mut t = TABLE.write();
+        let old = t.insert(fd, Entry { cookie, conn: p });
+        LEN.store(t.len(), Ordering::Release);
+        old
+    };
+    drop(old);
 }
 
 pub(crate) fn remove(fd: RawFd) -> Option<Arc<Protected>> {
@@ -157,7 +203,7 @@ pub(crate) fn remove(fd: RawFd) -> Option<Arc<Protected>> {
     let mut t = TABLE.write();
     let r = t.remove(&fd);
     LEN.store(t.len(), Ordering::Release);
-    r
+    r.map(|e| e.conn)
 }
 
 /// Remove every entry in `first..=last`.
