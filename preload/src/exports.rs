@@ -302,6 +302,18 @@ exec_export!(fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const 
 
 // ---- the read family: kTLS control records ----------------------------------------------
 
+/// A read-family call returned 0: EOF, or a truncation the program must see as ECONNRESET.
+fn read_eof(fd: c_int) -> ssize_t {
+    hook(
+        || match ops::ending::after_eof(fd) {
+            0 => Outcome::Done(0),
+            r => Outcome::Fail(r, guard::errno()),
+        },
+        || 0,
+        || (-1, libc::ECONNRESET),
+    )
+}
+
 /// The guarded slow path shared by every read-family export.
 fn read_slow(fd: c_int, first: ssize_t, again: &mut dyn FnMut() -> ssize_t) -> ssize_t {
     hook(
@@ -326,7 +338,14 @@ macro_rules! read_export {
             let r = unsafe { real::$name($fd $(, $arg)*) };
             // No table check here: a kTLS socket inherited across exec is not in this image's
             // table, and EIO on a read is rare enough that the slow path may look for itself.
-            if r >= 0 || guard::errno() != libc::EIO {
+            // EOF (0) is once per stream: the slow path checks it was not a truncation.
+            if r > 0 {
+                return r;
+            }
+            if r == 0 {
+                return if fd_table::is_empty() { 0 } else { read_eof($fd) };
+            }
+            if guard::errno() != libc::EIO {
                 return r;
             }
             // SAFETY: as above; the slow path may repeat the call.
@@ -339,7 +358,44 @@ read_export!(read(fd: c_int, buf: *mut c_void, n: size_t));
 read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int));
 read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int));
 read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
-read_export!(recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int));
+/// recvmsg is read_export! plus one case: a program that passes its own control buffer gets
+/// kTLS control records as data (labelled by a cmsg it does not know), so a successful read
+/// with a control buffer checks that label. Without a control buffer: the same one branch.
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's msghdr (recvmsg's contract); read before the call changes it.
+    let controllen = if msg.is_null() { 0 } else { unsafe { (*msg).msg_controllen } };
+    // SAFETY: forwarded, recvmsg(2).
+    let r = unsafe { real::recvmsg(fd, msg, flags) };
+    if r > 0 {
+        if controllen == 0 {
+            return r;
+        }
+        // SAFETY: the kernel just filled the caller's msghdr.
+        let Some(ty) = (unsafe { crate::sys::ktls::control_record_in(msg) }) else {
+            return r;
+        };
+        return hook(
+            // SAFETY: the caller's msghdr; the slow path may repeat the call with it.
+            || match unsafe {
+                ops::io::control_in_program_buffer(fd, msg, flags, r, ty, controllen, &mut || real::recvmsg(fd, msg, flags))
+            } {
+                v if v >= 0 => Outcome::Done(v),
+                v => Outcome::Fail(v, guard::errno()),
+            },
+            || r,
+            || (-1, libc::ECONNRESET),
+        );
+    }
+    if r == 0 {
+        return if fd_table::is_empty() { 0 } else { read_eof(fd) };
+    }
+    if guard::errno() != libc::EIO {
+        return r;
+    }
+    // SAFETY: as above; the slow path may repeat the call.
+    read_slow(fd, r, &mut || unsafe { real::recvmsg(fd, msg, flags) })
+}
 read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t));
 read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int));
 read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));

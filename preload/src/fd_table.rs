@@ -68,6 +68,13 @@ pub(crate) struct Protected {
     pub(crate) remote: SocketAddr,
     /// kTLS: the peer's close_notify was consumed; reads return EOF from now on.
     pub(crate) peer_closed: AtomicBool,
+    /// The rule says a TCP EOF without close_notify is a clean end (`allow_truncation`).
+    pub(crate) allow_truncation: AtomicBool,
+    /// A truncated end was already reported as ECONNRESET; later reads see EOF, as after a
+    /// TCP reset.
+    pub(crate) truncation_reported: AtomicBool,
+    /// The program shut down its reading side: an EOF is its own doing, not the peer's.
+    pub(crate) local_shut_rd: AtomicBool,
     /// allow | observe | plaintext
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
@@ -92,6 +99,9 @@ impl Protected {
             local,
             remote,
             peer_closed: AtomicBool::new(false),
+            allow_truncation: AtomicBool::new(false),
+            truncation_reported: AtomicBool::new(false),
+            local_shut_rd: AtomicBool::new(false),
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
@@ -143,6 +153,19 @@ impl From<Direction> for tether_proto::wire::Direction {
 struct Entry {
     cookie: u64,
     conn: Arc<Protected>,
+    /// The pid of the process that called fork while this entry existed (the latest fork):
+    /// another process may hold the socket too. See [`Closing`].
+    forked_by: Option<libc::pid_t>,
+}
+
+/// What a close learns about the connection it ends in this process.
+#[derive(Debug)]
+pub(crate) struct Closing {
+    pub(crate) conn: Arc<Protected>,
+    /// No other fd number in this process refers to the connection.
+    pub(crate) last_here: bool,
+    /// `Some(pid)`: process `pid` forked while holding it (this process, or our parent).
+    pub(crate) forked_by: Option<libc::pid_t>,
 }
 
 static TABLE: LazyLock<RwLock<HashMap<RawFd, Entry>>> = LazyLock::new(|| RwLock::new(HashMap::new()));
@@ -189,31 +212,56 @@ pub(crate) fn insert(fd: RawFd, p: Arc<Protected>) {
     let cookie = net::socket_cookie(fd).unwrap_or(0);
     let old = {
         let mut t = TABLE.write();
-        let old = t.insert(fd, Entry { cookie, conn: p });
+        let old = t.insert(fd, Entry { cookie, conn: p, forked_by: None });
         LEN.store(t.len(), Ordering::Release);
         old
     };
     drop(old);
 }
 
-pub(crate) fn remove(fd: RawFd) -> Option<Arc<Protected>> {
+/// Remove `fd`'s entry because the program closes it. A stale entry (the number names another
+/// socket now) is removed without a [`Closing`]: there is nothing of ours to end.
+pub(crate) fn remove(fd: RawFd) -> Option<Closing> {
     if is_empty() {
         return None;
     }
+    let cookie = net::socket_cookie(fd);
     let mut t = TABLE.write();
     let r = t.remove(&fd);
+    let others = r.as_ref().is_some_and(|e| t.values().any(|o| Arc::ptr_eq(&o.conn, &e.conn)));
     LEN.store(t.len(), Ordering::Release);
-    r.map(|e| e.conn)
+    drop(t);
+    let e = r?;
+    (cookie == Some(e.cookie)).then(|| Closing { last_here: !others, forked_by: e.forked_by, conn: e.conn })
 }
 
-/// Remove every entry in `first..=last`.
-pub(crate) fn remove_range(first: RawFd, last: RawFd) {
+/// Remove every entry in `first..=last` (close_range). Returns the connections that had their
+/// last fd in this process in the range, for the caller to end.
+pub(crate) fn remove_range(first: RawFd, last: RawFd) -> Vec<(RawFd, Closing)> {
     if is_empty() {
-        return;
+        return Vec::new();
     }
     let mut t = TABLE.write();
-    t.retain(|fd, _| *fd < first || *fd > last);
+    let doomed: Vec<RawFd> = t.keys().copied().filter(|fd| (first..=last).contains(fd)).collect();
+    let mut gone: Vec<(RawFd, Entry)> = doomed.iter().filter_map(|fd| t.remove(fd).map(|e| (*fd, e))).collect();
     LEN.store(t.len(), Ordering::Release);
+    let out = gone
+        .drain(..)
+        .filter(|(fd, e)| net::socket_cookie(*fd) == Some(e.cookie))
+        .filter(|(_, e)| !t.values().any(|o| Arc::ptr_eq(&o.conn, &e.conn)))
+        .collect::<Vec<_>>();
+    drop(t);
+    // Of several fds in the range for one connection, one ends it.
+    let mut seen: Vec<*const Protected> = Vec::new();
+    out.into_iter()
+        .filter(|(_, e)| {
+            let p = Arc::as_ptr(&e.conn);
+            let first = !seen.contains(&p);
+            seen.push(p);
+            first
+        })
+        .map(|(fd, e)| (fd, Closing { last_here: true, forked_by: e.forked_by, conn: e.conn }))
+        .collect()
 }
 
 /// `new` now refers to what `old` refers to (dup semantics). Whatever `new` held is gone.
@@ -234,7 +282,16 @@ pub(crate) fn duplicate(old: RawFd, new: RawFd) {
 }
 
 pub(crate) fn atfork_prepare() {
-    std::mem::forget(TABLE.write());
+    let mut t = TABLE.write();
+    if !t.is_empty() {
+        // Both processes will hold every socket in the table: remember who forked.
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        for e in t.values_mut() {
+            e.forked_by = Some(me);
+        }
+    }
+    std::mem::forget(t);
 }
 
 pub(crate) fn atfork_release() {

@@ -3,6 +3,7 @@
 
 pub(crate) mod accept;
 pub(crate) mod connect;
+pub(crate) mod ending;
 pub(crate) mod fds;
 pub(crate) mod inbound;
 pub(crate) mod io;
