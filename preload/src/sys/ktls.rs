@@ -423,7 +423,7 @@ mod tests {
         assert_eq!(classify(CONTENT_ALERT, &[2, 0]), Control::Eof);
         assert_eq!(classify(CONTENT_ALERT, &[1, 90]), Control::Retry);
         assert!(matches!(classify(CONTENT_ALERT, &[2, 40]), Control::Reset(_)));
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1]), Control::Retry);
+        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]), Control::Retry);
         assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::Reset(_)));
         assert!(matches!(classify(99, &[]), Control::Reset(_)));
     }
