@@ -26,7 +26,8 @@ use crate::sys::ktls;
 /// socket at the same fd number (`kcmp`; if that cannot be asked, it does not send). A socket
 /// passed on without fork (`posix_spawn`, `SCM_RIGHTS`) is not seen: documented.
 fn close_notify_due(fd: RawFd, c: &Closing) -> bool {
-    if !c.last_here || !matches!(c.conn.path, DataPath::Ktls) || c.conn.peer_closed.load(Ordering::Relaxed) {
+    // (A peer that already sent its close_notify only half-closed: ours is still due.)
+    if !c.last_here || !matches!(c.conn.path, DataPath::Ktls) {
         return false;
     }
     // Another thread may be in the middle of a call on it (it holds a clone): not the last.
