@@ -180,3 +180,68 @@ fn close_without_shutdown_sends_close_notify_to_openssl() {
         show(&h.log_lines("server"))
     );
 }
+
+/// Client: GET / from an HTTP server, reading only with recvmsg and an ancillary buffer of its
+/// own (as programs that ask for timestamps or packet info do), BUFSIZE bytes at a time.
+const PY_RECVMSG_CMSG: &str = r#"
+import errno, socket, sys
+port, bufsize = int(sys.argv[1]), int(sys.argv[2])
+s = socket.create_connection(("127.0.0.1", port), timeout=20)
+s.sendall(b"GET /cmsg-reader HTTP/1.0\r\n\r\n")
+data, end = b"", "eof"
+try:
+    while True:
+        d, anc, flags, _ = s.recvmsg(bufsize, 512)
+        if not d:
+            break
+        data += d
+except OSError as e:
+    end = "errno_" + errno.errorcode.get(e.errno, str(e.errno))
+print("head=" + data[:16].hex())
+print("http=%s" % data.startswith(b"HTTP/1.0 200"))
+print("end=" + end)
+"#;
+
+fn recvmsg_with_own_cmsg_buffer(bufsize: usize) {
+    let port = free_port();
+    let mut h = Harness::new("recvmsg-cmsg", Policy::new().outbound(port, &[ANY_ID]));
+    let (cert, key, bundle) = svid_files(&h);
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www"])
+        .arg("-CAfile")
+        .arg(&bundle)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-accept", &port.to_string()]);
+    h.spawn_server("s_server", h.plain(&mut server), port);
+    let check = DataPathCheck::begin(&h, port);
+    let mut c = Command::new(PYTHON);
+    c.arg(h.script("cmsg.py", PY_RECVMSG_CMSG))
+        .args([port.to_string(), bufsize.to_string()]);
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
+    let out = kv(&run.stdout);
+    assert!(
+        run.success() && out.get("http").map(String::as_str) == Some("True"),
+        "the program's data did not start with the HTTP response (control records as data?): {run}\n{}",
+        show(&h.log_lines("client"))
+    );
+    check.finish_with_markers(&h.log_lines("client"), &[b"GET /cmsg-reader"]);
+}
+
+/// OpenSSL sends two NewSessionTickets after the handshake. A program reading with its own
+/// cmsg buffer must not receive them as data (under kTLS the kernel labels them only by a
+/// cmsg); the HTTP response is the first thing it reads.
+#[test]
+fn recvmsg_with_own_cmsg_buffer_never_returns_control_records_as_data() {
+    recvmsg_with_own_cmsg_buffer(65536);
+}
+
+/// The same, 3 bytes per call: control records cut by the program's small buffer are still
+/// consumed whole, and never start the program's data.
+#[test]
+fn recvmsg_with_tiny_buffer_and_cmsg_consumes_control_records_whole() {
+    recvmsg_with_own_cmsg_buffer(3);
+}
