@@ -12,7 +12,10 @@
 //! the rest of the errno mapping), `interop.rs` (7 openssl both ways, plus KeyUpdate),
 //! `process.rs` (8 fork, 9 200 concurrent), `hostile.rs` (10), `exports.rs` (12), and
 //! `semantics.rs` (what a program must not notice: sendfile/half-close, addresses, exec,
-//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency).
+//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency), and for
+//! issue 9 `leaks.rs` (every way a connection starts: stale fds, Fast Open, MPTCP, sockaddr
+//! lengths, a panic after connect) and `integrity.rs` (truncation, close_notify, control records
+//! in a program's cmsg buffer). [`wire`] proves protection on the wire.
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
