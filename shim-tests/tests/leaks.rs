@@ -322,7 +322,7 @@ fn panic_after_real_connect_leaves_a_socket_that_cannot_carry_plaintext() {
         "the injected panic did not surface: {run}"
     );
     assert!(
-        out.get("send_errno").is_some(),
+        out.contains_key("send_errno"),
         "the send after the aborted connect did not fail: {run}"
     );
 }
