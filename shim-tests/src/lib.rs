@@ -545,6 +545,17 @@ impl Harness {
         }
     }
 
+    /// `tether svid --out DIR` for the test process (not under the shim): the files
+    /// `(svid.pem, svid.key, bundle.pem)` a non-tether peer (openssl) presents and trusts.
+    pub fn svid_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.path("svid");
+        let mut cmd = Command::new(tether_cli_path());
+        cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", self.socket());
+        let run = self.run("tether-svid", self.plain(&mut cmd), Duration::from_secs(20));
+        assert!(run.success(), "tether svid --out failed: {run}");
+        (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
+    }
+
     /// Stop tetherd (to test what the shim does without it).
     pub fn stop_broker(&mut self) {
         if let Some(mut b) = self.broker.take() {

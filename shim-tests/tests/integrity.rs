@@ -5,12 +5,11 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tether_shim_tests::{
-    free_port, kv, show, tether_cli_path, DataPathCheck, Harness, Policy, ANY_ID, PYTHON,
+    free_port, kv, show, DataPathCheck, Harness, Policy, ANY_ID, PYTHON,
 };
 
 /// Server: accept connections; read the request line; send BODY; then end the stream the way
@@ -133,14 +132,6 @@ fn close_of_the_last_fd_ends_the_stream_cleanly() {
     );
 }
 
-fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = h.path("svid");
-    let mut cmd = Command::new(tether_cli_path());
-    cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", h.socket());
-    let run = h.run("tether-svid", h.plain(&mut cmd), Duration::from_secs(20));
-    assert!(run.success(), "tether svid --out failed: {run}");
-    (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
-}
 
 /// The same, judged by a peer that is not tether: `openssl s_client` reports an unexpected EOF
 /// when a stream ends without close_notify. On kTLS this is the kernel path (close() sends
@@ -149,7 +140,7 @@ fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
 fn close_without_shutdown_sends_close_notify_to_openssl() {
     let port = free_port();
     let mut h = Harness::new("close-notify-openssl", Policy::new().inbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = svid_files(&h);
+    let (cert, key, bundle) = h.svid_files();
     let mut server = Command::new(PYTHON);
     server
         .arg(h.script("server.py", PY_ENDING_SERVER))
@@ -205,7 +196,7 @@ print("end=" + end)
 fn recvmsg_with_own_cmsg_buffer(bufsize: usize) {
     let port = free_port();
     let mut h = Harness::new("recvmsg-cmsg", Policy::new().outbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = svid_files(&h);
+    let (cert, key, bundle) = h.svid_files();
     let mut server = Command::new("openssl");
     server
         .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www"])
