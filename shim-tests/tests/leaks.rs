@@ -386,3 +386,42 @@ fn mptcp_listener_on_protected_port_never_hands_plaintext_to_the_program() {
         show(&lines)
     );
 }
+
+/// io_uring connects and accepts never pass through libc, so the shim cannot see them: `tether
+/// run` says so for a program that links liburing (and not for one that does not).
+#[test]
+fn tether_run_warns_that_a_program_linking_liburing_can_bypass_the_shim() {
+    let h = Harness::new("liburing", Policy::new());
+    let src = h.script(
+        "uring.c",
+        "#include <liburing.h>\nint main(void) { struct io_uring r;\n  \
+         if (io_uring_queue_init(2, &r, 0) == 0) io_uring_queue_exit(&r);\n  return 0; }\n",
+    );
+    let prog = h.path("uring");
+    let mut cc = Command::new("gcc");
+    cc.arg("-o").arg(&prog).arg(&src).arg("-luring");
+    let built = h.run("gcc", h.plain(&mut cc), Duration::from_secs(60));
+    assert!(
+        built.success(),
+        "cannot build the liburing program (apt-get install gcc liburing-dev): {built}"
+    );
+    let tether_run = |name: &str, cmd: &std::path::Path| {
+        let mut c = Command::new(tether_shim_tests::tether_cli_path());
+        c.arg("run")
+            .arg("--socket")
+            .arg(h.socket())
+            .arg("--lib")
+            .arg(tether_shim_tests::shim_path())
+            .arg("--")
+            .arg(cmd);
+        h.run(name, h.plain(&mut c), Duration::from_secs(30))
+    };
+    let run = tether_run("run-uring", &prog);
+    assert!(run.success(), "tether run failed: {run}");
+    assert!(
+        run.stderr.contains("links liburing") && run.stderr.contains("NOT protected"),
+        "no io_uring warning for a program linking liburing: {run}"
+    );
+    let run = tether_run("run-true", std::path::Path::new("/bin/true"));
+    assert!(run.success() && !run.stderr.contains("liburing"), "spurious warning: {run}");
+}
