@@ -176,7 +176,7 @@ try:
             s.connect(("127.0.0.1", port))
         except OSError as e:
             print("retry_connect=" + name(e.errno), flush=True)
-    elif way in ("sendto-fastopen", "sendmsg-fastopen"):
+    elif way in ("sendto-fastopen", "sendmsg-fastopen", "sendmmsg-fastopen"):
         s = socket.socket()
     else:
         sys.exit("unknown way " + way)
@@ -189,6 +189,23 @@ try:
         n = s.sendto(payload, socket.MSG_FASTOPEN, ("127.0.0.1", port))
     elif way == "sendmsg-fastopen":
         n = s.sendmsg([payload], [], socket.MSG_FASTOPEN, ("127.0.0.1", port))
+    elif way == "sendmmsg-fastopen":
+        class Iov(ctypes.Structure):
+            _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+        class Msg(ctypes.Structure):
+            _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(Iov)),
+                        ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                        ("flags", ctypes.c_int)]
+        class MMsg(ctypes.Structure):
+            _fields_ = [("hdr", Msg), ("len", ctypes.c_uint)]
+        sa = ctypes.create_string_buffer(in4(port), 16)
+        data = ctypes.create_string_buffer(payload, len(payload))
+        iov = Iov(ctypes.cast(data, ctypes.c_void_p), len(payload))
+        m = MMsg(Msg(ctypes.cast(sa, ctypes.c_void_p), 16, ctypes.pointer(iov), 1, None, 0, 0), 0)
+        s.setblocking(True)
+        if libc.sendmmsg(s.fileno(), ctypes.byref(m), 1, socket.MSG_FASTOPEN) != 1:
+            raise OSError(ctypes.get_errno(), "sendmmsg")
+        n = m.len
     else:
         n = s.send(payload)
 except OSError as e:
@@ -301,6 +318,12 @@ fn sendto_with_msg_fastopen_is_protected_not_plaintext() {
 fn sendmsg_with_msg_fastopen_is_protected_not_plaintext() {
     refused_way("sendmsg-fastopen", &[]);
     protected_way("sendmsg-fastopen");
+}
+
+#[test]
+fn sendmmsg_with_msg_fastopen_is_protected_not_plaintext() {
+    refused_way("sendmmsg-fastopen", &[]);
+    protected_way("sendmmsg-fastopen");
 }
 
 #[test]
