@@ -13,8 +13,6 @@ use tether_shim_tests::{
     Policy,
 };
 
-/// `tether svid --out DIR`: the SVID tetherd issues to the `tether` process itself.
-
 /// `openssl s_server` on `port` presenting the exported SVID and requiring a client certificate
 /// that chains to the bundle, plus `extra` arguments.
 fn s_server(svid: &(PathBuf, PathBuf, PathBuf), port: u16, extra: &[&str]) -> Command {
