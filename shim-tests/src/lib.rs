@@ -12,7 +12,10 @@
 //! the rest of the errno mapping), `interop.rs` (7 openssl both ways, plus KeyUpdate),
 //! `process.rs` (8 fork, 9 200 concurrent), `hostile.rs` (10), `exports.rs` (12), and
 //! `semantics.rs` (what a program must not notice: sendfile/half-close, addresses, exec,
-//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency).
+//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency), and for
+//! issue 9 `leaks.rs` (every way a connection starts: stale fds, Fast Open, MPTCP, sockaddr
+//! lengths, a panic after connect) and `integrity.rs` (truncation, close_notify, control records
+//! in a program's cmsg buffer). [`wire`] proves protection on the wire.
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
@@ -24,6 +27,7 @@
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
 
 pub mod fixed_ktls;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -561,6 +565,17 @@ impl Harness {
         }
     }
 
+    /// `tether svid --out DIR` for the test process (not under the shim): the files
+    /// `(svid.pem, svid.key, bundle.pem)` a non-tether peer (openssl) presents and trusts.
+    pub fn svid_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.path("svid");
+        let mut cmd = Command::new(tether_cli_path());
+        cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", self.socket());
+        let run = self.run("tether-svid", self.plain(&mut cmd), Duration::from_secs(20));
+        assert!(run.success(), "tether svid --out failed: {run}");
+        (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
+    }
+
     /// Stop tetherd (to test what the shim does without it).
     pub fn stop_broker(&mut self) {
         if let Some(mut b) = self.broker.take() {
@@ -737,23 +752,38 @@ impl TlsStat {
     }
 }
 
-/// Taken before a test's traffic; [`finish`](Self::finish) checks which data path carried it.
+/// Taken before a test's traffic; [`finish`](Self::finish) checks which data path carried it
+/// and what crossed the wire.
 #[derive(Debug)]
 pub struct DataPathCheck {
     before: TlsStat,
+    capture: wire::Capture,
 }
 
 impl DataPathCheck {
-    pub fn begin() -> Self {
+    /// Start watching: kTLS counters, and a capture on lo of TCP `port` (the protected port the
+    /// test's traffic goes to).
+    pub fn begin(h: &Harness, port: u16) -> Self {
         DataPathCheck {
             before: TlsStat::read(),
+            capture: wire::Capture::start(h.dir(), port),
         }
     }
 
-    /// Every `decision=allow` line in `lines` (at least one) names the expected mode; in UML,
-    /// the kTLS software TX and RX counters rose. (Counters are per network namespace:
-    /// `scripts/test-e2e --uml` runs one test at a time so that the rise is this test's own.)
+    /// The wire carried TLS only (every byte of every flow on the port is inside a TLS record,
+    /// with application-data records present); every `decision=allow` line in `lines` (at
+    /// least one) names the expected mode; in UML, the kTLS software TX and RX counters rose.
+    /// (Counters are per network namespace: `scripts/test-e2e --uml` runs one test at a time
+    /// so that the rise is this test's own.) The wire check is what proves protection; the log
+    /// and counters only say which path carried it.
     pub fn finish(self, lines: &[LogLine]) {
+        self.finish_with_markers(lines, &[]);
+    }
+
+    /// [`finish`](Self::finish), and none of `markers` (the test's plaintext) is on the wire.
+    pub fn finish_with_markers(self, lines: &[LogLine], markers: &[&[u8]]) {
+        let wire = self.capture.finish();
+        wire.assert_protected(markers);
         let allowed: Vec<&LogLine> = lines
             .iter()
             .filter(|l| l.get("decision") == "allow")

@@ -74,10 +74,10 @@ impl Link {
         )
     }
 
-    /// Did the peer end the stream with a TCP EOF but no `close_notify`? (Delivered as EOF.)
-    #[allow(dead_code)] // reason: for the per-connection log line; the tests use it
+    /// Did the peer's stream end without `close_notify` (a TCP EOF, a reset, or a TLS error)?
+    /// The relay delivers EOF to the program's socket; the read hooks turn it into ECONNRESET.
     pub(crate) fn ended_without_close_notify(&self) -> bool {
-        self.stats.truncated.load(Ordering::Relaxed)
+        self.stats.truncated.load(Ordering::Acquire)
     }
 }
 
