@@ -20,9 +20,10 @@ const CIPHER_AES_GCM_128: u16 = 51;
 const CIPHER_AES_GCM_256: u16 = 52;
 const CIPHER_CHACHA20_POLY1305: u16 = 54;
 
-pub(crate) const CONTENT_ALERT: u8 = 21;
-pub(crate) const CONTENT_HANDSHAKE: u8 = 22;
-pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
+pub(crate) use super::control::Control;
+use super::control::{classify, CONTENT_ALERT, CONTENT_APPLICATION_DATA};
+#[cfg(test)]
+use super::control::CONTENT_HANDSHAKE;
 
 /// Largest TLS 1.3 record plaintext plus slack.
 const MAX_RECORD: usize = 16384 + 256;
@@ -233,17 +234,6 @@ pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'stat
     Ok(cipher_name(tx))
 }
 
-/// What the read slow path should make of the record that caused EIO.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Control {
-    /// A record we consumed and dropped (a session ticket, a warning alert): read again.
-    Retry,
-    /// close_notify: the program sees EOF.
-    Eof,
-    /// A fatal alert, a KeyUpdate this kernel cannot follow, or garbage.
-    Reset(&'static str),
-}
-
 /// Consume the control record at the head of `fd`'s receive queue. Called only after a plain
 /// read failed with EIO on a kTLS socket. The record type is peeked first, so application
 /// data is never taken from under the program.
@@ -259,25 +249,6 @@ pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
     let r = classify(ty, body);
     buf.zeroize();
     Ok(r)
-}
-
-/// Decide what a control record means. Pure: tested below.
-pub(crate) fn classify(ty: u8, body: &[u8]) -> Control {
-    match ty {
-        CONTENT_ALERT => match body {
-            [_, 0] => Control::Eof,
-            // user_canceled and other warnings: TLS 1.3 says close_notify follows.
-            [1, _] => Control::Retry,
-            _ => Control::Reset("fatal alert from peer"),
-        },
-        CONTENT_HANDSHAKE => match body.first() {
-            Some(4) => Control::Retry, // NewSessionTicket: we never resume, drop it
-            Some(24) => Control::Reset("peer sent KeyUpdate; this kernel cannot rekey kTLS RX"),
-            _ => Control::Reset("unexpected post-handshake message"),
-        },
-        CONTENT_APPLICATION_DATA => Control::Retry,
-        _ => Control::Reset("unknown TLS record type"),
-    }
 }
 
 fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize)> {
