@@ -138,8 +138,19 @@ pub struct Destination {
 }
 
 impl Destination {
+    /// Does this destination cover `addr`? An IPv4 address and its IPv4-mapped IPv6 form
+    /// (`::ffff:a.b.c.d`, what a dual-stack socket connects to) are one destination, so a network
+    /// written in either notation covers both: `[::ffff:10.0.0.0]/104` covers `10.1.2.3`, and
+    /// `[::]/0` (which holds the mapped range) covers every IPv4 address too. Fails closed: a
+    /// destination a rule names in any notation is never left unprotected.
     pub fn contains(&self, addr: SocketAddr) -> bool {
-        self.net.contains(&addr.ip()) && self.port.is_none_or(|p| p == addr.port())
+        let ip = addr.ip();
+        let other = match ip {
+            IpAddr::V4(v4) => Some(IpAddr::V6(v4.to_ipv6_mapped())),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+        };
+        let covered = self.net.contains(&ip) || other.is_some_and(|o| self.net.contains(&o));
+        covered && self.port.is_none_or(|p| p == addr.port())
     }
 }
 
@@ -255,6 +266,25 @@ mod tests {
         .unwrap();
         assert!(policy.outbound_rule(sa("[::ffff:127.0.0.1]:8443")).is_some());
         assert!(policy.outbound_rule(sa("127.0.0.1:80")).is_none());
+    }
+
+    /// Found by the `policy` fuzz target: a rule written in IPv4-mapped IPv6 notation covered
+    /// nothing (the address was canonicalised to IPv4 first), so the connections it names went
+    /// out in plaintext.
+    #[test]
+    fn mapped_v6_rules_protect_their_ipv4_destinations() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"outbound":[{"to":["[::ffff:127.0.0.0]/104:8443"],"allow":["spiffe://a/*"]}]}"#,
+        )
+        .unwrap();
+        assert!(policy.outbound_rule(sa("127.0.0.1:8443")).is_some());
+        assert!(policy.outbound_rule(sa("[::ffff:127.0.0.1]:8443")).is_some());
+        assert!(policy.outbound_rule(sa("127.0.0.1:80")).is_none());
+        assert!(policy.outbound_rule(sa("10.0.0.1:8443")).is_none());
+        let all_v6: Policy =
+            serde_json::from_str(r#"{"outbound":[{"to":["[::]/0:*"],"allow":["spiffe://a/*"]}]}"#).unwrap();
+        assert!(all_v6.outbound_rule(sa("[::ffff:0.0.0.0]:0")).is_some());
+        assert!(all_v6.outbound_rule(sa("192.0.2.1:443")).is_some());
     }
 
     #[test]

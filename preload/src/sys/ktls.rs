@@ -20,9 +20,10 @@ const CIPHER_AES_GCM_128: u16 = 51;
 const CIPHER_AES_GCM_256: u16 = 52;
 const CIPHER_CHACHA20_POLY1305: u16 = 54;
 
-pub(crate) const CONTENT_ALERT: u8 = 21;
-pub(crate) const CONTENT_HANDSHAKE: u8 = 22;
-pub(crate) const CONTENT_APPLICATION_DATA: u8 = 23;
+pub(crate) use super::control::{classify, control_bytes_missing, Control};
+use super::control::{CONTENT_ALERT, CONTENT_APPLICATION_DATA};
+#[cfg(test)]
+use super::control::CONTENT_HANDSHAKE;
 
 /// Largest TLS 1.3 record plaintext plus slack.
 const MAX_RECORD: usize = 16384 + 256;
@@ -233,17 +234,6 @@ pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'stat
     Ok(cipher_name(tx))
 }
 
-/// What the read slow path should make of the record that caused EIO.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Control {
-    /// A record we consumed and dropped (a session ticket, a warning alert): read again.
-    Retry,
-    /// close_notify: the program sees EOF.
-    Eof,
-    /// A fatal alert, a KeyUpdate this kernel cannot follow, or garbage.
-    Reset(&'static str),
-}
-
 /// Consume the control record at the head of `fd`'s receive queue. Called only after a plain
 /// read failed with EIO on a kTLS socket. The record type is peeked first, so application
 /// data is never taken from under the program.
@@ -259,72 +249,6 @@ pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
     let r = classify(ty, body);
     buf.zeroize();
     Ok(r)
-}
-
-/// Decide what a control record means. Pure: tested below.
-pub(crate) fn classify(ty: u8, body: &[u8]) -> Control {
-    match ty {
-        CONTENT_ALERT => match body {
-            [_, 0] => Control::Eof,
-            // user_canceled and other warnings: TLS 1.3 says close_notify follows.
-            [1, _] => Control::Retry,
-            _ => Control::Reset("fatal alert from peer"),
-        },
-        CONTENT_HANDSHAKE => classify_handshake(body),
-        CONTENT_APPLICATION_DATA => Control::Retry,
-        _ => Control::Reset("unknown TLS record type"),
-    }
-}
-
-/// A post-handshake handshake record may carry several messages: every one is looked at.
-/// Only NewSessionTickets (which we drop: we never resume) let the stream go on. A message cut
-/// off at the record's end (fragmented across records) fails closed.
-fn classify_handshake(body: &[u8]) -> Control {
-    if body.is_empty() {
-        return Control::Reset("empty handshake record");
-    }
-    let mut rest = body;
-    while !rest.is_empty() {
-        let Some(&[ty, a, b, c]) = rest.get(..4) else {
-            return Control::Reset("fragmented post-handshake message");
-        };
-        let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
-        let Some(next) = rest.get(4 + len..) else {
-            return Control::Reset("fragmented post-handshake message");
-        };
-        match ty {
-            4 => {} // NewSessionTicket
-            24 => return Control::Reset("peer sent KeyUpdate; this kernel cannot rekey kTLS RX"),
-            _ => return Control::Reset("unexpected post-handshake message"),
-        }
-        rest = next;
-    }
-    Control::Retry
-}
-
-/// How many more bytes complete the control record whose first `have` bytes are `got` (the
-/// program's buffer was too small for it): alerts are 2 bytes, handshake messages
-/// 4 + length. `None` for a record type we do not complete (the caller fails closed).
-pub(crate) fn control_bytes_missing(ty: u8, got: &[u8]) -> Option<usize> {
-    match ty {
-        CONTENT_ALERT => Some(2usize.saturating_sub(got.len())),
-        CONTENT_HANDSHAKE => {
-            let mut at = 0;
-            loop {
-                let Some(h) = got.get(at..at + 4) else {
-                    // A header cut short: first finish the header, then look again.
-                    return Some(at + 4 - got.len());
-                };
-                let len = usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]);
-                let end = at + 4 + len;
-                if end >= got.len() {
-                    return Some(end - got.len());
-                }
-                at = end;
-            }
-        }
-        _ => None,
-    }
 }
 
 /// The TLS record type the kernel reported in a program's own `recvmsg` control buffer, if it

@@ -1,4 +1,5 @@
 //! Raw kernel interfaces (FFI): kTLS and socket helpers.
 
+pub(crate) mod control;
 pub(crate) mod ktls;
 pub(crate) mod net;

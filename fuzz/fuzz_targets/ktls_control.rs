@@ -1,0 +1,47 @@
+//! The kTLS control-record classifier (preload/src/sys/control.rs, compiled here as is: the shim
+//! is a cdylib, and linking its hooks into this binary would hook the fuzzer's own calls).
+//!
+//! Input: the record type byte, then the record body. Properties, for every record:
+//! - application data is never consumed as a control record (always Retry: the read is redone);
+//! - EOF only for a well-formed close_notify alert (exactly level + description 0);
+//! - a record is dropped (Retry) only when it is application data, a warning alert, or a
+//!   handshake record starting with NewSessionTicket; in particular never when it starts with
+//!   KeyUpdate, and never for an unknown record type;
+//! - everything else resets the connection.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+#[path = "../../preload/src/sys/control.rs"]
+#[allow(dead_code)]
+mod control;
+
+use control::{classify, Control, CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE};
+
+const WARNING: u8 = 1;
+const CLOSE_NOTIFY: u8 = 0;
+const NEW_SESSION_TICKET: u8 = 4;
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&ty, body)) = data.split_first() else { return };
+    let got = classify(ty, body);
+    match got {
+        Control::Eof => {
+            assert_eq!(ty, CONTENT_ALERT);
+            assert_eq!(body.len(), 2, "EOF from a malformed alert");
+            assert_eq!(body[1], CLOSE_NOTIFY);
+        }
+        Control::Retry => match ty {
+            CONTENT_APPLICATION_DATA => {}
+            CONTENT_ALERT => assert!(body.len() == 2 && body[0] == WARNING, "dropped alert {body:?}"),
+            CONTENT_HANDSHAKE => assert_eq!(body.first(), Some(&NEW_SESSION_TICKET)),
+            _ => panic!("dropped a record of unknown type {ty}"),
+        },
+        Control::Reset(why) => {
+            assert!(!why.is_empty());
+            assert_ne!(ty, CONTENT_APPLICATION_DATA, "application data reset the connection");
+        }
+    }
+    // Deterministic: the same record always means the same thing.
+    assert_eq!(classify(ty, body), got);
+});
