@@ -5,8 +5,9 @@
 //! - application data is never consumed as a control record (always Retry: the read is redone);
 //! - EOF only for a well-formed close_notify alert (exactly level + description 0);
 //! - a record is dropped (Retry) only when it is application data, a warning alert, or a
-//!   handshake record starting with NewSessionTicket; in particular never when it starts with
+//!   handshake record made only of whole NewSessionTickets; in particular never when it holds a
 //!   KeyUpdate, and never for an unknown record type;
+//! - completing a record cut short (`control_bytes_missing`) never panics and fits the record.
 //! - everything else resets the connection.
 #![no_main]
 
