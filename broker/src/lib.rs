@@ -3,6 +3,7 @@
 //! - [`config`]: the TOML config, selectors and identity selection.
 //! - [`attest`]: SO_PEERCRED + /proc, with PID-reuse checks; builds [`attest::AttestedPeer`].
 //! - [`ca`]: the signing CA and X.509-SVID issuance.
+//! - [`fleet`]: `tether ca init/intermediate` (offline root, per-host intermediates).
 //! - [`cache`]: SVIDs cached per process until half-life.
 //! - [`server`]: the Unix socket server and audit log.
 //! - [`reload`]: live config reload (SIGHUP, `tether reload`) and the socket-mtime signal.
@@ -30,6 +31,7 @@ pub mod elf;
 pub mod env;
 pub mod error;
 pub mod files;
+pub mod fleet;
 pub mod install;
 pub mod metrics;
 pub mod pem;
