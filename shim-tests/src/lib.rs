@@ -178,6 +178,8 @@ pub fn is_listening(port: u16) -> bool {
 #[derive(Debug, Default, Clone)]
 pub struct Policy {
     toml: String,
+    /// `None`: [`TRUST_DOMAIN`].
+    trust_domain: Option<String>,
 }
 
 fn quoted_list(items: &[&str]) -> String {
@@ -213,6 +215,12 @@ impl Policy {
         self
     }
 
+    /// Serve trust domain `td` instead of [`TRUST_DOMAIN`] (fleet tests: another trust domain).
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = Some(td.to_owned());
+        self
+    }
+
     /// Append raw TOML (rules with a `mode`, `default = "deny"`, ...).
     pub fn raw(mut self, toml: &str) -> Self {
         self.toml.push('\n');
@@ -233,7 +241,8 @@ impl Policy {
 
     fn config(&self) -> String {
         format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"derive\"\n{}",
+            "trust_domain = \"{}\"\nunmatched = \"derive\"\n{}",
+            self.trust_domain.as_deref().unwrap_or(TRUST_DOMAIN),
             self.toml
         )
     }

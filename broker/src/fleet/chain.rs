@@ -15,14 +15,23 @@ use x509_parser::oid_registry::{
 
 /// Ok if `cert` is signed by a root in `roots` that is a valid CA allowing one level of
 /// intermediates below it, and both are within their validity period now.
-pub fn check_issued_by(cert: &X509Certificate<'_>, roots: &[X509Certificate<'_>]) -> Result<(), String> {
+pub fn check_issued_by(
+    cert: &X509Certificate<'_>,
+    roots: &[X509Certificate<'_>],
+) -> Result<(), String> {
     let now = OffsetDateTime::now_utc();
     if !within_validity(cert, now) {
         return Err("the intermediate is not valid now (expired, or not yet valid)".to_owned());
     }
-    let candidates: Vec<_> = roots.iter().filter(|r| r.subject().as_raw() == cert.issuer().as_raw()).collect();
+    let candidates: Vec<_> = roots
+        .iter()
+        .filter(|r| r.subject().as_raw() == cert.issuer().as_raw())
+        .collect();
     if candidates.is_empty() {
-        return Err(format!("no certificate in the bundle is named {} (the intermediate's issuer)", cert.issuer()));
+        return Err(format!(
+            "no certificate in the bundle is named {} (the intermediate's issuer)",
+            cert.issuer()
+        ));
     }
     let mut why = String::new();
     for root in candidates {
@@ -34,7 +43,11 @@ pub fn check_issued_by(cert: &X509Certificate<'_>, roots: &[X509Certificate<'_>]
     Err(why)
 }
 
-fn check_one(cert: &X509Certificate<'_>, root: &X509Certificate<'_>, now: OffsetDateTime) -> Result<(), String> {
+fn check_one(
+    cert: &X509Certificate<'_>,
+    root: &X509Certificate<'_>,
+    now: OffsetDateTime,
+) -> Result<(), String> {
     let bc = root
         .basic_constraints()
         .map_err(|e| format!("bundle root: bad basicConstraints: {e}"))?
@@ -51,35 +64,51 @@ fn check_one(cert: &X509Certificate<'_>, root: &X509Certificate<'_>, now: Offset
     let alg = algorithm(&cert.signature_algorithm.algorithm, root)?;
     let spki = root.public_key();
     UnparsedPublicKey::new(alg, spki.subject_public_key.data.as_ref())
-        .verify(cert.tbs_certificate.as_ref(), cert.signature_value.data.as_ref())
-        .map_err(|_| "the intermediate's signature does not verify with the bundle root's key".to_owned())
+        .verify(
+            cert.tbs_certificate.as_ref(),
+            cert.signature_value.data.as_ref(),
+        )
+        .map_err(|_| {
+            "the intermediate's signature does not verify with the bundle root's key".to_owned()
+        })
 }
 
 fn within_validity(c: &X509Certificate<'_>, now: OffsetDateTime) -> bool {
     c.validity().not_before.to_datetime() <= now && now < c.validity().not_after.to_datetime()
 }
 
-fn algorithm(sig: &Oid<'_>, issuer: &X509Certificate<'_>) -> Result<&'static dyn VerificationAlgorithm, String> {
-    let curve = issuer.public_key().algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+fn algorithm(
+    sig: &Oid<'_>,
+    issuer: &X509Certificate<'_>,
+) -> Result<&'static dyn VerificationAlgorithm, String> {
+    let curve = issuer
+        .public_key()
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
     let is = |o: &Oid<'_>| curve.as_ref() == Some(o);
-    let alg: &'static dyn VerificationAlgorithm = if *sig == OID_SIG_ECDSA_WITH_SHA256 && is(&OID_EC_P256) {
-        &signature::ECDSA_P256_SHA256_ASN1
-    } else if *sig == OID_SIG_ECDSA_WITH_SHA256 && is(&OID_NIST_EC_P384) {
-        &signature::ECDSA_P384_SHA256_ASN1
-    } else if *sig == OID_SIG_ECDSA_WITH_SHA384 && is(&OID_EC_P256) {
-        &signature::ECDSA_P256_SHA384_ASN1
-    } else if *sig == OID_SIG_ECDSA_WITH_SHA384 && is(&OID_NIST_EC_P384) {
-        &signature::ECDSA_P384_SHA384_ASN1
-    } else if *sig == OID_PKCS1_SHA256WITHRSA {
-        &signature::RSA_PKCS1_2048_8192_SHA256
-    } else if *sig == OID_PKCS1_SHA384WITHRSA {
-        &signature::RSA_PKCS1_2048_8192_SHA384
-    } else if *sig == OID_PKCS1_SHA512WITHRSA {
-        &signature::RSA_PKCS1_2048_8192_SHA512
-    } else if *sig == OID_SIG_ED25519 {
-        &signature::ED25519
-    } else {
-        return Err(format!("unsupported signature algorithm {sig} (or key type) on the intermediate"));
-    };
+    let alg: &'static dyn VerificationAlgorithm =
+        if *sig == OID_SIG_ECDSA_WITH_SHA256 && is(&OID_EC_P256) {
+            &signature::ECDSA_P256_SHA256_ASN1
+        } else if *sig == OID_SIG_ECDSA_WITH_SHA256 && is(&OID_NIST_EC_P384) {
+            &signature::ECDSA_P384_SHA256_ASN1
+        } else if *sig == OID_SIG_ECDSA_WITH_SHA384 && is(&OID_EC_P256) {
+            &signature::ECDSA_P256_SHA384_ASN1
+        } else if *sig == OID_SIG_ECDSA_WITH_SHA384 && is(&OID_NIST_EC_P384) {
+            &signature::ECDSA_P384_SHA384_ASN1
+        } else if *sig == OID_PKCS1_SHA256WITHRSA {
+            &signature::RSA_PKCS1_2048_8192_SHA256
+        } else if *sig == OID_PKCS1_SHA384WITHRSA {
+            &signature::RSA_PKCS1_2048_8192_SHA384
+        } else if *sig == OID_PKCS1_SHA512WITHRSA {
+            &signature::RSA_PKCS1_2048_8192_SHA512
+        } else if *sig == OID_SIG_ED25519 {
+            &signature::ED25519
+        } else {
+            return Err(format!(
+                "unsupported signature algorithm {sig} (or key type) on the intermediate"
+            ));
+        };
     Ok(alg)
 }

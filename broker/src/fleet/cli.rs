@@ -7,7 +7,10 @@ use tether_proto::TrustDomain;
 use time::format_description::well_known::Rfc3339;
 
 use super::offline::{self, Issued};
-use super::{parse_lifetime, DEFAULT_INTERMEDIATE_TTL, DEFAULT_ROOT_TTL, MAX_INTERMEDIATE_TTL, MAX_ROOT_TTL, MIN_CA_TTL};
+use super::{
+    parse_lifetime, DEFAULT_INTERMEDIATE_TTL, DEFAULT_ROOT_TTL, MAX_INTERMEDIATE_TTL, MAX_ROOT_TTL,
+    MIN_CA_TTL,
+};
 use crate::Error;
 
 #[derive(Debug, clap::Subcommand)]
@@ -45,7 +48,11 @@ pub enum CaCommand {
 pub fn command(cmd: CaCommand) -> Result<String, Error> {
     let fail = |e: super::FleetError| Error::Cli(e.to_string());
     match cmd {
-        CaCommand::Init { out, trust_domain, ttl } => {
+        CaCommand::Init {
+            out,
+            trust_domain,
+            ttl,
+        } => {
             let ttl = match ttl {
                 Some(t) => parse_lifetime(&t, MIN_CA_TTL, MAX_ROOT_TTL).map_err(fail)?,
                 None => DEFAULT_ROOT_TTL,
@@ -59,7 +66,12 @@ pub fn command(cmd: CaCommand) -> Result<String, Error> {
             );
             Ok(s)
         }
-        CaCommand::Intermediate { host, root, out, ttl } => {
+        CaCommand::Intermediate {
+            host,
+            root,
+            out,
+            ttl,
+        } => {
             let ttl = match ttl {
                 Some(t) => parse_lifetime(&t, MIN_CA_TTL, MAX_INTERMEDIATE_TTL).map_err(fail)?,
                 None => DEFAULT_INTERMEDIATE_TTL,
@@ -81,7 +93,10 @@ pub fn command(cmd: CaCommand) -> Result<String, Error> {
 }
 
 fn summary(what: &str, i: &Issued) -> String {
-    let expires = i.not_after.format(&Rfc3339).unwrap_or_else(|_| i.not_after.to_string());
+    let expires = i
+        .not_after
+        .format(&Rfc3339)
+        .unwrap_or_else(|_| i.not_after.to_string());
     format!(
         "wrote {what}: {} (key {})\ntrust domain: {}\nserial:       {}\nexpires:      {expires}\n",
         i.cert.display(),

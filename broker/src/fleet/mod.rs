@@ -45,11 +45,17 @@ pub const MIN_CA_TTL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum FleetError {
-    Io { path: PathBuf, error: io::Error },
+    Io {
+        path: PathBuf,
+        error: io::Error,
+    },
     /// Refusing to overwrite an existing root.
     Exists(PathBuf),
     /// A directory that would hold a key is readable or writable by group or others.
-    InsecureDir { path: PathBuf, mode: u32 },
+    InsecureDir {
+        path: PathBuf,
+        mode: u32,
+    },
     /// Bad input: a certificate, key, host name or lifetime.
     Invalid(String),
     Ca(crate::ca::CaError),
@@ -90,7 +96,11 @@ pub fn parse_lifetime(s: &str, min: Duration, max: Duration) -> Result<Duration,
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let bad = || FleetError::Invalid(format!("bad lifetime {s:?}: expected a number then s, m, h, d or y, e.g. \"7d\""));
+    let bad = || {
+        FleetError::Invalid(format!(
+            "bad lifetime {s:?}: expected a number then s, m, h, d or y, e.g. \"7d\""
+        ))
+    };
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult = match unit {
         "s" => 1,

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use ring::rand::SystemRandom;
 use tether_proto::TrustDomain;
@@ -47,7 +47,9 @@ pub struct Issued {
 fn check_host(host: &str) -> Result<(), FleetError> {
     let ok = !host.is_empty()
         && host.len() <= 63
-        && host.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && !host.starts_with(['.', '-']);
     if ok {
         Ok(())
@@ -61,21 +63,41 @@ fn check_host(host: &str) -> Result<(), FleetError> {
 /// Create `dir` with mode 0700 if missing; refuse an existing one that group or others can
 /// access, or that another user owns.
 fn key_dir(dir: &Path) -> Result<(), FleetError> {
-    let io = |error| FleetError::Io { path: dir.to_owned(), error };
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io)?;
+    let io = |error| FleetError::Io {
+        path: dir.to_owned(),
+        error,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io)?;
     let meta = fs::metadata(dir).map_err(io)?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
-        return Err(FleetError::InsecureDir { path: dir.to_owned(), mode });
+        return Err(FleetError::InsecureDir {
+            path: dir.to_owned(),
+            mode,
+        });
     }
     let euid = crate::sys::effective_uid();
     if meta.uid() != euid {
-        return Err(FleetError::Invalid(format!("{}: owned by uid {}, not by us (uid {euid})", dir.display(), meta.uid())));
+        return Err(FleetError::Invalid(format!(
+            "{}: owned by uid {}, not by us (uid {euid})",
+            dir.display(),
+            meta.uid()
+        )));
     }
     Ok(())
 }
 
-fn ca_params(cn: String, td: &TrustDomain, path_len: u8, ttl: Duration, cap: Option<OffsetDateTime>) -> Result<CertificateParams, FleetError> {
+fn ca_params(
+    cn: String,
+    td: &TrustDomain,
+    path_len: u8,
+    ttl: Duration,
+    cap: Option<OffsetDateTime>,
+) -> Result<CertificateParams, FleetError> {
     let now = OffsetDateTime::now_utc();
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
@@ -85,19 +107,40 @@ fn ca_params(cn: String, td: &TrustDomain, path_len: u8, ttl: Duration, cap: Opt
     params.subject_alt_names = vec![SanType::URI(td.id_string().as_str().try_into()?)];
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params.serial_number = Some(SerialNumber::from_slice(&random_serial(&SystemRandom::new())?));
+    params.serial_number = Some(SerialNumber::from_slice(&random_serial(
+        &SystemRandom::new(),
+    )?));
     params.not_before = now - BACKDATE;
     params.not_after = cap.map_or(now + ttl, |c| (now + ttl).min(c));
     Ok(params)
 }
 
-fn write_pair(dir: &Path, cert_name: &str, key_name: &str, cert_der: &[u8], key: &KeyPair) -> Result<(PathBuf, PathBuf), FleetError> {
+fn write_pair(
+    dir: &Path,
+    cert_name: &str,
+    key_name: &str,
+    cert_der: &[u8],
+    key: &KeyPair,
+) -> Result<(PathBuf, PathBuf), FleetError> {
     let key_path = dir.join(key_name);
     let cert_path = dir.join(cert_name);
-    let key_pem = Zeroizing::new(pem::encode(pem::PRIVATE_KEY, &Zeroizing::new(key.serialize_der())));
-    write_atomically(&key_path, key_pem.as_bytes(), 0o600).map_err(|error| FleetError::Io { path: key_path.clone(), error })?;
-    write_atomically(&cert_path, pem::encode(pem::CERTIFICATE, cert_der).as_bytes(), 0o644)
-        .map_err(|error| FleetError::Io { path: cert_path.clone(), error })?;
+    let key_pem = Zeroizing::new(pem::encode(
+        pem::PRIVATE_KEY,
+        &Zeroizing::new(key.serialize_der()),
+    ));
+    write_atomically(&key_path, key_pem.as_bytes(), 0o600).map_err(|error| FleetError::Io {
+        path: key_path.clone(),
+        error,
+    })?;
+    write_atomically(
+        &cert_path,
+        pem::encode(pem::CERTIFICATE, cert_der).as_bytes(),
+        0o644,
+    )
+    .map_err(|error| FleetError::Io {
+        path: cert_path.clone(),
+        error,
+    })?;
     Ok((cert_path, key_path))
 }
 
@@ -127,34 +170,56 @@ pub fn init_root(out: &Path, td: &TrustDomain, ttl: Duration) -> Result<Issued, 
 }
 
 fn serial_hex(params: &CertificateParams) -> String {
-    params.serial_number.as_ref().map(|s| hex(s.as_ref())).unwrap_or_default()
+    params
+        .serial_number
+        .as_ref()
+        .map(|s| hex(s.as_ref()))
+        .unwrap_or_default()
 }
 
 /// The trust domain a root certifies: its single URI SAN, `spiffe://<td>` with no path.
 fn root_trust_domain(path: &Path, der: &[u8]) -> Result<TrustDomain, FleetError> {
     let bad = |why: String| FleetError::Invalid(format!("{}: {why}", path.display()));
     let (_, x) = x509_parser::parse_x509_certificate(der).map_err(|e| bad(e.to_string()))?;
-    let san = x.subject_alternative_name().map_err(|e| bad(e.to_string()))?.ok_or_else(|| bad("no subjectAltName".into()))?;
+    let san = x
+        .subject_alternative_name()
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("no subjectAltName".into()))?;
     let uris: Vec<&str> = san
         .value
         .general_names
         .iter()
-        .filter_map(|g| if let GeneralName::URI(u) = g { Some(*u) } else { None })
+        .filter_map(|g| {
+            if let GeneralName::URI(u) = g {
+                Some(*u)
+            } else {
+                None
+            }
+        })
         .collect();
     let [uri] = uris[..] else {
-        return Err(bad(format!("expected exactly one URI SAN naming the trust domain, found {}", uris.len())));
+        return Err(bad(format!(
+            "expected exactly one URI SAN naming the trust domain, found {}",
+            uris.len()
+        )));
     };
     let td = uri
         .strip_prefix("spiffe://")
         .ok_or_else(|| bad(format!("URI SAN {uri:?} is not spiffe://<trust domain>")))?;
-    td.parse::<TrustDomain>().map_err(|e| bad(format!("URI SAN {uri:?}: {e}")))
+    td.parse::<TrustDomain>()
+        .map_err(|e| bad(format!("URI SAN {uri:?}: {e}")))
 }
 
 /// `tether ca intermediate`: a P-256 intermediate for `host` signed by the root in `root_dir`,
 /// with pathLenConstraint 0, valid for `ttl` (capped at the root's expiry). Writes
 /// intermediate.pem, intermediate.key and bundle.pem (the root) into `out`, replacing any
 /// earlier intermediate there.
-pub fn issue_intermediate(root_dir: &Path, host: &str, out: &Path, ttl: Duration) -> Result<Issued, FleetError> {
+pub fn issue_intermediate(
+    root_dir: &Path,
+    host: &str,
+    out: &Path,
+    ttl: Duration,
+) -> Result<Issued, FleetError> {
     check_host(host)?;
     let root_cert = root_dir.join(ROOT_CERT);
     let root_key_path = root_dir.join(ROOT_KEY);
@@ -166,28 +231,55 @@ pub fn issue_intermediate(root_dir: &Path, host: &str, out: &Path, ttl: Duration
         .map_err(|e| FleetError::Invalid(format!("{}: {e}", root_cert.display())))?;
     let root_not_after = root_x.validity().not_after.to_datetime();
     if root_not_after <= OffsetDateTime::now_utc() + MIN_LEFT {
-        return Err(FleetError::Invalid(format!("{}: the root has expired (or expires within a minute)", root_cert.display())));
+        return Err(FleetError::Invalid(format!(
+            "{}: the root has expired (or expires within a minute)",
+            root_cert.display()
+        )));
     }
     let issuer = Issuer::from_ca_cert_der(&root_der.clone().into(), root_key)?;
 
     key_dir(out)?;
     let mut key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let mut params = ca_params(format!("tether intermediate {host} {td}"), &td, 0, ttl, Some(root_not_after))?;
-    params.distinguished_name.push(DnType::OrganizationalUnitName, host);
+    let mut params = ca_params(
+        format!("tether intermediate {host} {td}"),
+        &td,
+        0,
+        ttl,
+        Some(root_not_after),
+    )?;
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, host);
     params.use_authority_key_identifier_extension = true;
     let cert = params.signed_by(&key, &issuer)?;
 
     // Self-check before anything is written: the same check tetherd makes at start.
     let (_, ix) = x509_parser::parse_x509_certificate(cert.der())
         .map_err(|e| FleetError::Invalid(format!("generated intermediate does not parse: {e}")))?;
-    super::chain::check_issued_by(&ix, std::slice::from_ref(&root_x)).map_err(FleetError::Invalid)?;
+    super::chain::check_issued_by(&ix, std::slice::from_ref(&root_x))
+        .map_err(FleetError::Invalid)?;
 
     let bundle = out.join(BUNDLE);
-    write_atomically(&bundle, pem::encode(pem::CERTIFICATE, &root_der).as_bytes(), 0o644)
-        .map_err(|error| FleetError::Io { path: bundle.clone(), error })?;
-    let (cert_path, key_path) = write_pair(out, INTERMEDIATE_CERT, INTERMEDIATE_KEY, cert.der(), &key)?;
+    write_atomically(
+        &bundle,
+        pem::encode(pem::CERTIFICATE, &root_der).as_bytes(),
+        0o644,
+    )
+    .map_err(|error| FleetError::Io {
+        path: bundle.clone(),
+        error,
+    })?;
+    let (cert_path, key_path) =
+        write_pair(out, INTERMEDIATE_CERT, INTERMEDIATE_KEY, cert.der(), &key)?;
     key.zeroize();
-    Ok(Issued { cert: cert_path, key: key_path, bundle, trust_domain: td, serial: serial_hex(&params), not_after: params.not_after })
+    Ok(Issued {
+        cert: cert_path,
+        key: key_path,
+        bundle,
+        trust_domain: td,
+        serial: serial_hex(&params),
+        not_after: params.not_after,
+    })
 }
 
 /// An intermediate must outlive its issuance by at least this much.
