@@ -170,12 +170,7 @@ impl Ca {
             return Err(CaError::Expired);
         }
         let mut key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut serial = [0u8; 16];
-        self.rng
-            .fill(&mut serial)
-            .map_err(|_| CaError::Rcgen(rcgen::Error::RingUnspecified))?;
-        // Positive and exactly 16 bytes long: clear the sign bit, keep the top byte non-zero.
-        serial[0] = (serial[0] & 0x7f) | 0x40;
+        let serial = random_serial(&self.rng)?;
 
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -204,6 +199,15 @@ impl Ca {
             not_after: params.not_after,
         })
     }
+}
+
+/// A random certificate serial, positive and exactly 16 bytes long (sign bit clear, top byte
+/// non-zero).
+pub(crate) fn random_serial(rng: &SystemRandom) -> Result<[u8; 16], CaError> {
+    let mut serial = [0u8; 16];
+    rng.fill(&mut serial).map_err(|_| CaError::Rcgen(rcgen::Error::RingUnspecified))?;
+    serial[0] = (serial[0] & 0x7f) | 0x40;
+    Ok(serial)
 }
 
 fn ca_params(td: &TrustDomain) -> Result<CertificateParams, CaError> {
@@ -246,7 +250,7 @@ fn load_or_generate(dir: &Path, td: &TrustDomain) -> Result<(Issuer<'static, Key
     Ok((Issuer::new(params, key), cert.der().to_vec()))
 }
 
-fn read_key(path: &Path) -> Result<KeyPair, CaError> {
+pub(crate) fn read_key(path: &Path) -> Result<KeyPair, CaError> {
     let meta = fs::metadata(path).map_err(io_err(path))?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
@@ -256,7 +260,7 @@ fn read_key(path: &Path) -> Result<KeyPair, CaError> {
     KeyPair::from_pem(&text).map_err(|e| CaError::Invalid { path: path.to_owned(), why: e.to_string() })
 }
 
-fn read_certs(path: &Path) -> Result<Vec<Der>, CaError> {
+pub(crate) fn read_certs(path: &Path) -> Result<Vec<Der>, CaError> {
     let text = fs::read_to_string(path).map_err(io_err(path))?;
     let ders = pem::decode_all(&text, pem::CERTIFICATE).map_err(|why| CaError::Invalid { path: path.to_owned(), why })?;
     if ders.is_empty() {
@@ -269,7 +273,7 @@ fn read_certs(path: &Path) -> Result<Vec<Der>, CaError> {
     Ok(ders.into_iter().map(|d| Der(d.to_vec())).collect())
 }
 
-fn read_one_cert(path: &Path) -> Result<Vec<u8>, CaError> {
+pub(crate) fn read_one_cert(path: &Path) -> Result<Vec<u8>, CaError> {
     let mut certs = read_certs(path)?;
     if certs.len() != 1 {
         return Err(CaError::Invalid { path: path.to_owned(), why: "expected exactly one certificate".to_owned() });
@@ -277,7 +281,7 @@ fn read_one_cert(path: &Path) -> Result<Vec<u8>, CaError> {
     Ok(certs.remove(0).0)
 }
 
-fn check_key_matches(path: &Path, der: &[u8], key: &KeyPair) -> Result<(), CaError> {
+pub(crate) fn check_key_matches(path: &Path, der: &[u8], key: &KeyPair) -> Result<(), CaError> {
     let (_, x509) = x509_parser::parse_x509_certificate(der)
         .map_err(|e| CaError::Invalid { path: path.to_owned(), why: e.to_string() })?;
     if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
@@ -302,10 +306,33 @@ fn load_configured(cert_path: &Path, key_path: &Path, bundle: Option<&Path>) -> 
     match (self_signed, bundle) {
         (true, None) => Ok((issuer, der.clone(), Vec::new(), vec![Der(der)])),
         (true, Some(b)) => Ok((issuer, der, Vec::new(), read_certs(b)?)),
-        (false, Some(b)) => Ok((issuer, der.clone(), vec![Der(der)], read_certs(b)?)),
+        (false, Some(b)) => {
+            let roots = read_certs(b)?;
+            check_intermediate_against(cert_path, &x509, b, &roots)?;
+            Ok((issuer, der.clone(), vec![Der(der)], roots))
+        }
         (false, None) => Err(CaError::Invalid {
             path: cert_path.to_owned(),
             why: "this is an intermediate CA: set ca_bundle to the file holding its roots".to_owned(),
         }),
     }
+}
+
+/// Fleet mode: refuse an intermediate that no bundle root signed (peers would reject every SVID).
+fn check_intermediate_against(
+    cert_path: &Path,
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+    bundle_path: &Path,
+    roots: &[Der],
+) -> Result<(), CaError> {
+    let mut parsed = Vec::with_capacity(roots.len());
+    for r in roots {
+        let (_, x) = x509_parser::parse_x509_certificate(&r.0)
+            .map_err(|e| CaError::Invalid { path: bundle_path.to_owned(), why: e.to_string() })?;
+        parsed.push(x);
+    }
+    crate::fleet::chain::check_issued_by(cert, &parsed).map_err(|why| CaError::Invalid {
+        path: cert_path.to_owned(),
+        why: format!("not usable with ca_bundle {}: {why}", bundle_path.display()),
+    })
 }

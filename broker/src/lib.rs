@@ -4,6 +4,7 @@
 //! - [`attest`]: SO_PEERCRED + /proc, with PID-reuse checks; builds [`attest::AttestedPeer`].
 //! - [`impersonation`]: refusing tracers, injected code and bind mounts for binary-named entries.
 //! - [`ca`]: the signing CA and X.509-SVID issuance.
+//! - [`fleet`]: `tether ca init/intermediate` (offline root, per-host intermediates).
 //! - [`cache`]: SVIDs cached per process until half-life.
 //! - [`server`]: the Unix socket server and audit log.
 //! - [`reload`]: live config reload (SIGHUP, `tether reload`) and the socket-mtime signal.
@@ -32,6 +33,7 @@ pub mod elf;
 pub mod env;
 pub mod error;
 pub mod files;
+pub mod fleet;
 pub mod impersonation;
 pub mod install;
 pub mod metrics;

@@ -184,6 +184,8 @@ pub struct Policy {
     toml: String,
     /// `unmatched = ...`; "derive" unless set.
     unmatched: Option<&'static str>,
+    /// `None`: [`TRUST_DOMAIN`].
+    trust_domain: Option<String>,
 }
 
 fn quoted_list(items: &[&str]) -> String {
@@ -225,6 +227,12 @@ impl Policy {
         self
     }
 
+    /// Serve trust domain `td` instead of [`TRUST_DOMAIN`] (fleet tests: another trust domain).
+    pub fn trust_domain(mut self, td: &str) -> Self {
+        self.trust_domain = Some(td.to_owned());
+        self
+    }
+
     /// Append raw TOML (rules with a `mode`, `default = "deny"`, ...).
     pub fn raw(mut self, toml: &str) -> Self {
         self.toml.push('\n');
@@ -245,7 +253,8 @@ impl Policy {
 
     fn config(&self) -> String {
         format!(
-            "trust_domain = \"{TRUST_DOMAIN}\"\nunmatched = \"{}\"\n{}",
+            "trust_domain = \"{}\"\nunmatched = \"{}\"\n{}",
+            self.trust_domain.as_deref().unwrap_or(TRUST_DOMAIN),
             self.unmatched.unwrap_or("derive"),
             self.toml
         )

@@ -129,6 +129,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Fleet mode without SPIRE: an offline root and per-host intermediates.
+    Ca {
+        #[command(subcommand)]
+        command: tether_broker::fleet::cli::CaCommand,
+    },
     /// Load generator: N clients fetch SVIDs for S seconds (see scripts/bench-broker).
     #[command(hide = true)]
     BenchSvid {
@@ -196,6 +201,7 @@ fn main() -> ExitCode {
             tether_broker::policy_check::command(&socket_path(socket, &ProcessEnv), from, &to, json)
                 .map(|s| print!("{s}"))
         }
+        Command::Ca { command } => tether_broker::fleet::cli::command(command).map(|s| print!("{s}")),
         Command::BenchSvid { socket, clients, seconds } => {
             bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
         }

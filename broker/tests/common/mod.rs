@@ -73,7 +73,10 @@ impl Daemon {
         let socket = dir.path().join("run/tetherd.sock");
         let log = dir.path().join("tetherd.log");
         let mut cmd = Command::new(TETHERD);
-        cmd.arg("--socket").arg(&socket).arg("--state-dir").arg(dir.path().join("state"));
+        cmd.arg("--socket")
+            .arg(&socket)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"));
         if let Some(text) = config {
             let path = dir.path().join("tetherd.toml");
             fs::write(&path, text).unwrap();
@@ -86,7 +89,12 @@ impl Daemon {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).unwrap());
         let child = cmd.spawn().unwrap();
-        let mut d = Self { child, socket, log, dir };
+        let mut d = Self {
+            child,
+            socket,
+            log,
+            dir,
+        };
         d.wait_ready();
         d
     }
@@ -125,7 +133,11 @@ impl Daemon {
 
     /// Assert the daemon is alive and still issues.
     pub fn assert_serving(&mut self) {
-        assert!(self.child.try_wait().unwrap().is_none(), "tetherd died: {}", self.log_text());
+        assert!(
+            self.child.try_wait().unwrap().is_none(),
+            "tetherd died: {}",
+            self.log_text()
+        );
         let svid = self.fetch();
         assert!(svid.spiffe_id.as_str().starts_with("spiffe://"));
     }
@@ -134,12 +146,20 @@ impl Daemon {
     pub fn tether(&self, as_nobody: bool, args: &[&str]) -> Output {
         let mut cmd = if as_nobody {
             let mut c = Command::new("setpriv");
-            c.args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", TETHER]);
+            c.args([
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                TETHER,
+            ]);
             c
         } else {
             Command::new(TETHER)
         };
-        cmd.args(args).env("TETHER_SOCKET", &self.socket).output().unwrap()
+        cmd.args(args)
+            .env("TETHER_SOCKET", &self.socket)
+            .output()
+            .unwrap()
     }
 }
 
