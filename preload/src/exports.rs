@@ -17,8 +17,22 @@ fn closed() -> (c_int, c_int) {
 
 // ---- connection setup -------------------------------------------------------------------
 
+/// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
+fn vfork_refused(family: impl FnOnce() -> Option<c_int>) -> bool {
+    crate::fork::in_vfork_child() && family().is_some_and(crate::fork::vfork_refuses_family)
+}
+
+fn refuse() -> c_int {
+    guard::set_errno(libc::EACCES);
+    -1
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the caller's address of `len` bytes; only the family is read.
+    if vfork_refused(|| unsafe { ops::vfork::family_of(addr, len) }) {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: arguments forwarded unchanged from the caller of connect(2).
     hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, closed)
@@ -26,6 +40,9 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
 
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if vfork_refused(|| ops::vfork::listener_family(fd)) {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: as above, accept(2).
     hook(|| unsafe { ops::accept::accept(fd, addr, len, None) }, || unsafe { real::accept(fd, addr, len) }, closed)
@@ -33,6 +50,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    if vfork_refused(|| ops::vfork::listener_family(fd)) {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: as above, accept4(2).
     hook(
@@ -211,7 +231,9 @@ macro_rules! exec_export {
     ($name:ident ( $($arg:ident : $ty:ty),* )) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            if !guard::inside() {
+            // A vfork child's exec leaves the parent (and its relay) running: nothing to hand off,
+            // and the parent's registry must not be touched.
+            if !guard::inside() && !crate::fork::in_vfork_child() {
                 guard::internal(|| {
                     let _ = std::panic::catch_unwind(crate::fallback::before_exec);
                 });

@@ -64,6 +64,9 @@ pub(crate) struct Protected {
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
     pub(crate) opened_at: u64,
+    /// The process that set the connection up: the only one that reports on it. A fork child's
+    /// inherited copy reports nothing (and so does no I/O when dropped in a fork handler).
+    owner: i32,
 }
 
 impl Protected {
@@ -87,6 +90,7 @@ impl Protected {
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
+            owner: crate::fork::raw_pid(),
         });
         report::send(p.report(ConnectionEvent::Open));
         p
@@ -113,10 +117,12 @@ impl Protected {
     }
 }
 
-/// The last fd referring to the connection is gone: report the close.
+/// The last fd referring to the connection in its own process is gone: report the close.
 impl Drop for Protected {
     fn drop(&mut self) {
-        report::send(self.report(ConnectionEvent::Close));
+        if crate::fork::raw_pid() == self.owner {
+            report::send(self.report(ConnectionEvent::Close));
+        }
     }
 }
 

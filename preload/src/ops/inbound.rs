@@ -378,22 +378,16 @@ fn ringer() {
             let mut rering = Vec::new();
             let mut expired = Vec::new();
             for (lfd, q) in p.ready.iter_mut() {
-                q.retain(|r| {
-                    let age = r.at.elapsed();
-                    if age > give_up {
-                        expired.push(r.fd);
-                        false
-                    } else {
-                        true
-                    }
-                });
+                while q.front().is_some_and(|r| r.at.elapsed() > give_up) {
+                    expired.extend(q.pop_front());
+                }
                 if q.front().is_some_and(|r| r.at.elapsed() >= RERING) {
                     rering.push(*lfd);
                 }
             }
             p.ready.retain(|_, q| !q.is_empty());
-            for fd in &expired {
-                p.held.remove(fd);
+            for r in &expired {
+                p.held.remove(&r.fd);
             }
             let empty = p.ready.is_empty();
             if empty && idle_since.elapsed() > Duration::from_secs(10) {
@@ -401,13 +395,16 @@ fn ringer() {
             }
             (rering, expired, empty)
         });
-        for fd in expired {
+        // Outside the pool lock: a `Protected` reports its close when dropped (fork lock order).
+        for r in expired {
             log::Line::new("accept")
                 .kv("decision", "deny")
+                .kv("peer", r.peer)
                 .kv("reason", "handshake finished but the program never accepted the connection")
                 .emit();
-            net::kill(fd);
-            close_fd(fd);
+            net::kill(r.fd);
+            close_fd(r.fd);
+            drop(r);
         }
         for lfd in rering {
             notify(lfd);
@@ -483,16 +480,17 @@ pub(crate) fn listener_closed(lfd: RawFd) {
     if HELD.load(Ordering::Acquire) == 0 {
         return;
     }
-    let fds: Vec<RawFd> = with_pool(|p| {
+    // Moved out of the pool lock before anything drops (fork lock order).
+    let gone: VecDeque<Ready> = with_pool(|p| {
         let q = p.ready.remove(&lfd).unwrap_or_default();
-        q.iter().map(|r| {
+        for r in &q {
             p.held.remove(&r.fd);
-            r.fd
-        }).collect()
+        }
+        q
     });
-    for fd in fds {
-        net::kill(fd);
-        close_fd(fd);
+    for r in gone {
+        net::kill(r.fd);
+        close_fd(r.fd);
     }
 }
 
@@ -505,12 +503,13 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
+/// Fork lock order: `WORKERS` then `POOL` (see `crate::fork`).
 pub(crate) fn atfork_prepare() {
     std::mem::forget(WORKERS.lock());
     std::mem::forget(POOL.lock());
 }
 
-pub(crate) fn atfork_parent() {
+pub(crate) fn atfork_release() {
     // SAFETY: both locked by this thread in atfork_prepare, guards forgotten.
     unsafe {
         POOL.force_unlock();
@@ -518,29 +517,26 @@ pub(crate) fn atfork_parent() {
     }
 }
 
-/// The child has none of the handshake threads: close its copies of what they hold.
-pub(crate) fn atfork_child() {
-    // SAFETY: as above; the child has only this thread.
-    unsafe {
-        POOL.force_unlock();
-        WORKERS.force_unlock();
-    }
-    // No worker threads exist in the child; their queued jobs' fds are closed below (held).
-    {
+/// In the fork child, with no lock held: the child has none of the handshake threads. Close its
+/// copies of what they hold. The ready connections' `Protected` values belong to the parent:
+/// dropping them here reports nothing (see `Protected::drop`); a relayed one's `Link` closes the
+/// child's copy of the TCP fd.
+pub(crate) fn after_fork_child() {
+    let jobs = {
         let mut w = WORKERS.lock();
-        w.jobs.clear();
         w.threads = 0;
         w.idle = 0;
-    }
-    let held: Vec<RawFd> = with_pool(|p| {
-        let v = p.held.drain().collect();
-        p.ready.clear();
+        std::mem::take(&mut w.jobs)
+    };
+    let (held, ready) = with_pool(|p| {
         p.doorbells.clear();
-        v
+        (std::mem::take(&mut p.held), std::mem::take(&mut p.ready))
     });
     for fd in held {
         close_fd(fd);
     }
+    drop(ready);
+    drop(jobs);
     PENDING.store(0, Ordering::Release);
     HELD.store(0, Ordering::Release);
     RINGER.store(false, Ordering::Release);

@@ -7,3 +7,4 @@ pub(crate) mod fds;
 pub(crate) mod inbound;
 pub(crate) mod io;
 pub(crate) mod protect;
+pub(crate) mod vfork;
