@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tether_proto::{InboundRule, Mode};
 
+mod silent;
+
 use super::protect;
 use crate::fd_table::{Direction, Protected};
 use crate::identity::Identity;
@@ -39,6 +41,13 @@ use crate::{guard, log, settings};
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Handshakes in flight per process; connections beyond this are refused at once.
 const MAX_PENDING: usize = 256;
+/// Connections a process takes from a listener's backlog beyond what it has handed to the
+/// program (handshakes under way plus ready ones). The rest stay in the kernel's queue for
+/// whichever process of a pre-fork server accepts next. Parked silent connections do not count.
+const CLAIM: usize = 8;
+/// When a process is at [`CLAIM`] with nothing ready, a non-blocking accept waits this long for
+/// one of its handshakes before it says EAGAIN (so a level-triggered loop does not spin).
+const CLAIMED_WAIT_MS: i32 = 1;
 /// How often an untaken ready connection rings the doorbell again.
 const RERING: Duration = Duration::from_millis(25);
 /// Longest a blocking accept sleeps before re-checking (a safety net for lost wake-ups).
@@ -60,6 +69,22 @@ struct Pool {
     held: HashSet<RawFd>,
     /// Source addresses of our doorbell connections, with when they were rung.
     doorbells: HashMap<SocketAddr, Instant>,
+    /// Listener fd → connections taken from its backlog and not yet handed out (handshakes
+    /// under way and ready ones): at most [`CLAIM`].
+    claimed: HashMap<RawFd, usize>,
+    /// Connections that have not sent a byte yet.
+    silent: silent::Silent,
+}
+
+impl Pool {
+    fn unclaim(&mut self, lfd: RawFd) {
+        if let Some(n) = self.claimed.get_mut(&lfd) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.claimed.remove(&lfd);
+            }
+        }
+    }
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -101,6 +126,9 @@ pub(crate) enum Next {
     Deliver { fd: RawFd, peer: SocketAddr, conn: Option<Arc<Protected>> },
     /// Nothing ready and the backlog is empty.
     WouldBlock,
+    /// Nothing ready, and this process already has [`CLAIM`] handshakes under way: the backlog
+    /// is left to siblings. Wait for one of ours only.
+    Claimed,
     /// The real accept failed with this errno.
     Error(i32),
 }
@@ -112,6 +140,11 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
         return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
     }
     loop {
+        // Take no more than this process is about to hand out: in a pre-fork server the rest
+        // belongs to the siblings (a connection goes to the process whose accept took it).
+        if claimed(lfd) >= CLAIM {
+            return Next::Claimed;
+        }
         // accept4's SOCK_NONBLOCK applies to the new socket, not to the wait: never call it
         // on a listener with nothing queued (a blocking listener would block us here).
         let mut pfd = libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 };
@@ -148,7 +181,7 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
             close_fd(fd);
             continue;
         }
-        start(lfd, fd, peer, ident.clone(), rule.clone());
+        admit(lfd, fd, peer, ident, rule);
     }
     match take_ready(lfd) {
         Some(r) => Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn },
@@ -158,18 +191,54 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
 
 /// For a blocking accept: wait until the listener or a handshake has something.
 pub(crate) fn wait(lfd: RawFd) {
+    wait_on(Some(lfd), BLOCKING_POLL_MS);
+}
+
+/// At [`CLAIM`]: wait for one of this process's handshakes only (the listener is the
+/// siblings' business). `blocking` says whether the program's accept may block.
+pub(crate) fn wait_claimed(blocking: bool) {
+    wait_on(None, if blocking { BLOCKING_POLL_MS } else { CLAIMED_WAIT_MS });
+}
+
+fn wait_on(lfd: Option<RawFd>, ms: i32) {
     let wake = wake_fd();
     let mut fds = [
-        libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: lfd.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
     ];
-    let n = if wake >= 0 { 2 } else { 1 };
-    // SAFETY: valid pollfd array of `n` entries.
-    unsafe { libc::poll(fds.as_mut_ptr(), n, BLOCKING_POLL_MS) };
-    if wake >= 0 && fds[1].revents & libc::POLLIN != 0 {
+    let n = if lfd.is_some() { 2 } else { 1 };
+    // SAFETY: valid pollfd array of `n` entries (a negative fd is ignored by poll).
+    unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    if wake >= 0 && fds[0].revents & libc::POLLIN != 0 {
         let mut v = 0u64;
         // SAFETY: eventfd reads are 8 bytes.
         unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+fn claimed(lfd: RawFd) -> usize {
+    if HELD.load(Ordering::Acquire) == 0 {
+        return 0;
+    }
+    with_pool(|p| p.claimed.get(&lfd).copied().unwrap_or(0))
+}
+
+/// A connection just taken from the backlog: a worker if it has spoken, else parked.
+fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
+    match silent::peek(fd) {
+        silent::FirstByte::Data => start(lfd, fd, peer, ident.clone(), rule.clone()),
+        silent::FirstByte::Gone => close_fd(fd),
+        silent::FirstByte::Silent => {
+            let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
+            let evicted = with_pool(|p| {
+                p.held.insert(fd);
+                silent::park(p, c)
+            });
+            for e in evicted {
+                net::kill(e);
+                close_fd(e);
+            }
+        }
     }
 }
 
@@ -184,6 +253,7 @@ fn take_ready(lfd: RawFd) -> Option<Ready> {
             p.ready.remove(&lfd);
         }
         p.held.remove(&r.fd);
+        p.unclaim(lfd);
         Some(r)
     })
 }
@@ -200,7 +270,10 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
         close_fd(fd);
         return;
     }
-    with_pool(|p| p.held.insert(fd));
+    with_pool(|p| {
+        p.held.insert(fd);
+        *p.claimed.entry(lfd).or_insert(0) += 1;
+    });
     let job = Job { lfd, fd, peer, ident, rule };
     let spawn = {
         let mut w = WORKERS.lock();
@@ -226,7 +299,10 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
                 w.jobs.remove(pos);
                 drop(w);
                 PENDING.fetch_sub(1, Ordering::AcqRel);
-                with_pool(|p| p.held.remove(&fd));
+                with_pool(|p| {
+                    p.held.remove(&fd);
+                    p.unclaim(lfd);
+                });
                 net::kill(fd);
                 close_fd(fd);
             }
@@ -279,7 +355,10 @@ fn worker() {
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
             .unwrap_or(false);
         if !ok {
-            with_pool(|p| p.held.remove(&fd));
+            with_pool(|p| {
+                p.held.remove(&fd);
+                p.unclaim(lfd);
+            });
             close_fd(fd);
         }
         PENDING.fetch_sub(1, Ordering::AcqRel);
@@ -316,12 +395,17 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Identity, rule: &I
         _ => protect_it(fd, ident, rule, local, peer),
     };
     let Some(conn) = conn else { return false };
+    queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+    true
+}
+
+/// `r` (an fd in `held`) is ready for the program: queue it and wake whoever accepts.
+fn queue_ready(lfd: RawFd, r: Ready) {
     with_pool(|p| {
-        p.ready.entry(lfd).or_default().push_back(Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+        p.ready.entry(lfd).or_default().push_back(r);
         ensure_ringer(p);
     });
     notify(lfd);
-    true
 }
 
 fn protect_it(fd: RawFd, ident: &Identity, rule: &InboundRule, local: SocketAddr, peer: SocketAddr) -> Option<Arc<Protected>> {
@@ -377,15 +461,20 @@ fn ringer() {
         let (rering, expired, empty) = with_pool(|p| {
             let mut rering = Vec::new();
             let mut expired = Vec::new();
+            let mut unclaim = Vec::new();
             for (lfd, q) in p.ready.iter_mut() {
                 while q.front().is_some_and(|r| r.at.elapsed() > give_up) {
                     expired.extend(q.pop_front());
+                    unclaim.push(*lfd);
                 }
                 if q.front().is_some_and(|r| r.at.elapsed() >= RERING) {
                     rering.push(*lfd);
                 }
             }
             p.ready.retain(|_, q| !q.is_empty());
+            for lfd in unclaim {
+                p.unclaim(lfd);
+            }
             for r in &expired {
                 p.held.remove(&r.fd);
             }
@@ -481,17 +570,23 @@ pub(crate) fn listener_closed(lfd: RawFd) {
         return;
     }
     // Moved out of the pool lock before anything drops (fork lock order).
-    let gone: VecDeque<Ready> = with_pool(|p| {
+    let (gone, parked) = with_pool(|p| {
         let q = p.ready.remove(&lfd).unwrap_or_default();
         for r in &q {
             p.held.remove(&r.fd);
         }
-        q
+        p.claimed.remove(&lfd);
+        let parked = p.silent.take_listener(lfd);
+        for c in &parked {
+            p.held.remove(&c.fd);
+        }
+        (q, parked)
     });
-    for r in gone {
-        net::kill(r.fd);
-        close_fd(r.fd);
+    for fd in gone.iter().map(|r| r.fd).chain(parked.iter().map(|c| c.fd)) {
+        net::kill(fd);
+        close_fd(fd);
     }
+    drop(gone);
 }
 
 fn close_fd(fd: RawFd) {
@@ -528,10 +623,13 @@ pub(crate) fn after_fork_child() {
         w.idle = 0;
         std::mem::take(&mut w.jobs)
     };
-    let (held, ready) = with_pool(|p| {
+    let (held, ready, parked) = with_pool(|p| {
         p.doorbells.clear();
-        (std::mem::take(&mut p.held), std::mem::take(&mut p.ready))
+        p.claimed.clear();
+        (std::mem::take(&mut p.held), std::mem::take(&mut p.ready), p.silent.clear())
     });
+    drop(parked);
+    silent::atfork_child();
     for fd in held {
         close_fd(fd);
     }
