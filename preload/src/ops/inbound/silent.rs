@@ -13,7 +13,7 @@
 //!   more evicts the oldest parked connection of all.
 //!
 //! Evicted and expired connections are closed without a log line each (a flood would flood the
-//! log too); they are counted in one line per [`SUMMARY`].
+//! log too): they are summed up in at most one line per [`SUMMARY`].
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -38,8 +38,8 @@ pub(super) const PER_SOURCE: usize = 128;
 pub(super) const MAX_PARKED: usize = 1024;
 /// How often the watcher re-reads the parked set (new arrivals wait at most this long).
 const TICK_MS: i32 = 5;
-/// How often evictions are summed up in the log.
-const SUMMARY: Duration = Duration::from_secs(5);
+/// Evictions and expiries are logged at most this often (summed up), the first one at once.
+const SUMMARY: Duration = Duration::from_secs(1);
 
 /// Where a connection comes from, for the per-source cap: an IPv4 address, or an IPv6 /64.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -184,7 +184,7 @@ fn ensure_watcher() {
 fn watch() {
     let deadline = FIRST_BYTE.min(settings::get().handshake_timeout);
     let mut idle_since = Instant::now();
-    let mut summary_at = Instant::now();
+    let mut summary_at: Option<Instant> = None;
     let mut pfds: Vec<libc::pollfd> = Vec::new();
     loop {
         pfds.clear();
@@ -195,6 +195,9 @@ fn watch() {
             }
             p.silent.parked.len()
         });
+        if summary_at.is_none_or(|t| t.elapsed() >= SUMMARY) && summarise(deadline) {
+            summary_at = Some(Instant::now());
+        }
         if n == 0 {
             if !WATCHER.load(Ordering::Acquire) {
                 return;
@@ -247,10 +250,6 @@ fn watch() {
                 close_fd(c.fd);
             }
         }
-        if summary_at.elapsed() >= SUMMARY {
-            summary_at = Instant::now();
-            summarise();
-        }
     }
 }
 
@@ -271,17 +270,26 @@ fn plaintext(c: Parked) {
     super::queue_ready(c.lfd, Ready { fd: c.fd, peer: c.peer, conn: Some(conn), at: Instant::now() });
 }
 
-fn summarise() {
-    let evicted = EVICTED.swap(0, Ordering::Relaxed);
+/// Log what was closed since the last line. Returns whether it logged.
+fn summarise(deadline: Duration) -> bool {
     let expired = EXPIRED.swap(0, Ordering::Relaxed);
-    if evicted + expired > 0 {
+    let evicted = EVICTED.swap(0, Ordering::Relaxed);
+    if expired > 0 {
         log::Line::new("accept")
             .kv("decision", "deny")
-            .kv("evicted", evicted)
-            .kv("expired", expired)
-            .kv("reason", "silent connections closed (no first byte; per-source or global cap, or deadline)")
+            .kv("connections", expired)
+            .kv("errno", "ETIMEDOUT")
+            .kv("reason", format!("timed out: no first byte within {} ms", deadline.as_millis()))
             .emit();
     }
+    if evicted > 0 {
+        log::Line::new("accept")
+            .kv("decision", "deny")
+            .kv("connections", evicted)
+            .kv("reason", format!("silent connections evicted (over {PER_SOURCE} from one source, or {} in all)", max_parked()))
+            .emit();
+    }
+    expired + evicted > 0
 }
 
 pub(super) fn atfork_child() {
