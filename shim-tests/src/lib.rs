@@ -24,6 +24,7 @@
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
 
 pub mod fixed_ktls;
+pub mod wire;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -717,23 +718,38 @@ impl TlsStat {
     }
 }
 
-/// Taken before a test's traffic; [`finish`](Self::finish) checks which data path carried it.
+/// Taken before a test's traffic; [`finish`](Self::finish) checks which data path carried it
+/// and what crossed the wire.
 #[derive(Debug)]
 pub struct DataPathCheck {
     before: TlsStat,
+    capture: wire::Capture,
 }
 
 impl DataPathCheck {
-    pub fn begin() -> Self {
+    /// Start watching: kTLS counters, and a capture on lo of TCP `port` (the protected port the
+    /// test's traffic goes to).
+    pub fn begin(h: &Harness, port: u16) -> Self {
         DataPathCheck {
             before: TlsStat::read(),
+            capture: wire::Capture::start(h.dir(), port),
         }
     }
 
-    /// Every `decision=allow` line in `lines` (at least one) names the expected mode; in UML,
-    /// the kTLS software TX and RX counters rose. (Counters are per network namespace:
-    /// `scripts/test-e2e --uml` runs one test at a time so that the rise is this test's own.)
+    /// The wire carried TLS only (every byte of every flow on the port is inside a TLS record,
+    /// with application-data records present); every `decision=allow` line in `lines` (at
+    /// least one) names the expected mode; in UML, the kTLS software TX and RX counters rose.
+    /// (Counters are per network namespace: `scripts/test-e2e --uml` runs one test at a time
+    /// so that the rise is this test's own.) The wire check is what proves protection; the log
+    /// and counters only say which path carried it.
     pub fn finish(self, lines: &[LogLine]) {
+        self.finish_with_markers(lines, &[]);
+    }
+
+    /// [`finish`](Self::finish), and none of `markers` (the test's plaintext) is on the wire.
+    pub fn finish_with_markers(self, lines: &[LogLine], markers: &[&[u8]]) {
+        let wire = self.capture.finish();
+        wire.assert_protected(markers);
         let allowed: Vec<&LogLine> = lines
             .iter()
             .filter(|l| l.get("decision") == "allow")

@@ -65,7 +65,7 @@ fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
     );
     let mut server = s_server(&svid_files(&h), port, &["-www"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     let mut curl = Command::new("curl");
     curl.args([
@@ -123,7 +123,7 @@ fn openssl_s_client_with_exported_svid_reaches_tether_server() {
         h.shim(&mut http_server(port, &www), "server"),
         port,
     );
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     let req = h.path("request.txt");
     fs::write(&req, "GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();

@@ -71,7 +71,7 @@ fn forked_child_fetches_its_own_svid_and_both_connect() {
         h.shim(&mut http_server(port, &www), "server"),
         port,
     );
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     let mut cmd = Command::new(PYTHON);
     cmd.arg(h.script("fork.py", PY_FORK)).arg(port.to_string());
@@ -208,7 +208,7 @@ fn two_hundred_concurrent_connections_succeed_without_fd_leaks() {
         .arg(h.script("echo_server.py", PY_ECHO_SERVER))
         .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     let mut client = Command::new(PYTHON);
     client

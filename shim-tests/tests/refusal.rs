@@ -261,7 +261,7 @@ fn tether_mode_ktls_fails_closed_without_ktls_and_works_with_it() {
     let mut server = http_server(port, &www);
     server.env("TETHER_MODE", "ktls");
     h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     let mut client = py_client(&h, port, true);
     client.env("TETHER_MODE", "ktls");

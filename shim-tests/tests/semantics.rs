@@ -87,7 +87,7 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
     let (h, port) = sink("upload");
     let file = h.path("upload.bin");
     write_random_file(&file, scaled_bytes(20));
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
     let mut client = Command::new(PYTHON);
     client
         .arg(h.script("sink_client.py", PY_SINK_CLIENT))
@@ -132,6 +132,7 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
 #[test]
 fn getpeername_and_getsockname_report_the_real_endpoints() {
     let (h, port) = sink("addrs");
+    let check = DataPathCheck::begin(&h, port);
     let mut client = Command::new(PYTHON);
     client
         .arg(h.script("sink_client.py", PY_SINK_CLIENT))
@@ -172,6 +173,9 @@ fn getpeername_and_getsockname_report_the_real_endpoints() {
         "logged local address: {}",
         allow.raw
     );
+    let mut all = h.log_lines("client");
+    all.extend(h.log_lines("server"));
+    check.finish_with_markers(&all, &[b"short payload", b"server_peer="]);
 }
 
 /// A program connects, then execs another program that inherits the protected fd (the
@@ -198,6 +202,7 @@ fn protected_fd_inherited_across_exec_keeps_working() {
         h.shim(&mut http_server(port, &www), "server"),
         port,
     );
+    let check = DataPathCheck::begin(&h, port);
     let mut cmd = Command::new(PYTHON);
     cmd.arg(h.script("exec.py", PY_EXEC)).arg(port.to_string());
     let run = h.run("exec", h.shim(&mut cmd, "exec"), Duration::from_secs(20));
@@ -206,6 +211,7 @@ fn protected_fd_inherited_across_exec_keeps_working() {
         "the exec'd program could not use the inherited protected connection: {run}\n{}",
         show(&h.log_lines("exec"))
     );
+    check.finish_with_markers(&h.log_lines("exec"), &[b"GET /index.html", b"after exec"]);
 }
 
 /// The shell pattern: bash opens `/dev/tcp` (a hooked connect), writes the request itself,
@@ -223,6 +229,7 @@ fn bash_dev_tcp_with_cat_reads_response_to_eof() {
     let script = format!(
         "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /index.html HTTP/1.0\\r\\nHost: t\\r\\n\\r\\n' >&3 && cat <&3"
     );
+    let check = DataPathCheck::begin(&h, port);
     let mut cmd = Command::new("bash");
     cmd.arg("-c").arg(script);
     let run = h.run("bash", h.shim(&mut cmd, "bash"), Duration::from_secs(20));
@@ -231,6 +238,7 @@ fn bash_dev_tcp_with_cat_reads_response_to_eof() {
         "bash /dev/tcp + cat failed: {run}\n{}",
         show(&h.log_lines("bash"))
     );
+    check.finish_with_markers(&h.log_lines("bash"), &[b"GET /index.html", b"hello shell"]);
 }
 
 /// Server: accept one connection, send 2 MiB, then die by SIGKILL (no close_notify).
@@ -278,6 +286,7 @@ fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
         .arg(h.script("dying.py", PY_DYING_SERVER))
         .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let check = DataPathCheck::begin(&h, port);
     let mut client = Command::new(PYTHON);
     client
         .arg(h.script("reader.py", PY_READ_TO_END))
@@ -297,6 +306,7 @@ fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
     let n: u64 = out["bytes"].parse().unwrap();
     assert!(n <= 2 << 20, "more bytes than were sent: {n}");
     eprintln!("peer killed: reader got {n} bytes, then {end}");
+    check.finish_with_markers(&h.log_lines("client"), &[b"xxxxxxxxxxxxxxxxxxxxxxxx"]);
 }
 
 /// asyncio on both sides (non-blocking connect and accept, epoll readiness): 50 concurrent
@@ -356,7 +366,7 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
         .arg(h.script("aserver.py", PY_ASYNCIO_SERVER))
         .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
     let mut client = Command::new(PYTHON);
     client.arg(h.script("aclient.py", PY_ASYNCIO_CLIENT)).args([
         port.to_string(),
@@ -511,6 +521,7 @@ fn socket_options_and_dups_on_a_protected_fd_behave_like_tcp() {
         h.shim(&mut http_server(port, &www), "server"),
         port,
     );
+    let check = DataPathCheck::begin(&h, port);
     let mut cmd = Command::new(PYTHON);
     cmd.arg(h.script("sockopts.py", PY_SOCKOPTS))
         .arg(port.to_string());
@@ -540,6 +551,7 @@ fn socket_options_and_dups_on_a_protected_fd_behave_like_tcp() {
         "protected fd differs from TCP: {wrong:#?}\n{run}\n{}",
         show(&h.log_lines("client"))
     );
+    check.finish_with_markers(&h.log_lines("client"), &[b"GET /index.html", b"sockopts\n"]);
 }
 
 /// 300 sequential protected connections from one process: threads and fds return to their

@@ -19,7 +19,7 @@ fn curl_fetches_20mb_from_python_http_server_both_shimmed() {
     let www = h.path("www");
     fs::create_dir_all(&www).unwrap();
     write_random_file(&www.join("data.bin"), scaled_bytes(20));
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     h.spawn_server(
         "server",
@@ -72,7 +72,7 @@ fn nginx_sendfile_serves_50mb_to_curl_both_shimmed() {
     let mut h = Harness::new("nginx", Policy::new().both(port));
     let (mut nginx, prefix) = nginx(&h, port);
     write_random_file(&prefix.join("www/big.bin"), scaled_bytes(50));
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
     h.spawn_server("nginx", h.shim(&mut nginx, "nginx"), port);
 
     let out = h.path("big.out");
@@ -116,7 +116,7 @@ fn redis_cli_set_get_round_trip_both_shimmed() {
     let mut h = Harness::new("redis", Policy::new().both(port));
     let data = h.path("redis");
     fs::create_dir_all(&data).unwrap();
-    let check = DataPathCheck::begin();
+    let check = DataPathCheck::begin(&h, port);
 
     let mut server = Command::new("redis-server");
     server
