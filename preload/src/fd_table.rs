@@ -12,12 +12,12 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
-use parking_lot::RwLock;
 use tether_proto::wire::{ConnectionEvent, ConnectionReport};
 use tether_proto::SpiffeId;
 
 use crate::fallback::Link;
 use crate::report;
+use crate::sync::RwLock;
 use crate::tls::verify::VerifiedPeer;
 
 /// Where the crypto happens for a connection.
@@ -193,11 +193,7 @@ pub(crate) fn duplicate(old: RawFd, new: RawFd) {
     LEN.store(t.len(), Ordering::Release);
 }
 
+/// Fork lock order: the table after identity (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    std::mem::forget(TABLE.write());
-}
-
-pub(crate) fn atfork_release() {
-    // SAFETY: locked exclusively by this thread in atfork_prepare, guard forgotten.
-    unsafe { TABLE.force_unlock_write() };
+    TABLE.hold_for_fork();
 }

@@ -26,7 +26,7 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::{fallback, fd_table, guard, identity, ops, report};
+use crate::{fallback, fd_table, guard, identity, ops, report, sync};
 
 /// The process that owns this address space: the loader's process, or the fork child.
 static OWNER: AtomicI32 = AtomicI32::new(0);
@@ -76,10 +76,7 @@ extern "C" fn prepare() {
 extern "C" fn parent() {
     guard::internal(|| {
         fallback::atfork_parent();
-        ops::inbound::atfork_release();
-        report::atfork_release();
-        fd_table::atfork_release();
-        identity::atfork_parent();
+        sync::release_fork_locks();
     });
 }
 
@@ -88,9 +85,7 @@ extern "C" fn child() {
         set_owner();
         // Release everything, in reverse order, before any cleanup.
         fallback::atfork_child();
-        ops::inbound::atfork_release();
-        report::atfork_release();
-        fd_table::atfork_release();
+        sync::release_fork_locks();
         identity::atfork_child();
         // Single-threaded from here; no lock is held, and nothing below writes to a socket.
         report::after_fork_child();

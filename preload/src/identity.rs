@@ -8,13 +8,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tether_proto::wire::{self, Request, Response, SvidResponse};
 use tether_proto::{Policy, SpiffeId};
 
 use crate::settings;
+use crate::sync::Lock as Mutex;
 use crate::tls::handshake::Credentials;
 use crate::tls::verify::TrustStore;
 
@@ -216,26 +216,14 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identit
     })
 }
 
+/// Fork lock order: FETCH then STATE, as in `current` (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    // Order: FETCH then STATE, as in `current`.
-    std::mem::forget(FETCH.lock());
-    std::mem::forget(STATE.lock());
+    FETCH.hold_for_fork();
+    STATE.hold_for_fork();
 }
 
-pub(crate) fn atfork_parent() {
-    // SAFETY: both were locked by this thread in atfork_prepare and their guards forgotten.
-    unsafe {
-        STATE.force_unlock();
-        FETCH.force_unlock();
-    }
-}
-
+/// In the fork child, after every lock is released.
 pub(crate) fn atfork_child() {
-    // SAFETY: as in atfork_parent; the child has only this thread.
-    unsafe {
-        STATE.force_unlock();
-        FETCH.force_unlock();
-    }
     // The child is a new process: it must fetch (and be attested for) its own SVID.
     let mut st = STATE.lock();
     st.current = None;

@@ -24,6 +24,7 @@ mod ops;
 mod real;
 mod report;
 mod settings;
+mod sync;
 mod sys;
 mod tls;
 

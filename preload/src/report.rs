@@ -11,9 +11,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use tether_proto::wire::{self, ConnectionReport, Request, Response};
 
+use crate::sync::Lock as Mutex;
 use crate::{guard, settings};
 
 const QUEUE: usize = 1024;
@@ -118,18 +118,10 @@ fn send_one(s: &mut UnixStream, r: &ConnectionReport) -> Result<(), wire::WireEr
     }
 }
 
-/// Fork lock order: `REPORTER` then `BROKER_FD` (see `crate::fork`).
+/// Fork lock order: `REPORTER` then `BROKER_FD` (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    std::mem::forget(REPORTER.lock());
-    std::mem::forget(BROKER_FD.lock());
-}
-
-pub(crate) fn atfork_release() {
-    // SAFETY: both locked by this thread in atfork_prepare, guards forgotten.
-    unsafe {
-        BROKER_FD.force_unlock();
-        REPORTER.force_unlock();
-    }
+    REPORTER.hold_for_fork();
+    BROKER_FD.hold_for_fork();
 }
 
 /// In the fork child, with no lock held: the report thread is the parent's. Its channel may be

@@ -238,14 +238,20 @@ fn pgbench_connect_per_transaction_against_forking_postgres() {
     };
     let scale = if in_uml() { Duration::from_secs(900) } else { Duration::from_secs(300) };
     pgbench(&h, "pgbench-init", &["-i", "-s", "1"], scale);
+    pgbench(&h, "pgbench-C-short", &["-C", "-c", "8", "-t", "10", "-n"], scale);
+    // The wire is checked on these (the backends forked for them carried the data); a capture
+    // of all 1,600 connections below is too much for tcpdump to keep every packet of.
+    let init_lines = h.log_lines("postgres");
+    // pgbench -i sends these in its SQL and COPY data; the startup packet names the user.
+    check.finish_with_markers(&init_lines, &[b"pgbench_accounts", b"pgbench_branches", b"user\0postgres"]);
     let t0 = Instant::now();
     let run = pgbench(&h, "pgbench-C", &["-C", "-c", "8", "-t", "200", "-n"], scale);
     let took = t0.elapsed();
     assert!(run.stdout.contains("number of transactions actually processed: 1600/1600"), "{run}");
     let lines = h.log_lines("postgres");
     let accepted = lines.iter().filter(|l| l.is("accept", "allow")).count();
-    assert!(accepted >= 1600, "postgres accepted {accepted} protected connections, expected >= 1600");
+    assert!(accepted >= 1600 + 80, "postgres accepted {accepted} protected connections, expected >= 1680");
+    let other: Vec<_> = lines.iter().filter(|l| l.get("event") == "accept" && l.get("decision") != "allow").collect();
+    assert!(other.is_empty(), "postgres saw other than protected connections: {other:?}");
     eprintln!("pgbench -C -c 8 -t 200: {took:?}; {}", run.stdout.lines().filter(|l| l.contains("tps")).collect::<Vec<_>>().join("; "));
-    // pgbench -i sends these in its SQL and COPY data; the startup packet names the user.
-    check.finish_with_markers(&lines, &[b"pgbench_accounts", b"pgbench_branches", b"user\0postgres"]);
 }

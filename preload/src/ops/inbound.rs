@@ -26,7 +26,6 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use tether_proto::{InboundRule, Mode};
 
 mod silent;
@@ -34,6 +33,7 @@ mod silent;
 use super::protect;
 use crate::fd_table::{Direction, Protected};
 use crate::identity::Identity;
+use crate::sync::Lock as Mutex;
 use crate::sys::net;
 use crate::{guard, log, settings};
 
@@ -329,7 +329,7 @@ struct Workers {
 }
 
 static WORKERS: Mutex<Workers> = Mutex::new(Workers { jobs: VecDeque::new(), threads: 0, idle: 0 });
-static WORK: parking_lot::Condvar = parking_lot::Condvar::new();
+static WORK: std::sync::Condvar = std::sync::Condvar::new();
 /// An idle worker exits after this long without work.
 const WORKER_IDLE: Duration = Duration::from_secs(10);
 
@@ -343,7 +343,9 @@ fn worker() {
                     break Some(j);
                 }
                 w.idle += 1;
-                let timed_out = WORK.wait_for(&mut w, WORKER_IDLE).timed_out();
+                let (g, r) = WORKERS.wait_timeout(&WORK, w, WORKER_IDLE);
+                w = g;
+                let timed_out = r.timed_out();
                 w.idle -= 1;
                 if timed_out && w.jobs.is_empty() {
                     w.threads -= 1;
@@ -598,18 +600,10 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
-/// Fork lock order: `WORKERS` then `POOL` (see `crate::fork`).
+/// Fork lock order: `WORKERS` then `POOL` (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    std::mem::forget(WORKERS.lock());
-    std::mem::forget(POOL.lock());
-}
-
-pub(crate) fn atfork_release() {
-    // SAFETY: both locked by this thread in atfork_prepare, guards forgotten.
-    unsafe {
-        POOL.force_unlock();
-        WORKERS.force_unlock();
-    }
+    WORKERS.hold_for_fork();
+    POOL.hold_for_fork();
 }
 
 /// In the fork child, with no lock held: the child has none of the handshake threads. Close its
