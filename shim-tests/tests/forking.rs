@@ -192,12 +192,23 @@ fn python_subprocess_vfork_children_keep_the_protected_connection() {
 
 // ---- postgres under pgbench -C ----------------------------------------------------------
 
-const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
+/// The system user the postgresql package creates (postgres refuses to run as root).
 const PG_USER: &str = "postgres";
+
+/// The newest installed server's bin directory.
+fn pg_bin() -> std::path::PathBuf {
+    let mut bins: Vec<_> = fs::read_dir("/usr/lib/postgresql")
+        .expect("postgresql is not installed (scripts/test-e2e installs it)")
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|b| b.join("postgres").exists())
+        .collect();
+    bins.sort_by_key(|b| b.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()));
+    bins.pop().expect("no /usr/lib/postgresql/*/bin/postgres")
+}
 
 fn as_pg_user(cmd: &str) -> Command {
     let mut c = Command::new("setpriv");
-    c.args(["--reuid", PG_USER, "--regid", PG_USER, "--clear-groups", "--"]).arg(format!("{PG_BIN}/{cmd}"));
+    c.args(["--reuid", PG_USER, "--regid", PG_USER, "--clear-groups", "--"]).arg(pg_bin().join(cmd));
     c
 }
 
