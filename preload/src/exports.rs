@@ -5,7 +5,7 @@
 //! exception to the guard-first rule: it calls the real function first and takes the guarded
 //! slow path only when that failed with EIO, so the common case costs one branch.
 
-use libc::{c_char, c_int, c_void, iovec, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{c_char, c_int, c_uint, c_void, iovec, mmsghdr, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
 
 use crate::guard::{self, hook, Outcome};
 use crate::{fd_table, ops, real};
@@ -15,6 +15,16 @@ fn closed() -> (c_int, c_int) {
     (-1, libc::ECONNABORTED)
 }
 
+/// A panic in a call that may have connected `fd` (connect, a Fast Open send): the real
+/// connect may already have happened, so the socket is shut down both ways before failing.
+/// Nothing can flow on it afterwards, so a retry that sees EISCONN cannot write plaintext.
+/// (Shutting down a socket that never connected fails with ENOTCONN and changes nothing.)
+fn aborted<T: From<i8>>(fd: c_int) -> (T, c_int) {
+    // SAFETY: shutdown on any fd is harmless; the result is ignored on purpose.
+    unsafe { real::shutdown(fd, libc::SHUT_RDWR) };
+    (T::from(-1), libc::ECONNABORTED)
+}
+
 // ---- connection setup -------------------------------------------------------------------
 
 /// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
@@ -22,9 +32,9 @@ fn vfork_refused(family: impl FnOnce() -> Option<c_int>) -> bool {
     crate::fork::in_vfork_child() && family().is_some_and(crate::fork::vfork_refuses_family)
 }
 
-fn refuse() -> c_int {
+fn refuse<T: From<i8>>() -> T {
     guard::set_errno(libc::EACCES);
-    -1
+    T::from(-1)
 }
 
 #[no_mangle]
@@ -35,7 +45,63 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     }
     crate::ensure_init();
     // SAFETY: arguments forwarded unchanged from the caller of connect(2).
-    hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, closed)
+    hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, || aborted(fd))
+}
+
+// ---- sends that can connect: TCP Fast Open ------------------------------------------------
+// The hot path is one branch: without MSG_FASTOPEN these are the real calls, untouched.
+
+#[no_mangle]
+pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t {
+    if flags & libc::MSG_FASTOPEN == 0 {
+        // SAFETY: forwarded, sendto(2).
+        return unsafe { real::sendto(fd, buf, n, flags, addr, len) };
+    }
+    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    if crate::fork::in_vfork_child() {
+        return refuse();
+    }
+    crate::ensure_init();
+    // SAFETY: forwarded, sendto(2) with MSG_FASTOPEN.
+    hook(
+        || unsafe { ops::send::sendto(fd, buf, n, flags, addr, len) },
+        || unsafe { real::sendto(fd, buf, n, flags, addr, len) },
+        || aborted(fd),
+    )
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
+    if flags & libc::MSG_FASTOPEN == 0 {
+        // SAFETY: forwarded, sendmsg(2).
+        return unsafe { real::sendmsg(fd, msg, flags) };
+    }
+    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    if crate::fork::in_vfork_child() {
+        return refuse();
+    }
+    crate::ensure_init();
+    // SAFETY: forwarded, sendmsg(2) with MSG_FASTOPEN.
+    hook(|| unsafe { ops::send::sendmsg(fd, msg, flags) }, || unsafe { real::sendmsg(fd, msg, flags) }, || aborted(fd))
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int {
+    if flags & libc::MSG_FASTOPEN == 0 {
+        // SAFETY: forwarded, sendmmsg(2).
+        return unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
+    }
+    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    if crate::fork::in_vfork_child() {
+        return refuse();
+    }
+    crate::ensure_init();
+    // SAFETY: forwarded, sendmmsg(2) with MSG_FASTOPEN.
+    hook(
+        || unsafe { ops::send::sendmmsg(fd, msgs, vlen, flags) },
+        || unsafe { real::sendmmsg(fd, msgs, vlen, flags) },
+        || aborted(fd),
+    )
 }
 
 #[no_mangle]
@@ -94,6 +160,24 @@ pub unsafe extern "C" fn close_range(first: u32, last: u32, flags: c_int) -> c_i
         || ops::fds::close_range(first, last, flags),
         || unsafe { real::close_range(first, last, flags) },
         || (-1, libc::EIO),
+    )
+}
+
+/// glibc's `closefrom` closes with an internal close_range syscall that no hook sees: it would
+/// close the relay's own fds and leave stale table entries. Routed through the close_range
+/// logic instead, which spares tether's fds.
+#[no_mangle]
+pub unsafe extern "C" fn closefrom(low: c_int) {
+    let first = low.max(0) as u32;
+    // SAFETY: forwarded, closefrom(3).
+    hook(
+        || match ops::fds::close_range(first, u32::MAX, 0) {
+            Outcome::PassThrough => Outcome::PassThrough,
+            Outcome::Done(_) => Outcome::Done(()),
+            Outcome::Fail(_, e) => Outcome::Fail((), e),
+        },
+        || unsafe { real::closefrom(low) },
+        || ((), libc::EIO),
     )
 }
 
@@ -252,6 +336,18 @@ exec_export!(fexecve(fd: c_int, argv: *const *const c_char, envp: *const *const 
 
 // ---- the read family: kTLS control records ----------------------------------------------
 
+/// A read-family call returned 0: EOF, or a truncation the program must see as ECONNRESET.
+fn read_eof(fd: c_int) -> ssize_t {
+    hook(
+        || match ops::ending::after_eof(fd) {
+            0 => Outcome::Done(0),
+            r => Outcome::Fail(r, guard::errno()),
+        },
+        || 0,
+        || (-1, libc::ECONNRESET),
+    )
+}
+
 /// The guarded slow path shared by every read-family export.
 fn read_slow(fd: c_int, first: ssize_t, again: &mut dyn FnMut() -> ssize_t) -> ssize_t {
     hook(
@@ -276,7 +372,14 @@ macro_rules! read_export {
             let r = unsafe { real::$name($fd $(, $arg)*) };
             // No table check here: a kTLS socket inherited across exec is not in this image's
             // table, and EIO on a read is rare enough that the slow path may look for itself.
-            if r >= 0 || guard::errno() != libc::EIO {
+            // EOF (0) is once per stream: the slow path checks it was not a truncation.
+            if r > 0 {
+                return r;
+            }
+            if r == 0 {
+                return if fd_table::is_empty() { 0 } else { read_eof($fd) };
+            }
+            if guard::errno() != libc::EIO {
                 return r;
             }
             // SAFETY: as above; the slow path may repeat the call.
@@ -289,7 +392,44 @@ read_export!(read(fd: c_int, buf: *mut c_void, n: size_t));
 read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int));
 read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int));
 read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
-read_export!(recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int));
+/// recvmsg is read_export! plus one case: a program that passes its own control buffer gets
+/// kTLS control records as data (labelled by a cmsg it does not know), so a successful read
+/// with a control buffer checks that label. Without a control buffer: the same one branch.
+#[no_mangle]
+pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> ssize_t {
+    // SAFETY: the caller's msghdr (recvmsg's contract); read before the call changes it.
+    let controllen = if msg.is_null() { 0 } else { unsafe { (*msg).msg_controllen } };
+    // SAFETY: forwarded, recvmsg(2).
+    let r = unsafe { real::recvmsg(fd, msg, flags) };
+    if r > 0 {
+        if controllen == 0 {
+            return r;
+        }
+        // SAFETY: the kernel just filled the caller's msghdr.
+        let Some(ty) = (unsafe { crate::sys::ktls::control_record_in(msg) }) else {
+            return r;
+        };
+        return hook(
+            // SAFETY: the caller's msghdr; the slow path may repeat the call with it.
+            || match unsafe {
+                ops::io::control_in_program_buffer(fd, msg, flags, r, ty, controllen, &mut || real::recvmsg(fd, msg, flags))
+            } {
+                v if v >= 0 => Outcome::Done(v),
+                v => Outcome::Fail(v, guard::errno()),
+            },
+            || r,
+            || (-1, libc::ECONNRESET),
+        );
+    }
+    if r == 0 {
+        return if fd_table::is_empty() { 0 } else { read_eof(fd) };
+    }
+    if guard::errno() != libc::EIO {
+        return r;
+    }
+    // SAFETY: as above; the slow path may repeat the call.
+    read_slow(fd, r, &mut || unsafe { real::recvmsg(fd, msg, flags) })
+}
 read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t));
 read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int));
 read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));

@@ -5,6 +5,13 @@
 //! fcntl(F_DUPFD*) (copy, and remove whatever the target number held). A stale entry on a
 //! reused fd number would make us treat a fresh socket as protected, so every close path
 //! removes first.
+//!
+//! Not every close passes through a hook (glibc's `fclose` of an `fdopen`ed socket closes
+//! internally, and so do `closefrom`, `syscall(SYS_close)` and io_uring). So an entry is tied to
+//! the socket itself, not to the number: it records the socket's `SO_COOKIE` (a 64-bit id the
+//! kernel never reuses) and [`get`] checks it on every use. A mismatch means the number now
+//! names another socket: the stale entry is dropped and the fd is treated as new, never as
+//! already protected.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,8 +23,9 @@ use tether_proto::wire::{ConnectionEvent, ConnectionReport};
 use tether_proto::SpiffeId;
 
 use crate::fallback::Link;
-use crate::report;
-use crate::sync::RwLock;
+use crate::sync::{self, RwLock};
+use crate::sys::net;
+use crate::{log, report};
 use crate::tls::verify::VerifiedPeer;
 
 /// Where the crypto happens for a connection.
@@ -60,6 +68,13 @@ pub(crate) struct Protected {
     pub(crate) remote: SocketAddr,
     /// kTLS: the peer's close_notify was consumed; reads return EOF from now on.
     pub(crate) peer_closed: AtomicBool,
+    /// The rule says a TCP EOF without close_notify is a clean end (`allow_truncation`).
+    pub(crate) allow_truncation: AtomicBool,
+    /// A truncated end was already reported as ECONNRESET; later reads see EOF, as after a
+    /// TCP reset.
+    pub(crate) truncation_reported: AtomicBool,
+    /// The program shut down its reading side: an EOF is its own doing, not the peer's.
+    pub(crate) local_shut_rd: AtomicBool,
     /// allow | observe | plaintext
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
@@ -87,6 +102,9 @@ impl Protected {
             local,
             remote,
             peer_closed: AtomicBool::new(false),
+            allow_truncation: AtomicBool::new(false),
+            truncation_reported: AtomicBool::new(false),
+            local_shut_rd: AtomicBool::new(false),
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
@@ -135,7 +153,28 @@ impl From<Direction> for tether_proto::wire::Direction {
     }
 }
 
-static TABLE: LazyLock<RwLock<HashMap<RawFd, Arc<Protected>>>> = LazyLock::new(|| RwLock::new(HashMap::new()));
+/// A table entry: the connection, and the cookie of the socket the fd number named when the
+/// entry was made.
+#[derive(Debug, Clone)]
+struct Entry {
+    cookie: u64,
+    conn: Arc<Protected>,
+    /// The pid of the process that called fork while this entry existed (the latest fork):
+    /// another process may hold the socket too. See [`Closing`].
+    forked_by: Option<libc::pid_t>,
+}
+
+/// What a close learns about the connection it ends in this process.
+#[derive(Debug)]
+pub(crate) struct Closing {
+    pub(crate) conn: Arc<Protected>,
+    /// No other fd number in this process refers to the connection.
+    pub(crate) last_here: bool,
+    /// `Some(pid)`: process `pid` forked while holding it (this process, or our parent).
+    pub(crate) forked_by: Option<libc::pid_t>,
+}
+
+static TABLE: LazyLock<RwLock<HashMap<RawFd, Entry>>> = LazyLock::new(|| RwLock::new(HashMap::new()));
 /// Entries in the table; lets the hot paths skip the lock entirely when it is empty.
 static LEN: AtomicUsize = AtomicUsize::new(0);
 
@@ -143,37 +182,92 @@ pub(crate) fn is_empty() -> bool {
     LEN.load(Ordering::Acquire) == 0
 }
 
+/// The connection `fd` refers to, if the socket behind the number is still the one the entry
+/// was made for (one getsockopt). A stale entry is removed and `None` returned.
 pub(crate) fn get(fd: RawFd) -> Option<Arc<Protected>> {
     if is_empty() {
         return None;
     }
-    TABLE.read().get(&fd).cloned()
+    let e = TABLE.read().get(&fd).cloned()?;
+    if net::socket_cookie(fd) == Some(e.cookie) {
+        return Some(e.conn);
+    }
+    let stale = {
+        let mut t = TABLE.write();
+        let same = t.get(&fd).is_some_and(|cur| Arc::ptr_eq(&cur.conn, &e.conn) && cur.cookie == e.cookie);
+        let r = if same { t.remove(&fd) } else { None };
+        LEN.store(t.len(), Ordering::Release);
+        r
+    };
+    if stale.is_some() {
+        log::Line::new("fd")
+            .kv("fd", fd)
+            .kv("peer", e.conn.remote)
+            .kv("reason", "stale entry dropped: the fd was closed where no hook could see it and now names another socket")
+            .emit();
+    }
+    // Dropped here, outside the lock (its Drop queues a Close report).
+    drop(stale);
+    None
 }
 
+/// Record that `fd` (a socket) now refers to `p`.
 pub(crate) fn insert(fd: RawFd, p: Arc<Protected>) {
-    let mut t = TABLE.write();
-    t.insert(fd, p);
-    LEN.store(t.len(), Ordering::Release);
+    // A socket always has a cookie; 0 (never a real cookie) makes every later `get` miss,
+    // which fails safe: the fd is then treated as a new socket.
+    let cookie = net::socket_cookie(fd).unwrap_or(0);
+    let old = {
+        let mut t = TABLE.write();
+        let old = t.insert(fd, Entry { cookie, conn: p, forked_by: None });
+        LEN.store(t.len(), Ordering::Release);
+        old
+    };
+    drop(old);
 }
 
-pub(crate) fn remove(fd: RawFd) -> Option<Arc<Protected>> {
+/// Remove `fd`'s entry because the program closes it. A stale entry (the number names another
+/// socket now) is removed without a [`Closing`]: there is nothing of ours to end.
+pub(crate) fn remove(fd: RawFd) -> Option<Closing> {
     if is_empty() {
         return None;
     }
+    let cookie = net::socket_cookie(fd);
     let mut t = TABLE.write();
     let r = t.remove(&fd);
+    let others = r.as_ref().is_some_and(|e| t.values().any(|o| Arc::ptr_eq(&o.conn, &e.conn)));
     LEN.store(t.len(), Ordering::Release);
-    r
+    drop(t);
+    let e = r?;
+    (cookie == Some(e.cookie)).then(|| Closing { last_here: !others, forked_by: e.forked_by, conn: e.conn })
 }
 
-/// Remove every entry in `first..=last`.
-pub(crate) fn remove_range(first: RawFd, last: RawFd) {
+/// Remove every entry in `first..=last` (close_range). Returns the connections that had their
+/// last fd in this process in the range, for the caller to end.
+pub(crate) fn remove_range(first: RawFd, last: RawFd) -> Vec<(RawFd, Closing)> {
     if is_empty() {
-        return;
+        return Vec::new();
     }
     let mut t = TABLE.write();
-    t.retain(|fd, _| *fd < first || *fd > last);
+    let doomed: Vec<RawFd> = t.keys().copied().filter(|fd| (first..=last).contains(fd)).collect();
+    let mut gone: Vec<(RawFd, Entry)> = doomed.iter().filter_map(|fd| t.remove(fd).map(|e| (*fd, e))).collect();
     LEN.store(t.len(), Ordering::Release);
+    let out = gone
+        .drain(..)
+        .filter(|(fd, e)| net::socket_cookie(*fd) == Some(e.cookie))
+        .filter(|(_, e)| !t.values().any(|o| Arc::ptr_eq(&o.conn, &e.conn)))
+        .collect::<Vec<_>>();
+    drop(t);
+    // Of several fds in the range for one connection, one ends it.
+    let mut seen: Vec<*const Protected> = Vec::new();
+    out.into_iter()
+        .filter(|(_, e)| {
+            let p = Arc::as_ptr(&e.conn);
+            let first = !seen.contains(&p);
+            seen.push(p);
+            first
+        })
+        .map(|(fd, e)| (fd, Closing { last_here: true, forked_by: e.forked_by, conn: e.conn }))
+        .collect()
 }
 
 /// `new` now refers to what `old` refers to (dup semantics). Whatever `new` held is gone.
@@ -195,5 +289,14 @@ pub(crate) fn duplicate(old: RawFd, new: RawFd) {
 
 /// Fork lock order: the table after identity (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    TABLE.hold_for_fork();
+    let mut t = TABLE.write();
+    if !t.is_empty() {
+        // Both processes will hold every socket in the table: remember who forked.
+        // SAFETY: getpid has no preconditions.
+        let me = unsafe { libc::getpid() };
+        for e in t.values_mut() {
+            e.forked_by = Some(me);
+        }
+    }
+    sync::hold(t);
 }

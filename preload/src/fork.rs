@@ -19,10 +19,11 @@
 //! **vfork** runs no handlers: the child shares the parent's memory (and a suspended parent
 //! thread's thread-locals) until it execs or exits. A hook running there would change the
 //! parent's state (empty its fd table on `close_range`, start a report thread, hand the
-//! parent's relayed connections to a keeper on `exec`). So every hook first compares
+//! parent's relayed connections to a keeper on `exec`). So a hook compares
 //! `syscall(SYS_getpid)` with the pid of the address space's owner (set at load and in the fork
-//! child); in a vfork child the hooks pass straight to libc, touching nothing, and a TCP
-//! connect or accept (which could only be carried out in plaintext) is refused with `EACCES`.
+//! child) whenever the shim has state it could change ([`shim_has_state`]); in a vfork child the
+//! hooks pass straight to libc, touching nothing, and a TCP connect, accept or Fast Open send
+//! (which could only be carried out in plaintext) is refused with `EACCES`.
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
@@ -47,6 +48,14 @@ pub(crate) fn set_owner() {
 pub(crate) fn in_vfork_child() -> bool {
     let owner = OWNER.load(Ordering::Acquire);
     owner != 0 && raw_pid() != owner
+}
+
+/// Could a hook's logic change anything here? Only with a table entry or an fd of ours; the
+/// calls that create state (connect, accept, Fast Open sends) check [`in_vfork_child`]
+/// themselves. This keeps the getpid syscall off `close`/`dup` in processes that never
+/// protected a connection (most of them, host-wide).
+pub(crate) fn shim_has_state() -> bool {
+    !crate::fd_table::is_empty() || fallback::has_internal_fds() || ops::inbound::holds_fds()
 }
 
 /// In a vfork child: should a connect to `family` be refused? Only inet addresses could make a

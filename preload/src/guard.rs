@@ -35,7 +35,7 @@ pub(crate) fn hook<T>(
 ) -> T {
     // A vfork child runs in its parent's memory (these thread-locals included): it must change
     // nothing, so it does not even set the flag (see `crate::fork`).
-    if crate::fork::in_vfork_child() {
+    if crate::fork::shim_has_state() && crate::fork::in_vfork_child() {
         return real();
     }
     let entered = INSIDE.try_with(|f| !f.replace(true)).unwrap_or(false);

@@ -8,7 +8,7 @@
 use std::ffi::{c_char, c_int, c_void};
 use std::sync::atomic::{AtomicPtr, Ordering};
 
-use libc::{iovec, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
+use libc::{c_uint, iovec, mmsghdr, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
 
 pub(crate) struct Sym {
     name: &'static [u8],
@@ -71,6 +71,10 @@ real_fns! {
     accept4: fn(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int = -1;
     close: fn(fd: c_int) -> c_int = -1;
     close_range: fn(first: u32, last: u32, flags: c_int) -> c_int = -1;
+    closefrom: fn(low: c_int) -> () = ();
+    sendto: fn(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t = -1;
+    sendmsg: fn(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t = -1;
+    sendmmsg: fn(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int = -1;
     dup: fn(fd: c_int) -> c_int = -1;
     dup2: fn(old: c_int, new: c_int) -> c_int = -1;
     dup3: fn(old: c_int, new: c_int, flags: c_int) -> c_int = -1;

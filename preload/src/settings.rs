@@ -15,6 +15,8 @@ pub(crate) mod env {
     pub(crate) const LOG: &str = "TETHER_LOG";
     pub(crate) const HANDSHAKE_TIMEOUT_MS: &str = "TETHER_HANDSHAKE_TIMEOUT_MS";
     pub(crate) const DISABLE: &str = "TETHER_DISABLE";
+    /// Debug builds only: a named fault to inject (see [`super::Settings::fault`]).
+    pub(crate) const TEST_FAULT: &str = "TETHER_TEST_FAULT";
 }
 
 /// Which data path protected connections use.
@@ -47,6 +49,10 @@ pub(crate) struct Settings {
     pub(crate) handshake_timeout: Duration,
     /// `TETHER_DISABLE=1`: the shim is inert (tetherd itself sets this for its own process).
     pub(crate) disabled: bool,
+    /// `TETHER_TEST_FAULT`, honoured by debug builds only (release builds never read it): the
+    /// e2e tests use it to reach failure paths a healthy peer cannot trigger, such as a panic
+    /// after the real connect.
+    pub(crate) test_fault: Option<String>,
 }
 
 /// A source of configuration values: the process environment, or a map in tests.
@@ -73,6 +79,7 @@ impl Settings {
             socket: PathBuf::from(DEFAULT_SOCKET),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             disabled: false,
+            test_fault: None,
         };
         if secure {
             return s;
@@ -95,7 +102,17 @@ impl Settings {
             s.handshake_timeout = Duration::from_millis(ms.clamp(50, 120_000));
         }
         s.disabled = matches!(src.var(env::DISABLE).as_deref(), Some("1") | Some("true"));
+        if cfg!(debug_assertions) {
+            s.test_fault = src.var(env::TEST_FAULT).filter(|v| !v.is_empty());
+        }
         s
+    }
+
+    /// Debug builds: panic if `TETHER_TEST_FAULT` names `point`. A no-op in release builds.
+    pub(crate) fn fault(&self, point: &str) {
+        if cfg!(debug_assertions) && self.test_fault.as_deref() == Some(point) {
+            panic!("injected test fault at {point}");
+        }
     }
 }
 

@@ -7,8 +7,9 @@
 //! child simply unlocks. Every lock the fork handlers take is one of these; a poisoned lock is
 //! used as is (a panic in a hook already failed that call closed).
 //!
-//! [`Lock::hold_for_fork`] / [`RwLock::hold_for_fork`] park a guard in a thread-local stack (the
-//! fork handlers run on the forking thread); [`release_fork_locks`] drops them, newest first.
+//! [`Lock::hold_for_fork`] (or [`hold`] with a guard already taken) parks a guard in a
+//! thread-local stack (the fork handlers run on the forking thread); [`release_fork_locks`]
+//! drops them, newest first.
 
 use std::any::Any;
 use std::cell::RefCell;
@@ -19,8 +20,9 @@ thread_local! {
     static HELD: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
 }
 
-fn hold(guard: Box<dyn Any>) {
-    let _ = HELD.try_with(|h| h.borrow_mut().push(guard));
+/// Keep `guard` (a lock guard taken in atfork prepare) until [`release_fork_locks`].
+pub(crate) fn hold<G: 'static>(guard: G) {
+    let _ = HELD.try_with(|h| h.borrow_mut().push(Box::new(guard)));
 }
 
 /// Drop every guard taken by `hold_for_fork` on this thread, in reverse order.
@@ -48,7 +50,7 @@ impl<T: 'static> Lock<T> {
 
     /// Take the lock until [`release_fork_locks`] (atfork prepare).
     pub(crate) fn hold_for_fork(&'static self) {
-        hold(Box::new(self.lock()));
+        hold(self.lock());
     }
 
     /// Wait on `cv` for at most `dur` (see [`Condvar::wait_timeout`]).
@@ -72,10 +74,5 @@ impl<T: 'static> RwLock<T> {
 
     pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
         self.0.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Take the write lock until [`release_fork_locks`] (atfork prepare).
-    pub(crate) fn hold_for_fork(&'static self) {
-        hold(Box::new(self.write()));
     }
 }

@@ -55,6 +55,11 @@ pub struct InboundRule {
     pub allow: Vec<IdPattern>,
     #[serde(default)]
     pub mode: Mode,
+    /// Accept a peer's TCP EOF without a TLS `close_notify` as a clean end of stream. Off by
+    /// default: a missing close_notify (an on-path attacker can cut a close-delimited body
+    /// short) reaches the program as ECONNRESET.
+    #[serde(default)]
+    pub allow_truncation: bool,
 }
 
 /// Protect connections to these destinations.
@@ -66,6 +71,11 @@ pub struct OutboundRule {
     pub allow: Vec<IdPattern>,
     #[serde(default)]
     pub mode: Mode,
+    /// Accept a peer's TCP EOF without a TLS `close_notify` as a clean end of stream. Off by
+    /// default: a missing close_notify (an on-path attacker can cut a close-delimited body
+    /// short) reaches the program as ECONNRESET.
+    #[serde(default)]
+    pub allow_truncation: bool,
 }
 
 /// The whole connection policy.

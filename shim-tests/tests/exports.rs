@@ -15,6 +15,13 @@ const HOOKS: &[&str] = &[
     "sendfile64",
     "close",
     "close_range",
+    // closefrom: glibc closes with an internal syscall; the hook spares tether's fds and keeps
+    // the fd table true (issue 9).
+    "closefrom",
+    // TCP Fast Open: MSG_FASTOPEN connects without connect() (issue 9).
+    "sendto",
+    "sendmsg",
+    "sendmmsg",
     "shutdown",
     "dup",
     "dup2",

@@ -74,10 +74,10 @@ impl Link {
         )
     }
 
-    /// Did the peer end the stream with a TCP EOF but no `close_notify`? (Delivered as EOF.)
-    #[allow(dead_code)] // reason: for the per-connection log line; the tests use it
+    /// Did the peer's stream end without `close_notify` (a TCP EOF, a reset, or a TLS error)?
+    /// The relay delivers EOF to the program's socket; the read hooks turn it into ECONNRESET.
     pub(crate) fn ended_without_close_notify(&self) -> bool {
-        self.stats.truncated.load(Ordering::Relaxed)
+        self.stats.truncated.load(Ordering::Acquire)
     }
 }
 
@@ -156,6 +156,11 @@ pub(crate) fn adopt(app_fd: RawFd, mut conn: Connection) -> io::Result<Arc<Link>
     drop(reg);
     sys::eventfd_signal(wake);
     Ok(link)
+}
+
+/// Does the relay hold any fd in this address space? (One atomic load.)
+pub(crate) fn has_internal_fds() -> bool {
+    INTERNAL_COUNT.load(Ordering::Acquire) != 0
 }
 
 /// Is `fd` one of the relay's internal fds (TCP sockets, relay ends, epoll, eventfd)?

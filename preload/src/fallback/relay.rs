@@ -250,6 +250,9 @@ impl Relay {
         sys::epoll_del(self.fds.epoll, state.tcp);
         sys::epoll_del(self.fds.epoll, state.app);
         if failed {
+            // A reset or a TLS error is not a clean end: the program's EOF reads as
+            // ECONNRESET (the read hooks check this flag).
+            state.stats.truncated.store(true, Ordering::Release);
             sys::shutdown(state.app, libc::SHUT_RDWR);
         }
         sys::shutdown(state.tcp, libc::SHUT_RDWR);
@@ -449,7 +452,7 @@ impl LinkState {
                     return Ok(Delivery::Drained(moved))
                 }
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    self.stats.truncated.store(true, Ordering::Relaxed);
+                    self.stats.truncated.store(true, Ordering::Release);
                     return Ok(Delivery::Ended);
                 }
                 Err(_) => return Err(Fatal),

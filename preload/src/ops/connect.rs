@@ -79,6 +79,7 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
             return Outcome::Fail(-1, so);
         }
     }
+    settings::get().fault("after-connect");
     let local = net::local_addr(fd).unwrap_or(dest);
     match protect::protect(fd, Direction::Outbound, &ident, &rule.allow, local, dest) {
         Ok(p) => {

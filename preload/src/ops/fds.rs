@@ -22,7 +22,9 @@ pub(crate) fn close(fd: RawFd) -> Outcome<c_int> {
         // protected connection, so refuse as the kernel would for a number it does not hold.
         return Outcome::Fail(-1, libc::EBADF);
     }
-    fd_table::remove(fd);
+    if let Some(c) = fd_table::remove(fd) {
+        super::ending::on_close(fd, &c);
+    }
     super::inbound::listener_closed(fd);
     Outcome::PassThrough
 }
@@ -34,7 +36,9 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
     }
     let lo = first.min(i32::MAX as u32) as RawFd;
     let hi = last.min(i32::MAX as u32) as RawFd;
-    fd_table::remove_range(lo, hi);
+    for (fd, c) in fd_table::remove_range(lo, hi) {
+        super::ending::on_close(fd, &c);
+    }
     let mut ours: Vec<RawFd> = fallback::internal_fds();
     ours.extend(super::inbound::internal_fds());
     ours.retain(|fd| (lo..=hi).contains(fd));
@@ -83,12 +87,14 @@ pub(crate) fn duplicated(old: RawFd, new: RawFd) {
 }
 
 pub(crate) fn shutdown(fd: RawFd, how: c_int) -> Outcome<c_int> {
-    if how == libc::SHUT_WR || how == libc::SHUT_RDWR {
-        if let Some(p) = fd_table::get(fd) {
-            if matches!(p.path, DataPath::Ktls) {
-                // The program is done writing: tell the peer the TLS way first.
-                ktls::send_close_notify(fd);
-            }
+    if let Some(p) = fd_table::get(fd) {
+        if how == libc::SHUT_RD || how == libc::SHUT_RDWR {
+            // Its own EOF from now on, not a truncation by the peer.
+            p.local_shut_rd.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if (how == libc::SHUT_WR || how == libc::SHUT_RDWR) && matches!(p.path, DataPath::Ktls) {
+            // The program is done writing: tell the peer the TLS way first.
+            ktls::send_close_notify(fd);
         }
     }
     Outcome::PassThrough

@@ -109,6 +109,11 @@ pub(crate) fn is_internal(fd: RawFd) -> bool {
     HELD.load(Ordering::Acquire) != 0 && with_pool(|p| p.held.contains(&fd))
 }
 
+/// Does the pool hold any fd (or the eventfd)? (Atomic loads only.)
+pub(crate) fn holds_fds() -> bool {
+    HELD.load(Ordering::Acquire) != 0 || WAKE.load(Ordering::Relaxed) >= 0
+}
+
 /// Fds we hold, for `close_range`.
 pub(crate) fn internal_fds() -> Vec<RawFd> {
     let mut v: Vec<RawFd> = with_pool(|p| p.held.iter().copied().collect());

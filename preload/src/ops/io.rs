@@ -67,3 +67,105 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
     guard::set_errno(libc::ECONNRESET);
     -1
 }
+
+/// A `recvmsg` with the program's own control buffer: the kernel then returns a kTLS control
+/// record (alert, session ticket, KeyUpdate) as the call's data, labelled only by a cmsg the
+/// program does not know about. Consume it completely (its tail too, when the program's buffer
+/// cut it short), act on it as the EIO slow path does, and return what the program should
+/// see. `first` is the real call's result, `ty` the record type it carried, `controllen` the
+/// program's control buffer size (restored before every retry).
+///
+/// # Safety
+/// `msg` is the program's msghdr, just filled by a successful recvmsg on `fd`.
+pub(crate) unsafe fn control_in_program_buffer(
+    fd: RawFd,
+    msg: *mut libc::msghdr,
+    flags: libc::c_int,
+    first: isize,
+    ty: u8,
+    controllen: usize,
+    again: &mut dyn FnMut() -> isize,
+) -> isize {
+    let (mut got_n, mut ty) = (first, ty);
+    for _ in 0..MAX_SKIPPED {
+        let control = if flags & libc::MSG_PEEK != 0 {
+            // A peek left it queued: consume it with our own buffer.
+            ktls::handle_control_record(fd)
+        } else {
+            // SAFETY: the kernel wrote `got_n` bytes into the program's iovecs.
+            let mut body = unsafe { gather(msg, got_n as usize) };
+            complete(fd, ty, &mut body).map(|()| ktls::classify(ty, &body))
+        };
+        let p = fd_table::get(fd);
+        match control {
+            Ok(Control::Retry) => {
+                // SAFETY: the program's msghdr; its control buffer size as it passed it.
+                unsafe {
+                    (*msg).msg_controllen = controllen;
+                    (*msg).msg_flags = 0;
+                }
+                let r = again();
+                if r < 0 {
+                    return if guard::errno() == libc::EIO { after_read_error(fd, r, again) } else { r };
+                }
+                if r == 0 {
+                    return super::ending::after_eof(fd);
+                }
+                // SAFETY: the kernel just filled the program's msghdr.
+                match unsafe { ktls::control_record_in(msg) } {
+                    Some(t) => (got_n, ty) = (r, t),
+                    None => return r,
+                }
+            }
+            Ok(Control::Eof) => {
+                if let Some(p) = &p {
+                    p.peer_closed.store(true, Ordering::Relaxed);
+                }
+                return 0;
+            }
+            Ok(Control::Reset(why)) => return reset(fd, p.as_deref(), why),
+            Err(_) => return reset(fd, p.as_deref(), "control record could not be read whole"),
+        }
+    }
+    guard::set_errno(libc::ECONNRESET);
+    -1
+}
+
+fn reset(fd: RawFd, p: Option<&crate::fd_table::Protected>, why: &str) -> isize {
+    let peer = p.and_then(|p| p.peer.as_ref()).map(|v| v.id().to_string());
+    log::Line::new("read").kv("fd", fd).kv("peer_id", peer.unwrap_or_default()).kv("reason", why).emit();
+    guard::set_errno(libc::ECONNRESET);
+    -1
+}
+
+/// Read the rest of a control record the program's buffer cut short, onto `body`.
+fn complete(fd: RawFd, ty: u8, body: &mut Vec<u8>) -> std::io::Result<()> {
+    loop {
+        let missing = ktls::control_bytes_missing(ty, body).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EPROTO))?;
+        if missing == 0 {
+            return Ok(());
+        }
+        let at = body.len();
+        body.resize(at + missing, 0);
+        ktls::finish_control_record(fd, ty, &mut body[at..])?;
+    }
+}
+
+/// The first `n` bytes the kernel wrote into a msghdr's iovecs.
+///
+/// # Safety
+/// `msg`'s iovecs are valid and hold at least `n` written bytes in order.
+unsafe fn gather(msg: *const libc::msghdr, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    // SAFETY: per the contract, msg_iov points at msg_iovlen iovecs.
+    let iovs = unsafe { std::slice::from_raw_parts((*msg).msg_iov, (*msg).msg_iovlen) };
+    for v in iovs {
+        let take = (n - out.len()).min(v.iov_len);
+        // SAFETY: the kernel wrote these bytes into this iovec.
+        out.extend_from_slice(unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), take) });
+        if out.len() == n {
+            break;
+        }
+    }
+    out
+}

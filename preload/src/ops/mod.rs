@@ -3,8 +3,10 @@
 
 pub(crate) mod accept;
 pub(crate) mod connect;
+pub(crate) mod ending;
 pub(crate) mod fds;
 pub(crate) mod inbound;
 pub(crate) mod io;
 pub(crate) mod protect;
+pub(crate) mod send;
 pub(crate) mod vfork;

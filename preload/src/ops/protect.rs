@@ -155,6 +155,11 @@ fn protect_inner(
         }
     };
     let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
+    let allow_truncation = match direction {
+        Direction::Outbound => ident.policy.outbound_rule(remote).is_some_and(|r| r.allow_truncation),
+        Direction::Inbound => ident.policy.inbound_rule(local.port()).is_some_and(|r| r.allow_truncation),
+    };
+    p.allow_truncation.store(allow_truncation, std::sync::atomic::Ordering::Relaxed);
     log::Line::new(event_name(direction))
         .kv("decision", "allow")
         .kv("mode", p.path.name())

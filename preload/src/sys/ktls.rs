@@ -270,14 +270,98 @@ pub(crate) fn classify(ty: u8, body: &[u8]) -> Control {
             [1, _] => Control::Retry,
             _ => Control::Reset("fatal alert from peer"),
         },
-        CONTENT_HANDSHAKE => match body.first() {
-            Some(4) => Control::Retry, // NewSessionTicket: we never resume, drop it
-            Some(24) => Control::Reset("peer sent KeyUpdate; this kernel cannot rekey kTLS RX"),
-            _ => Control::Reset("unexpected post-handshake message"),
-        },
+        CONTENT_HANDSHAKE => classify_handshake(body),
         CONTENT_APPLICATION_DATA => Control::Retry,
         _ => Control::Reset("unknown TLS record type"),
     }
+}
+
+/// A post-handshake handshake record may carry several messages: every one is looked at.
+/// Only NewSessionTickets (which we drop: we never resume) let the stream go on. A message cut
+/// off at the record's end (fragmented across records) fails closed.
+fn classify_handshake(body: &[u8]) -> Control {
+    if body.is_empty() {
+        return Control::Reset("empty handshake record");
+    }
+    let mut rest = body;
+    while !rest.is_empty() {
+        let Some(&[ty, a, b, c]) = rest.get(..4) else {
+            return Control::Reset("fragmented post-handshake message");
+        };
+        let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+        let Some(next) = rest.get(4 + len..) else {
+            return Control::Reset("fragmented post-handshake message");
+        };
+        match ty {
+            4 => {} // NewSessionTicket
+            24 => return Control::Reset("peer sent KeyUpdate; this kernel cannot rekey kTLS RX"),
+            _ => return Control::Reset("unexpected post-handshake message"),
+        }
+        rest = next;
+    }
+    Control::Retry
+}
+
+/// How many more bytes complete the control record whose first `have` bytes are `got` (the
+/// program's buffer was too small for it): alerts are 2 bytes, handshake messages
+/// 4 + length. `None` for a record type we do not complete (the caller fails closed).
+pub(crate) fn control_bytes_missing(ty: u8, got: &[u8]) -> Option<usize> {
+    match ty {
+        CONTENT_ALERT => Some(2usize.saturating_sub(got.len())),
+        CONTENT_HANDSHAKE => {
+            let mut at = 0;
+            loop {
+                let Some(h) = got.get(at..at + 4) else {
+                    // A header cut short: first finish the header, then look again.
+                    return Some(at + 4 - got.len());
+                };
+                let len = usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]);
+                let end = at + 4 + len;
+                if end >= got.len() {
+                    return Some(end - got.len());
+                }
+                at = end;
+            }
+        }
+        _ => None,
+    }
+}
+
+/// The TLS record type the kernel reported in a program's own `recvmsg` control buffer, if it
+/// is not application data (a control record the program would otherwise take as data).
+///
+/// # Safety
+/// `msg` is a msghdr the kernel just filled (recvmsg returned >= 0).
+pub(crate) unsafe fn control_record_in(msg: *const libc::msghdr) -> Option<u8> {
+    let mut found = None;
+    // SAFETY: the kernel filled msg_control; CMSG_* walk it within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_TLS && (*c).cmsg_type == TLS_GET_RECORD_TYPE {
+                let ty = *libc::CMSG_DATA(c);
+                if ty != CONTENT_APPLICATION_DATA {
+                    found = Some(ty);
+                }
+            }
+            c = libc::CMSG_NXTHDR(msg, c);
+        }
+    }
+    found
+}
+
+/// Read exactly `buf.len()` more bytes of the control record of type `ty` at the head of the
+/// queue (the rest of one the program's buffer cut short). Never reads past that record.
+pub(crate) fn finish_control_record(fd: RawFd, ty: u8, buf: &mut [u8]) -> io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        let (got_ty, n) = recv_record(fd, &mut buf[at..], libc::MSG_DONTWAIT)?;
+        if got_ty != ty || n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EPROTO));
+        }
+        at += n;
+    }
+    Ok(())
 }
 
 fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize)> {
@@ -339,9 +423,31 @@ mod tests {
         assert_eq!(classify(CONTENT_ALERT, &[2, 0]), Control::Eof);
         assert_eq!(classify(CONTENT_ALERT, &[1, 90]), Control::Retry);
         assert!(matches!(classify(CONTENT_ALERT, &[2, 40]), Control::Reset(_)));
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1]), Control::Retry);
+        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]), Control::Retry);
         assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::Reset(_)));
         assert!(matches!(classify(99, &[]), Control::Reset(_)));
+    }
+
+    #[test]
+    fn every_message_of_a_handshake_record_is_looked_at() {
+        // Two tickets in one record: dropped.
+        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0, 0, 0]), Control::Retry);
+        // A ticket, then a KeyUpdate in the same record: not hidden behind the first.
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 24, 0, 0, 1, 0]), Control::Reset(_)));
+        // A message longer than the record (fragmented), or an empty record: closed.
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]), Control::Reset(_)));
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[]), Control::Reset(_)));
+    }
+
+    #[test]
+    fn bytes_missing_from_a_cut_control_record() {
+        assert_eq!(control_bytes_missing(CONTENT_ALERT, &[1]), Some(1));
+        assert_eq!(control_bytes_missing(CONTENT_ALERT, &[1, 0]), Some(0));
+        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0]), Some(2));
+        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 3, 1]), Some(2));
+        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9]), Some(0));
+        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0]), Some(2));
+        assert_eq!(control_bytes_missing(99, &[1]), None);
     }
 
     #[test]

@@ -8,7 +8,13 @@ use std::time::Instant;
 
 use libc::{c_int, sockaddr, socklen_t};
 
-/// Parse a C socket address. `None` for anything but AF_INET/AF_INET6.
+/// The shortest `sockaddr_in6` the kernel accepts (RFC 2133's, without `sin6_scope_id`).
+const SIN6_LEN_RFC2133: usize = 24;
+
+/// Parse a C socket address. `None` for anything but AF_INET/AF_INET6, or a length the
+/// kernel itself would refuse (EINVAL). Every length the kernel accepts parses: a 24-byte
+/// `sockaddr_in6` (scope id 0), and any oversized length (the extra bytes are ignored, as the
+/// kernel ignores them).
 ///
 /// # Safety
 /// `addr` must point at `len` readable bytes (or be null).
@@ -25,9 +31,12 @@ pub(crate) unsafe fn from_raw(addr: *const sockaddr, len: socklen_t) -> Option<S
             let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
             Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(a.sin_port))))
         }
-        libc::AF_INET6 if len as usize >= size_of::<libc::sockaddr_in6>() => {
-            // SAFETY: as above.
-            let a = unsafe { std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in6>()) };
+        libc::AF_INET6 if len as usize >= SIN6_LEN_RFC2133 => {
+            // SAFETY: all-zero is a valid sockaddr_in6.
+            let mut a: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            let n = (len as usize).min(size_of::<libc::sockaddr_in6>());
+            // SAFETY: `n` <= `len` readable bytes at `addr`, and <= the size of `a`.
+            unsafe { std::ptr::copy_nonoverlapping(addr.cast::<u8>(), (&mut a as *mut libc::sockaddr_in6).cast::<u8>(), n) };
             let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
             Some(SocketAddr::V6(SocketAddrV6::new(
                 ip,
@@ -134,9 +143,27 @@ fn int_opt(fd: RawFd, level: c_int, name: c_int) -> Option<c_int> {
 
 /// Is `fd` a TCP socket, given that the caller already knows it is AF_INET/AF_INET6 (from the
 /// address it connects to or is bound to)? Two getsockopt calls; UDP fails at the first.
+/// MPTCP (`IPPROTO_MPTCP`) is TCP to the peer and to policy: it counts. (kTLS cannot attach to
+/// an MPTCP socket, so those connections take the userspace relay.)
 pub(crate) fn is_tcp_stream(fd: RawFd) -> bool {
     int_opt(fd, libc::SOL_SOCKET, libc::SO_TYPE) == Some(libc::SOCK_STREAM)
-        && matches!(int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL), Some(0) | Some(libc::IPPROTO_TCP))
+        && matches!(
+            int_opt(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL),
+            Some(0) | Some(libc::IPPROTO_TCP) | Some(libc::IPPROTO_MPTCP)
+        )
+}
+
+/// `SO_COOKIE` (linux/asm-generic/socket.h; not in the libc crate): a socket's 64-bit id,
+/// unique for the life of the network namespace and never reused.
+const SO_COOKIE: c_int = 57;
+
+/// The kernel's id of the socket `fd` names now (`None` if `fd` is not a socket).
+pub(crate) fn socket_cookie(fd: RawFd) -> Option<u64> {
+    let mut v: u64 = 0;
+    let mut len = size_of::<u64>() as socklen_t;
+    // SAFETY: out-pointers to a u64 and its size.
+    let rc = unsafe { crate::real::getsockopt(fd, libc::SOL_SOCKET, SO_COOKIE, (&mut v as *mut u64).cast(), &mut len) };
+    (rc == 0 && len as usize == size_of::<u64>()).then_some(v)
 }
 
 pub(crate) fn so_error(fd: RawFd) -> c_int {
