@@ -267,6 +267,8 @@ fn plaintext(c: Parked) {
         .kv("reason", "permissive mode: client did not start TLS")
         .emit();
     let conn = Protected::new(DataPath::Plaintext, Direction::Inbound, c.ident.id.clone(), None, local, c.peer, "plaintext");
+    // A ready connection is claimed until handed out (taking it unclaims).
+    with_pool(|p| *p.claimed.entry(c.lfd).or_insert(0) += 1);
     super::queue_ready(c.lfd, Ready { fd: c.fd, peer: c.peer, conn: Some(conn), at: Instant::now() });
 }
 
