@@ -55,6 +55,14 @@ impl ElfInfo {
         self.exports.iter().any(|s| s == symbol)
     }
 
+    /// Links liburing (a `.gnu.version_r` need on `liburing.so.*`; liburing versions every
+    /// symbol it exports). Its io_uring connects and accepts reach the kernel without a libc
+    /// call that LD_PRELOAD could interpose. (A statically linked liburing, or raw io_uring
+    /// syscalls, leave no such trace.)
+    pub fn links_liburing(&self) -> bool {
+        self.version_needs.iter().any(|(file, _)| file.starts_with("liburing.so"))
+    }
+
     /// The newest `GLIBC_x.y` version the file needs, if any.
     pub fn max_glibc(&self) -> Option<GlibcVersion> {
         self.version_needs
@@ -355,6 +363,23 @@ mod tests {
         let v = info.max_glibc().unwrap();
         assert!(v >= "2.2.5".parse().unwrap(), "{v}");
         assert!(info.version_needs.iter().any(|(f, _)| f == "libc.so.6"));
+    }
+
+    #[test]
+    fn a_liburing_version_need_means_io_uring_may_bypass_the_shim() {
+        let mut info = ElfInfo {
+            is64: true,
+            kind: ET_DYN,
+            machine: HOST_MACHINE,
+            has_interp: true,
+            exports: Vec::new(),
+            version_needs: vec![("libc.so.6".into(), "GLIBC_2.34".into())],
+        };
+        assert!(!info.links_liburing());
+        info.version_needs.push(("liburing.so.2".into(), "LIBURING_2.0".into()));
+        assert!(info.links_liburing());
+        // Real system binaries do not link it.
+        assert!(!inspect(&libc_path()).unwrap().links_liburing());
     }
 
     #[test]

@@ -228,8 +228,8 @@ pub(crate) fn insert(fd: RawFd, p: Arc<Protected>) {
 /// Remove `fd`'s entry because the program closes it. A stale entry (the number names another
 /// socket now) is removed without a [`Closing`]: there is nothing of ours to end.
 pub(crate) fn remove(fd: RawFd) -> Option<Closing> {
-    if is_empty() {
-        return None;
+    if is_empty() || !TABLE.read().contains_key(&fd) {
+        return None; // most closes: not ours, no syscall
     }
     let cookie = net::socket_cookie(fd);
     let mut t = TABLE.write();

@@ -44,6 +44,7 @@ macro_rules! real_fns {
             /// # Safety
             /// The caller upholds the libc contract of this function.
             #[allow(dead_code)]
+            #[allow(clippy::unused_unit)] // reason: closefrom returns void; every entry spells its type
             pub(crate) unsafe fn $name($($arg: $ty),*) -> $ret {
                 static SYM: Sym = Sym::new(concat!(stringify!($name), "\0").as_bytes());
                 #[cfg(not(test))]

@@ -12,7 +12,10 @@
 //! the rest of the errno mapping), `interop.rs` (7 openssl both ways, plus KeyUpdate),
 //! `process.rs` (8 fork, 9 200 concurrent), `hostile.rs` (10), `exports.rs` (12), and
 //! `semantics.rs` (what a program must not notice: sendfile/half-close, addresses, exec,
-//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency).
+//! sockopts and dups, asyncio, pass-through, logging, leaks, first-request latency), and for
+//! issue 9 `leaks.rs` (every way a connection starts: stale fds, Fast Open, MPTCP, sockaddr
+//! lengths, a panic after connect) and `integrity.rs` (truncation, close_notify, control records
+//! in a program's cmsg buffer). [`wire`] proves protection on the wire.
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
@@ -540,6 +543,17 @@ impl Harness {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `tether svid --out DIR` for the test process (not under the shim): the files
+    /// `(svid.pem, svid.key, bundle.pem)` a non-tether peer (openssl) presents and trusts.
+    pub fn svid_files(&self) -> (PathBuf, PathBuf, PathBuf) {
+        let dir = self.path("svid");
+        let mut cmd = Command::new(tether_cli_path());
+        cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", self.socket());
+        let run = self.run("tether-svid", self.plain(&mut cmd), Duration::from_secs(20));
+        assert!(run.success(), "tether svid --out failed: {run}");
+        (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
     }
 
     /// Stop tetherd (to test what the shim does without it).

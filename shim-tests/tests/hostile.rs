@@ -174,6 +174,7 @@ fn nginx_serves_good_client_while_silent_client_is_pending() {
     let addr = format!("127.0.0.1:{port}");
     let mut silent = TcpStream::connect(&addr).unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    let check = tether_shim_tests::DataPathCheck::begin(&h, port);
     let t = Instant::now();
     let mut c = curl_get(&format!("http://{addr}/index.html"), &h.path("good.out"));
     let run = h.run("good", h.shim(&mut c, "good"), Duration::from_secs(40));
@@ -183,6 +184,7 @@ fn nginx_serves_good_client_while_silent_client_is_pending() {
         "good client failed: {run}\n{}",
         show(&h.log_lines("good"))
     );
+    check.finish_with_markers(&h.log_lines("good"), &[b"GET /index.html", b"still here"]);
     assert!(
         waited < timeout / 2,
         "the good client waited {waited:?} behind a silent client (handshake timeout {timeout:?}): \

@@ -5,12 +5,11 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::fs;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tether_shim_tests::{
-    free_port, kv, show, tether_cli_path, DataPathCheck, Harness, Policy, ANY_ID, PYTHON,
+    free_port, kv, show, DataPathCheck, Harness, Policy, ANY_ID, PYTHON,
 };
 
 /// Server: accept connections; read the request line; send BODY; then end the stream the way
@@ -133,14 +132,6 @@ fn close_of_the_last_fd_ends_the_stream_cleanly() {
     );
 }
 
-fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = h.path("svid");
-    let mut cmd = Command::new(tether_cli_path());
-    cmd.arg("svid").arg("--out").arg(&dir).env("TETHER_SOCKET", h.socket());
-    let run = h.run("tether-svid", h.plain(&mut cmd), Duration::from_secs(20));
-    assert!(run.success(), "tether svid --out failed: {run}");
-    (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
-}
 
 /// The same, judged by a peer that is not tether: `openssl s_client` reports an unexpected EOF
 /// when a stream ends without close_notify. On kTLS this is the kernel path (close() sends
@@ -149,7 +140,7 @@ fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
 fn close_without_shutdown_sends_close_notify_to_openssl() {
     let port = free_port();
     let mut h = Harness::new("close-notify-openssl", Policy::new().inbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = svid_files(&h);
+    let (cert, key, bundle) = h.svid_files();
     let mut server = Command::new(PYTHON);
     server
         .arg(h.script("server.py", PY_ENDING_SERVER))
@@ -205,7 +196,7 @@ print("end=" + end)
 fn recvmsg_with_own_cmsg_buffer(bufsize: usize) {
     let port = free_port();
     let mut h = Harness::new("recvmsg-cmsg", Policy::new().outbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = svid_files(&h);
+    let (cert, key, bundle) = h.svid_files();
     let mut server = Command::new("openssl");
     server
         .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www"])
@@ -244,4 +235,75 @@ fn recvmsg_with_own_cmsg_buffer_never_returns_control_records_as_data() {
 #[test]
 fn recvmsg_with_tiny_buffer_and_cmsg_consumes_control_records_whole() {
     recvmsg_with_own_cmsg_buffer(3);
+}
+
+/// Server: fork per connection (the postgres/inetd pattern). The parent closes its copy at
+/// once; the child reads the request, sends BODY after a pause (so the parent's close came
+/// first), and closes with a plain close().
+const PY_FORKING_SERVER: &str = r#"
+import os, socket, sys, time
+ls = socket.socket()
+ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+ls.bind(("127.0.0.1", int(sys.argv[1])))
+ls.listen(8)
+while True:
+    c, _ = ls.accept()
+    if os.fork() == 0:
+        ls.close()
+        f = c.makefile("rb")
+        f.readline()
+        time.sleep(0.3)
+        c.sendall(b"BODY-" + b"b" * 100000 + b"-END")
+        f.close()
+        c.close()
+        os._exit(0)
+    c.close()
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
+"#;
+
+/// Fork per connection: the parent's close of its copy sends nothing (the child still serves
+/// the connection), and the child's final close sends close_notify (its parent no longer holds
+/// the socket: `kcmp`). Judged by openssl: the whole body, then a clean end.
+#[test]
+fn fork_per_connection_server_ends_the_stream_with_close_notify_from_the_child() {
+    let port = free_port();
+    let mut h = Harness::new("fork-close-notify", Policy::new().inbound(port, &[ANY_ID]));
+    let (cert, key, bundle) = h.svid_files();
+    let mut server = Command::new(PYTHON);
+    server
+        .arg(h.script("forking.py", PY_FORKING_SERVER))
+        .arg(port.to_string());
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let req = h.path("request.txt");
+    fs::write(&req, "GET /x\n").unwrap();
+    let mut client = Command::new("openssl");
+    client
+        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3", "-ign_eof"])
+        .arg("-CAfile")
+        .arg(&bundle)
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-connect", &format!("127.0.0.1:{port}")]);
+    let run = h.run_with_stdin(
+        "s_client",
+        h.plain(&mut client),
+        Duration::from_secs(30),
+        Stdio::from(fs::File::open(&req).unwrap()),
+    );
+    assert!(
+        run.stdout.contains("-END"),
+        "the body did not arrive whole (did the parent's close end the stream?): {run}\n{}",
+        show(&h.log_lines("server"))
+    );
+    assert!(
+        !run.stderr.to_lowercase().contains("unexpected eof"),
+        "the child's close sent no close_notify: {run}\n{}",
+        show(&h.log_lines("server"))
+    );
 }

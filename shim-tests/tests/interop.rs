@@ -13,23 +13,6 @@ use tether_shim_tests::{
     Policy,
 };
 
-/// `tether svid --out DIR`: the SVID tetherd issues to the `tether` process itself.
-fn svid_files(h: &Harness) -> (PathBuf, PathBuf, PathBuf) {
-    let dir = h.path("svid");
-    let mut cmd = Command::new(tether_cli_path());
-    cmd.arg("svid")
-        .arg("--out")
-        .arg(&dir)
-        .env("TETHER_SOCKET", h.socket());
-    let run = h.run("tether-svid", h.plain(&mut cmd), Duration::from_secs(20));
-    assert!(run.success(), "tether svid --out failed: {run}");
-    (
-        dir.join("svid.pem"),
-        dir.join("svid.key"),
-        dir.join("bundle.pem"),
-    )
-}
-
 /// `openssl s_server` on `port` presenting the exported SVID and requiring a client certificate
 /// that chains to the bundle, plus `extra` arguments.
 fn s_server(svid: &(PathBuf, PathBuf, PathBuf), port: u16, extra: &[&str]) -> Command {
@@ -63,7 +46,7 @@ fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
         "s-server",
         Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let mut server = s_server(&svid_files(&h), port, &["-www"]);
+    let mut server = s_server(&h.svid_files(), port, &["-www"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin(&h, port);
 
@@ -116,7 +99,7 @@ fn openssl_s_client_with_exported_svid_reaches_tether_server() {
         "s-client",
         Policy::new().inbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let (cert, key, bundle) = svid_files(&h);
+    let (cert, key, bundle) = h.svid_files();
     let www = h.www("served through tether\n");
     h.spawn_server(
         "server",
@@ -199,7 +182,7 @@ fn openssl_key_update_mid_stream_is_handled_or_fails_closed() {
         "keyupdate",
         Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let mut server = s_server(&svid_files(&h), port, &[]);
+    let mut server = s_server(&h.svid_files(), port, &[]);
     let mut stdin = h.spawn_with_stdin("s_server", h.plain(&mut server));
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !tether_shim_tests::is_listening(port) {

@@ -176,7 +176,7 @@ try:
             s.connect(("127.0.0.1", port))
         except OSError as e:
             print("retry_connect=" + name(e.errno), flush=True)
-    elif way in ("sendto-fastopen", "sendmsg-fastopen"):
+    elif way in ("sendto-fastopen", "sendmsg-fastopen", "sendmmsg-fastopen"):
         s = socket.socket()
     else:
         sys.exit("unknown way " + way)
@@ -189,6 +189,23 @@ try:
         n = s.sendto(payload, socket.MSG_FASTOPEN, ("127.0.0.1", port))
     elif way == "sendmsg-fastopen":
         n = s.sendmsg([payload], [], socket.MSG_FASTOPEN, ("127.0.0.1", port))
+    elif way == "sendmmsg-fastopen":
+        class Iov(ctypes.Structure):
+            _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+        class Msg(ctypes.Structure):
+            _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32), ("iov", ctypes.POINTER(Iov)),
+                        ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                        ("flags", ctypes.c_int)]
+        class MMsg(ctypes.Structure):
+            _fields_ = [("hdr", Msg), ("len", ctypes.c_uint)]
+        sa = ctypes.create_string_buffer(in4(port), 16)
+        data = ctypes.create_string_buffer(payload, len(payload))
+        iov = Iov(ctypes.cast(data, ctypes.c_void_p), len(payload))
+        m = MMsg(Msg(ctypes.cast(sa, ctypes.c_void_p), 16, ctypes.pointer(iov), 1, None, 0, 0), 0)
+        s.setblocking(True)
+        if libc.sendmmsg(s.fileno(), ctypes.byref(m), 1, socket.MSG_FASTOPEN) != 1:
+            raise OSError(ctypes.get_errno(), "sendmmsg")
+        n = m.len
     else:
         n = s.send(payload)
 except OSError as e:
@@ -304,6 +321,12 @@ fn sendmsg_with_msg_fastopen_is_protected_not_plaintext() {
 }
 
 #[test]
+fn sendmmsg_with_msg_fastopen_is_protected_not_plaintext() {
+    refused_way("sendmmsg-fastopen", &[]);
+    protected_way("sendmmsg-fastopen");
+}
+
+#[test]
 fn tcp_fastopen_connect_sockopt_is_protected_not_plaintext() {
     refused_way("fastopen-connect", &[]);
     protected_way("fastopen-connect");
@@ -322,7 +345,7 @@ fn panic_after_real_connect_leaves_a_socket_that_cannot_carry_plaintext() {
         "the injected panic did not surface: {run}"
     );
     assert!(
-        out.get("send_errno").is_some(),
+        out.contains_key("send_errno"),
         "the send after the aborted connect did not fail: {run}"
     );
 }
@@ -385,4 +408,43 @@ fn mptcp_listener_on_protected_port_never_hands_plaintext_to_the_program() {
         "the shim did not refuse the plain client on the MPTCP listener:\n{}\n{out}",
         show(&lines)
     );
+}
+
+/// io_uring connects and accepts never pass through libc, so the shim cannot see them: `tether
+/// run` says so for a program that links liburing (and not for one that does not).
+#[test]
+fn tether_run_warns_that_a_program_linking_liburing_can_bypass_the_shim() {
+    let h = Harness::new("liburing", Policy::new());
+    let src = h.script(
+        "uring.c",
+        "#include <liburing.h>\nint main(void) { struct io_uring r;\n  \
+         if (io_uring_queue_init(2, &r, 0) == 0) io_uring_queue_exit(&r);\n  return 0; }\n",
+    );
+    let prog = h.path("uring");
+    let mut cc = Command::new("gcc");
+    cc.arg("-o").arg(&prog).arg(&src).arg("-luring");
+    let built = h.run("gcc", h.plain(&mut cc), Duration::from_secs(60));
+    assert!(
+        built.success(),
+        "cannot build the liburing program (apt-get install gcc liburing-dev): {built}"
+    );
+    let tether_run = |name: &str, cmd: &std::path::Path| {
+        let mut c = Command::new(tether_shim_tests::tether_cli_path());
+        c.arg("run")
+            .arg("--socket")
+            .arg(h.socket())
+            .arg("--lib")
+            .arg(tether_shim_tests::shim_path())
+            .arg("--")
+            .arg(cmd);
+        h.run(name, h.plain(&mut c), Duration::from_secs(30))
+    };
+    let run = tether_run("run-uring", &prog);
+    assert!(run.success(), "tether run failed: {run}");
+    assert!(
+        run.stderr.contains("links liburing") && run.stderr.contains("NOT protected"),
+        "no io_uring warning for a program linking liburing: {run}"
+    );
+    let run = tether_run("run-true", std::path::Path::new("/bin/true"));
+    assert!(run.success() && !run.stderr.contains("liburing"), "spurious warning: {run}");
 }

@@ -74,8 +74,11 @@ fn permissive_port_accepts_tether_and_plaintext_clients() {
     h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
 
     let url = format!("http://127.0.0.1:{port}/index.html");
+    // The tether client's connection is TLS on the wire (captured before the plain one).
+    let check = tether_shim_tests::DataPathCheck::begin(&h, port);
     let run = h.run("curl-tether", h.shim(&mut curl_get(&url, &h.path("a")), "curl-tether"), Duration::from_secs(30));
     assert!(run.success(), "tether client: {run}");
+    check.finish_with_markers(&h.log_lines("curl-tether"), &[b"GET /index.html", b"hello permissive"]);
     let run = h.run("curl-plain", h.plain(&mut curl_get(&url, &h.path("b"))), Duration::from_secs(30));
     assert!(run.success(), "plain client on a permissive port: {run}");
     for f in ["a", "b"] {

@@ -264,14 +264,26 @@ fn run(socket: &Path, lib: Option<PathBuf>, allow_uninterposable: bool, cmd: Vec
     if run::resolve(program, &ProcessEnv).is_none() {
         return Err(fail(format!("{}: command not found", program.to_string_lossy())));
     }
-    if let Err(why) = run::check_interposable(program, &ProcessEnv) {
-        if !allow_uninterposable {
-            return Err(fail(format!(
-                "refusing to run: {why}; its connections would bypass tether and stay plaintext \
-                 (pass --allow-uninterposable to run it unprotected anyway)"
-            )));
+    match run::check_interposable(program, &ProcessEnv) {
+        Ok(path) => {
+            // io_uring submissions never pass through libc: say so (the shim cannot see them).
+            if tether_broker::elf::inspect(&path).is_ok_and(|i| i.links_liburing()) {
+                eprintln!(
+                    "tether: WARNING: {} links liburing; connects and accepts it submits through \
+                     io_uring bypass tether and are NOT protected (see README, Limits)",
+                    path.display()
+                );
+            }
         }
-        eprintln!("tether: WARNING: {why}; running it UNPROTECTED as asked");
+        Err(why) => {
+            if !allow_uninterposable {
+                return Err(fail(format!(
+                    "refusing to run: {why}; its connections would bypass tether and stay plaintext \
+                     (pass --allow-uninterposable to run it unprotected anyway)"
+                )));
+            }
+            eprintln!("tether: WARNING: {why}; running it UNPROTECTED as asked");
+        }
     }
     // Fail fast: without the broker every TCP connect in CMD would fail closed.
     Client::connect(socket, DEFAULT_TIMEOUT)

@@ -23,7 +23,8 @@ use crate::sys::ktls;
 /// stream for every holder. Another fd in this process: no. A fork while the connection was
 /// open: the parent never sends (its child may be the one serving the connection, as in a
 /// fork-per-connection server); the child sends unless its parent still holds the same open
-/// socket at the same fd number (`kcmp`; if that cannot be asked, it does not send). A socket
+/// socket at the same fd number (`kcmp`, or `/proc/PPID/fd` where the kernel has no kcmp; if
+/// neither can be asked, it does not send). A socket
 /// passed on without fork (`posix_spawn`, `SCM_RIGHTS`) is not seen: documented.
 fn close_notify_due(fd: RawFd, c: &Closing) -> bool {
     // (A peer that already sent its close_notify only half-closed: ours is still due.)
@@ -56,8 +57,24 @@ fn parent_holds(parent: libc::pid_t, fd: RawFd) -> bool {
     let rc = unsafe { libc::syscall(libc::SYS_kcmp, me, parent, KCMP_FILE, fd as libc::c_long, fd as libc::c_long) };
     match rc {
         0 => true,
+        -1 if guard::errno() == libc::ENOSYS => parent_holds_by_proc(parent, fd),
         -1 => guard::errno() != libc::EBADF && guard::errno() != libc::ESRCH,
         _ => false, // a different file at that number
+    }
+}
+
+/// The same question without kcmp (kernels built without CONFIG_KCMP, UML's among them): the
+/// parent's `/proc/PID/fd/FD` link names `socket:[INODE]` of the socket it holds there.
+fn parent_holds_by_proc(parent: libc::pid_t, fd: RawFd) -> bool {
+    // SAFETY: all-zero is a valid stat buffer; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on our own fd into a local buffer.
+    if unsafe { libc::fstat(fd, &mut st) } != 0 {
+        return true; // cannot tell: do not send
+    }
+    match std::fs::read_link(format!("/proc/{parent}/fd/{fd}")) {
+        Ok(link) => link.to_str() == Some(&format!("socket:[{}]", st.st_ino)),
+        Err(e) => e.kind() != std::io::ErrorKind::NotFound, // gone: not held; else cannot tell
     }
 }
 
