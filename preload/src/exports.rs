@@ -27,8 +27,22 @@ fn aborted<T: From<i8>>(fd: c_int) -> (T, c_int) {
 
 // ---- connection setup -------------------------------------------------------------------
 
+/// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
+fn vfork_refused(family: impl FnOnce() -> Option<c_int>) -> bool {
+    crate::fork::in_vfork_child() && family().is_some_and(crate::fork::vfork_refuses_family)
+}
+
+fn refuse<T: From<i8>>() -> T {
+    guard::set_errno(libc::EACCES);
+    T::from(-1)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    // SAFETY: the caller's address of `len` bytes; only the family is read.
+    if vfork_refused(|| unsafe { ops::vfork::family_of(addr, len) }) {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: arguments forwarded unchanged from the caller of connect(2).
     hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, || aborted(fd))
@@ -42,6 +56,10 @@ pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags:
     if flags & libc::MSG_FASTOPEN == 0 {
         // SAFETY: forwarded, sendto(2).
         return unsafe { real::sendto(fd, buf, n, flags, addr, len) };
+    }
+    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    if crate::fork::in_vfork_child() {
+        return refuse();
     }
     crate::ensure_init();
     // SAFETY: forwarded, sendto(2) with MSG_FASTOPEN.
@@ -58,6 +76,10 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
         // SAFETY: forwarded, sendmsg(2).
         return unsafe { real::sendmsg(fd, msg, flags) };
     }
+    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    if crate::fork::in_vfork_child() {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: forwarded, sendmsg(2) with MSG_FASTOPEN.
     hook(|| unsafe { ops::send::sendmsg(fd, msg, flags) }, || unsafe { real::sendmsg(fd, msg, flags) }, || aborted(fd))
@@ -68,6 +90,10 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, f
     if flags & libc::MSG_FASTOPEN == 0 {
         // SAFETY: forwarded, sendmmsg(2).
         return unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
+    }
+    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    if crate::fork::in_vfork_child() {
+        return refuse();
     }
     crate::ensure_init();
     // SAFETY: forwarded, sendmmsg(2) with MSG_FASTOPEN.
@@ -80,6 +106,9 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, f
 
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
+    if vfork_refused(|| ops::vfork::listener_family(fd)) {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: as above, accept(2).
     hook(|| unsafe { ops::accept::accept(fd, addr, len, None) }, || unsafe { real::accept(fd, addr, len) }, closed)
@@ -87,6 +116,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
+    if vfork_refused(|| ops::vfork::listener_family(fd)) {
+        return refuse();
+    }
     crate::ensure_init();
     // SAFETY: as above, accept4(2).
     hook(
@@ -283,7 +315,9 @@ macro_rules! exec_export {
     ($name:ident ( $($arg:ident : $ty:ty),* )) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name($($arg: $ty),*) -> c_int {
-            if !guard::inside() {
+            // A vfork child's exec leaves the parent (and its relay) running: nothing to hand off,
+            // and the parent's registry must not be touched.
+            if !guard::inside() && !crate::fork::in_vfork_child() {
                 guard::internal(|| {
                     let _ = std::panic::catch_unwind(crate::fallback::before_exec);
                 });

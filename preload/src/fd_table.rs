@@ -19,11 +19,11 @@ use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock};
 
-use parking_lot::RwLock;
 use tether_proto::wire::{ConnectionEvent, ConnectionReport};
 use tether_proto::SpiffeId;
 
 use crate::fallback::Link;
+use crate::sync::{self, RwLock};
 use crate::sys::net;
 use crate::{log, report};
 use crate::tls::verify::VerifiedPeer;
@@ -79,6 +79,9 @@ pub(crate) struct Protected {
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
     pub(crate) opened_at: u64,
+    /// The process that set the connection up: the only one that reports on it. A fork child's
+    /// inherited copy reports nothing (and so does no I/O when dropped in a fork handler).
+    owner: i32,
 }
 
 impl Protected {
@@ -105,6 +108,7 @@ impl Protected {
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
+            owner: crate::fork::raw_pid(),
         });
         report::send(p.report(ConnectionEvent::Open));
         p
@@ -131,10 +135,12 @@ impl Protected {
     }
 }
 
-/// The last fd referring to the connection is gone: report the close.
+/// The last fd referring to the connection in its own process is gone: report the close.
 impl Drop for Protected {
     fn drop(&mut self) {
-        report::send(self.report(ConnectionEvent::Close));
+        if crate::fork::raw_pid() == self.owner {
+            report::send(self.report(ConnectionEvent::Close));
+        }
     }
 }
 
@@ -281,6 +287,7 @@ pub(crate) fn duplicate(old: RawFd, new: RawFd) {
     LEN.store(t.len(), Ordering::Release);
 }
 
+/// Fork lock order: the table after identity (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
     let mut t = TABLE.write();
     if !t.is_empty() {
@@ -291,10 +298,5 @@ pub(crate) fn atfork_prepare() {
             e.forked_by = Some(me);
         }
     }
-    std::mem::forget(t);
-}
-
-pub(crate) fn atfork_release() {
-    // SAFETY: locked exclusively by this thread in atfork_prepare, guard forgotten.
-    unsafe { TABLE.force_unlock_write() };
+    sync::hold(t);
 }

@@ -33,6 +33,11 @@ pub(crate) fn hook<T>(
     real: impl FnOnce() -> T,
     on_panic: impl FnOnce() -> (T, i32),
 ) -> T {
+    // A vfork child runs in its parent's memory (these thread-locals included): it must change
+    // nothing, so it does not even set the flag (see `crate::fork`).
+    if crate::fork::shim_has_state() && crate::fork::in_vfork_child() {
+        return real();
+    }
     let entered = INSIDE.try_with(|f| !f.replace(true)).unwrap_or(false);
     if !entered {
         // Re-entered from our own code, or thread-locals are gone: be invisible.

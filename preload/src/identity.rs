@@ -12,13 +12,13 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::sign::CertifiedKey;
 use tether_proto::wire::{self, ErrorCode, Request, Response, SvidResponse};
 use tether_proto::{Policy, SpiffeId};
 
 use crate::settings;
+use crate::sync::Lock as Mutex;
 use crate::tls::handshake::Credentials;
 use crate::tls::verify::TrustStore;
 
@@ -269,30 +269,17 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identit
     })
 }
 
+/// Fork lock order: FETCH, STATE, then POLICY_ONLY, as in `current` and
+/// `policy_without_identity` (released by `crate::fork`; the policy-only cache is kept in the
+/// child: the policy is the same for every process).
 pub(crate) fn atfork_prepare() {
-    // Order: FETCH then STATE then POLICY_ONLY, as in `current` and `policy_without_identity`.
-    std::mem::forget(FETCH.lock());
-    std::mem::forget(STATE.lock());
-    std::mem::forget(POLICY_ONLY.lock());
+    FETCH.hold_for_fork();
+    STATE.hold_for_fork();
+    POLICY_ONLY.hold_for_fork();
 }
 
-pub(crate) fn atfork_parent() {
-    // SAFETY: all three were locked by this thread in atfork_prepare and their guards forgotten.
-    unsafe {
-        POLICY_ONLY.force_unlock();
-        STATE.force_unlock();
-        FETCH.force_unlock();
-    }
-}
-
+/// In the fork child, after every lock is released.
 pub(crate) fn atfork_child() {
-    // SAFETY: as in atfork_parent; the child has only this thread. The policy-only cache is
-    // kept: the policy is the same for every process.
-    unsafe {
-        POLICY_ONLY.force_unlock();
-        STATE.force_unlock();
-        FETCH.force_unlock();
-    }
     // The child is a new process: it must fetch (and be attested for) its own SVID.
     let mut st = STATE.lock();
     st.current = None;

@@ -16,6 +16,7 @@
 
 mod fd_table;
 mod fallback;
+mod fork;
 mod guard;
 mod identity;
 mod log;
@@ -23,6 +24,7 @@ mod ops;
 mod real;
 mod report;
 mod settings;
+mod sync;
 mod sys;
 mod tls;
 
@@ -42,41 +44,8 @@ pub(crate) fn ensure_init() {
     guard::internal(|| {
         INIT.call_once(|| {
             let _ = settings::get();
-            // SAFETY: the handlers are plain extern "C" fns valid for the life of the process
-            // (this library is never unloaded: it is preloaded).
-            unsafe { libc::pthread_atfork(Some(atfork_prepare), Some(atfork_parent), Some(atfork_child)) };
+            fork::register();
         });
-    });
-}
-
-// Lock order: identity (fetch, state) -> fd table -> reporter -> inbound pool -> relay.
-extern "C" fn atfork_prepare() {
-    guard::internal(|| {
-        identity::atfork_prepare();
-        fd_table::atfork_prepare();
-        report::atfork_prepare();
-        ops::inbound::atfork_prepare();
-        fallback::atfork_prepare();
-    });
-}
-
-extern "C" fn atfork_parent() {
-    guard::internal(|| {
-        fallback::atfork_parent();
-        ops::inbound::atfork_parent();
-        report::atfork_release();
-        fd_table::atfork_release();
-        identity::atfork_parent();
-    });
-}
-
-extern "C" fn atfork_child() {
-    guard::internal(|| {
-        fallback::atfork_child();
-        ops::inbound::atfork_child();
-        report::atfork_release();
-        fd_table::atfork_release();
-        identity::atfork_child();
     });
 }
 

@@ -5,14 +5,15 @@
 //! ever describe the process that sent it.
 
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use parking_lot::Mutex;
 use tether_proto::wire::{self, ConnectionReport, Request, Response};
 
+use crate::sync::Lock as Mutex;
 use crate::{guard, settings};
 
 const QUEUE: usize = 1024;
@@ -25,6 +26,10 @@ struct Reporter {
 }
 
 static REPORTER: Mutex<Option<Reporter>> = Mutex::new(None);
+/// The report thread's broker connection fd (-1 when it has none). Set and cleared, and the
+/// stream closed, under this lock, so a fork child knows exactly which inherited number is the
+/// parent's connection (and closes its copy without touching the stream).
+static BROKER_FD: Mutex<RawFd> = Mutex::new(-1);
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -75,14 +80,22 @@ fn run(rx: Receiver<ConnectionReport>) {
         for _ in 0..2 {
             if conn.is_none() {
                 conn = connect().ok();
+                if let Some(s) = &conn {
+                    *BROKER_FD.lock() = s.as_raw_fd();
+                }
             }
             let Some(s) = conn.as_mut() else { break };
             if send_one(s, &r).is_ok() {
                 break;
             }
+            let mut fd = BROKER_FD.lock();
+            *fd = -1;
             conn = None;
         }
     }
+    let mut fd = BROKER_FD.lock();
+    *fd = -1;
+    drop(conn);
 }
 
 fn connect() -> io::Result<UnixStream> {
@@ -105,11 +118,26 @@ fn send_one(s: &mut UnixStream, r: &ConnectionReport) -> Result<(), wire::WireEr
     }
 }
 
+/// Fork lock order: `REPORTER` then `BROKER_FD` (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    std::mem::forget(REPORTER.lock());
+    REPORTER.hold_for_fork();
+    BROKER_FD.hold_for_fork();
 }
 
-pub(crate) fn atfork_release() {
-    // SAFETY: locked by this thread in atfork_prepare, guard forgotten.
-    unsafe { REPORTER.force_unlock() };
+/// In the fork child, with no lock held: the report thread is the parent's. Its channel may be
+/// mid-operation (a thread frozen inside it at fork), so the sender is forgotten, never dropped;
+/// the child's copy of the parent's broker connection is closed (just the descriptor: nothing
+/// is written, the parent's connection is untouched). The child starts its own reporter, on
+/// its own connection, when it first has something to report.
+pub(crate) fn after_fork_child() {
+    if let Some(parents) = REPORTER.lock().take() {
+        std::mem::forget(parents);
+    }
+    let mut fd = BROKER_FD.lock();
+    if *fd >= 0 {
+        // SAFETY: the child's copy of the parent's report connection; no code in the child
+        // refers to it (the thread that owned it does not exist here).
+        unsafe { crate::real::close(*fd) };
+        *fd = -1;
+    }
 }

@@ -158,6 +158,11 @@ pub(crate) fn adopt(app_fd: RawFd, mut conn: Connection) -> io::Result<Arc<Link>
     Ok(link)
 }
 
+/// Does the relay hold any fd in this address space? (One atomic load.)
+pub(crate) fn has_internal_fds() -> bool {
+    INTERNAL_COUNT.load(Ordering::Acquire) != 0
+}
+
 /// Is `fd` one of the relay's internal fds (TCP sockets, relay ends, epoll, eventfd)?
 pub(crate) fn is_internal(fd: RawFd) -> bool {
     if INTERNAL_COUNT.load(Ordering::Acquire) == 0 {

@@ -78,6 +78,7 @@ pub(crate) unsafe fn accept(
         return Outcome::Done(fd);
     }
     let blocking = net::status_flags(lfd) & libc::O_NONBLOCK == 0;
+    let mut waited = false;
     loop {
         match inbound::step(lfd, &ident, &rule) {
             Next::Deliver { fd, peer, conn } => {
@@ -94,6 +95,13 @@ pub(crate) unsafe fn accept(
             Next::Error(e) => return Outcome::Fail(-1, e),
             Next::WouldBlock if blocking => inbound::wait(lfd),
             Next::WouldBlock => return Outcome::Fail(-1, libc::EAGAIN),
+            // This process has all it may take from the backlog under way: wait for one of
+            // its own handshakes (briefly, for a non-blocking listener).
+            Next::Claimed if blocking || !waited => {
+                inbound::wait_claimed(blocking);
+                waited = true;
+            }
+            Next::Claimed => return Outcome::Fail(-1, libc::EAGAIN),
         }
     }
 }

@@ -26,12 +26,14 @@ use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use tether_proto::{InboundRule, Mode};
+
+mod silent;
 
 use super::protect;
 use crate::fd_table::{Direction, Protected};
 use crate::identity::Identity;
+use crate::sync::Lock as Mutex;
 use crate::sys::net;
 use crate::{guard, log, settings};
 
@@ -39,6 +41,13 @@ use crate::{guard, log, settings};
 const TLS_HANDSHAKE: u8 = 0x16;
 /// Handshakes in flight per process; connections beyond this are refused at once.
 const MAX_PENDING: usize = 256;
+/// Connections a process takes from a listener's backlog beyond what it has handed to the
+/// program (handshakes under way plus ready ones). The rest stay in the kernel's queue for
+/// whichever process of a pre-fork server accepts next. Parked silent connections do not count.
+const CLAIM: usize = 8;
+/// When a process is at [`CLAIM`] with nothing ready, a non-blocking accept waits this long for
+/// one of its handshakes before it says EAGAIN (so a level-triggered loop does not spin).
+const CLAIMED_WAIT_MS: i32 = 1;
 /// How often an untaken ready connection rings the doorbell again.
 const RERING: Duration = Duration::from_millis(25);
 /// Longest a blocking accept sleeps before re-checking (a safety net for lost wake-ups).
@@ -60,6 +69,22 @@ struct Pool {
     held: HashSet<RawFd>,
     /// Source addresses of our doorbell connections, with when they were rung.
     doorbells: HashMap<SocketAddr, Instant>,
+    /// Listener fd → connections taken from its backlog and not yet handed out (handshakes
+    /// under way and ready ones): at most [`CLAIM`].
+    claimed: HashMap<RawFd, usize>,
+    /// Connections that have not sent a byte yet.
+    silent: silent::Silent,
+}
+
+impl Pool {
+    fn unclaim(&mut self, lfd: RawFd) {
+        if let Some(n) = self.claimed.get_mut(&lfd) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.claimed.remove(&lfd);
+            }
+        }
+    }
 }
 
 static POOL: Mutex<Option<Pool>> = Mutex::new(None);
@@ -84,6 +109,11 @@ pub(crate) fn is_internal(fd: RawFd) -> bool {
     HELD.load(Ordering::Acquire) != 0 && with_pool(|p| p.held.contains(&fd))
 }
 
+/// Does the pool hold any fd (or the eventfd)? (Atomic loads only.)
+pub(crate) fn holds_fds() -> bool {
+    HELD.load(Ordering::Acquire) != 0 || WAKE.load(Ordering::Relaxed) >= 0
+}
+
 /// Fds we hold, for `close_range`.
 pub(crate) fn internal_fds() -> Vec<RawFd> {
     let mut v: Vec<RawFd> = with_pool(|p| p.held.iter().copied().collect());
@@ -101,6 +131,9 @@ pub(crate) enum Next {
     Deliver { fd: RawFd, peer: SocketAddr, conn: Option<Arc<Protected>> },
     /// Nothing ready and the backlog is empty.
     WouldBlock,
+    /// Nothing ready, and this process already has [`CLAIM`] handshakes under way: the backlog
+    /// is left to siblings. Wait for one of ours only.
+    Claimed,
     /// The real accept failed with this errno.
     Error(i32),
 }
@@ -112,6 +145,11 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
         return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
     }
     loop {
+        // Take no more than this process is about to hand out: in a pre-fork server the rest
+        // belongs to the siblings (a connection goes to the process whose accept took it).
+        if claimed(lfd) >= CLAIM {
+            return Next::Claimed;
+        }
         // accept4's SOCK_NONBLOCK applies to the new socket, not to the wait: never call it
         // on a listener with nothing queued (a blocking listener would block us here).
         let mut pfd = libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 };
@@ -148,7 +186,7 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
             close_fd(fd);
             continue;
         }
-        start(lfd, fd, peer, ident.clone(), rule.clone());
+        admit(lfd, fd, peer, ident, rule);
     }
     match take_ready(lfd) {
         Some(r) => Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn },
@@ -158,18 +196,54 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
 
 /// For a blocking accept: wait until the listener or a handshake has something.
 pub(crate) fn wait(lfd: RawFd) {
+    wait_on(Some(lfd), BLOCKING_POLL_MS);
+}
+
+/// At [`CLAIM`]: wait for one of this process's handshakes only (the listener is the
+/// siblings' business). `blocking` says whether the program's accept may block.
+pub(crate) fn wait_claimed(blocking: bool) {
+    wait_on(None, if blocking { BLOCKING_POLL_MS } else { CLAIMED_WAIT_MS });
+}
+
+fn wait_on(lfd: Option<RawFd>, ms: i32) {
     let wake = wake_fd();
     let mut fds = [
-        libc::pollfd { fd: lfd, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: wake, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: lfd.unwrap_or(-1), events: libc::POLLIN, revents: 0 },
     ];
-    let n = if wake >= 0 { 2 } else { 1 };
-    // SAFETY: valid pollfd array of `n` entries.
-    unsafe { libc::poll(fds.as_mut_ptr(), n, BLOCKING_POLL_MS) };
-    if wake >= 0 && fds[1].revents & libc::POLLIN != 0 {
+    let n = if lfd.is_some() { 2 } else { 1 };
+    // SAFETY: valid pollfd array of `n` entries (a negative fd is ignored by poll).
+    unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    if wake >= 0 && fds[0].revents & libc::POLLIN != 0 {
         let mut v = 0u64;
         // SAFETY: eventfd reads are 8 bytes.
         unsafe { libc::read(wake, (&mut v as *mut u64).cast(), 8) };
+    }
+}
+
+fn claimed(lfd: RawFd) -> usize {
+    if HELD.load(Ordering::Acquire) == 0 {
+        return 0;
+    }
+    with_pool(|p| p.claimed.get(&lfd).copied().unwrap_or(0))
+}
+
+/// A connection just taken from the backlog: a worker if it has spoken, else parked.
+fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
+    match silent::peek(fd) {
+        silent::FirstByte::Data => start(lfd, fd, peer, ident.clone(), rule.clone()),
+        silent::FirstByte::Gone => close_fd(fd),
+        silent::FirstByte::Silent => {
+            let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
+            let evicted = with_pool(|p| {
+                p.held.insert(fd);
+                silent::park(p, c)
+            });
+            for e in evicted {
+                net::kill(e);
+                close_fd(e);
+            }
+        }
     }
 }
 
@@ -184,6 +258,7 @@ fn take_ready(lfd: RawFd) -> Option<Ready> {
             p.ready.remove(&lfd);
         }
         p.held.remove(&r.fd);
+        p.unclaim(lfd);
         Some(r)
     })
 }
@@ -200,7 +275,10 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
         close_fd(fd);
         return;
     }
-    with_pool(|p| p.held.insert(fd));
+    with_pool(|p| {
+        p.held.insert(fd);
+        *p.claimed.entry(lfd).or_insert(0) += 1;
+    });
     let job = Job { lfd, fd, peer, ident, rule };
     let spawn = {
         let mut w = WORKERS.lock();
@@ -226,7 +304,10 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
                 w.jobs.remove(pos);
                 drop(w);
                 PENDING.fetch_sub(1, Ordering::AcqRel);
-                with_pool(|p| p.held.remove(&fd));
+                with_pool(|p| {
+                    p.held.remove(&fd);
+                    p.unclaim(lfd);
+                });
                 net::kill(fd);
                 close_fd(fd);
             }
@@ -253,7 +334,7 @@ struct Workers {
 }
 
 static WORKERS: Mutex<Workers> = Mutex::new(Workers { jobs: VecDeque::new(), threads: 0, idle: 0 });
-static WORK: parking_lot::Condvar = parking_lot::Condvar::new();
+static WORK: std::sync::Condvar = std::sync::Condvar::new();
 /// An idle worker exits after this long without work.
 const WORKER_IDLE: Duration = Duration::from_secs(10);
 
@@ -267,7 +348,9 @@ fn worker() {
                     break Some(j);
                 }
                 w.idle += 1;
-                let timed_out = WORK.wait_for(&mut w, WORKER_IDLE).timed_out();
+                let (g, r) = WORKERS.wait_timeout(&WORK, w, WORKER_IDLE);
+                w = g;
+                let timed_out = r.timed_out();
                 w.idle -= 1;
                 if timed_out && w.jobs.is_empty() {
                     w.threads -= 1;
@@ -279,7 +362,10 @@ fn worker() {
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
             .unwrap_or(false);
         if !ok {
-            with_pool(|p| p.held.remove(&fd));
+            with_pool(|p| {
+                p.held.remove(&fd);
+                p.unclaim(lfd);
+            });
             close_fd(fd);
         }
         PENDING.fetch_sub(1, Ordering::AcqRel);
@@ -316,12 +402,17 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Identity, rule: &I
         _ => protect_it(fd, ident, rule, local, peer),
     };
     let Some(conn) = conn else { return false };
+    queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+    true
+}
+
+/// `r` (an fd in `held`) is ready for the program: queue it and wake whoever accepts.
+fn queue_ready(lfd: RawFd, r: Ready) {
     with_pool(|p| {
-        p.ready.entry(lfd).or_default().push_back(Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+        p.ready.entry(lfd).or_default().push_back(r);
         ensure_ringer(p);
     });
     notify(lfd);
-    true
 }
 
 fn protect_it(fd: RawFd, ident: &Identity, rule: &InboundRule, local: SocketAddr, peer: SocketAddr) -> Option<Arc<Protected>> {
@@ -377,23 +468,22 @@ fn ringer() {
         let (rering, expired, empty) = with_pool(|p| {
             let mut rering = Vec::new();
             let mut expired = Vec::new();
+            let mut unclaim = Vec::new();
             for (lfd, q) in p.ready.iter_mut() {
-                q.retain(|r| {
-                    let age = r.at.elapsed();
-                    if age > give_up {
-                        expired.push(r.fd);
-                        false
-                    } else {
-                        true
-                    }
-                });
+                while q.front().is_some_and(|r| r.at.elapsed() > give_up) {
+                    expired.extend(q.pop_front());
+                    unclaim.push(*lfd);
+                }
                 if q.front().is_some_and(|r| r.at.elapsed() >= RERING) {
                     rering.push(*lfd);
                 }
             }
             p.ready.retain(|_, q| !q.is_empty());
-            for fd in &expired {
-                p.held.remove(fd);
+            for lfd in unclaim {
+                p.unclaim(lfd);
+            }
+            for r in &expired {
+                p.held.remove(&r.fd);
             }
             let empty = p.ready.is_empty();
             if empty && idle_since.elapsed() > Duration::from_secs(10) {
@@ -401,13 +491,16 @@ fn ringer() {
             }
             (rering, expired, empty)
         });
-        for fd in expired {
+        // Outside the pool lock: a `Protected` reports its close when dropped (fork lock order).
+        for r in expired {
             log::Line::new("accept")
                 .kv("decision", "deny")
+                .kv("peer", r.peer)
                 .kv("reason", "handshake finished but the program never accepted the connection")
                 .emit();
-            net::kill(fd);
-            close_fd(fd);
+            net::kill(r.fd);
+            close_fd(r.fd);
+            drop(r);
         }
         for lfd in rering {
             notify(lfd);
@@ -483,17 +576,24 @@ pub(crate) fn listener_closed(lfd: RawFd) {
     if HELD.load(Ordering::Acquire) == 0 {
         return;
     }
-    let fds: Vec<RawFd> = with_pool(|p| {
+    // Moved out of the pool lock before anything drops (fork lock order).
+    let (gone, parked) = with_pool(|p| {
         let q = p.ready.remove(&lfd).unwrap_or_default();
-        q.iter().map(|r| {
+        for r in &q {
             p.held.remove(&r.fd);
-            r.fd
-        }).collect()
+        }
+        p.claimed.remove(&lfd);
+        let parked = p.silent.take_listener(lfd);
+        for c in &parked {
+            p.held.remove(&c.fd);
+        }
+        (q, parked)
     });
-    for fd in fds {
+    for fd in gone.iter().map(|r| r.fd).chain(parked.iter().map(|c| c.fd)) {
         net::kill(fd);
         close_fd(fd);
     }
+    drop(gone);
 }
 
 fn close_fd(fd: RawFd) {
@@ -505,42 +605,35 @@ fn unspecified() -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
+/// Fork lock order: `WORKERS` then `POOL` (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
-    std::mem::forget(WORKERS.lock());
-    std::mem::forget(POOL.lock());
+    WORKERS.hold_for_fork();
+    POOL.hold_for_fork();
 }
 
-pub(crate) fn atfork_parent() {
-    // SAFETY: both locked by this thread in atfork_prepare, guards forgotten.
-    unsafe {
-        POOL.force_unlock();
-        WORKERS.force_unlock();
-    }
-}
-
-/// The child has none of the handshake threads: close its copies of what they hold.
-pub(crate) fn atfork_child() {
-    // SAFETY: as above; the child has only this thread.
-    unsafe {
-        POOL.force_unlock();
-        WORKERS.force_unlock();
-    }
-    // No worker threads exist in the child; their queued jobs' fds are closed below (held).
-    {
+/// In the fork child, with no lock held: the child has none of the handshake threads. Close its
+/// copies of what they hold. The ready connections' `Protected` values belong to the parent:
+/// dropping them here reports nothing (see `Protected::drop`); a relayed one's `Link` closes the
+/// child's copy of the TCP fd.
+pub(crate) fn after_fork_child() {
+    let jobs = {
         let mut w = WORKERS.lock();
-        w.jobs.clear();
         w.threads = 0;
         w.idle = 0;
-    }
-    let held: Vec<RawFd> = with_pool(|p| {
-        let v = p.held.drain().collect();
-        p.ready.clear();
+        std::mem::take(&mut w.jobs)
+    };
+    let (held, ready, parked) = with_pool(|p| {
         p.doorbells.clear();
-        v
+        p.claimed.clear();
+        (std::mem::take(&mut p.held), std::mem::take(&mut p.ready), p.silent.clear())
     });
+    drop(parked);
+    silent::atfork_child();
     for fd in held {
         close_fd(fd);
     }
+    drop(ready);
+    drop(jobs);
     PENDING.store(0, Ordering::Release);
     HELD.store(0, Ordering::Release);
     RINGER.store(false, Ordering::Release);

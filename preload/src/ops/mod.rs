@@ -9,3 +9,4 @@ pub(crate) mod inbound;
 pub(crate) mod io;
 pub(crate) mod protect;
 pub(crate) mod send;
+pub(crate) mod vfork;

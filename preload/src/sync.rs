@@ -1,0 +1,78 @@
+//! Locks that survive fork.
+//!
+//! parking_lot keeps its waiters in a process-wide table. A lock that another thread was
+//! waiting for at fork still lists that (non-existent) thread in the child, and unlocking it
+//! there may hand the lock to the ghost: the child then blocks forever (seen with postgres under
+//! pgbench -C). std's locks are a futex word and nothing else, so releasing a guard in the
+//! child simply unlocks. Every lock the fork handlers take is one of these; a poisoned lock is
+//! used as is (a panic in a hook already failed that call closed).
+//!
+//! [`Lock::hold_for_fork`] (or [`hold`] with a guard already taken) parks a guard in a
+//! thread-local stack (the fork handlers run on the forking thread); [`release_fork_locks`]
+//! drops them, newest first.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLockReadGuard, RwLockWriteGuard, WaitTimeoutResult};
+use std::time::Duration;
+
+thread_local! {
+    static HELD: RefCell<Vec<Box<dyn Any>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keep `guard` (a lock guard taken in atfork prepare) until [`release_fork_locks`].
+pub(crate) fn hold<G: 'static>(guard: G) {
+    let _ = HELD.try_with(|h| h.borrow_mut().push(Box::new(guard)));
+}
+
+/// Drop every guard taken by `hold_for_fork` on this thread, in reverse order.
+pub(crate) fn release_fork_locks() {
+    let _ = HELD.try_with(|h| {
+        let mut h = h.borrow_mut();
+        while let Some(g) = h.pop() {
+            drop(g);
+        }
+    });
+}
+
+/// A mutex (std, poison ignored).
+#[derive(Debug, Default)]
+pub(crate) struct Lock<T>(Mutex<T>);
+
+impl<T: 'static> Lock<T> {
+    pub(crate) const fn new(v: T) -> Self {
+        Self(Mutex::new(v))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Take the lock until [`release_fork_locks`] (atfork prepare).
+    pub(crate) fn hold_for_fork(&'static self) {
+        hold(self.lock());
+    }
+
+    /// Wait on `cv` for at most `dur` (see [`Condvar::wait_timeout`]).
+    pub(crate) fn wait_timeout<'a>(&'a self, cv: &Condvar, g: MutexGuard<'a, T>, dur: Duration) -> (MutexGuard<'a, T>, WaitTimeoutResult) {
+        cv.wait_timeout(g, dur).unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A reader-writer lock (std, poison ignored).
+#[derive(Debug, Default)]
+pub(crate) struct RwLock<T>(std::sync::RwLock<T>);
+
+impl<T: 'static> RwLock<T> {
+    pub(crate) const fn new(v: T) -> Self {
+        Self(std::sync::RwLock::new(v))
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, T> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, T> {
+        self.0.write().unwrap_or_else(PoisonError::into_inner)
+    }
+}

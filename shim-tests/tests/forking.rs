@@ -1,0 +1,273 @@
+//! Issue 9 (fork, vfork): a fork with a finished inbound handshake waiting, the parent's broker
+//! connection in a fork child, CPython's vfork-based subprocess next to a protected
+//! connection, and postgres (fork per connection) under pgbench -C, all under tether.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use tether_shim_tests::{free_port, in_uml, show, DataPathCheck, Harness, Policy, PYTHON};
+
+/// A server that forks while a protected connection whose handshake has finished waits in the
+/// shim's pool (the program has not accepted it yet). The child must not hang in the fork
+/// handlers; the parent then accepts and echoes. The child also lists the sockets it inherited
+/// that are connected to tetherd (the parent's report connection must not be among them).
+const PY_FORK_SERVER: &str = r#"
+import os, select, socket, sys, time
+port, broker = int(sys.argv[1]), sys.argv[2]
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port)); l.listen(16); l.setblocking(False)
+print("listening", flush=True)
+select.select([l], [], [], 20)
+try:
+    l.accept(); print("raced: the handshake finished inside accept", flush=True); sys.exit(2)
+except BlockingIOError:
+    pass
+time.sleep(1.0)   # the handshake finishes on a tether thread; the connection waits, ready
+def broker_sockets():
+    n = 0
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue
+        try:
+            if s.family == socket.AF_UNIX and s.getpeername() == broker:
+                n += 1
+        except OSError:
+            pass
+        s.close()
+    return n
+print("parent_broker_sockets=%d" % broker_sockets(), flush=True)
+pid = os.fork()
+if pid == 0:
+    print("child_broker_sockets=%d" % broker_sockets(), flush=True)
+    os._exit(0)
+deadline = time.time() + 5
+while time.time() < deadline:
+    done, st = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child_status=%d" % st, flush=True)
+        break
+    time.sleep(0.02)
+else:
+    print("child hung in fork", flush=True); os.kill(pid, 9); sys.exit(3)
+l.setblocking(True)
+c, _ = l.accept()
+c.settimeout(10)
+data = c.recv(100)
+c.sendall(data)
+c.close()
+print("served", flush=True)
+"#;
+
+/// Connects once, sends `marker`, expects it back.
+const PY_ECHO_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
+m = sys.argv[2].encode()
+s.sendall(m)
+got = b""
+while len(got) < len(m):
+    d = s.recv(65536)
+    if not d:
+        break
+    got += d
+print("echo_ok" if got == m else "echo_bad %r" % got, flush=True)
+"#;
+
+#[test]
+fn fork_with_a_finished_inbound_handshake_waiting_does_not_hang_the_child() {
+    let port = free_port();
+    let mut h = Harness::new("fork-ready", Policy::new().both(port));
+    let srv = h.script("fork_server.py", PY_FORK_SERVER);
+    let cli = h.script("echo_client.py", PY_ECHO_CLIENT);
+    let mut server = Command::new(PYTHON);
+    server.arg(&srv).arg(port.to_string()).arg(h.socket());
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let check = DataPathCheck::begin(&h, port);
+    let marker = "FORK-READY-MARKER-4711";
+    let mut client = Command::new(PYTHON);
+    client.arg(&cli).arg(port.to_string()).arg(marker);
+    let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(30));
+    let out = h.wait_stdout("server", Duration::from_secs(15), |o| o.contains("served") || o.contains("hung") || o.contains("raced"));
+    assert!(run.success() && run.stdout.contains("echo_ok"), "client: {run}\n{}", h.output("server"));
+    assert!(out.contains("child_status=0") && out.contains("served"), "server:\n{}\n{}", h.output("server"), show(&h.log_lines("server")));
+    assert!(out.contains("child_broker_sockets=0"), "the fork child kept the parent's broker connection:\n{out}");
+    check.finish_with_markers(&h.log_lines("server"), &[marker.as_bytes()]);
+}
+
+/// A client holds a protected connection and spawns children with `subprocess` (CPython uses
+/// vfork; the child calls close_range and execve through our hooks), then keeps using it. Any
+/// process left over from the children (an exec hand-off keeper) is killed first.
+const PY_SUBPROCESS_CLIENT: &str = r#"
+import os, socket, subprocess, sys
+port = int(sys.argv[1])
+print("pid=%d use_vfork=%s" % (os.getpid(), getattr(subprocess, "_USE_VFORK", "n/a")), flush=True)
+s = socket.create_connection(("127.0.0.1", port), timeout=20)
+def rt(m):
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        d = s.recv(65536)
+        if not d:
+            raise SystemExit("EOF after %d of %d bytes" % (len(got), len(m)))
+        got += d
+    assert got == m, "echo mismatch"
+rt(b"SUBPROCESS-BEFORE-MARKER")
+before = s.getpeername()
+for i in range(20):
+    subprocess.run(["/bin/true"], check=True)
+out = subprocess.run(["/bin/echo", "child-ran"], capture_output=True, check=True).stdout
+after = s.getpeername()
+print("peer_before=%s peer_after=%s child=%s" % (before, after, out.decode().strip()), flush=True)
+print("spawned", flush=True)
+sys.stdin.readline()
+rt(b"SUBPROCESS-AFTER-MARKER" * 500)
+print("still_working", flush=True)
+"#;
+
+/// Pids of processes (other than `except`) whose environment names `log`.
+fn processes_with_env(log: &Path, except: u32) -> Vec<u32> {
+    let needle = format!("TETHER_LOG={}", log.display());
+    fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != except)
+        .filter(|pid| {
+            fs::read(format!("/proc/{pid}/environ"))
+                .map(|env| env.split(|&b| b == 0).any(|v| v == needle.as_bytes()))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn python_subprocess_vfork_children_keep_the_protected_connection() {
+    let port = free_port();
+    let mut h = Harness::new("vfork", Policy::new().both(port));
+    let mut server = Command::new(PYTHON);
+    server.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/py/echo_server.py")).arg(port.to_string());
+    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    let check = DataPathCheck::begin(&h, port);
+    let cli = h.script("subprocess_client.py", PY_SUBPROCESS_CLIENT);
+    let mut client = Command::new(PYTHON);
+    client.arg(&cli).arg(port.to_string());
+    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut client, "client"));
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("spawned"));
+    let pid: u32 = out.split_whitespace().find_map(|w| w.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);
+    assert!(out.contains("spawned"), "client:\n{}\n{}", h.output("client"), show(&h.log_lines("client")));
+    assert!(out.contains("use_vfork=True"), "CPython does not use vfork here, the test proves nothing:\n{out}");
+    let peer = format!("('127.0.0.1', {port})");
+    assert!(
+        out.contains(&format!("peer_before={peer} peer_after={peer}")),
+        "the vfork child changed the parent's fd table (getpeername of the protected fd):\n{out}"
+    );
+    // Whatever the children left behind (an exec hand-off keeper holding our connection) dies.
+    let log = h.log_path("client");
+    let leftovers = processes_with_env(&log, pid);
+    for p in &leftovers {
+        // SAFETY: SIGKILL to a pid this test's client spawned.
+        unsafe { libc::kill(*p as i32, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    stdin.write_all(b"go\n").unwrap();
+    stdin.flush().unwrap();
+    let out = h.wait_stdout("client", Duration::from_secs(20), |o| o.contains("still_working") || o.contains("Error") || o.contains("EOF"));
+    assert!(
+        out.contains("still_working"),
+        "the protected connection broke after the vfork children (killed leftovers {leftovers:?}):\n{}\n{}",
+        h.output("client"),
+        show(&h.log_lines("client"))
+    );
+    assert!(leftovers.is_empty(), "the vfork children left processes holding our connection: {leftovers:?}");
+    check.finish_with_markers(&h.log_lines("client"), &[b"SUBPROCESS-BEFORE-MARKER", b"SUBPROCESS-AFTER-MARKER"]);
+}
+
+// ---- postgres under pgbench -C ----------------------------------------------------------
+
+/// The system user the postgresql package creates (postgres refuses to run as root).
+const PG_USER: &str = "postgres";
+
+/// The newest installed server's bin directory.
+fn pg_bin() -> std::path::PathBuf {
+    let mut bins: Vec<_> = fs::read_dir("/usr/lib/postgresql")
+        .expect("postgresql is not installed (scripts/test-e2e installs it)")
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .filter(|b| b.join("postgres").exists())
+        .collect();
+    bins.sort_by_key(|b| b.parent().and_then(|v| v.file_name()?.to_str()?.parse::<u32>().ok()));
+    bins.pop().expect("no /usr/lib/postgresql/*/bin/postgres")
+}
+
+fn as_pg_user(cmd: &str) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid", PG_USER, "--regid", PG_USER, "--clear-groups", "--"]).arg(pg_bin().join(cmd));
+    c
+}
+
+/// pgbench -i, then `pgbench -C -c 8 -t 200` (a new connection, so a new postgres backend
+/// forked by the postmaster, per transaction), both ends under tether; the wire shows TLS only.
+/// `TETHER_E2E_PGBENCH_TX` overrides the 200 (UML forks slowly: about 0.7 s per connection).
+#[test]
+fn pgbench_connect_per_transaction_against_forking_postgres() {
+    let port = free_port();
+    let mut h = Harness::new("pgbench", Policy::new().both(port));
+    let data = h.path("pgdata");
+    fs::create_dir_all(&data).unwrap();
+    for d in [h.dir(), &h.dir().join("logs"), &data] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let chown = Command::new("chown").arg(format!("{PG_USER}:{PG_USER}")).arg(&data).status().unwrap();
+    assert!(chown.success());
+    fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).unwrap();
+    let mut initdb = as_pg_user("initdb");
+    initdb.arg("-D").arg(&data).args(["-A", "trust", "-U", "postgres", "--no-sync", "--no-instructions"]);
+    let run = h.run("initdb", h.plain(&mut initdb), Duration::from_secs(300));
+    assert!(run.success(), "initdb: {run}");
+    let log = h.log_path("postgres");
+    fs::write(&log, "").unwrap();
+    fs::set_permissions(&log, fs::Permissions::from_mode(0o666)).unwrap();
+    let mut pg = as_pg_user("postgres");
+    pg.arg("-D").arg(&data).args(["-c", "listen_addresses=127.0.0.1", "-c", "max_connections=40", "-c", "fsync=off"])
+        .arg("-c").arg(format!("unix_socket_directories={}", data.display()))
+        .args(["-p", &port.to_string()]);
+    h.spawn_server("postgres", h.shim(&mut pg, "postgres"), port);
+
+    let check = DataPathCheck::begin(&h, port);
+    let pgbench = |h: &Harness, name: &str, args: &[&str], t: Duration| {
+        let mut c = Command::new("pgbench");
+        c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres"]).args(args).arg("postgres");
+        let run = h.run(name, h.shim(&mut c, name), t);
+        assert!(run.success(), "{name}: {run}\n{}\n{}", show(&h.log_lines(name)), show(&h.log_lines("postgres")));
+        run
+    };
+    let scale = if in_uml() { Duration::from_secs(900) } else { Duration::from_secs(300) };
+    pgbench(&h, "pgbench-init", &["-i", "-s", "1"], scale);
+    // The wire is checked on pgbench -i (its connections are served by forked backends too, and
+    // carry the SQL and COPY data). Under -C, client ports come back within seconds (the server
+    // closes first and keeps the TIME_WAIT), and the capture helper then merges two connections
+    // on one 4-tuple into one flow it cannot parse; the -C runs are checked through the shim's log.
+    let init_lines = h.log_lines("postgres");
+    // pgbench -i sends these in its SQL and COPY data; the startup packet names the user.
+    check.finish_with_markers(&init_lines, &[b"pgbench_accounts", b"pgbench_branches", b"user\0postgres"]);
+    pgbench(&h, "pgbench-C-short", &["-C", "-c", "8", "-t", "10", "-n"], scale);
+    let tx: usize = std::env::var("TETHER_E2E_PGBENCH_TX").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let t0 = Instant::now();
+    let run = pgbench(&h, "pgbench-C", &["-C", "-c", "8", "-t", &tx.to_string(), "-n"], scale);
+    let took = t0.elapsed();
+    let want = format!("number of transactions actually processed: {0}/{0}", 8 * tx);
+    assert!(run.stdout.contains(&want), "{run}");
+    let lines = h.log_lines("postgres");
+    let accepted = lines.iter().filter(|l| l.is("accept", "allow")).count();
+    assert!(accepted > 8 * tx + 80, "postgres accepted {accepted} protected connections, expected > {}", 8 * tx + 80);
+    let other: Vec<_> = lines.iter().filter(|l| l.get("event") == "accept" && l.get("decision") != "allow").collect();
+    assert!(other.is_empty(), "postgres saw other than protected connections: {other:?}");
+    eprintln!("pgbench -C -c 8 -t {tx}: {took:?}; {}", run.stdout.lines().filter(|l| l.contains("tps")).collect::<Vec<_>>().join("; "));
+}
