@@ -57,65 +57,13 @@ fn attach_ulp(c: &TcpStream) -> io::Result<()> {
 }
 
 /// A TLS 1.3 cipher the kernel may implement.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cipher {
-    pub name: &'static str,
-    /// `TLS_CIPHER_*`.
-    pub id: u16,
-    iv: usize,
-    key: usize,
-    salt: usize,
-}
-
-/// The three TLS 1.3 ciphers tether can hand to the kernel (`tls12_crypto_info_*` layouts:
-/// header, iv, key, salt, rec_seq[8]).
-pub const CIPHERS: [Cipher; 3] = [
-    Cipher {
-        name: "aes-gcm-128",
-        id: 51,
-        iv: 8,
-        key: 16,
-        salt: 4,
-    },
-    Cipher {
-        name: "aes-gcm-256",
-        id: 52,
-        iv: 8,
-        key: 32,
-        salt: 4,
-    },
-    Cipher {
-        name: "chacha20-poly1305",
-        id: 54,
-        iv: 12,
-        key: 32,
-        salt: 0,
-    },
-];
-
-impl Cipher {
-    /// `{u16 version = 0x0304, u16 cipher, iv, key, salt, rec_seq[8]}` with dummy key bytes.
-    pub fn dummy_crypto_info(&self) -> Vec<u8> {
-        self.crypto_info(0x5a)
-    }
-
-    /// Like [`Self::dummy_crypto_info`], with every iv/key/salt byte `fill` and rec_seq 0.
-    fn crypto_info(&self, fill: u8) -> Vec<u8> {
-        let material = 4 + self.iv + self.key + self.salt;
-        let mut v = Vec::with_capacity(material + 8);
-        v.extend_from_slice(&0x0304u16.to_ne_bytes());
-        v.extend_from_slice(&self.id.to_ne_bytes());
-        v.resize(material, fill);
-        v.resize(material + 8, 0);
-        v
-    }
-}
+pub use tether_proto::ktls::{Cipher, CIPHERS};
 
 /// ULP, then `TLS_TX` with `cipher`, on a fresh pair.
 pub fn probe_cipher(cipher: Cipher) -> io::Result<()> {
     let (c, _s) = tcp_pair()?;
     attach_ulp(&c)?;
-    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &cipher.dummy_crypto_info())
+    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &cipher.probe_crypto_info(0x5a))
 }
 
 fn errno_name(e: &io::Error) -> String {
@@ -260,8 +208,8 @@ fn probe_rekey() -> io::Result<Rekey> {
     let (mut c, mut s) = tcp_pair()?;
     attach_ulp(&c)?;
     attach_ulp(&s)?;
-    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &aes.crypto_info(0x31))?;
-    sys::set_raw_sockopt(&s, sys::SOL_TLS, TLS_RX, &aes.crypto_info(0x31))?;
+    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &aes.probe_crypto_info(0x31))?;
+    sys::set_raw_sockopt(&s, sys::SOL_TLS, TLS_RX, &aes.probe_crypto_info(0x31))?;
     let first = b"tether doctor rekey probe: first key";
     c.write_all(first)?;
     if !read_matches(&mut s, first)? {
@@ -270,7 +218,7 @@ fn probe_rekey() -> io::Result<Rekey> {
         ));
     }
     let before = tls_stat();
-    let new = aes.crypto_info(0x47);
+    let new = aes.probe_crypto_info(0x47);
     if let Err(e) = sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &new) {
         return Ok(Rekey::Unsupported(e));
     }
@@ -361,7 +309,7 @@ fn rekey_finding(ulp: &io::Result<()>) -> Finding {
 fn probe_no_pad() -> io::Result<io::Result<()>> {
     let (_c, s) = tcp_pair()?;
     attach_ulp(&s)?;
-    sys::set_raw_sockopt(&s, sys::SOL_TLS, TLS_RX, &CIPHERS[0].crypto_info(0x29))?;
+    sys::set_raw_sockopt(&s, sys::SOL_TLS, TLS_RX, &CIPHERS[0].probe_crypto_info(0x29))?;
     Ok(sys::set_raw_sockopt(
         &s,
         sys::SOL_TLS,
@@ -399,21 +347,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn crypto_info_layouts_match_the_kernel_structs() {
-        // tls12_crypto_info_aes_gcm_128 = 40, _256 = 56, chacha20_poly1305 = 56 bytes.
-        let sizes: Vec<usize> = CIPHERS
-            .iter()
-            .map(|c| c.dummy_crypto_info().len())
-            .collect();
-        assert_eq!(sizes, [40, 56, 56]);
-        let info = CIPHERS[0].dummy_crypto_info();
-        assert_eq!(u16::from_ne_bytes([info[0], info[1]]), 0x0304);
-        assert_eq!(u16::from_ne_bytes([info[2], info[3]]), 51);
-    }
-
-    #[test]
     fn rekey_crypto_info_differs_from_the_first_key_but_not_in_layout() {
-        let (a, b) = (CIPHERS[0].crypto_info(0x31), CIPHERS[0].crypto_info(0x47));
+        let (a, b) = (CIPHERS[0].probe_crypto_info(0x31), CIPHERS[0].probe_crypto_info(0x47));
         assert_eq!(a.len(), b.len());
         assert_eq!(
             a[..4],

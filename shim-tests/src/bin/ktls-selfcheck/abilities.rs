@@ -6,52 +6,9 @@
 use std::io::Write;
 use std::os::fd::AsRawFd;
 
+use tether_proto::ktls::CIPHERS;
+
 use super::{expect_bytes, sys, tcp_pair, StepError, TlsStat};
-
-/// A TLS 1.3 cipher: name, `TLS_CIPHER_*`, and the iv/key/salt sizes of its `crypto_info`.
-struct Cipher {
-    name: &'static str,
-    id: u16,
-    iv: usize,
-    key: usize,
-    salt: usize,
-}
-
-const CIPHERS: [Cipher; 3] = [
-    Cipher {
-        name: "aes-gcm-128",
-        id: 51,
-        iv: 8,
-        key: 16,
-        salt: 4,
-    },
-    Cipher {
-        name: "aes-gcm-256",
-        id: 52,
-        iv: 8,
-        key: 32,
-        salt: 4,
-    },
-    Cipher {
-        name: "chacha20-poly1305",
-        id: 54,
-        iv: 12,
-        key: 32,
-        salt: 0,
-    },
-];
-
-impl Cipher {
-    /// `{u16 version, u16 cipher, iv, key, salt, rec_seq[8] = 0}`, every key byte `fill`.
-    fn crypto_info(&self, fill: u8) -> Vec<u8> {
-        let mut v = Vec::with_capacity(4 + self.iv + self.key + self.salt + 8);
-        v.extend_from_slice(&sys::TLS_1_3_VERSION.to_ne_bytes());
-        v.extend_from_slice(&self.id.to_ne_bytes());
-        v.resize(4 + self.iv + self.key + self.salt, fill);
-        v.resize(4 + self.iv + self.key + self.salt + 8, 0);
-        v
-    }
-}
 
 type Result<T> = std::result::Result<T, StepError>;
 
@@ -84,7 +41,7 @@ fn ciphers() -> Result<String> {
     for c in &CIPHERS {
         let (client, _server) = tcp_pair(STEP)?;
         sys::attach_tls_ulp(client.as_raw_fd()).map_err(|e| StepError::os(STEP, &e))?;
-        match sys::set_tls_raw(client.as_raw_fd(), sys::TLS_TX, &c.crypto_info(0x5a)) {
+        match sys::set_tls_raw(client.as_raw_fd(), sys::TLS_TX, &c.probe_crypto_info(0x5a)) {
             Ok(()) => works.push(c.name),
             Err(e) => refused.push(format!("{} ({})", c.name, errno_name(&e))),
         }
@@ -112,7 +69,7 @@ fn rekey() -> Result<String> {
     let (mut client, mut server) = tcp_pair(STEP)?;
     sys::attach_tls_ulp(client.as_raw_fd()).map_err(os)?;
     sys::attach_tls_ulp(server.as_raw_fd()).map_err(os)?;
-    let old = aes.crypto_info(0x31);
+    let old = aes.probe_crypto_info(0x31);
     sys::set_tls_raw(client.as_raw_fd(), sys::TLS_TX, &old).map_err(os)?;
     sys::set_tls_raw(server.as_raw_fd(), sys::TLS_RX, &old).map_err(os)?;
     let first = b"rekey probe: under the first keys";
@@ -120,7 +77,7 @@ fn rekey() -> Result<String> {
     expect_bytes(&mut server, first, STEP)?;
 
     let before = TlsStat::read()?;
-    let new = aes.crypto_info(0x47);
+    let new = aes.probe_crypto_info(0x47);
     if let Err(e) = sys::set_tls_raw(client.as_raw_fd(), sys::TLS_TX, &new) {
         return Ok(format!(
             "rekey: unsupported (a second TLS_TX on an established kTLS socket: {}; a peer's KeyUpdate ends the connection)",
@@ -167,7 +124,7 @@ fn no_pad() -> Result<String> {
     sys::set_tls_raw(
         server.as_raw_fd(),
         sys::TLS_RX,
-        &CIPHERS[0].crypto_info(0x29),
+        &CIPHERS[0].probe_crypto_info(0x29),
     )
     .map_err(os)?;
     drop(client);
