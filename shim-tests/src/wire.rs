@@ -130,11 +130,19 @@ impl Drop for Capture {
 pub struct FlowKey {
     pub src: SocketAddr,
     pub dst: SocketAddr,
+    /// Which connection on this address pair: a new SYN (another sequence space) on a pair
+    /// that already had one starts the next (ports are reused quickly under connect-per-request
+    /// load such as `pgbench -C`).
+    pub conn: u32,
 }
 
 impl std::fmt::Display for FlowKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} -> {}", self.src, self.dst)
+        write!(f, "{} -> {}", self.src, self.dst)?;
+        if self.conn > 0 {
+            write!(f, " (connection #{} on this pair)", self.conn + 1)?;
+        }
+        Ok(())
     }
 }
 
@@ -163,6 +171,8 @@ pub enum Verdict {
 #[derive(Debug, Default)]
 pub struct Wire {
     pub flows: BTreeMap<FlowKey, Flow>,
+    /// The newest connection number seen on each address pair (direction).
+    latest: BTreeMap<(SocketAddr, SocketAddr), u32>,
 }
 
 /// How a byte stream splits into TLS records.
@@ -381,10 +391,16 @@ impl Wire {
         if off > l4.len() {
             return;
         }
-        let key = FlowKey {
-            src: SocketAddr::new(src_ip, sport),
-            dst: SocketAddr::new(dst_ip, dport),
-        };
+        let pair = (SocketAddr::new(src_ip, sport), SocketAddr::new(dst_ip, dport));
+        let conn = self.latest.entry(pair).or_insert(0);
+        let current = FlowKey { src: pair.0, dst: pair.1, conn: *conn };
+        let known = self.flows.get(&current);
+        // A SYN with another initial sequence number than this flow's (not a retransmission)
+        // starts the next connection on the pair.
+        if syn && known.is_some_and(|f| f.base.is_some() && f.base != Some(seq.wrapping_add(1))) {
+            *conn += 1;
+        }
+        let key = FlowKey { src: pair.0, dst: pair.1, conn: *conn };
         let flow = self.flows.entry(key).or_default();
         if syn {
             flow.base = Some(seq.wrapping_add(1));
@@ -608,5 +624,56 @@ mod tests {
         s.extend_from_slice(b"GET / HTTP/1.1");
         assert_eq!(records(&s).not_tls_at, Some(13));
         assert_eq!(records(b"hello").not_tls_at, Some(0));
+    }
+
+    /// A raw-IP (link type 101) pcap of IPv4/TCP packets `(seq, flags, payload)` from
+    /// 127.0.0.1:40000 to 127.0.0.1:5432.
+    fn pcap(packets: &[(u32, u8, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&0xa1b2_c3d4u32.to_le_bytes());
+        out.extend_from_slice(&2u16.to_le_bytes());
+        out.extend_from_slice(&4u16.to_le_bytes());
+        out.extend_from_slice(&[0; 8]);
+        out.extend_from_slice(&65535u32.to_le_bytes());
+        out.extend_from_slice(&101u32.to_le_bytes());
+        for (seq, flags, payload) in packets {
+            let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 6, 0, 0, 127, 0, 0, 1, 127, 0, 0, 1];
+            let total = (20 + 20 + payload.len()) as u16;
+            ip[2..4].copy_from_slice(&total.to_be_bytes());
+            let mut tcp = vec![0u8; 20];
+            tcp[0..2].copy_from_slice(&40000u16.to_be_bytes());
+            tcp[2..4].copy_from_slice(&5432u16.to_be_bytes());
+            tcp[4..8].copy_from_slice(&seq.to_be_bytes());
+            tcp[12] = 5 << 4;
+            tcp[13] = *flags;
+            ip.extend_from_slice(&tcp);
+            ip.extend_from_slice(payload);
+            for v in [0u32, 0, ip.len() as u32, ip.len() as u32] {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+            out.extend_from_slice(&ip);
+        }
+        out
+    }
+
+    #[test]
+    fn a_reused_port_pair_is_two_connections_not_one_garbled_flow() {
+        const SYN: u8 = 0x02;
+        const ACK: u8 = 0x10;
+        let rec = [23u8, 3, 3, 0, 1, 9];
+        let wire = Wire::from_pcap(&pcap(&[
+            (1000, SYN, &[]),
+            (1000, SYN, &[]), // a retransmitted SYN is the same connection
+            (1001, ACK, &rec),
+            (5000, SYN, &[]), // the port pair again, a new initial sequence number
+            (5001, ACK, &rec),
+        ]))
+        .unwrap();
+        let flows: Vec<_> = wire.data_flows().collect();
+        assert_eq!(flows.len(), 2, "{}", wire.summary());
+        for (key, flow) in flows {
+            assert_eq!(flow.complete_bytes(), Some(&rec[..]), "{key}");
+            assert_eq!(flow.verdict(), Verdict::Tls { types: vec![23], complete: true }, "{key}");
+        }
     }
 }
