@@ -169,13 +169,13 @@ pub unsafe extern "C" fn close_range(first: u32, last: u32, flags: c_int) -> c_i
 #[no_mangle]
 pub unsafe extern "C" fn closefrom(low: c_int) {
     let first = low.max(0) as u32;
-    // SAFETY: forwarded, closefrom(3).
     hook(
         || match ops::fds::close_range(first, u32::MAX, 0) {
             Outcome::PassThrough => Outcome::PassThrough,
             Outcome::Done(_) => Outcome::Done(()),
             Outcome::Fail(_, e) => Outcome::Fail((), e),
         },
+        // SAFETY: forwarded, closefrom(3).
         || unsafe { real::closefrom(low) },
         || ((), libc::EIO),
     )

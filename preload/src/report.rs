@@ -30,6 +30,21 @@ static REPORTER: Mutex<Option<Reporter>> = Mutex::new(None);
 /// stream closed, under this lock, so a fork child knows exactly which inherited number is the
 /// parent's connection (and closes its copy without touching the stream).
 static BROKER_FD: Mutex<RawFd> = Mutex::new(-1);
+/// The same fd, readable without a lock: `close`/`close_range` spare it (a program's
+/// `closefrom` would otherwise close the reporter's socket under it, and the reporter's later
+/// close could hit a number the program reused).
+static BROKER_FD_NOW: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+/// The reporter's broker connection, if it has one open.
+pub(crate) fn broker_fd() -> Option<RawFd> {
+    let fd = BROKER_FD_NOW.load(std::sync::atomic::Ordering::Acquire);
+    (fd >= 0).then_some(fd)
+}
+
+fn set_broker_fd(slot: &mut RawFd, fd: RawFd) {
+    *slot = fd;
+    BROKER_FD_NOW.store(fd, std::sync::atomic::Ordering::Release);
+}
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -81,20 +96,18 @@ fn run(rx: Receiver<ConnectionReport>) {
             if conn.is_none() {
                 conn = connect().ok();
                 if let Some(s) = &conn {
-                    *BROKER_FD.lock() = s.as_raw_fd();
+                    set_broker_fd(&mut BROKER_FD.lock(), s.as_raw_fd());
                 }
             }
             let Some(s) = conn.as_mut() else { break };
             if send_one(s, &r).is_ok() {
                 break;
             }
-            let mut fd = BROKER_FD.lock();
-            *fd = -1;
+            set_broker_fd(&mut BROKER_FD.lock(), -1);
             conn = None;
         }
     }
-    let mut fd = BROKER_FD.lock();
-    *fd = -1;
+    set_broker_fd(&mut BROKER_FD.lock(), -1);
     drop(conn);
 }
 
@@ -138,6 +151,6 @@ pub(crate) fn after_fork_child() {
         // SAFETY: the child's copy of the parent's report connection; no code in the child
         // refers to it (the thread that owned it does not exist here).
         unsafe { crate::real::close(*fd) };
-        *fd = -1;
+        set_broker_fd(&mut fd, -1);
     }
 }
