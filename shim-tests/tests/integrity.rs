@@ -5,10 +5,11 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::fs;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tether_shim_tests::{
+use tether_shim_tests::{Run, 
     free_port, kv, show, DataPathCheck, Harness, Policy, ANY_ID, PYTHON,
 };
 
@@ -133,6 +134,29 @@ fn close_of_the_last_fd_ends_the_stream_cleanly() {
 }
 
 
+/// `openssl s_client` (not under the shim, presenting the test's exported SVID) sends
+/// `GET /x` to the tether server on `port` and reads until the server ends the stream.
+fn s_client_request(h: &Harness, port: u16, cert: &Path, key: &Path, bundle: &Path) -> Run {
+    let req = h.path("request.txt");
+    fs::write(&req, "GET /x\n").unwrap();
+    let mut client = Command::new("openssl");
+    client
+        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3", "-ign_eof"])
+        .arg("-CAfile")
+        .arg(bundle)
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .args(["-connect", &format!("127.0.0.1:{port}")]);
+    h.run_with_stdin(
+        "s_client",
+        h.plain(&mut client),
+        Duration::from_secs(30),
+        Stdio::from(fs::File::open(&req).unwrap()),
+    )
+}
+
 /// The same, judged by a peer that is not tether: `openssl s_client` reports an unexpected EOF
 /// when a stream ends without close_notify. On kTLS this is the kernel path (close() sends
 /// nothing by itself); on the relay, the relay's own close_notify.
@@ -146,24 +170,7 @@ fn close_without_shutdown_sends_close_notify_to_openssl() {
         .arg(h.script("server.py", PY_ENDING_SERVER))
         .args([&port.to_string(), "close"]);
     h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let req = h.path("request.txt");
-    fs::write(&req, "GET /x\n").unwrap();
-    let mut client = Command::new("openssl");
-    client
-        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3", "-ign_eof"])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-connect", &format!("127.0.0.1:{port}")]);
-    let run = h.run_with_stdin(
-        "s_client",
-        h.plain(&mut client),
-        Duration::from_secs(30),
-        Stdio::from(fs::File::open(&req).unwrap()),
-    );
+    let run = s_client_request(&h, port, &cert, &key, &bundle);
     assert!(run.stdout.contains("-END"), "s_client did not get the body: {run}");
     assert!(
         !run.stderr.to_lowercase().contains("unexpected eof"),
@@ -278,24 +285,7 @@ fn fork_per_connection_server_ends_the_stream_with_close_notify_from_the_child()
         .arg(h.script("forking.py", PY_FORKING_SERVER))
         .arg(port.to_string());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let req = h.path("request.txt");
-    fs::write(&req, "GET /x\n").unwrap();
-    let mut client = Command::new("openssl");
-    client
-        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3", "-ign_eof"])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-connect", &format!("127.0.0.1:{port}")]);
-    let run = h.run_with_stdin(
-        "s_client",
-        h.plain(&mut client),
-        Duration::from_secs(30),
-        Stdio::from(fs::File::open(&req).unwrap()),
-    );
+    let run = s_client_request(&h, port, &cert, &key, &bundle);
     assert!(
         run.stdout.contains("-END"),
         "the body did not arrive whole (did the parent's close end the stream?): {run}\n{}",
