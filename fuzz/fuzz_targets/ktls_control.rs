@@ -8,6 +8,8 @@
 //!   handshake record made only of whole NewSessionTickets; in particular never when it holds a
 //!   KeyUpdate, and never for an unknown record type;
 //! - completing a record cut short (`control_bytes_missing`) never panics and fits the record.
+//! - a KeyUpdate is followed only when it is the record's last message, well-formed, after
+//!   nothing but whole tickets;
 //! - everything else resets the connection.
 #![no_main]
 
@@ -38,6 +40,10 @@ fuzz_target!(|data: &[u8]| {
             CONTENT_HANDSHAKE => assert!(only_tickets(body), "dropped a handshake record that is not whole tickets: {body:?}"),
             _ => panic!("dropped a record of unknown type {ty}"),
         },
+        Control::KeyUpdate { requested } => {
+            assert_eq!(ty, CONTENT_HANDSHAKE);
+            assert!(key_update_last(body, requested), "KeyUpdate from {body:?}");
+        }
         Control::Reset(why) => {
             assert!(!why.is_empty());
             assert_ne!(ty, CONTENT_APPLICATION_DATA, "application data reset the connection");
@@ -54,6 +60,14 @@ fuzz_target!(|data: &[u8]| {
     // Deterministic: the same record always means the same thing.
     assert_eq!(classify(ty, body), got);
 });
+
+/// An independent check: whole NewSessionTickets, then exactly one KeyUpdate message of one
+/// byte (1 = update_requested, 0 = not) that ends the record.
+fn key_update_last(body: &[u8], requested: bool) -> bool {
+    let Some(at) = body.len().checked_sub(5) else { return false };
+    let (head, ku) = body.split_at(at);
+    ku == [24, 0, 0, 1, u8::from(requested)] && (head.is_empty() || only_tickets(head))
+}
 
 /// An independent check: the body is one or more whole NewSessionTicket messages, nothing else.
 fn only_tickets(mut body: &[u8]) -> bool {

@@ -75,6 +75,9 @@ pub(crate) struct Protected {
     pub(crate) truncation_reported: AtomicBool,
     /// The program shut down its reading side: an EOF is its own doing, not the peer's.
     pub(crate) local_shut_rd: AtomicBool,
+    /// kTLS: rustls's key schedule, for following the peer's KeyUpdates (set once, after the
+    /// keys are installed; empty for other paths and for sockets inherited across exec).
+    pub(crate) rekey: std::sync::OnceLock<crate::tls::danger::Rekey>,
     /// allow | observe | plaintext
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
@@ -105,6 +108,7 @@ impl Protected {
             allow_truncation: AtomicBool::new(false),
             truncation_reported: AtomicBool::new(false),
             local_shut_rd: AtomicBool::new(false),
+            rekey: std::sync::OnceLock::new(),
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),

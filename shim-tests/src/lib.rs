@@ -92,6 +92,14 @@ pub fn in_uml() -> bool {
     std::env::var("TETHER_IN_UML").is_ok_and(|v| v == "1")
 }
 
+/// Does this kernel rekey kTLS after a KeyUpdate (Linux >= 6.14)?
+pub fn kernel_can_rekey_ktls() -> bool {
+    let rel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut it = rel.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    let (major, minor) = (it.next().unwrap_or(0), it.next().unwrap_or(0));
+    (major, minor) >= (6, 14)
+}
+
 /// The mode every allowed connection must log here: `ktls` in UML, `userspace` on the host.
 pub fn expected_mode() -> &'static str {
     if in_uml() {

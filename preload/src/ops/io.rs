@@ -3,6 +3,13 @@
 //! A control record (alert, NewSessionTicket, KeyUpdate) makes a plain read on a kTLS socket
 //! fail with EIO. Exports call the real function first and come here only when it failed with
 //! EIO and the fd is a kTLS connection of ours: one branch on the fast path.
+//!
+//! A peer's KeyUpdate (Linux >= 6.14) is followed here too: the record is consumed, rustls's
+//! key schedule gives the next RX secret, and TLS_RX is set again before the program's call is
+//! repeated; if the peer asked for it, our own KeyUpdate goes out under the old TX key and
+//! TLS_TX moves to the next one. The per-connection key-schedule lock is taken only here, from
+//! before the record is consumed until the new keys are in, so a second reader that meets
+//! EKEYEXPIRED in between waits for it rather than rekeying twice.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::Ordering;
@@ -11,6 +18,7 @@ use crate::fd_table::{self, DataPath};
 use crate::guard;
 use crate::log;
 use crate::sys::ktls::{self, Control};
+use crate::tls::danger::{self, KeySchedule};
 
 /// Control records we will skip in a row before calling the stream broken.
 const MAX_SKIPPED: usize = 64;
@@ -19,7 +27,7 @@ const MAX_SKIPPED: usize = 64;
 /// `again` repeats the program's original call.
 pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() -> isize) -> isize {
     let e = guard::errno();
-    if e != libc::EIO {
+    if e != libc::EIO && e != libc::EKEYEXPIRED {
         return first;
     }
     let p = fd_table::get(fd);
@@ -38,8 +46,22 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
             return first;
         }
     }
+    if e == libc::EKEYEXPIRED {
+        return after_key_expired(fd, p.as_deref(), again);
+    }
+    let rekey = p.as_ref().and_then(|p| p.rekey.get());
     for _ in 0..MAX_SKIPPED {
-        match ktls::handle_control_record(fd) {
+        let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let mut control = ktls::handle_control_record(fd);
+        if let Ok(Control::KeyUpdate { requested }) = control {
+            control = Ok(match follow_key_update(fd, keys.as_deref_mut(), requested) {
+                Ok(()) => Control::Retry,
+                Err(why) => return reset(fd, p.as_deref(), &why),
+            });
+        }
+        drop(keys);
+        match control {
+            Ok(Control::KeyUpdate { .. }) => return reset(fd, p.as_deref(), "KeyUpdate not followed"),
             Ok(Control::Retry) => {
                 let r = again();
                 if r >= 0 || guard::errno() != libc::EIO {
@@ -52,12 +74,7 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
                 }
                 return 0;
             }
-            Ok(Control::Reset(why)) => {
-                let peer = p.as_ref().and_then(|p| p.peer.as_ref()).map(|v| v.id().to_string());
-                log::Line::new("read").kv("fd", fd).kv("peer_id", peer.unwrap_or_default()).kv("reason", why).emit();
-                guard::set_errno(libc::ECONNRESET);
-                return -1;
-            }
+            Ok(Control::Reset(why)) => return reset(fd, p.as_deref(), why),
             Err(err) => {
                 guard::set_errno(err.raw_os_error().unwrap_or(libc::EIO));
                 return -1;
@@ -66,6 +83,47 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
     }
     guard::set_errno(libc::ECONNRESET);
     -1
+}
+
+/// How long a reader that met EKEYEXPIRED waits for the thread following the KeyUpdate.
+const KEY_EXPIRED_WAIT_MS: u32 = 200;
+
+/// The kernel says RX awaits its next key: another thread of ours is following a KeyUpdate
+/// (wait on its lock, then read again), or the record went where we could not see it (an
+/// interface we do not hook): then we cannot know the peer's request, and fail closed.
+fn after_key_expired(fd: RawFd, p: Option<&fd_table::Protected>, again: &mut dyn FnMut() -> isize) -> isize {
+    let Some(rekey) = p.and_then(|p| p.rekey.get()) else {
+        return reset(fd, p, "kTLS RX key expired on a socket without a key schedule");
+    };
+    for _ in 0..KEY_EXPIRED_WAIT_MS {
+        drop(rekey.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let r = again();
+        match (r, guard::errno()) {
+            (r, _) if r >= 0 => return r,
+            (_, libc::EKEYEXPIRED) => std::thread::sleep(std::time::Duration::from_millis(1)),
+            (_, libc::EIO) => return after_read_error(fd, r, again),
+            _ => return r,
+        }
+    }
+    reset(fd, p, "kTLS RX key expired: the peer's KeyUpdate was consumed outside tether")
+}
+
+/// Move RX to the peer's next key; answer an update request with our own KeyUpdate. `keys` is
+/// the locked key schedule (`None`: a kTLS socket inherited across exec, which has none).
+fn follow_key_update(fd: RawFd, keys: Option<&mut KeySchedule>, requested: bool) -> Result<(), String> {
+    let Some(keys) = keys else {
+        return Err("peer sent KeyUpdate; no key schedule for this socket (kTLS inherited across exec)".into());
+    };
+    danger::follow_rx(fd, keys).map_err(|e| match e.raw_os_error() {
+        Some(libc::EBUSY) | Some(libc::EEXIST) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) => {
+            format!("peer sent KeyUpdate; this kernel cannot rekey kTLS RX (Linux < 6.14: {e})")
+        }
+        _ => format!("peer sent KeyUpdate; RX rekey failed: {e}"),
+    })?;
+    if requested {
+        danger::rotate_tx(fd, keys).map_err(|e| format!("peer requested a KeyUpdate; TX rekey failed: {e}"))?;
+    }
+    Ok(())
 }
 
 /// A `recvmsg` with the program's own control buffer: the kernel then returns a kTLS control
@@ -122,6 +180,31 @@ pub(crate) unsafe fn control_in_program_buffer(
                     p.peer_closed.store(true, Ordering::Relaxed);
                 }
                 return 0;
+            }
+            Ok(Control::KeyUpdate { requested }) => {
+                let rekey = p.as_ref().and_then(|p| p.rekey.get());
+                let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+                if let Err(why) = follow_key_update(fd, keys.as_deref_mut(), requested) {
+                    return reset(fd, p.as_deref(), &why);
+                }
+                drop(keys);
+                // SAFETY: as for Retry below.
+                unsafe {
+                    (*msg).msg_controllen = controllen;
+                    (*msg).msg_flags = 0;
+                }
+                let r = again();
+                if r < 0 {
+                    return after_read_error(fd, r, again);
+                }
+                if r == 0 {
+                    return super::ending::after_eof(fd);
+                }
+                // SAFETY: the kernel just filled the program's msghdr.
+                match unsafe { ktls::control_record_in(msg) } {
+                    Some(t) => (got_n, ty) = (r, t),
+                    None => return r,
+                }
             }
             Ok(Control::Reset(why)) => return reset(fd, p.as_deref(), why),
             Err(_) => return reset(fd, p.as_deref(), "control record could not be read whole"),

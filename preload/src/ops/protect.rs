@@ -136,25 +136,33 @@ fn protect_inner(
     }
     let deadline = Instant::now() + settings::get().handshake_timeout;
     let mut io = DeadlineIo { fd, deadline };
+    let target = match plan {
+        Plan::Ktls => handshake::Target::Kernel,
+        Plan::Userspace { .. } => handshake::Target::Relay,
+    };
     let est = match direction {
-        Direction::Outbound => handshake::client(&mut io, &ident.creds, allow, remote),
-        Direction::Inbound => handshake::server(&mut io, &ident.creds, allow),
+        Direction::Outbound => handshake::client(&mut io, &ident.creds, allow, remote, target),
+        Direction::Inbound => handshake::server(&mut io, &ident.creds, allow, target),
     };
     if toggle {
         net::set_status_flags(fd, flags);
     }
     let est = est.map_err(Failure::Handshake)?;
-    let (path, detail) = match plan {
-        Plan::Ktls => {
-            let cipher = tls::danger::install_ktls(fd, est.conn).map_err(Failure::Ktls)?;
-            (DataPath::Ktls, cipher)
+    let (path, detail, rekey) = match (plan, est.conn) {
+        (Plan::Ktls, handshake::Session::Kernel(h)) => {
+            let (cipher, rekey) = tls::danger::install_ktls(fd, h).map_err(Failure::Ktls)?;
+            (DataPath::Ktls, cipher, Some(rekey))
         }
-        Plan::Userspace { why } => {
-            let link = fallback::adopt(fd, est.conn).map_err(Failure::Relay)?;
-            (DataPath::Userspace(link), why)
+        (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
+            let link = fallback::adopt(fd, conn).map_err(Failure::Relay)?;
+            (DataPath::Userspace(link), why, None)
         }
+        _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),
     };
     let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
+    if let Some(r) = rekey {
+        let _ = p.rekey.set(r);
+    }
     let allow_truncation = match direction {
         Direction::Outbound => ident.policy.outbound_rule(remote).is_some_and(|r| r.allow_truncation),
         Direction::Inbound => ident.policy.inbound_rule(local.port()).is_some_and(|r| r.allow_truncation),

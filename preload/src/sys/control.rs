@@ -12,7 +12,10 @@ pub(crate) enum Control {
     Retry,
     /// close_notify: the program sees EOF.
     Eof,
-    /// A fatal alert, a KeyUpdate this kernel cannot follow, or garbage.
+    /// The peer moved to its next traffic key (the record is consumed); `requested`: it asks
+    /// us to move ours too.
+    KeyUpdate { requested: bool },
+    /// A fatal alert, or garbage.
     Reset(&'static str),
 }
 
@@ -32,8 +35,9 @@ pub(crate) fn classify(ty: u8, body: &[u8]) -> Control {
 }
 
 /// A post-handshake handshake record may carry several messages: every one is looked at.
-/// Only NewSessionTickets (which we drop: we never resume) let the stream go on. A message cut
-/// off at the record's end (fragmented across records) fails closed.
+/// NewSessionTickets are dropped (we never resume). A KeyUpdate must be the record's last
+/// message (RFC 8446 §5.1: a key change aligns with a record boundary) and carry exactly one
+/// valid byte. A message cut off at the record's end (fragmented across records) fails closed.
 fn classify_handshake(body: &[u8]) -> Control {
     if body.is_empty() {
         return Control::Reset("empty handshake record");
@@ -49,7 +53,14 @@ fn classify_handshake(body: &[u8]) -> Control {
         };
         match ty {
             4 => {} // NewSessionTicket
-            24 => return Control::Reset("peer sent KeyUpdate; this kernel cannot rekey kTLS RX"),
+            24 => {
+                return match (&rest[4..4 + len], next.is_empty()) {
+                    ([0], true) => Control::KeyUpdate { requested: false },
+                    ([1], true) => Control::KeyUpdate { requested: true },
+                    (_, true) => Control::Reset("malformed KeyUpdate"),
+                    (_, false) => Control::Reset("KeyUpdate not at the end of its record"),
+                }
+            }
             _ => return Control::Reset("unexpected post-handshake message"),
         }
         rest = next;

@@ -234,6 +234,21 @@ pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'stat
     Ok(cipher_name(tx))
 }
 
+/// A direction of a kTLS socket, for [`set_key`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Dir {
+    Tx,
+    Rx,
+}
+
+/// Set (or, on Linux >= 6.14, replace after a KeyUpdate) one direction's key. Older kernels
+/// refuse a second key (EBUSY): the caller fails closed.
+pub(crate) fn set_key(fd: RawFd, dir: Dir, seq: u64, s: &ConnectionTrafficSecrets) -> io::Result<()> {
+    let info = crypto_info(seq, s)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "cipher suite not supported by kTLS"))?;
+    set_crypto(fd, match dir { Dir::Tx => TLS_TX, Dir::Rx => TLS_RX }, &info)
+}
+
 /// Consume the control record at the head of `fd`'s receive queue. Called only after a plain
 /// read failed with EIO on a kTLS socket. The record type is peeked first, so application
 /// data is never taken from under the program.
@@ -318,9 +333,40 @@ fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize
 
 /// Send a close_notify alert on a kTLS socket (for `shutdown(SHUT_WR)`).
 pub(crate) fn send_close_notify(fd: RawFd) {
-    let alert = [1u8, 0u8];
+    let _ = send_control(fd, CONTENT_ALERT, &[1, 0], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+}
+
+/// How long our KeyUpdate may wait for room in a full send buffer before we give up (and the
+/// read that triggered it reports ECONNRESET).
+const KEY_UPDATE_SEND_TIMEOUT_MS: c_int = 5000;
+
+/// Send a KeyUpdate(update_not_requested) record under the current TX key. Waits (bounded)
+/// for send-buffer room, whether or not the socket is non-blocking.
+pub(crate) fn send_key_update(fd: RawFd) -> io::Result<()> {
+    let msg = [24u8, 0, 0, 1, 0];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(KEY_UPDATE_SEND_TIMEOUT_MS as u64);
+    loop {
+        match send_control(fd, CONTENT_HANDSHAKE, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(n) if n == msg.len() => return Ok(()),
+            Ok(_) => return Err(io::Error::from_raw_os_error(libc::EPROTO)),
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now()).as_millis() as c_int;
+                if left == 0 {
+                    return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
+                }
+                let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+                // SAFETY: one pollfd, bounded timeout.
+                unsafe { libc::poll(&mut pfd, 1, left) };
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn send_control(fd: RawFd, ty: u8, body: &[u8], flags: c_int) -> io::Result<usize> {
     let mut cbuf = [0u64; 4];
-    let mut iov = libc::iovec { iov_base: alert.as_ptr() as *mut _, iov_len: alert.len() };
+    let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() };
     // SAFETY: as in recv_record; we build one cmsg of type TLS_SET_RECORD_TYPE.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
@@ -332,8 +378,13 @@ pub(crate) fn send_close_notify(fd: RawFd) {
         (*c).cmsg_level = SOL_TLS;
         (*c).cmsg_type = TLS_SET_RECORD_TYPE;
         (*c).cmsg_len = libc::CMSG_LEN(1) as usize;
-        *libc::CMSG_DATA(c) = CONTENT_ALERT;
-        let _ = libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        *libc::CMSG_DATA(c) = ty;
+        let n = crate::real::sendmsg(fd, &msg, flags);
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
     }
 }
 
@@ -348,7 +399,10 @@ mod tests {
         assert_eq!(classify(CONTENT_ALERT, &[1, 90]), Control::Retry);
         assert!(matches!(classify(CONTENT_ALERT, &[2, 40]), Control::Reset(_)));
         assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]), Control::Retry);
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::Reset(_)));
+        assert_eq!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::KeyUpdate { requested: false });
+        assert_eq!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]), Control::KeyUpdate { requested: true });
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 2]), Control::Reset(_)));
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 2, 0, 0]), Control::Reset(_)));
         assert!(matches!(classify(99, &[]), Control::Reset(_)));
     }
 
@@ -357,7 +411,12 @@ mod tests {
         // Two tickets in one record: dropped.
         assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0, 0, 0]), Control::Retry);
         // A ticket, then a KeyUpdate in the same record: not hidden behind the first.
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 24, 0, 0, 1, 0]), Control::Reset(_)));
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 24, 0, 0, 1, 1]),
+            Control::KeyUpdate { requested: true }
+        );
+        // Anything after a KeyUpdate in its record would be under the wrong key: closed.
+        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0, 4, 0, 0, 0]), Control::Reset(_)));
         // A message longer than the record (fragmented), or an empty record: closed.
         assert!(matches!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]), Control::Reset(_)));
         assert!(matches!(classify(CONTENT_HANDSHAKE, &[]), Control::Reset(_)));

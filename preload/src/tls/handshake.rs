@@ -15,6 +15,8 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::ServerName;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
+use rustls::client::UnbufferedClientConnection;
+use rustls::server::UnbufferedServerConnection;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection, SignatureScheme};
 use tether_proto::IdPattern;
 
@@ -99,11 +101,26 @@ impl From<io::Error> for HandshakeError {
     }
 }
 
-/// A completed handshake: the connection (for kTLS extraction or the userspace relay) and the
-/// peer it proved.
+/// Which data path the handshake is for: it picks the driver.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Target {
+    /// rustls's unbuffered API, whose connection turns into a kernel key schedule.
+    Kernel,
+    /// A buffered rustls connection for the userspace relay.
+    Relay,
+}
+
+/// What a handshake produced for its data path.
+#[derive(Debug)]
+pub(crate) enum Session {
+    Kernel(super::danger::HandOff),
+    Relay(Connection),
+}
+
+/// A completed handshake: the session and the peer it proved.
 #[derive(Debug)]
 pub(crate) struct Established {
-    pub(crate) conn: Connection,
+    pub(crate) conn: Session,
     pub(crate) peer: VerifiedPeer,
 }
 
@@ -119,6 +136,7 @@ pub(crate) fn client(
     creds: &Credentials,
     allow: &[IdPattern],
     dest: SocketAddr,
+    target: Target,
 ) -> Result<Established, HandshakeError> {
     let (v, check) = verifier(creds, allow);
     let mut cfg = ClientConfig::builder_with_provider(provider())
@@ -131,8 +149,18 @@ pub(crate) fn client(
     cfg.resumption = rustls::client::Resumption::disabled();
     cfg.enable_sni = false;
     let name = ServerName::IpAddress(dest.ip().into());
-    let conn = ClientConnection::new(Arc::new(cfg), name).map_err(HandshakeError::Tls)?;
-    finish(Connection::Client(conn), io, &check)
+    let cfg = Arc::new(cfg);
+    let r = match target {
+        Target::Kernel => {
+            let conn = UnbufferedClientConnection::new(cfg, name).map_err(HandshakeError::Tls)?;
+            super::unbuffered::drive(conn, io, false).map(kernel_session)
+        }
+        Target::Relay => {
+            let mut conn = Connection::Client(ClientConnection::new(cfg, name).map_err(HandshakeError::Tls)?);
+            drive(&mut conn, io, false).map(|()| Session::Relay(conn))
+        }
+    };
+    finish(r, &check)
 }
 
 /// Server side: a client connected to us and must prove an ID in `allow`.
@@ -140,6 +168,7 @@ pub(crate) fn server(
     io: &mut DeadlineIo,
     creds: &Credentials,
     allow: &[IdPattern],
+    target: Target,
 ) -> Result<Established, HandshakeError> {
     let (v, check) = verifier(creds, allow);
     let mut cfg = ServerConfig::builder_with_provider(provider())
@@ -152,17 +181,29 @@ pub(crate) fn server(
     // resume, so send none.
     cfg.send_tls13_tickets = 0;
     cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    let conn = ServerConnection::new(Arc::new(cfg)).map_err(HandshakeError::Tls)?;
-    finish(Connection::Server(conn), io, &check)
+    let cfg = Arc::new(cfg);
+    let r = match target {
+        Target::Kernel => {
+            let conn = UnbufferedServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
+            super::unbuffered::drive(conn, io, true).map(kernel_session)
+        }
+        Target::Relay => {
+            let mut conn = Connection::Server(ServerConnection::new(cfg).map_err(HandshakeError::Tls)?);
+            drive(&mut conn, io, true).map(|()| Session::Relay(conn))
+        }
+    };
+    finish(r, &check)
 }
 
-fn finish(mut conn: Connection, io: &mut DeadlineIo, check: &PeerCheck) -> Result<Established, HandshakeError> {
-    let quickack = matches!(conn, Connection::Server(_));
-    let r = drive(&mut conn, io, quickack);
+fn kernel_session((secrets, keys): (rustls::ExtractedSecrets, super::danger::KeySchedule)) -> Session {
+    Session::Kernel(super::danger::HandOff { secrets, keys })
+}
+
+fn finish(r: Result<Session, HandshakeError>, check: &PeerCheck) -> Result<Established, HandshakeError> {
     if let Some(refusal) = check.refusal() {
         return Err(HandshakeError::Refused(refusal));
     }
-    r?;
+    let conn = r?;
     let peer = check.verified().ok_or(HandshakeError::Refused(Refusal::BadCertificate(
         "peer presented no certificate".into(),
     )))?;
@@ -221,7 +262,7 @@ pub(crate) fn record_len(h: &[u8; 5]) -> Result<usize, HandshakeError> {
     Ok(len)
 }
 
-fn read_record(io: &mut DeadlineIo, out: &mut Vec<u8>) -> Result<(), HandshakeError> {
+pub(crate) fn read_record(io: &mut DeadlineIo, out: &mut Vec<u8>) -> Result<(), HandshakeError> {
     let mut h = [0u8; 5];
     read_exact(io, &mut h)?;
     let len = record_len(&h)?;

@@ -1,24 +1,88 @@
-//! TLS: the handshake driver and the SPIFFE verifier. Key export into the kernel lives in
+//! TLS: the handshake drivers and the SPIFFE verifier. Key export into the kernel lives in
 //! [`danger`], the one place that touches traffic secrets.
 
 pub(crate) mod handshake;
+pub(crate) mod unbuffered;
 pub(crate) mod verify;
 
 pub(crate) mod danger {
-    //! Traffic-secret extraction. The secrets go straight into the kernel's crypto_info (wiped
-    //! on drop) and nowhere else.
+    //! Traffic secrets. They go straight into the kernel's crypto_info (wiped on drop) and
+    //! nowhere else; the key schedule that derives the next ones after a KeyUpdate stays
+    //! inside rustls's [`KernelConnection`].
 
+    use std::fmt;
     use std::io;
     use std::os::fd::RawFd;
+    use std::sync::Mutex;
 
-    use rustls::Connection;
+    use rustls::client::ClientConnectionData;
+    use rustls::kernel::KernelConnection;
+    use rustls::server::ServerConnectionData;
+    use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 
-    /// Move `conn`'s keys into the kernel on `fd`. Consumes the connection: after this, there
-    /// is no way back to userspace TLS, which is why kTLS is probed before the handshake.
-    pub(crate) fn install_ktls(fd: RawFd, conn: Connection) -> io::Result<&'static str> {
-        let secrets = conn
-            .dangerous_extract_secrets()
-            .map_err(|e| io::Error::other(format!("secret extraction failed: {e}")))?;
-        crate::sys::ktls::install(fd, secrets)
+    /// rustls's key schedule for a connection handed to the kernel.
+    pub(crate) enum KeySchedule {
+        Client(KernelConnection<ClientConnectionData>),
+        Server(KernelConnection<ServerConnectionData>),
+    }
+
+    impl fmt::Debug for KeySchedule {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("KeySchedule(<redacted>)")
+        }
+    }
+
+    impl KeySchedule {
+        fn next_rx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+            match self {
+                Self::Client(k) => k.update_rx_secret(),
+                Self::Server(k) => k.update_rx_secret(),
+            }
+        }
+
+        fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
+            match self {
+                Self::Client(k) => k.update_tx_secret(),
+                Self::Server(k) => k.update_tx_secret(),
+            }
+        }
+    }
+
+    /// A finished kTLS-path handshake: the current keys and the schedule for the next ones.
+    pub(crate) struct HandOff {
+        pub(crate) secrets: ExtractedSecrets,
+        pub(crate) keys: KeySchedule,
+    }
+
+    impl fmt::Debug for HandOff {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("HandOff(<redacted>)")
+        }
+    }
+
+    /// The per-connection key schedule, behind the lock that the read slow path (and only it)
+    /// takes while it follows a KeyUpdate.
+    pub(crate) type Rekey = Mutex<KeySchedule>;
+
+    /// Move the handshake's keys into the kernel on `fd`. After this there is no way back to
+    /// userspace TLS, which is why kTLS is probed before the handshake.
+    pub(crate) fn install_ktls(fd: RawFd, h: HandOff) -> io::Result<(&'static str, Rekey)> {
+        let cipher = crate::sys::ktls::install(fd, h.secrets)?;
+        Ok((cipher, Mutex::new(h.keys)))
+    }
+
+    /// The peer sent KeyUpdate (already consumed): derive its next traffic secret and give it
+    /// to the kernel's RX. Fails on a kernel that cannot rekey (< 6.14).
+    pub(crate) fn follow_rx(fd: RawFd, keys: &mut KeySchedule) -> io::Result<()> {
+        let (seq, s) = keys.next_rx().map_err(|e| io::Error::other(format!("next RX secret: {e}")))?;
+        crate::sys::ktls::set_key(fd, crate::sys::ktls::Dir::Rx, seq, &s)
+    }
+
+    /// Send our own KeyUpdate (update_not_requested) under the current TX key, then move the
+    /// kernel's TX to the next key.
+    pub(crate) fn rotate_tx(fd: RawFd, keys: &mut KeySchedule) -> io::Result<()> {
+        crate::sys::ktls::send_key_update(fd)?;
+        let (seq, s) = keys.next_tx().map_err(|e| io::Error::other(format!("next TX secret: {e}")))?;
+        crate::sys::ktls::set_key(fd, crate::sys::ktls::Dir::Tx, seq, &s)
     }
 }

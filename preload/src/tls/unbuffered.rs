@@ -1,0 +1,134 @@
+//! The kTLS path's handshake driver: rustls's unbuffered API, which is the only one that hands
+//! over a [`KernelConnection`] (the key schedule that follows KeyUpdates after the hand-over).
+//!
+//! Same discipline as the buffered driver: **one TLS record at a time** is read from the
+//! socket (5-byte header, then exactly that many bytes), so nothing that follows the handshake
+//! is ever read out of the kernel. Bytes rustls has not yet consumed (a handshake message
+//! split across records) stay at the head of our buffer and the next record is appended.
+
+use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
+use rustls::kernel::KernelConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
+use rustls::unbuffered::{ConnectionState, EncodeError, UnbufferedStatus};
+use rustls::ExtractedSecrets;
+use zeroize::Zeroize;
+
+use super::danger::KeySchedule;
+use super::handshake::{read_record, HandshakeError};
+use crate::sys::net::DeadlineIo;
+use std::io::Write;
+
+/// Both sides of the unbuffered API, so one driver serves client and server.
+pub(crate) trait Unbuffered {
+    type Data;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn handshaking(&self) -> bool;
+    fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error>;
+}
+
+impl Unbuffered for UnbufferedClientConnection {
+    type Data = ClientConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn handshaking(&self) -> bool {
+        self.is_handshaking()
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
+        let (s, k): (_, KernelConnection<ClientConnectionData>) = self.dangerous_into_kernel_connection()?;
+        Ok((s, KeySchedule::Client(k)))
+    }
+}
+
+impl Unbuffered for UnbufferedServerConnection {
+    type Data = ServerConnectionData;
+    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+        self.process_tls_records(incoming)
+    }
+    fn handshaking(&self) -> bool {
+        self.is_handshaking()
+    }
+    fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
+        let (s, k): (_, KernelConnection<ServerConnectionData>) = self.dangerous_into_kernel_connection()?;
+        Ok((s, KeySchedule::Server(k)))
+    }
+}
+
+/// Run the handshake to completion and hand over the keys and the key schedule.
+pub(crate) fn drive<C: Unbuffered>(
+    mut conn: C,
+    io: &mut DeadlineIo,
+    quickack: bool,
+) -> Result<(ExtractedSecrets, KeySchedule), HandshakeError> {
+    let mut incoming: Vec<u8> = Vec::with_capacity(2 * 16_640);
+    let mut record = Vec::with_capacity(16_640);
+    let mut flight: Vec<u8> = Vec::with_capacity(4096);
+    let mut out = vec![0u8; 16_640];
+    loop {
+        let status = conn.process(&mut incoming);
+        let discard = status.discard;
+        let need_more = match status.state {
+            Err(e) => {
+                incoming.drain(..discard.min(incoming.len()));
+                // Tell the peer why (rustls queued the alert), best effort.
+                if let Ok(ConnectionState::EncodeTlsData(mut enc)) = conn.process(&mut []).state {
+                    if let Ok(n) = enc.encode(&mut out) {
+                        let _ = io.write_all(&out[..n]);
+                    }
+                }
+                return Err(HandshakeError::Tls(e));
+            }
+            Ok(ConnectionState::EncodeTlsData(mut enc)) => {
+                let n = match enc.encode(&mut out) {
+                    Ok(n) => n,
+                    Err(EncodeError::InsufficientSize(s)) => {
+                        out.resize(s.required_size, 0);
+                        enc.encode(&mut out).map_err(|e| HandshakeError::Tls(rustls::Error::General(e.to_string())))?
+                    }
+                    Err(e) => return Err(HandshakeError::Tls(rustls::Error::General(e.to_string()))),
+                };
+                // Gather a whole flight, sent in one write at TransmitTlsData (Nagle and
+                // delayed ACKs would otherwise stall each handshake by ~40 ms).
+                flight.extend_from_slice(&out[..n]);
+                Some(false)
+            }
+            Ok(ConnectionState::TransmitTlsData(t)) => {
+                io.write_all(&flight)?;
+                flight.clear();
+                t.done();
+                Some(false)
+            }
+            Ok(ConnectionState::BlockedHandshake) => Some(true),
+            // The server may send from its Finished on (0.5-RTT), but the handshake is only
+            // over once the client's Finished has been read.
+            Ok(ConnectionState::WriteTraffic(_)) => None,
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => return Err(HandshakeError::PeerClosed),
+            Ok(_) => {
+                return Err(HandshakeError::Tls(rustls::Error::General(
+                    "unexpected data during the handshake".into(),
+                )))
+            }
+        };
+        incoming.drain(..discard.min(incoming.len()));
+        match need_more {
+            Some(true) => {}
+            Some(false) => continue,
+            None if conn.handshaking() => {}
+            None if incoming.is_empty() => break,
+            None => {
+                return Err(HandshakeError::Tls(rustls::Error::General("records past the handshake's end".into())));
+            }
+        }
+        read_record(io, &mut record)?;
+        if quickack {
+            // See the buffered driver: the server acks each handshake record at once.
+            crate::sys::ktls::quickack(io.fd);
+        }
+        incoming.extend_from_slice(&record);
+    }
+    if !flight.is_empty() {
+        io.write_all(&flight)?;
+    }
+    out.zeroize();
+    conn.into_kernel().map_err(HandshakeError::Tls)
+}
