@@ -27,7 +27,12 @@
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
 
 pub mod fixed_ktls;
+pub mod programs;
 pub mod wire;
+
+pub use programs::{
+    echo_server, openssl_s_client, openssl_s_server, SvidFiles, PY_MARKER_CLIENT, PY_READ_TO_END,
+};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -469,6 +474,13 @@ impl Harness {
     /// Start a server and wait until it listens on `port`.
     pub fn spawn_server(&mut self, name: &str, cmd: &mut Command, port: u16) -> u32 {
         let pid = self.spawn(name, cmd);
+        self.wait_listening(name, port);
+        pid
+    }
+
+    /// Wait up to 20 s until the child spawned last (named `name`) listens on `port`; panics with
+    /// its output if it exits first or does not listen in time.
+    pub fn wait_listening(&mut self, name: &str, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_listening(port) {
             let idx = self.children.len() - 1;
@@ -485,7 +497,6 @@ impl Harness {
             );
             thread::sleep(Duration::from_millis(20));
         }
-        pid
     }
 
     /// stdout and stderr of a spawned child so far.
