@@ -28,6 +28,7 @@
 
 pub mod fixed_ktls;
 pub mod programs;
+pub mod svid_dir;
 pub mod wire;
 
 pub use programs::{
