@@ -78,17 +78,9 @@ print("end=" + end)
 /// `openssl s_server` on `port` presenting `svid` and requiring a client certificate that
 /// chains to its bundle (TLS 1.3 only), plus `extra` arguments. Not under the shim.
 pub fn openssl_s_server(svid: &SvidFiles, port: u16, extra: &[&str]) -> Command {
-    let (cert, key, bundle) = svid;
     let mut c = Command::new("openssl");
-    c.args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3"])
-        .args(extra)
-        .arg("-CAfile")
-        .arg(bundle)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .args(["-accept", &port.to_string()]);
+    c.args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3"]).args(extra);
+    presenting(&mut c, svid).args(["-accept", &port.to_string()]);
     c
 }
 
@@ -96,20 +88,16 @@ pub fn openssl_s_server(svid: &SvidFiles, port: u16, extra: &[&str]) -> Command 
 /// bundle) presenting `svid`, plus `extra` arguments: connects to 127.0.0.1:`port`, sends
 /// `request` and reads until its input ends (until the server ends the stream, with `-ign_eof`).
 pub fn openssl_s_client(h: &Harness, svid: &SvidFiles, port: u16, extra: &[&str], request: &str) -> Run {
-    let (cert, key, bundle) = svid;
     let req = h.path("request.txt");
     fs::write(&req, request).unwrap();
     let mut client = Command::new("openssl");
-    client
-        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3"])
-        .args(extra)
-        .arg("-CAfile")
-        .arg(bundle)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .args(["-connect", &format!("127.0.0.1:{port}")]);
+    client.args(["s_client", "-quiet", "-verify_return_error", "-tls1_3"]).args(extra);
+    presenting(&mut client, svid).args(["-connect", &format!("127.0.0.1:{port}")]);
     let stdin = Stdio::from(fs::File::open(&req).unwrap());
     h.run_with_stdin("s_client", h.plain(&mut client), Duration::from_secs(30), stdin)
+}
+
+/// openssl's `-CAfile BUNDLE -cert CERT -key KEY` for `svid`.
+fn presenting<'c>(c: &'c mut Command, (cert, key, bundle): &SvidFiles) -> &'c mut Command {
+    c.arg("-CAfile").arg(bundle).arg("-cert").arg(cert).arg("-key").arg(key)
 }
