@@ -26,6 +26,14 @@ impl Harness {
         let www = self.www(index);
         self.spawn_server(name, self.shim(&mut http_server(port, &www), name), port)
     }
+
+    /// A shimmed `python3 FILE PORT ARGS...` named `name`, with `body` written as FILE; returns
+    /// its pid once it listens on `port`.
+    pub fn serve_python(&mut self, name: &str, port: u16, file: &str, body: &str, args: &[&str]) -> u32 {
+        let mut c = self.python(file, body);
+        c.arg(port.to_string()).args(args);
+        self.spawn_server(name, self.shim(&mut c, name), port)
+    }
 }
 
 /// `python3 scripts/py/echo_server.py PORT`: a threaded echo server on 127.0.0.1 (as a command).

@@ -38,9 +38,7 @@ const BODY_LEN: usize = 100_009;
 fn ending(name: &str, policy_of: impl Fn(u16) -> Policy, how: &str) -> (Harness, std::collections::BTreeMap<String, String>) {
     let port = free_port();
     let mut h = Harness::new(name, policy_of(port));
-    let mut server = h.python("server.py", PY_ENDING_SERVER);
-    server.args([&port.to_string(), how]);
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "server.py", PY_ENDING_SERVER, &[how]);
     let check = DataPathCheck::begin(&h, port);
     // Send a request line, read to the end; print the byte count and how the stream ended.
     let mut client = h.python("client.py", PY_READ_TO_END);
@@ -122,9 +120,7 @@ fn close_without_shutdown_sends_close_notify_to_openssl() {
     let port = free_port();
     let mut h = Harness::new("close-notify-openssl", Policy::new().inbound(port, &[ANY_ID]));
     let svid = h.svid_files();
-    let mut server = h.python("server.py", PY_ENDING_SERVER);
-    server.args([&port.to_string(), "close"]);
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "server.py", PY_ENDING_SERVER, &["close"]);
     let run = s_client_request(&h, port, &svid);
     assert!(run.stdout.contains("-END"), "s_client did not get the body: {run}");
     assert!(
@@ -224,9 +220,7 @@ fn fork_per_connection_server_ends_the_stream_with_close_notify_from_the_child()
     let port = free_port();
     let mut h = Harness::new("fork-close-notify", Policy::new().inbound(port, &[ANY_ID]));
     let svid = h.svid_files();
-    let mut server = h.python("forking.py", PY_FORKING_SERVER);
-    server.arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "forking.py", PY_FORKING_SERVER, &[]);
     let run = s_client_request(&h, port, &svid);
     assert!(
         run.stdout.contains("-END"),

@@ -197,9 +197,7 @@ fn two_hundred_concurrent_connections_succeed_without_fd_leaks() {
     let n = 200;
     let port = free_port();
     let mut h = Harness::new("concurrent", Policy::new().both(port));
-    let mut server = h.python("echo_server.py", PY_ECHO_SERVER);
-    server.arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "echo_server.py", PY_ECHO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
 
     let mut client = h.python("threaded_client.py", PY_THREADED_CLIENT);

@@ -72,9 +72,7 @@ s.close()
 fn sink(name: &str) -> (Harness, u16) {
     let port = free_port();
     let mut h = Harness::new(name, Policy::new().both(port));
-    let mut server = h.python("sink_server.py", PY_SINK_SERVER);
-    server.arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "sink_server.py", PY_SINK_SERVER, &[]);
     (h, port)
 }
 
@@ -244,9 +242,7 @@ os.kill(os.getpid(), signal.SIGKILL)
 fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
     let port = free_port();
     let mut h = Harness::new("peer-killed", Policy::new().both(port));
-    let mut server = h.python("dying.py", PY_DYING_SERVER);
-    server.arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "dying.py", PY_DYING_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
     let mut client = h.python("reader.py", PY_READ_TO_END);
     client.arg(port.to_string());
@@ -320,9 +316,7 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
     let (n, size) = (50, 256 * 1024);
     let port = free_port();
     let mut h = Harness::new("asyncio", Policy::new().both(port));
-    let mut server = h.python("aserver.py", PY_ASYNCIO_SERVER);
-    server.arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "aserver.py", PY_ASYNCIO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
     let mut client = h.python("aclient.py", PY_ASYNCIO_CLIENT);
     client.args([
