@@ -16,6 +16,8 @@
 //! issue 9 `leaks.rs` (every way a connection starts: stale fds, Fast Open, MPTCP, sockaddr
 //! lengths, a panic after connect) and `integrity.rs` (truncation, close_notify, control records
 //! in a program's cmsg buffer). [`wire`] proves protection on the wire.
+//! [`programs`] holds the scripts and commands several tests run the same way (an echo server,
+//! a marker client, a read-to-end reader, `openssl s_server`/`s_client` with the test's SVID).
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
