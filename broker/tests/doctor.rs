@@ -6,10 +6,10 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{Daemon, TempDir, TETHER};
+use common::{built_lib, Daemon, TempDir, TETHER};
 use serde_json::Value;
 
 fn doctor(args: &[&str]) -> (Output, Vec<Value>) {
@@ -35,16 +35,6 @@ fn finding<'a>(findings: &'a [Value], check: &str) -> &'a Value {
         .iter()
         .find(|f| f["check"] == check)
         .unwrap_or_else(|| panic!("no {check} in {findings:#?}"))
-}
-
-fn built_lib() -> PathBuf {
-    let p = Path::new(TETHER).with_file_name("libtether.so");
-    assert!(
-        p.is_file(),
-        "{} missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
 }
 
 /// Whether this kernel has kTLS, decided independently of the doctor: scripts/test-doctor-uml

@@ -10,10 +10,10 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-use common::{Daemon, TempDir, TETHER};
+use common::{built_lib, Daemon, TempDir, TETHER};
 
 const LIB: &str = "/usr/lib/tether/libtether.so";
 
@@ -39,16 +39,6 @@ impl Drop for RealPreloadUntouched {
             "the real /etc/ld.so.preload changed!"
         );
     }
-}
-
-fn built_lib() -> PathBuf {
-    let p = Path::new(TETHER).with_file_name("libtether.so");
-    assert!(
-        p.is_file(),
-        "{} missing: build the workspace first (cargo build --workspace)",
-        p.display()
-    );
-    p
 }
 
 /// A temp root with the library at /usr/lib/tether/libtether.so (root-owned, 0644, dirs 0755).

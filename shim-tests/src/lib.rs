@@ -16,6 +16,8 @@
 //! issue 9 `leaks.rs` (every way a connection starts: stale fds, Fast Open, MPTCP, sockaddr
 //! lengths, a panic after connect) and `integrity.rs` (truncation, close_notify, control records
 //! in a program's cmsg buffer). [`wire`] proves protection on the wire.
+//! [`programs`] holds the scripts and commands several tests run the same way (an echo server,
+//! a marker client, a read-to-end reader, `openssl s_server`/`s_client` with the test's SVID).
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
@@ -27,7 +29,13 @@
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
 
 pub mod fixed_ktls;
+pub mod programs;
+pub mod svid_dir;
 pub mod wire;
+
+pub use programs::{
+    echo_server, openssl_s_client, openssl_s_server, SvidFiles, PY_MARKER_CLIENT, PY_READ_TO_END,
+};
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
@@ -469,6 +477,13 @@ impl Harness {
     /// Start a server and wait until it listens on `port`.
     pub fn spawn_server(&mut self, name: &str, cmd: &mut Command, port: u16) -> u32 {
         let pid = self.spawn(name, cmd);
+        self.wait_listening(name, port);
+        pid
+    }
+
+    /// Wait up to 20 s until the child spawned last (named `name`) listens on `port`; panics with
+    /// its output if it exits first or does not listen in time.
+    pub fn wait_listening(&mut self, name: &str, port: u16) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_listening(port) {
             let idx = self.children.len() - 1;
@@ -485,7 +500,6 @@ impl Harness {
             );
             thread::sleep(Duration::from_millis(20));
         }
-        pid
     }
 
     /// stdout and stderr of a spawned child so far.

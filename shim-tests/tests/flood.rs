@@ -8,35 +8,17 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tether_shim_tests::{free_port, show, DataPathCheck, Harness, Policy, PYTHON};
+use tether_shim_tests::{echo_server, free_port, show, DataPathCheck, Harness, Policy, PYTHON, PY_MARKER_CLIENT};
 
 const SILENT: usize = 1000;
-
-/// Connect, send the marker, read it back; print how long that took.
-const PY_TIMED_CLIENT: &str = r#"
-import socket, sys, time
-port, m = int(sys.argv[1]), sys.argv[2].encode()
-t = time.monotonic()
-s = socket.create_connection(("127.0.0.1", port), timeout=20)
-s.sendall(m)
-got = b""
-while len(got) < len(m):
-    d = s.recv(65536)
-    if not d:
-        break
-    got += d
-took = time.monotonic() - t
-print("served_in_ms=%d %s" % (took * 1000, "echo_ok" if got == m else "echo_bad"), flush=True)
-"#;
 
 #[test]
 fn good_client_is_served_within_a_second_while_1000_silent_connections_are_held() {
     let port = free_port();
     let mut h = Harness::new("flood", Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/py/echo_server.py")).arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let client = h.script("timed_client.py", PY_TIMED_CLIENT);
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
+    // Connect, send the marker, read it back; print how long that took.
+    let client = h.script("timed_client.py", PY_MARKER_CLIENT);
     // Warm up: the server fetches its SVID on its first accept, not during the flood.
     let mut warm = Command::new(PYTHON);
     warm.arg(&client).arg(port.to_string()).arg("warm-up");

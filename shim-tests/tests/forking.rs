@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tether_shim_tests::{free_port, in_uml, show, DataPathCheck, Harness, Policy, PYTHON};
+use tether_shim_tests::{echo_server, free_port, in_uml, show, DataPathCheck, Harness, Policy, PY_MARKER_CLIENT};
 
 /// A server that forks while a protected connection whose handshake has finished waits in the
 /// shim's pool (the program has not accepted it yet). The child must not hang in the fork
@@ -67,34 +67,18 @@ c.close()
 print("served", flush=True)
 "#;
 
-/// Connects once, sends `marker`, expects it back.
-const PY_ECHO_CLIENT: &str = r#"
-import socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
-m = sys.argv[2].encode()
-s.sendall(m)
-got = b""
-while len(got) < len(m):
-    d = s.recv(65536)
-    if not d:
-        break
-    got += d
-print("echo_ok" if got == m else "echo_bad %r" % got, flush=True)
-"#;
-
 #[test]
 fn fork_with_a_finished_inbound_handshake_waiting_does_not_hang_the_child() {
     let port = free_port();
     let mut h = Harness::new("fork-ready", Policy::new().both(port));
-    let srv = h.script("fork_server.py", PY_FORK_SERVER);
-    let cli = h.script("echo_client.py", PY_ECHO_CLIENT);
-    let mut server = Command::new(PYTHON);
-    server.arg(&srv).arg(port.to_string()).arg(h.socket());
+    let mut server = h.python("fork_server.py", PY_FORK_SERVER);
+    server.arg(port.to_string()).arg(h.socket());
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     let check = DataPathCheck::begin(&h, port);
     let marker = "FORK-READY-MARKER-4711";
-    let mut client = Command::new(PYTHON);
-    client.arg(&cli).arg(port.to_string()).arg(marker);
+    // Connects once, sends `marker`, expects it back.
+    let mut client = h.python("echo_client.py", PY_MARKER_CLIENT);
+    client.arg(port.to_string()).arg(marker);
     let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(30));
     let out = h.wait_stdout("server", Duration::from_secs(15), |o| o.contains("served") || o.contains("hung") || o.contains("raced"));
     assert!(run.success() && run.stdout.contains("echo_ok"), "client: {run}\n{}", h.output("server"));
@@ -152,13 +136,10 @@ fn processes_with_env(log: &Path, except: u32) -> Vec<u32> {
 fn python_subprocess_vfork_children_keep_the_protected_connection() {
     let port = free_port();
     let mut h = Harness::new("vfork", Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/py/echo_server.py")).arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
     let check = DataPathCheck::begin(&h, port);
-    let cli = h.script("subprocess_client.py", PY_SUBPROCESS_CLIENT);
-    let mut client = Command::new(PYTHON);
-    client.arg(&cli).arg(port.to_string());
+    let mut client = h.python("subprocess_client.py", PY_SUBPROCESS_CLIENT);
+    client.arg(port.to_string());
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut client, "client"));
     let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("spawned"));
     let pid: u32 = out.split_whitespace().find_map(|w| w.strip_prefix("pid=")?.parse().ok()).unwrap_or(0);

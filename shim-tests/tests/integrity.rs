@@ -4,13 +4,11 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
-use std::fs;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tether_shim_tests::{Run, 
-    free_port, kv, show, DataPathCheck, Harness, Policy, ANY_ID, PYTHON,
+use tether_shim_tests::{
+    free_port, kv, openssl_s_client, openssl_s_server, show, DataPathCheck, Harness, Policy, Run, SvidFiles,
+    ANY_ID, PY_READ_TO_END,
 };
 
 /// Server: accept connections; read the request line; send BODY; then end the stream the way
@@ -35,42 +33,16 @@ while True:
     c.close()
 "#;
 
-/// Client: send a request line, read to the end; print the byte count and how the stream
-/// ended (`eof` or `errno_NAME`).
-const PY_ENDING_CLIENT: &str = r#"
-import errno, socket, sys
-s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=20)
-s.sendall(b"GET /SECRET-request\n")
-n, end = 0, "eof"
-try:
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        n += len(d)
-except socket.timeout:
-    end = "timeout"
-except OSError as e:
-    end = "errno_" + errno.errorcode.get(e.errno, str(e.errno))
-print("bytes=%d" % n)
-print("end=" + end)
-"#;
-
 const BODY_LEN: usize = 100_009;
 
 fn ending(name: &str, policy_of: impl Fn(u16) -> Policy, how: &str) -> (Harness, std::collections::BTreeMap<String, String>) {
     let port = free_port();
     let mut h = Harness::new(name, policy_of(port));
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("server.py", PY_ENDING_SERVER))
-        .args([&port.to_string(), how]);
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "server.py", PY_ENDING_SERVER, &[how]);
     let check = DataPathCheck::begin(&h, port);
-    let mut client = Command::new(PYTHON);
-    client
-        .arg(h.script("client.py", PY_ENDING_CLIENT))
-        .arg(port.to_string());
+    // Send a request line, read to the end; print the byte count and how the stream ended.
+    let mut client = h.python("client.py", PY_READ_TO_END);
+    client.arg(port.to_string()).arg("GET /SECRET-request\n");
     let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(40));
     assert!(run.success(), "client failed: {run}\n{}", show(&h.log_lines("client")));
     let out = kv(&run.stdout);
@@ -136,25 +108,8 @@ fn close_of_the_last_fd_ends_the_stream_cleanly() {
 
 /// `openssl s_client` (not under the shim, presenting the test's exported SVID) sends
 /// `GET /x` to the tether server on `port` and reads until the server ends the stream.
-fn s_client_request(h: &Harness, port: u16, cert: &Path, key: &Path, bundle: &Path) -> Run {
-    let req = h.path("request.txt");
-    fs::write(&req, "GET /x\n").unwrap();
-    let mut client = Command::new("openssl");
-    client
-        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3", "-ign_eof"])
-        .arg("-CAfile")
-        .arg(bundle)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .args(["-connect", &format!("127.0.0.1:{port}")]);
-    h.run_with_stdin(
-        "s_client",
-        h.plain(&mut client),
-        Duration::from_secs(30),
-        Stdio::from(fs::File::open(&req).unwrap()),
-    )
+fn s_client_request(h: &Harness, port: u16, svid: &SvidFiles) -> Run {
+    openssl_s_client(h, svid, port, &["-ign_eof"], "GET /x\n")
 }
 
 /// The same, judged by a peer that is not tether: `openssl s_client` reports an unexpected EOF
@@ -164,13 +119,9 @@ fn s_client_request(h: &Harness, port: u16, cert: &Path, key: &Path, bundle: &Pa
 fn close_without_shutdown_sends_close_notify_to_openssl() {
     let port = free_port();
     let mut h = Harness::new("close-notify-openssl", Policy::new().inbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = h.svid_files();
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("server.py", PY_ENDING_SERVER))
-        .args([&port.to_string(), "close"]);
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let run = s_client_request(&h, port, &cert, &key, &bundle);
+    let svid = h.svid_files();
+    h.serve_python("server", port, "server.py", PY_ENDING_SERVER, &["close"]);
+    let run = s_client_request(&h, port, &svid);
     assert!(run.stdout.contains("-END"), "s_client did not get the body: {run}");
     assert!(
         !run.stderr.to_lowercase().contains("unexpected eof"),
@@ -203,22 +154,11 @@ print("end=" + end)
 fn recvmsg_with_own_cmsg_buffer(bufsize: usize) {
     let port = free_port();
     let mut h = Harness::new("recvmsg-cmsg", Policy::new().outbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = h.svid_files();
-    let mut server = Command::new("openssl");
-    server
-        .args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www"])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-accept", &port.to_string()]);
+    let mut server = openssl_s_server(&h.svid_files(), port, &["-www"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin(&h, port);
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("cmsg.py", PY_RECVMSG_CMSG))
-        .args([port.to_string(), bufsize.to_string()]);
+    let mut c = h.python("cmsg.py", PY_RECVMSG_CMSG);
+    c.args([port.to_string(), bufsize.to_string()]);
     let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
     let out = kv(&run.stdout);
     assert!(
@@ -279,13 +219,9 @@ while True:
 fn fork_per_connection_server_ends_the_stream_with_close_notify_from_the_child() {
     let port = free_port();
     let mut h = Harness::new("fork-close-notify", Policy::new().inbound(port, &[ANY_ID]));
-    let (cert, key, bundle) = h.svid_files();
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("forking.py", PY_FORKING_SERVER))
-        .arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let run = s_client_request(&h, port, &cert, &key, &bundle);
+    let svid = h.svid_files();
+    h.serve_python("server", port, "forking.py", PY_FORKING_SERVER, &[]);
+    let run = s_client_request(&h, port, &svid);
     assert!(
         run.stdout.contains("-END"),
         "the body did not arrive whole (did the parent's close end the stream?): {run}\n{}",

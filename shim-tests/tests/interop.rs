@@ -3,38 +3,13 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
-use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    derived_id, expect_line, free_port, http_server, show, tether_cli_path, DataPathCheck, Harness,
-    Policy,
+    derived_id, expect_line, free_port, openssl_s_client, openssl_s_server, show, tether_cli_path, DataPathCheck,
+    Harness, Policy,
 };
-
-/// `openssl s_server` on `port` presenting the exported SVID and requiring a client certificate
-/// that chains to the bundle, plus `extra` arguments.
-fn s_server(svid: &(PathBuf, PathBuf, PathBuf), port: u16, extra: &[&str]) -> Command {
-    let (cert, key, bundle) = svid;
-    let mut c = Command::new("openssl");
-    c.args([
-        "s_server",
-        "-Verify",
-        "1",
-        "-verify_return_error",
-        "-tls1_3",
-    ])
-    .args(extra)
-    .arg("-CAfile")
-    .arg(bundle)
-    .arg("-cert")
-    .arg(cert)
-    .arg("-key")
-    .arg(key)
-    .args(["-accept", &port.to_string()]);
-    c
-}
 
 /// `openssl s_server -Verify 1` (client certificate required, the bundle as CA) accepts curl
 /// under tether; the GET reaches OpenSSL and its status page (naming curl's SVID) comes back. OpenSSL sends two
@@ -46,7 +21,7 @@ fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
         "s-server",
         Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let mut server = s_server(&h.svid_files(), port, &["-www"]);
+    let mut server = openssl_s_server(&h.svid_files(), port, &["-www"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin(&h, port);
 
@@ -99,33 +74,11 @@ fn openssl_s_client_with_exported_svid_reaches_tether_server() {
         "s-client",
         Policy::new().inbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let (cert, key, bundle) = h.svid_files();
-    let www = h.www("served through tether\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(port, &www), "server"),
-        port,
-    );
+    let svid = h.svid_files();
+    h.serve_http("server", port, "served through tether\n");
     let check = DataPathCheck::begin(&h, port);
 
-    let req = h.path("request.txt");
-    fs::write(&req, "GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n").unwrap();
-    let mut client = Command::new("openssl");
-    client
-        .args(["s_client", "-quiet", "-verify_return_error", "-tls1_3"])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-connect", &format!("127.0.0.1:{port}")]);
-    let run = h.run_with_stdin(
-        "s_client",
-        h.plain(&mut client),
-        Duration::from_secs(30),
-        Stdio::from(fs::File::open(&req).unwrap()),
-    );
+    let run = openssl_s_client(&h, &svid, port, &[], "GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n");
     let server = h.wait_log("server", Duration::from_secs(3), |l| {
         l.iter().any(|l| l.is("accept", "allow"))
     });
@@ -182,21 +135,11 @@ fn openssl_key_update_mid_stream_is_handled_or_fails_closed() {
         "keyupdate",
         Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let mut server = s_server(&h.svid_files(), port, &[]);
+    let mut server = openssl_s_server(&h.svid_files(), port, &[]);
     let mut stdin = h.spawn_with_stdin("s_server", h.plain(&mut server));
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !tether_shim_tests::is_listening(port) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "s_server did not listen:\n{}",
-            h.output("s_server")
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let mut client = Command::new(tether_shim_tests::PYTHON);
-    client
-        .arg(h.script("ku_reader.py", PY_KEYUPDATE_READER))
-        .arg(port.to_string());
+    h.wait_listening("s_server", port);
+    let mut client = h.python("ku_reader.py", PY_KEYUPDATE_READER);
+    client.arg(port.to_string());
     h.spawn("reader", h.shim(&mut client, "reader"));
     let out = h.wait_stdout("reader", Duration::from_secs(20), |o| {
         o.contains("connected") || o.contains("done")

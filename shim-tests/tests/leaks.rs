@@ -8,9 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::wire::{Capture, Observer};
-use tether_shim_tests::{
-    free_port, http_server, kv, show, Harness, Policy, ANY_ID, PYTHON,
-};
+use tether_shim_tests::{free_port, kv, show, Harness, Policy, ANY_ID};
 
 /// The capture is not blind: plaintext on an unprotected port is seen, and `assert_protected`
 /// rejects it (so a protected test passing means something).
@@ -80,13 +78,11 @@ fn stale_fd_case(method: &str) {
         &format!("stale-{method}"),
         Policy::new().both(good).outbound(observed, &[ANY_ID]),
     );
-    let www = h.www("good\n");
-    h.spawn_server("server", h.shim(&mut http_server(good, &www), "server"), good);
+    h.serve_http("server", good, "good\n");
     let obs = Observer::start(observed);
     let marker = format!("SECRET-after-{method}");
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("stale.py", PY_STALE_FD))
-        .args([method, &good.to_string(), &observed.to_string(), &marker])
+    let mut c = h.python("stale.py", PY_STALE_FD);
+    c.args([method, &good.to_string(), &observed.to_string(), &marker])
         .env("TETHER_HANDSHAKE_TIMEOUT_MS", "1500");
     let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(40));
     let out = kv(&run.stdout);
@@ -227,9 +223,8 @@ fn refused_way(way: &str, extra_env: &[(&str, &str)]) -> tether_shim_tests::Run 
     let h = Harness::new(&format!("way-{way}"), Policy::new().outbound(observed, &[ANY_ID]));
     let obs = Observer::start(observed);
     let marker = format!("SECRET-{way}");
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("ways.py", PY_WAYS_IN))
-        .args([way, &observed.to_string(), &marker])
+    let mut c = h.python("ways.py", PY_WAYS_IN);
+    c.args([way, &observed.to_string(), &marker])
         .env("TETHER_HANDSHAKE_TIMEOUT_MS", "1500");
     for (k, v) in extra_env {
         c.env(k, v);
@@ -249,13 +244,11 @@ fn refused_way(way: &str, extra_env: &[(&str, &str)]) -> tether_shim_tests::Run 
 fn protected_way(way: &str) {
     let port = free_port();
     let mut h = Harness::new(&format!("way-ok-{way}"), Policy::new().both(port));
-    let www = h.www("served-through-the-side-door\n");
-    h.spawn_server("server", h.shim(&mut http_server(port, &www), "server"), port);
+    h.serve_http("server", port, "served-through-the-side-door\n");
     let check = tether_shim_tests::DataPathCheck::begin(&h, port);
     let request = "GET /index.html HTTP/1.0\r\nX-Secret: SECRET-request\r\n\r\n";
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("ways.py", PY_WAYS_IN))
-        .args([way, &port.to_string(), request, "--read"]);
+    let mut c = h.python("ways.py", PY_WAYS_IN);
+    c.args([way, &port.to_string(), request, "--read"]);
     let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(40));
     let out = kv(&run.stdout);
     assert!(
@@ -379,9 +372,8 @@ fn mptcp_listener_on_protected_port_never_hands_plaintext_to_the_program() {
     }
     let port = free_port();
     let mut h = Harness::new("mptcp-listener", Policy::new().inbound(port, &[ANY_ID]));
-    let mut server = Command::new(PYTHON);
+    let mut server = h.python("mptcp_server.py", PY_MPTCP_SERVER);
     server
-        .arg(h.script("mptcp_server.py", PY_MPTCP_SERVER))
         .arg(port.to_string())
         .env("TETHER_HANDSHAKE_TIMEOUT_MS", "1500");
     h.spawn_server("server", h.shim(&mut server, "server"), port);

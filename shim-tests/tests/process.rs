@@ -3,10 +3,9 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
-use tether_shim_tests::{free_port, http_server, kv, show, DataPathCheck, Harness, Policy, PYTHON};
+use tether_shim_tests::{free_port, kv, show, DataPathCheck, Harness, Policy};
 
 /// Parent connects, forks with the connection open; the child opens its own protected
 /// connection; then the parent uses its pre-fork connection and a new one.
@@ -65,16 +64,11 @@ fn issued(broker_log: &str) -> BTreeMap<String, String> {
 fn forked_child_fetches_its_own_svid_and_both_connect() {
     let port = free_port();
     let mut h = Harness::new("fork", Policy::new().both(port));
-    let www = h.www("fork test\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(port, &www), "server"),
-        port,
-    );
+    h.serve_http("server", port, "fork test\n");
     let check = DataPathCheck::begin(&h, port);
 
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(h.script("fork.py", PY_FORK)).arg(port.to_string());
+    let mut cmd = h.python("fork.py", PY_FORK);
+    cmd.arg(port.to_string());
     let run = h.run("fork", h.shim(&mut cmd, "fork"), Duration::from_secs(60));
     let lines = h.log_lines("fork");
     let out = kv(&run.stdout);
@@ -203,18 +197,11 @@ fn two_hundred_concurrent_connections_succeed_without_fd_leaks() {
     let n = 200;
     let port = free_port();
     let mut h = Harness::new("concurrent", Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("echo_server.py", PY_ECHO_SERVER))
-        .arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "echo_server.py", PY_ECHO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
 
-    let mut client = Command::new(PYTHON);
-    client
-        .arg(h.script("threaded_client.py", PY_THREADED_CLIENT))
-        .arg(port.to_string())
-        .arg(n.to_string());
+    let mut client = h.python("threaded_client.py", PY_THREADED_CLIENT);
+    client.arg(port.to_string()).arg(n.to_string());
     let run = h.run(
         "client",
         h.shim(&mut client, "client"),

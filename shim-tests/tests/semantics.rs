@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    curl_get, free_port, http_server, kv, scaled_bytes, sha256, show, write_random_file,
-    DataPathCheck, Harness, Policy, PYTHON,
+    curl_get, free_port, kv, scaled_bytes, sha256, show, write_random_file, DataPathCheck, Harness,
+    Policy, PY_READ_TO_END, PYTHON,
 };
 
 /// Threaded server: reads each connection to EOF, then replies with what it saw, one
@@ -72,11 +72,7 @@ s.close()
 fn sink(name: &str) -> (Harness, u16) {
     let port = free_port();
     let mut h = Harness::new(name, Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("sink_server.py", PY_SINK_SERVER))
-        .arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "sink_server.py", PY_SINK_SERVER, &[]);
     (h, port)
 }
 
@@ -88,11 +84,8 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
     let file = h.path("upload.bin");
     write_random_file(&file, scaled_bytes(20));
     let check = DataPathCheck::begin(&h, port);
-    let mut client = Command::new(PYTHON);
-    client
-        .arg(h.script("sink_client.py", PY_SINK_CLIENT))
-        .arg(port.to_string())
-        .arg(&file);
+    let mut client = h.python("sink_client.py", PY_SINK_CLIENT);
+    client.arg(port.to_string()).arg(&file);
     let run = h.run(
         "client",
         h.shim(&mut client, "client"),
@@ -133,10 +126,8 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
 fn getpeername_and_getsockname_report_the_real_endpoints() {
     let (h, port) = sink("addrs");
     let check = DataPathCheck::begin(&h, port);
-    let mut client = Command::new(PYTHON);
-    client
-        .arg(h.script("sink_client.py", PY_SINK_CLIENT))
-        .arg(port.to_string());
+    let mut client = h.python("sink_client.py", PY_SINK_CLIENT);
+    client.arg(port.to_string());
     let run = h.run(
         "client",
         h.shim(&mut client, "client"),
@@ -196,15 +187,10 @@ os.execv("/bin/sh", ["sh", "-c", 'printf "GET /index.html HTTP/1.0\\r\\nHost: t\
 fn protected_fd_inherited_across_exec_keeps_working() {
     let port = free_port();
     let mut h = Harness::new("exec", Policy::new().both(port));
-    let www = h.www("after exec\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(port, &www), "server"),
-        port,
-    );
+    h.serve_http("server", port, "after exec\n");
     let check = DataPathCheck::begin(&h, port);
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(h.script("exec.py", PY_EXEC)).arg(port.to_string());
+    let mut cmd = h.python("exec.py", PY_EXEC);
+    cmd.arg(port.to_string());
     let run = h.run("exec", h.shim(&mut cmd, "exec"), Duration::from_secs(20));
     assert!(
         run.success() && run.stdout.contains("HTTP/1.0 200") && run.stdout.contains("after exec"),
@@ -220,12 +206,7 @@ fn protected_fd_inherited_across_exec_keeps_working() {
 fn bash_dev_tcp_with_cat_reads_response_to_eof() {
     let port = free_port();
     let mut h = Harness::new("bash-dev-tcp", Policy::new().both(port));
-    let www = h.www("hello shell\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(port, &www), "server"),
-        port,
-    );
+    h.serve_http("server", port, "hello shell\n");
     let script = format!(
         "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /index.html HTTP/1.0\\r\\nHost: t\\r\\n\\r\\n' >&3 && cat <&3"
     );
@@ -255,42 +236,16 @@ time.sleep(0.3)
 os.kill(os.getpid(), signal.SIGKILL)
 "#;
 
-/// Client: read until the stream ends; report how it ended.
-const PY_READ_TO_END: &str = r#"
-import errno, socket, sys
-port = int(sys.argv[1])
-s = socket.create_connection(("127.0.0.1", port), timeout=30)
-n, end = 0, "eof"
-try:
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        n += len(d)
-except socket.timeout:
-    end = "timeout"
-except OSError as e:
-    end = "errno_" + errno.errorcode.get(e.errno, str(e.errno))
-print("bytes=%d" % n)
-print("end=" + end)
-"#;
-
 /// A protected peer killed mid-stream: the reader's stream ends promptly with EOF or
 /// ECONNRESET; it neither hangs nor sees EIO.
 #[test]
 fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
     let port = free_port();
     let mut h = Harness::new("peer-killed", Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("dying.py", PY_DYING_SERVER))
-        .arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "dying.py", PY_DYING_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
-    let mut client = Command::new(PYTHON);
-    client
-        .arg(h.script("reader.py", PY_READ_TO_END))
-        .arg(port.to_string());
+    let mut client = h.python("reader.py", PY_READ_TO_END);
+    client.arg(port.to_string());
     let run = h.run(
         "client",
         h.shim(&mut client, "client"),
@@ -361,14 +316,10 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
     let (n, size) = (50, 256 * 1024);
     let port = free_port();
     let mut h = Harness::new("asyncio", Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server
-        .arg(h.script("aserver.py", PY_ASYNCIO_SERVER))
-        .arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
+    h.serve_python("server", port, "aserver.py", PY_ASYNCIO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
-    let mut client = Command::new(PYTHON);
-    client.arg(h.script("aclient.py", PY_ASYNCIO_CLIENT)).args([
+    let mut client = h.python("aclient.py", PY_ASYNCIO_CLIENT);
+    client.args([
         port.to_string(),
         n.to_string(),
         size.to_string(),
@@ -400,12 +351,7 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
 fn unlisted_port_passes_through_in_plaintext() {
     let (protected, unlisted) = (free_port(), free_port());
     let mut h = Harness::new("passthrough", Policy::new().both(protected));
-    let www = h.www("plain and simple\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(unlisted, &www), "server"),
-        unlisted,
-    );
+    h.serve_http("server", unlisted, "plain and simple\n");
     let url = format!("http://127.0.0.1:{unlisted}/index.html");
     let run = h.run(
         "curl",
@@ -441,12 +387,7 @@ fn unlisted_port_passes_through_in_plaintext() {
 fn connection_log_only_when_tether_log_is_set() {
     let port = free_port();
     let mut h = Harness::new("logging", Policy::new().both(port));
-    let www = h.www("logged?\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(port, &www), "server"),
-        port,
-    );
+    h.serve_http("server", port, "logged?\n");
     let url = format!("http://127.0.0.1:{port}/index.html");
 
     let mut quiet = curl_get(&url, &h.path("q.out"));
@@ -515,16 +456,10 @@ print("body_ok=%s" % data.endswith(b"sockopts\n"))
 fn socket_options_and_dups_on_a_protected_fd_behave_like_tcp() {
     let port = free_port();
     let mut h = Harness::new("sockopts", Policy::new().both(port));
-    let www = h.www("sockopts\n");
-    h.spawn_server(
-        "server",
-        h.shim(&mut http_server(port, &www), "server"),
-        port,
-    );
+    h.serve_http("server", port, "sockopts\n");
     let check = DataPathCheck::begin(&h, port);
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(h.script("sockopts.py", PY_SOCKOPTS))
-        .arg(port.to_string());
+    let mut cmd = h.python("sockopts.py", PY_SOCKOPTS);
+    cmd.arg(port.to_string());
     let run = h.run(
         "client",
         h.shim(&mut cmd, "client"),
@@ -595,17 +530,9 @@ fn sequential_connections_leave_no_fds_or_threads_behind() {
     let n = 300;
     let port = free_port();
     let mut h = Harness::new("sequential", Policy::new().both(port));
-    let mut server = Command::new(PYTHON);
-    server
-        .arg("-m")
-        .arg("http.server")
-        .arg(port.to_string())
-        .args(["--bind", "127.0.0.1"]);
-    server.arg("--directory").arg(h.www("seq\n"));
-    h.spawn_server("server", h.shim(&mut server, "server"), port);
-    let mut cmd = Command::new(PYTHON);
-    cmd.arg(h.script("seq.py", PY_SEQUENTIAL))
-        .args([port.to_string(), n.to_string()]);
+    h.serve_http("server", port, "seq\n");
+    let mut cmd = h.python("seq.py", PY_SEQUENTIAL);
+    cmd.args([port.to_string(), n.to_string()]);
     let run = h.run(
         "client",
         h.shim(&mut cmd, "client"),
@@ -655,9 +582,8 @@ print("first_byte_ms=%.2f" % (statistics.median(first) * 1000))
 fn first_request_after_handshake_is_not_delayed() {
     let (protected, unlisted) = (free_port(), free_port());
     let mut h = Harness::new("latency", Policy::new().both(protected));
-    let www = h.www("latency\n");
     for (name, port) in [("server-tls", protected), ("server-plain", unlisted)] {
-        h.spawn_server(name, h.shim(&mut http_server(port, &www), name), port);
+        h.serve_http(name, port, "latency\n");
     }
     let script = h.script("latency.py", PY_LATENCY);
     let measure = |name: &str, port: u16| {

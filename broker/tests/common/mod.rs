@@ -17,6 +17,13 @@ pub const TETHERD: &str = env!("CARGO_BIN_EXE_tetherd");
 pub const TETHER: &str = env!("CARGO_BIN_EXE_tether");
 pub const NOBODY_UID: u32 = 65534;
 
+/// The libtether.so cargo built next to the `tether` binary under test.
+pub fn built_lib() -> PathBuf {
+    let p = Path::new(TETHER).with_file_name("libtether.so");
+    assert!(p.is_file(), "{} missing: build the workspace first (cargo build --workspace)", p.display());
+    p
+}
+
 /// A directory under /tmp, removed on drop. World-traversable so `nobody` can reach the socket.
 pub struct TempDir(pub PathBuf);
 

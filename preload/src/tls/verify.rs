@@ -208,6 +208,12 @@ impl SpiffeVerifier {
     }
 }
 
+/// Both roles' answer to a TLS 1.2 signature: refused. The configs offer TLS 1.3 only, so rustls
+/// should never ask; if it does, the handshake fails.
+fn tls12_refused() -> Result<HandshakeSignatureValid, Error> {
+    Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+}
+
 impl ServerCertVerifier for SpiffeVerifier {
     fn verify_server_cert(
         &self,
@@ -229,7 +235,7 @@ impl ServerCertVerifier for SpiffeVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(
@@ -267,7 +273,7 @@ impl ClientCertVerifier for SpiffeVerifier {
         _: &CertificateDer<'_>,
         _: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+        tls12_refused()
     }
 
     fn verify_tls13_signature(

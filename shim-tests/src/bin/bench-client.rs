@@ -25,8 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 
 const BUF: usize = 256 * 1024;
 
@@ -239,15 +238,7 @@ fn memory_kib() -> (u64, u64) {
 /// resumption (each connection pays a full handshake, as under tether).
 fn client_config(dir: &Path) -> io::Result<Arc<rustls::ClientConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("svid.pem"))
-        .map_err(io::Error::other)?
-        .collect::<Result<_, _>>()
-        .map_err(io::Error::other)?;
-    let key = PrivateKeyDer::from_pem_file(dir.join("svid.key")).map_err(io::Error::other)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("bundle.pem")).map_err(io::Error::other)? {
-        roots.add(c.map_err(io::Error::other)?).map_err(io::Error::other)?;
-    }
+    let (chain, key, roots) = tether_shim_tests::svid_dir::load(dir)?;
     let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .build()
         .map_err(io::Error::other)?;

@@ -25,9 +25,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
 const BUF: usize = 256 * 1024;
 
 #[derive(Debug, Default)]
@@ -139,15 +136,7 @@ impl<T: Read + Write> ReadWrite for T {}
 /// against the bundle, no tickets (as tether's servers).
 fn server_config(dir: &Path) -> io::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(dir.join("svid.pem"))
-        .map_err(io::Error::other)?
-        .collect::<Result<_, _>>()
-        .map_err(io::Error::other)?;
-    let key = PrivateKeyDer::from_pem_file(dir.join("svid.key")).map_err(io::Error::other)?;
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(dir.join("bundle.pem")).map_err(io::Error::other)? {
-        roots.add(c.map_err(io::Error::other)?).map_err(io::Error::other)?;
-    }
+    let (chain, key, roots) = tether_shim_tests::svid_dir::load(dir)?;
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
