@@ -44,7 +44,12 @@ enum Sent {
 impl LinkState {
     /// Peer → program: deliver held plaintext, then gather and deliver more, until something
     /// blocks. Returns whether anything moved.
-    pub(super) fn pump_rx(&mut self, scratch: &mut [u8], plain: &mut Vec<u8>, budget: &mut u32) -> Result<bool, Fatal> {
+    pub(super) fn pump_rx(
+        &mut self,
+        scratch: &mut [u8],
+        plain: &mut Vec<u8>,
+        budget: &mut u32,
+    ) -> Result<bool, Fatal> {
         if self.rx_done {
             return Ok(false);
         }
@@ -106,7 +111,12 @@ impl LinkState {
 
     /// Gather plaintext into `plain` (up to [`BATCH`]): what rustls holds, then the leftover
     /// ciphertext, then TCP reads. Returns `true` if the peer's stream ended.
-    fn collect(&mut self, scratch: &mut [u8], plain: &mut Vec<u8>, budget: &mut u32) -> Result<bool, Fatal> {
+    fn collect(
+        &mut self,
+        scratch: &mut [u8],
+        plain: &mut Vec<u8>,
+        budget: &mut u32,
+    ) -> Result<bool, Fatal> {
         loop {
             match self.take_plaintext(plain)? {
                 Taken::Ended => return Ok(true),
@@ -214,7 +224,9 @@ impl LinkState {
                     return Ok(Sent::Part(at));
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => return Ok(Sent::Gone),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
+                    return Ok(Sent::Gone)
+                }
                 Err(_) => return Err(Fatal),
             }
         }
