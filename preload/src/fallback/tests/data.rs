@@ -39,7 +39,10 @@ fn slow_reader_gets_every_byte_before_the_end() {
                 thread::sleep(Duration::from_micros(200));
             }
         }
-        assert!(got == down, "download corrupted or reordered (clean end: {clean})");
+        assert!(
+            got == down,
+            "download corrupted or reordered (clean end: {clean})"
+        );
         assert_eq!(link.bytes().1, down.len() as u64);
         assert_eq!(link.ended_without_close_notify(), !clean);
         drop(peer.join().unwrap());
