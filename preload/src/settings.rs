@@ -108,7 +108,10 @@ impl Settings {
             s.handshake_timeout = Duration::from_millis(ms.clamp(50, 120_000));
         }
         s.disabled = matches!(src.var(env::DISABLE).as_deref(), Some("1") | Some("true"));
-        s.rx_no_pad = !matches!(src.var(env::KTLS_RX_NO_PAD).as_deref(), Some("0") | Some("off") | Some("false"));
+        s.rx_no_pad = !matches!(
+            src.var(env::KTLS_RX_NO_PAD).as_deref(),
+            Some("0") | Some("off") | Some("false")
+        );
         if cfg!(debug_assertions) {
             s.test_fault = src.var(env::TEST_FAULT).filter(|v| !v.is_empty());
         }

@@ -243,7 +243,13 @@ pub(crate) fn set_rx_no_pad(fd: RawFd) -> io::Result<()> {
     let one: u32 = 1;
     // SAFETY: pointer/length of a u32 that lives for the call.
     let rc = unsafe {
-        crate::real::setsockopt(fd, SOL_TLS, TLS_RX_EXPECT_NO_PAD, (&one as *const u32).cast(), size_of::<u32>() as u32)
+        crate::real::setsockopt(
+            fd,
+            SOL_TLS,
+            TLS_RX_EXPECT_NO_PAD,
+            (&one as *const u32).cast(),
+            size_of::<u32>() as u32,
+        )
     };
     if rc == 0 {
         Ok(())
