@@ -34,7 +34,8 @@ run_part() {
         fi
     fi
     local configs=(plain tether-user stunnel rustls)
-    [[ $env == uml ]] && configs=(plain tether-ktls tether-user raw-ktls stunnel rustls)
+    # tether-ktls-padoff: tether kTLS with TETHER_KTLS_RX_NO_PAD=0 (bulk only), for the NO_PAD rows.
+    [[ $env == uml ]] && configs=(plain tether-ktls tether-ktls-padoff tether-user raw-ktls stunnel rustls)
 
     local port
     for port in $P_PLAIN $P_TETHER $P_RAWKTLS $P_RUSTLS $P_ST_BACK $P_ST_TLS $P_ST_FRONT \
@@ -149,6 +150,7 @@ write_stunnel_conf() { # server|client
 under() { # CONFIG ROLE
     case $1 in
     tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-ktls-padoff) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_KTLS_RX_NO_PAD=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     *) echo "BENCH_CONFIG=$1" ;;
     esac
@@ -219,12 +221,24 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     read -r -a cpre <<<"$(under "$c" client)"
     local client=(env "${cpre[@]}" timeout 600 "$REL/bench-client" --port "$port" "${cli_flags[@]}")
     local j
-    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor).
+    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor). Where the kernel
+    # has kTLS, the /proc/net/tls_stat counters each transfer moved are recorded with it.
     if [[ $c != rustls ]]; then
-        j=$("${client[@]}" bulk --bytes "$bulk") || die "$c: bulk write failed"
-        emit "$tag,\"workload\":\"write\",${j:1:-1}"
-        j=$("${client[@]}" bulk --bytes "$bulk" --sendfile "$RUN/payload") || die "$c: bulk sendfile failed"
-        emit "$tag,\"workload\":\"sendfile\",${j:1:-1}"
+        local wl before
+        for wl in write sendfile; do
+            before=$(tls_stat)
+            if [[ $wl == write ]]; then
+                j=$("${client[@]}" bulk --bytes "$bulk") || die "$c: bulk write failed"
+            else
+                j=$("${client[@]}" bulk --bytes "$bulk" --sendfile "$RUN/payload") || die "$c: bulk sendfile failed"
+            fi
+            emit "$tag,\"workload\":\"$wl\",${j:1:-1}$(tls_stat_delta "$before" "$(tls_stat)")"
+        done
+    fi
+    if [[ $c == tether-ktls-padoff ]]; then
+        local p
+        for p in "${pids_client[@]}" "${pids_server[@]}"; do stop_pid "$p"; done
+        return 0
     fi
     j=$("${client[@]}" connrate --n "$conns") || die "$c: connrate failed"
     emit "$tag,\"workload\":\"connrate\",${j:1:-1}"
@@ -264,6 +278,19 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     for p in "${pids_client[@]}" "${pids_server[@]}"; do stop_pid "$p"; done
 }
 
+# /proc/net/tls_stat as "Name value" lines (empty without kTLS).
+tls_stat() {
+    [[ -r /proc/net/tls_stat ]] && cat /proc/net/tls_stat || true
+}
+
+# JSON fields (with a leading comma) for the counters that moved between two tls_stat snapshots:
+# ,"tls_stat":{"TlsRxSw":2,...}; nothing when the kernel has no kTLS.
+tls_stat_delta() { # BEFORE AFTER
+    [[ -n $1 && -n $2 ]] || return 0
+    awk 'NR == FNR { b[$1] = $2; next } { d = $2 - b[$1]; if (d != 0) { printf "%s\"%s\":%d", sep, $1, d; sep = "," } }
+        BEGIN { printf ",\"tls_stat\":{" } END { printf "}" }' <(echo "$1") <(echo "$2")
+}
+
 write_meta() { # ENV QUICK REPS BULK CONNS REDIS_N FILE_MIB
     local env=$1 f
     # Modes and ciphers the shim reported, per log file.
@@ -271,7 +298,7 @@ write_meta() { # ENV QUICK REPS BULK CONNS REDIS_N FILE_MIB
     for f in "$OUT"/logs/tether-*.log; do
         [[ -f $f ]] || continue
         modes+=$(printf '"%s": {"modes": "%s", "detail": "%s"},' "$(basename "$f" .log)" \
-            "$(grep -o 'mode=[a-z]*' "$f" | sort | uniq -c | awk '{printf "%s×%s ", $2, $1}')" \
+            "$(grep -o 'mode=[a-z]*\|rx_no_pad=[a-z]*' "$f" | sort | uniq -c | awk '{printf "%s×%s ", $2, $1}')" \
             "$(grep -o 'detail=[^ ]*' "$f" | sort | uniq -c | awk '{printf "%s×%s ", $2, $1}' | tr -d '"')")
     done
     local st_new st_reused

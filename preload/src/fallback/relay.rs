@@ -4,11 +4,12 @@
 //! set by epoll edges and cleared by EAGAIN. Any event on a connection drives both directions
 //! until neither makes progress, so backpressure on one side resumes as soon as the other side
 //! drains. Bounds: the program is read only when rustls has flushed all TLS output to the
-//! kernel, and TCP is read only when all decrypted plaintext has been handed to the program, so
-//! per connection we hold at most one 64 KiB chunk of ciphertext plus rustls' own buffers.
+//! kernel, and TCP is read only when all decrypted plaintext has been handed to the program
+//! (`rx`: batched, at most one batch held back), so per connection we hold at most one 64 KiB
+//! chunk of ciphertext, one 128 KiB plaintext batch, plus rustls' own buffers.
 
 use std::collections::HashMap;
-use std::io::{self, BufRead, Write};
+use std::io::{self, Write};
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
@@ -18,6 +19,8 @@ use rustls::Connection;
 
 use super::sys::{self, SocketWriter};
 use super::{RelayFds, Stats};
+
+mod rx;
 
 /// The epoll token of the eventfd that announces new connections.
 pub(super) const WAKE_TOKEN: u64 = u64::MAX;
@@ -146,6 +149,9 @@ pub(super) struct Relay {
     links: HashMap<u64, LinkState>,
     /// Shared read buffer: every read lands here and is handed on before the next one.
     scratch: Vec<u8>,
+    /// Shared plaintext batch for the program (`rx::BATCH`): gathered, sent, then cleared
+    /// (what the program's socket does not take moves to that connection's `outbox`).
+    plain: Vec<u8>,
     /// Connections that ran out of budget in the last turn: driven again in the next.
     busy: Vec<u64>,
 }
@@ -157,6 +163,7 @@ impl Relay {
             generation,
             links: HashMap::new(),
             scratch: vec![0; CHUNK],
+            plain: Vec::with_capacity(rx::BATCH),
             busy: Vec::new(),
         }
     }
@@ -224,8 +231,8 @@ impl Relay {
         let Some(state) = self.links.get_mut(&id) else {
             return Turn::Idle;
         };
-        let scratch = &mut self.scratch;
-        let step = catch_unwind(AssertUnwindSafe(|| state.drive(scratch)));
+        let (scratch, plain) = (&mut self.scratch, &mut self.plain);
+        let step = catch_unwind(AssertUnwindSafe(|| state.drive(scratch, plain)));
         match step {
             Ok(Ok(Step::Open { busy: true })) => Turn::Busy,
             Ok(Ok(Step::Open { busy: false })) => Turn::Idle,
@@ -277,17 +284,6 @@ enum Step {
 #[derive(Debug)]
 struct Fatal;
 
-enum Delivery {
-    /// Every decrypted byte went to the program (`true` if any did).
-    Drained(bool),
-    /// The program's socket is full.
-    Blocked,
-    /// The peer's stream ended (`close_notify`, or a TCP EOF without one).
-    Ended,
-    /// The program is gone (EPIPE): nothing more can be delivered.
-    ProgramGone,
-}
-
 struct LinkState {
     tls: Connection,
     tcp: RawFd,
@@ -300,8 +296,12 @@ struct LinkState {
     app_writable: bool,
     /// Both directions of the program's end are shut (it closed its last copy).
     app_hup: bool,
-    /// Ciphertext read from TCP that rustls did not take yet (its plaintext buffer was full).
+    /// Ciphertext read from TCP that rustls did not take yet (the plaintext batch was full).
     leftover: Vec<u8>,
+    /// Decrypted plaintext the program's socket did not take yet (at most one batch).
+    outbox: Vec<u8>,
+    /// The peer's stream ended; EOF goes to the program once `outbox` is delivered.
+    peer_ended: bool,
     tcp_eof: bool,
     /// Peer → program direction finished (EOF delivered, or the program is gone).
     rx_done: bool,
@@ -326,6 +326,8 @@ impl LinkState {
             app_writable: true,
             app_hup: false,
             leftover: Vec::new(),
+            outbox: Vec::new(),
+            peer_ended: false,
             tcp_eof: false,
             rx_done: false,
             app_eof: false,
@@ -350,7 +352,7 @@ impl LinkState {
         }
     }
 
-    fn drive(&mut self, scratch: &mut [u8]) -> Result<Step, Fatal> {
+    fn drive(&mut self, scratch: &mut [u8], plain: &mut Vec<u8>) -> Result<Step, Fatal> {
         let mut budget = BUDGET;
         if std::mem::take(&mut self.fresh) && self.tls.process_new_packets().is_err() {
             // Records rustls buffered before adoption may be bad: same handling as later ones.
@@ -358,7 +360,7 @@ impl LinkState {
             return Err(Fatal);
         }
         loop {
-            let rx = self.pump_rx(scratch, &mut budget)?;
+            let rx = self.pump_rx(scratch, plain, &mut budget)?;
             let tx = self.pump_tx(scratch, &mut budget)?;
             if self.rx_done && self.tx_done {
                 return Ok(Step::Finished);
@@ -370,136 +372,6 @@ impl LinkState {
                 return Ok(Step::Open { busy: false });
             }
         }
-    }
-
-    /// Peer → program: deliver plaintext, then feed more ciphertext, until something blocks.
-    fn pump_rx(&mut self, scratch: &mut [u8], budget: &mut u32) -> Result<bool, Fatal> {
-        if self.rx_done {
-            return Ok(false);
-        }
-        if self.app_hup {
-            // Nobody can read what we would decrypt: stop reading TCP.
-            self.rx_done = true;
-            return Ok(true);
-        }
-        let mut progress = false;
-        loop {
-            match self.deliver()? {
-                Delivery::Drained(moved) => progress |= moved,
-                Delivery::Blocked => return Ok(progress),
-                Delivery::Ended => {
-                    sys::shutdown(self.app, libc::SHUT_WR);
-                    self.rx_done = true;
-                    return Ok(true);
-                }
-                Delivery::ProgramGone => {
-                    self.rx_done = true;
-                    return Ok(true);
-                }
-            }
-            if !self.leftover.is_empty() {
-                let mut left = std::mem::take(&mut self.leftover);
-                let used = self.feed(&left)?;
-                left.drain(..used);
-                self.leftover = left;
-                if used == 0 {
-                    return Ok(progress);
-                }
-                progress = true;
-                continue;
-            }
-            if self.leftover.capacity() > 0 {
-                self.leftover = Vec::new(); // idle connections keep no buffer
-            }
-            if self.tcp_eof || !self.tcp_readable || *budget == 0 {
-                return Ok(progress);
-            }
-            *budget -= 1;
-            match sys::recv(self.tcp, scratch) {
-                Ok(0) => {
-                    self.tcp_eof = true;
-                    // Tell rustls about the EOF: an unclean one then reads as UnexpectedEof.
-                    let _ = self.tls.read_tls(&mut io::empty());
-                }
-                Ok(n) => {
-                    let chunk = scratch.get(..n).ok_or(Fatal)?;
-                    let used = self.feed(chunk)?;
-                    if let Some(rest) = chunk.get(used..) {
-                        self.leftover.extend_from_slice(rest);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.tcp_readable = false;
-                    return Ok(progress);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ECONNRESET and friends: the TCP stream is broken.
-                Err(_) => return Err(Fatal),
-            }
-            progress = true;
-        }
-    }
-
-    /// Hand rustls' decrypted plaintext to the program.
-    fn deliver(&mut self) -> Result<Delivery, Fatal> {
-        let mut moved = false;
-        loop {
-            let mut reader = self.tls.reader();
-            let chunk = match reader.fill_buf() {
-                Ok([]) => return Ok(Delivery::Ended),
-                Ok(chunk) => chunk,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    return Ok(Delivery::Drained(moved))
-                }
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
-                    self.stats.truncated.store(true, Ordering::Release);
-                    return Ok(Delivery::Ended);
-                }
-                Err(_) => return Err(Fatal),
-            };
-            if !self.app_writable {
-                return Ok(Delivery::Blocked);
-            }
-            match sys::send(self.app, chunk) {
-                Ok(n) => {
-                    reader.consume(n);
-                    self.stats.received.fetch_add(n as u64, Ordering::Relaxed);
-                    moved = true;
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.app_writable = false;
-                    return Ok(Delivery::Blocked);
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) =>
-                {
-                    return Ok(Delivery::ProgramGone)
-                }
-                Err(_) => return Err(Fatal),
-            }
-        }
-    }
-
-    /// Give rustls as much of `data` as it takes (it stops when its plaintext buffer is full),
-    /// processing records as they complete. Returns how many bytes it took.
-    fn feed(&mut self, data: &[u8]) -> Result<usize, Fatal> {
-        let mut rest = data;
-        while !rest.is_empty() {
-            match self.tls.read_tls(&mut rest) {
-                // close_notify was received: anything after it is ignored.
-                Ok(0) => return Ok(data.len()),
-                Ok(_) => {}
-                // "received plaintext buffer full": deliver first, then come back.
-                Err(e) if e.kind() == io::ErrorKind::Other => break,
-                Err(_) => return Err(Fatal),
-            }
-            if self.tls.process_new_packets().is_err() {
-                self.flush_alert();
-                return Err(Fatal);
-            }
-        }
-        Ok(data.len() - rest.len())
     }
 
     /// After a TLS error rustls has queued an alert: one best-effort attempt to send it.

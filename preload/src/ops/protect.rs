@@ -148,14 +148,15 @@ fn protect_inner(
         net::set_status_flags(fd, flags);
     }
     let est = est.map_err(Failure::Handshake)?;
-    let (path, detail, rekey) = match (plan, est.conn) {
+    let (path, detail, rekey, no_pad) = match (plan, est.conn) {
         (Plan::Ktls, handshake::Session::Kernel(h)) => {
             let (cipher, rekey) = tls::danger::install_ktls(fd, h).map_err(Failure::Ktls)?;
-            (DataPath::Ktls, cipher, Some(rekey))
+            let no_pad = expect_no_pad(fd, &est.peer, ident);
+            (DataPath::Ktls, cipher, Some(rekey), Some(no_pad))
         }
         (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
             let link = fallback::adopt(fd, conn).map_err(Failure::Relay)?;
-            (DataPath::Userspace(link), why, None)
+            (DataPath::Userspace(link), why, None, None)
         }
         _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),
     };
@@ -168,16 +169,36 @@ fn protect_inner(
         Direction::Inbound => ident.policy.inbound_rule(local.port()).is_some_and(|r| r.allow_truncation),
     };
     p.allow_truncation.store(allow_truncation, std::sync::atomic::Ordering::Relaxed);
-    log::Line::new(event_name(direction))
+    let mut line = log::Line::new(event_name(direction))
         .kv("decision", "allow")
         .kv("mode", p.path.name())
         .kv("local_id", &p.local_id)
         .kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default())
         .kv("local", local)
         .kv("peer", remote)
-        .kv("detail", detail)
-        .emit();
+        .kv("detail", detail);
+    if let Some(no_pad) = no_pad {
+        line = line.kv("rx_no_pad", no_pad);
+    }
+    line.emit();
     Ok(p)
+}
+
+/// `TLS_RX_EXPECT_NO_PAD` for a peer whose SVID is in our own trust domain: a tether peer
+/// (rustls never pads). A peer of another trust domain may pad, so it keeps the kernel's
+/// default. The option is a hint the kernel checks record by record (ARCHITECTURE.md, "kTLS
+/// RX without padding"), so a wrong guess costs time, never data. Returns what the log says.
+fn expect_no_pad(fd: RawFd, peer: &tls::verify::VerifiedPeer, ident: &Identity) -> &'static str {
+    if !settings::get().rx_no_pad {
+        return "off";
+    }
+    if peer.id().trust_domain() != ident.id.trust_domain() {
+        return "foreign";
+    }
+    match ktls::set_rx_no_pad(fd) {
+        Ok(()) => "on",
+        Err(_) => "unsupported",
+    }
 }
 
 pub(crate) fn event_name(d: Direction) -> &'static str {

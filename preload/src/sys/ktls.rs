@@ -232,6 +232,32 @@ pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'stat
     Ok(cipher_name(tx))
 }
 
+/// Tell the kernel the peer never pads its TLS 1.3 records (`TLS_RX_EXPECT_NO_PAD`, Linux >=
+/// 6.0): it then decrypts application data straight into the reader's buffer instead of into
+/// its own and copying. Only a hint: a padded record (or a control record) is detected after
+/// decryption and decrypted again the normal way (`TlsDecryptRetry`; a padded one also counts
+/// `TlsRxNoPadViolation`), so a peer that does pad costs time, never correctness. Must follow
+/// `TLS_RX`. Errors (an older kernel: ENOPROTOOPT) are returned for the caller to ignore.
+pub(crate) fn set_rx_no_pad(fd: RawFd) -> io::Result<()> {
+    const TLS_RX_EXPECT_NO_PAD: c_int = 4;
+    let one: u32 = 1;
+    // SAFETY: pointer/length of a u32 that lives for the call.
+    let rc = unsafe {
+        crate::real::setsockopt(
+            fd,
+            SOL_TLS,
+            TLS_RX_EXPECT_NO_PAD,
+            (&one as *const u32).cast(),
+            size_of::<u32>() as u32,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// A direction of a kTLS socket, for [`set_key`].
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Dir {
