@@ -48,12 +48,50 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, || aborted(fd))
 }
 
+// ---- the write family: kTLS TX rekeys are done by the program's own next write ----------
+// The hot path is one relaxed atomic load (no connection owes a TX rekey) and the real call.
+// See `ops::txkey` for why the rekey waits for the writer.
+
+/// A connection may owe a TX rekey: if `fd`'s does, send our KeyUpdate and move TX now, before
+/// the program's data. `false`: the program's call returns -1 with errno set.
+fn tx_rekey_first(fd: c_int, dontwait: bool) -> bool {
+    hook(
+        || match ops::txkey::before_write(fd, dontwait) {
+            Ok(()) => Outcome::Done(true),
+            Err(e) => Outcome::Fail(false, e),
+        },
+        || true,
+        || (false, libc::ECONNRESET),
+    )
+}
+
+macro_rules! write_export {
+    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* ) -> $ret:ty, $dontwait:expr) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($fd: $fdty $(, $arg: $ty)*) -> $ret {
+            if ops::txkey::any_owed() && !tx_rekey_first($fd, $dontwait) {
+                return -1;
+            }
+            // SAFETY: forwarded unchanged to the real function of the same name.
+            unsafe { real::$name($fd $(, $arg)*) }
+        }
+    };
+}
+
+write_export!(write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t, false);
+write_export!(writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t, false);
+write_export!(send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t, flags & libc::MSG_DONTWAIT != 0);
+
 // ---- sends that can connect: TCP Fast Open ------------------------------------------------
-// The hot path is one branch: without MSG_FASTOPEN these are the real calls, untouched.
+// The hot path is one branch: without MSG_FASTOPEN these are the real calls, untouched (after
+// the write family's owed-rekey check).
 
 #[no_mangle]
 pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t {
     if flags & libc::MSG_FASTOPEN == 0 {
+        if ops::txkey::any_owed() && !tx_rekey_first(fd, flags & libc::MSG_DONTWAIT != 0) {
+            return -1;
+        }
         // SAFETY: forwarded, sendto(2).
         return unsafe { real::sendto(fd, buf, n, flags, addr, len) };
     }
@@ -73,6 +111,9 @@ pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags:
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     if flags & libc::MSG_FASTOPEN == 0 {
+        if ops::txkey::any_owed() && !tx_rekey_first(fd, flags & libc::MSG_DONTWAIT != 0) {
+            return -1;
+        }
         // SAFETY: forwarded, sendmsg(2).
         return unsafe { real::sendmsg(fd, msg, flags) };
     }
@@ -88,6 +129,9 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 #[no_mangle]
 pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int {
     if flags & libc::MSG_FASTOPEN == 0 {
+        if ops::txkey::any_owed() && !tx_rekey_first(fd, flags & libc::MSG_DONTWAIT != 0) {
+            return -1;
+        }
         // SAFETY: forwarded, sendmmsg(2).
         return unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
     }
@@ -135,12 +179,18 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
 
 #[no_mangle]
 pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, count: size_t) -> ssize_t {
+    if ops::txkey::any_owed() && !tx_rekey_first(out, false) {
+        return -1;
+    }
     // SAFETY: forwarded, sendfile(2).
     unsafe { real::sendfile(out, inp, off, count) }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut off64_t, count: size_t) -> ssize_t {
+    if ops::txkey::any_owed() && !tx_rekey_first(out, false) {
+        return -1;
+    }
     // SAFETY: forwarded, sendfile64.
     unsafe { real::sendfile64(out, inp, off, count) }
 }

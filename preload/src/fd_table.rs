@@ -78,6 +78,8 @@ pub(crate) struct Protected {
     /// kTLS: rustls's key schedule, for following the peer's KeyUpdates (set once, after the
     /// keys are installed; empty for other paths and for sockets inherited across exec).
     pub(crate) rekey: std::sync::OnceLock<crate::tls::danger::Rekey>,
+    /// kTLS: a TX rekey owed, done by the next write on the connection (`ops::txkey`).
+    pub(crate) tx_rekey: crate::ops::txkey::TxRekey,
     /// allow | observe | plaintext
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
@@ -109,6 +111,7 @@ impl Protected {
             truncation_reported: AtomicBool::new(false),
             local_shut_rd: AtomicBool::new(false),
             rekey: std::sync::OnceLock::new(),
+            tx_rekey: Default::default(),
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
@@ -213,6 +216,16 @@ pub(crate) fn get(fd: RawFd) -> Option<Arc<Protected>> {
     // Dropped here, outside the lock (its Drop queues a Close report).
     drop(stale);
     None
+}
+
+/// Look at `fd`'s entry without checking that the number still names its socket (no syscall):
+/// for a cheap "is there anything to do" test; act only on what [`get`] returns. `false` when
+/// there is no entry.
+pub(crate) fn peek(fd: RawFd, f: impl FnOnce(&Protected) -> bool) -> bool {
+    if is_empty() {
+        return false;
+    }
+    TABLE.read().get(&fd).is_some_and(|e| f(&e.conn))
 }
 
 /// Record that `fd` (a socket) now refers to `p`.

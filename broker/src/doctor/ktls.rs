@@ -285,10 +285,13 @@ fn rekey_finding(ulp: &io::Result<()>) -> Finding {
         Ok(Rekey::Unsupported(e)) => Finding::warn(
             C,
             format!(
-                "kernel cannot rekey kTLS (a second TLS_TX failed with {}): a peer's TLS 1.3 KeyUpdate ends the connection",
+                "kTLS rekey: unsupported (kernel {}), peers that send KeyUpdate will be reset \
+                 (kernel cannot rekey kTLS: a second TLS_TX failed with {})",
+                fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
                 errno_name(&e)
             ),
-            "Linux 6.14 or newer rekeys kTLS (needed only if peers send KeyUpdate, e.g. long-lived OpenSSL connections)",
+            "Linux 6.14 or newer rekeys kTLS (needed only if peers send KeyUpdate, e.g. long-lived OpenSSL \
+             connections); rules with key_update_after use the userspace relay on this kernel",
         ),
         Ok(Rekey::Broken(why)) => Finding::fail(
             C,

@@ -6,8 +6,8 @@
 //!
 //! A peer's KeyUpdate (Linux >= 6.14) is followed here too: the record is consumed, rustls's
 //! key schedule gives the next RX secret, and TLS_RX is set again before the program's call is
-//! repeated; if the peer asked for it, our own KeyUpdate goes out under the old TX key and
-//! TLS_TX moves to the next one. The per-connection key-schedule lock is taken only here, from
+//! repeated; if the peer asked for it, the connection's next write sends our own KeyUpdate
+//! under the old TX key and moves TLS_TX to the next one (`ops::txkey`). The per-connection key-schedule lock is taken only here, from
 //! before the record is consumed until the new keys are in, so a second reader that meets
 //! EKEYEXPIRED in between waits for it rather than rekeying twice.
 
@@ -54,7 +54,7 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
         let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let mut control = ktls::handle_control_record(fd);
         if let Ok(Control::KeyUpdate { requested }) = control {
-            control = Ok(match follow_key_update(fd, keys.as_deref_mut(), requested) {
+            control = Ok(match follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {
                 Ok(()) => Control::Retry,
                 Err(why) => return reset(fd, p.as_deref(), &why),
             });
@@ -108,10 +108,17 @@ fn after_key_expired(fd: RawFd, p: Option<&fd_table::Protected>, again: &mut dyn
     reset(fd, p, "kTLS RX key expired: the peer's KeyUpdate was consumed outside tether")
 }
 
-/// Move RX to the peer's next key; answer an update request with our own KeyUpdate. `keys` is
-/// the locked key schedule (`None`: a kTLS socket inherited across exec, which has none).
-fn follow_key_update(fd: RawFd, keys: Option<&mut KeySchedule>, requested: bool) -> Result<(), String> {
-    let Some(keys) = keys else {
+/// Move RX to the peer's next key; an update request is recorded for the connection's next
+/// write, which sends our KeyUpdate and moves TX (`ops::txkey`: a write from another thread can
+/// then never fall between our KeyUpdate and the TX switch). `keys` is the locked key schedule
+/// (`None`: a kTLS socket inherited across exec, which has none).
+fn follow_key_update(
+    fd: RawFd,
+    p: Option<&fd_table::Protected>,
+    keys: Option<&mut KeySchedule>,
+    requested: bool,
+) -> Result<(), String> {
+    let (Some(p), Some(keys)) = (p, keys) else {
         return Err("peer sent KeyUpdate; no key schedule for this socket (kTLS inherited across exec)".into());
     };
     danger::follow_rx(fd, keys).map_err(|e| match e.raw_os_error() {
@@ -121,7 +128,7 @@ fn follow_key_update(fd: RawFd, keys: Option<&mut KeySchedule>, requested: bool)
         _ => format!("peer sent KeyUpdate; RX rekey failed: {e}"),
     })?;
     if requested {
-        danger::rotate_tx(fd, keys).map_err(|e| format!("peer requested a KeyUpdate; TX rekey failed: {e}"))?;
+        p.tx_rekey.owe(super::txkey::PEER_ASKED);
     }
     Ok(())
 }
@@ -184,7 +191,7 @@ pub(crate) unsafe fn control_in_program_buffer(
             Ok(Control::KeyUpdate { requested }) => {
                 let rekey = p.as_ref().and_then(|p| p.rekey.get());
                 let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-                if let Err(why) = follow_key_update(fd, keys.as_deref_mut(), requested) {
+                if let Err(why) = follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {
                     return reset(fd, p.as_deref(), &why);
                 }
                 drop(keys);

@@ -9,4 +9,5 @@ pub(crate) mod inbound;
 pub(crate) mod io;
 pub(crate) mod protect;
 pub(crate) mod send;
+pub(crate) mod txkey;
 pub(crate) mod vfork;

@@ -334,28 +334,17 @@ pub(crate) fn send_close_notify(fd: RawFd) {
     let _ = send_control(fd, CONTENT_ALERT, &[1, 0], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
 }
 
-/// How long our KeyUpdate may wait for room in a full send buffer before we give up (and the
-/// read that triggered it reports ECONNRESET).
-const KEY_UPDATE_SEND_TIMEOUT_MS: c_int = 5000;
-
-/// Send a KeyUpdate(update_not_requested) record under the current TX key. Waits (bounded)
-/// for send-buffer room, whether or not the socket is non-blocking.
-pub(crate) fn send_key_update(fd: RawFd) -> io::Result<()> {
-    let msg = [24u8, 0, 0, 1, 0];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(KEY_UPDATE_SEND_TIMEOUT_MS as u64);
+/// Send a KeyUpdate record under the current TX key. `request_update`: ask the peer to move
+/// its keys too. `dontwait`: the program's socket (or call) is non-blocking, so a full send
+/// buffer is EAGAIN for the program to retry; otherwise this waits for room exactly as the
+/// program's own write would (SO_SNDTIMEO included), retrying on EINTR.
+pub(crate) fn send_key_update(fd: RawFd, request_update: bool, dontwait: bool) -> io::Result<()> {
+    let msg = [24u8, 0, 0, 1, u8::from(request_update)];
+    let flags = libc::MSG_NOSIGNAL | if dontwait { libc::MSG_DONTWAIT } else { 0 };
     loop {
-        match send_control(fd, CONTENT_HANDSHAKE, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+        match send_control(fd, CONTENT_HANDSHAKE, &msg, flags) {
             Ok(n) if n == msg.len() => return Ok(()),
             Ok(_) => return Err(io::Error::from_raw_os_error(libc::EPROTO)),
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now()).as_millis() as c_int;
-                if left == 0 {
-                    return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
-                }
-                let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-                // SAFETY: one pollfd, bounded timeout.
-                unsafe { libc::poll(&mut pfd, 1, left) };
-            }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             Err(e) => return Err(e),
         }
