@@ -54,14 +54,18 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
         let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let mut control = ktls::handle_control_record(fd);
         if let Ok(Control::KeyUpdate { requested }) = control {
-            control = Ok(match follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {
-                Ok(()) => Control::Retry,
-                Err(why) => return reset(fd, p.as_deref(), &why),
-            });
+            control = Ok(
+                match follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {
+                    Ok(()) => Control::Retry,
+                    Err(why) => return reset(fd, p.as_deref(), &why),
+                },
+            );
         }
         drop(keys);
         match control {
-            Ok(Control::KeyUpdate { .. }) => return reset(fd, p.as_deref(), "KeyUpdate not followed"),
+            Ok(Control::KeyUpdate { .. }) => {
+                return reset(fd, p.as_deref(), "KeyUpdate not followed")
+            }
             Ok(Control::Retry) => {
                 let r = again();
                 if r >= 0 || guard::errno() != libc::EIO {
@@ -91,12 +95,24 @@ const KEY_EXPIRED_WAIT_MS: u32 = 200;
 /// The kernel says RX awaits its next key: another thread of ours is following a KeyUpdate
 /// (wait on its lock, then read again), or the record went where we could not see it (an
 /// interface we do not hook): then we cannot know the peer's request, and fail closed.
-fn after_key_expired(fd: RawFd, p: Option<&fd_table::Protected>, again: &mut dyn FnMut() -> isize) -> isize {
+fn after_key_expired(
+    fd: RawFd,
+    p: Option<&fd_table::Protected>,
+    again: &mut dyn FnMut() -> isize,
+) -> isize {
     let Some(rekey) = p.and_then(|p| p.rekey.get()) else {
-        return reset(fd, p, "kTLS RX key expired on a socket without a key schedule");
+        return reset(
+            fd,
+            p,
+            "kTLS RX key expired on a socket without a key schedule",
+        );
     };
     for _ in 0..KEY_EXPIRED_WAIT_MS {
-        drop(rekey.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        drop(
+            rekey
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
         let r = again();
         match (r, guard::errno()) {
             (r, _) if r >= 0 => return r,
@@ -105,7 +121,11 @@ fn after_key_expired(fd: RawFd, p: Option<&fd_table::Protected>, again: &mut dyn
             _ => return r,
         }
     }
-    reset(fd, p, "kTLS RX key expired: the peer's KeyUpdate was consumed outside tether")
+    reset(
+        fd,
+        p,
+        "kTLS RX key expired: the peer's KeyUpdate was consumed outside tether",
+    )
 }
 
 /// Move RX to the peer's next key; an update request is recorded for the connection's next
@@ -119,7 +139,10 @@ fn follow_key_update(
     requested: bool,
 ) -> Result<(), String> {
     let (Some(p), Some(keys)) = (p, keys) else {
-        return Err("peer sent KeyUpdate; no key schedule for this socket (kTLS inherited across exec)".into());
+        return Err(
+            "peer sent KeyUpdate; no key schedule for this socket (kTLS inherited across exec)"
+                .into(),
+        );
     };
     danger::follow_rx(fd, keys).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) | Some(libc::EEXIST) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) => {
@@ -171,7 +194,11 @@ pub(crate) unsafe fn control_in_program_buffer(
                 }
                 let r = again();
                 if r < 0 {
-                    return if guard::errno() == libc::EIO { after_read_error(fd, r, again) } else { r };
+                    return if guard::errno() == libc::EIO {
+                        after_read_error(fd, r, again)
+                    } else {
+                        r
+                    };
                 }
                 if r == 0 {
                     return super::ending::after_eof(fd);
@@ -190,8 +217,11 @@ pub(crate) unsafe fn control_in_program_buffer(
             }
             Ok(Control::KeyUpdate { requested }) => {
                 let rekey = p.as_ref().and_then(|p| p.rekey.get());
-                let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-                if let Err(why) = follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {
+                let mut keys =
+                    rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+                if let Err(why) =
+                    follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested)
+                {
                     return reset(fd, p.as_deref(), &why);
                 }
                 drop(keys);
@@ -223,7 +253,11 @@ pub(crate) unsafe fn control_in_program_buffer(
 
 fn reset(fd: RawFd, p: Option<&crate::fd_table::Protected>, why: &str) -> isize {
     let peer = p.and_then(|p| p.peer.as_ref()).map(|v| v.id().to_string());
-    log::Line::new("read").kv("fd", fd).kv("peer_id", peer.unwrap_or_default()).kv("reason", why).emit();
+    log::Line::new("read")
+        .kv("fd", fd)
+        .kv("peer_id", peer.unwrap_or_default())
+        .kv("reason", why)
+        .emit();
     guard::set_errno(libc::ECONNRESET);
     -1
 }
@@ -231,7 +265,8 @@ fn reset(fd: RawFd, p: Option<&crate::fd_table::Protected>, why: &str) -> isize 
 /// Read the rest of a control record the program's buffer cut short, onto `body`.
 fn complete(fd: RawFd, ty: u8, body: &mut Vec<u8>) -> std::io::Result<()> {
     loop {
-        let missing = ktls::control_bytes_missing(ty, body).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EPROTO))?;
+        let missing = ktls::control_bytes_missing(ty, body)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EPROTO))?;
         if missing == 0 {
             return Ok(());
         }

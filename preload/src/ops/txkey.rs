@@ -85,7 +85,9 @@ pub(crate) fn before_write(fd: RawFd, dontwait: bool) -> Result<(), i32> {
     if !fd_table::peek(fd, |p| p.tx_rekey.pending()) {
         return Ok(());
     }
-    let Some(p) = fd_table::get(fd) else { return Ok(()) };
+    let Some(p) = fd_table::get(fd) else {
+        return Ok(());
+    };
     let dontwait = dontwait || net::status_flags(fd) & libc::O_NONBLOCK != 0;
     let deadline = Instant::now() + BUSY_WAIT;
     let state = &p.tx_rekey.0;
@@ -96,15 +98,26 @@ pub(crate) fn before_write(fd: RawFd, dontwait: bool) -> Result<(), i32> {
         }
         if s & BUSY != 0 {
             if Instant::now() >= deadline {
-                return Err(fail(fd, &p, "TX rekey under way in another thread did not finish"));
+                return Err(fail(
+                    fd,
+                    &p,
+                    "TX rekey under way in another thread did not finish",
+                ));
             }
             std::thread::sleep(Duration::from_millis(1));
             continue;
         }
         // Answer the peer first (update_not_requested, RFC 8446 §4.6.3); our own due rotation,
         // if also owed, stays set and goes out as a second KeyUpdate right after.
-        let (take, keep) = if s & PEER_ASKED != 0 { (PEER_ASKED, s & DUE) } else { (DUE, 0) };
-        if state.compare_exchange(s, BUSY | keep, Ordering::AcqRel, Ordering::Acquire).is_err() {
+        let (take, keep) = if s & PEER_ASKED != 0 {
+            (PEER_ASKED, s & DUE)
+        } else {
+            (DUE, 0)
+        };
+        if state
+            .compare_exchange(s, BUSY | keep, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
             continue;
         }
         let r = rotate(fd, &p, take == DUE, dontwait);
@@ -135,7 +148,9 @@ enum Rotate {
 /// Send one KeyUpdate under the current TX key, then move the kernel's TX to the next key.
 fn rotate(fd: RawFd, p: &Protected, request_update: bool, dontwait: bool) -> Result<(), Rotate> {
     let Some(keys) = p.rekey.get() else {
-        return Err(Rotate::Broken("TX rekey owed on a socket without a key schedule".into()));
+        return Err(Rotate::Broken(
+            "TX rekey owed on a socket without a key schedule".into(),
+        ));
     };
     match crate::sys::ktls::send_key_update(fd, request_update, dontwait) {
         Ok(()) => {}
@@ -147,13 +162,20 @@ fn rotate(fd: RawFd, p: &Protected, request_update: bool, dontwait: bool) -> Res
     // The key schedule's lock is also the read path's; it is held only for the derivation
     // and the setsockopt, never across a wait.
     let mut keys = keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    danger::move_tx(fd, &mut keys).map_err(|e: io::Error| Rotate::Broken(format!("TX rekey failed: {e}")))?;
+    danger::move_tx(fd, &mut keys)
+        .map_err(|e: io::Error| Rotate::Broken(format!("TX rekey failed: {e}")))?;
     drop(keys);
     log::Line::new("rekey")
         .kv("fd", fd)
         .kv("dir", "tx")
         .kv("update_requested", request_update)
-        .kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default())
+        .kv(
+            "peer_id",
+            p.peer
+                .as_ref()
+                .map(|v| v.id().to_string())
+                .unwrap_or_default(),
+        )
         .emit();
     Ok(())
 }
@@ -161,8 +183,16 @@ fn rotate(fd: RawFd, p: &Protected, request_update: bool, dontwait: bool) -> Res
 /// The connection cannot go on: shut it down both ways (no byte under a wrong key), log why.
 fn fail(fd: RawFd, p: &Protected, why: &str) -> i32 {
     net::kill(fd);
-    let peer = p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default();
-    log::Line::new("write").kv("fd", fd).kv("peer_id", peer).kv("reason", why).emit();
+    let peer = p
+        .peer
+        .as_ref()
+        .map(|v| v.id().to_string())
+        .unwrap_or_default();
+    log::Line::new("write")
+        .kv("fd", fd)
+        .kv("peer_id", peer)
+        .kv("reason", why)
+        .emit();
     guard::set_errno(libc::ECONNRESET);
     libc::ECONNRESET
 }

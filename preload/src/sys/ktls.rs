@@ -56,7 +56,13 @@ pub(crate) fn attach_ulp(fd: RawFd) -> Result<(), AttachError> {
     let name = b"tls";
     // SAFETY: valid fd number, pointer/length describe `name`.
     let rc = unsafe {
-        crate::real::setsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), name.len() as u32)
+        crate::real::setsockopt(
+            fd,
+            libc::SOL_TCP,
+            TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as u32,
+        )
     };
     if rc == 0 {
         SUPPORT.store(SUPPORTED, Ordering::Relaxed);
@@ -77,7 +83,15 @@ pub(crate) fn is_ktls_socket(fd: RawFd) -> bool {
     let mut name = [0u8; 16];
     let mut len = name.len() as libc::socklen_t;
     // SAFETY: out-buffer and its length.
-    let rc = unsafe { crate::real::getsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_mut_ptr().cast(), &mut len) };
+    let rc = unsafe {
+        crate::real::getsockopt(
+            fd,
+            libc::SOL_TCP,
+            TCP_ULP,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     rc == 0 && name.starts_with(b"tls")
 }
 
@@ -224,7 +238,12 @@ fn set_crypto(fd: RawFd, dir: c_int, info: &CryptoInfo) -> io::Result<()> {
 pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'static str> {
     let (tx_seq, tx) = &secrets.tx;
     let (rx_seq, rx) = &secrets.rx;
-    let unsupported = || io::Error::new(io::ErrorKind::Unsupported, "cipher suite not supported by kTLS");
+    let unsupported = || {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "cipher suite not supported by kTLS",
+        )
+    };
     let tx_info = crypto_info(*tx_seq, tx).ok_or_else(unsupported)?;
     let rx_info = crypto_info(*rx_seq, rx).ok_or_else(unsupported)?;
     set_crypto(fd, TLS_TX, &tx_info)?;
@@ -241,10 +260,26 @@ pub(crate) enum Dir {
 
 /// Set (or, on Linux >= 6.14, replace after a KeyUpdate) one direction's key. Older kernels
 /// refuse a second key (EBUSY): the caller fails closed.
-pub(crate) fn set_key(fd: RawFd, dir: Dir, seq: u64, s: &ConnectionTrafficSecrets) -> io::Result<()> {
-    let info = crypto_info(seq, s)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "cipher suite not supported by kTLS"))?;
-    set_crypto(fd, match dir { Dir::Tx => TLS_TX, Dir::Rx => TLS_RX }, &info)
+pub(crate) fn set_key(
+    fd: RawFd,
+    dir: Dir,
+    seq: u64,
+    s: &ConnectionTrafficSecrets,
+) -> io::Result<()> {
+    let info = crypto_info(seq, s).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "cipher suite not supported by kTLS",
+        )
+    })?;
+    set_crypto(
+        fd,
+        match dir {
+            Dir::Tx => TLS_TX,
+            Dir::Rx => TLS_RX,
+        },
+        &info,
+    )
 }
 
 /// Consume the control record at the head of `fd`'s receive queue. Called only after a plain
@@ -303,7 +338,10 @@ pub(crate) fn finish_control_record(fd: RawFd, ty: u8, buf: &mut [u8]) -> io::Re
 
 fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize)> {
     let mut cbuf = [0u64; 8]; // aligned cmsg space
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: zeroed msghdr is a valid "empty" value; we fill the pointers below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -331,7 +369,12 @@ fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize
 
 /// Send a close_notify alert on a kTLS socket (for `shutdown(SHUT_WR)`).
 pub(crate) fn send_close_notify(fd: RawFd) {
-    let _ = send_control(fd, CONTENT_ALERT, &[1, 0], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    let _ = send_control(
+        fd,
+        CONTENT_ALERT,
+        &[1, 0],
+        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+    );
 }
 
 /// Send a KeyUpdate record under the current TX key. `request_update`: ask the peer to move
@@ -353,7 +396,10 @@ pub(crate) fn send_key_update(fd: RawFd, request_update: bool, dontwait: bool) -
 
 fn send_control(fd: RawFd, ty: u8, body: &[u8], flags: c_int) -> io::Result<usize> {
     let mut cbuf = [0u64; 4];
-    let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() };
+    let mut iov = libc::iovec {
+        iov_base: body.as_ptr() as *mut _,
+        iov_len: body.len(),
+    };
     // SAFETY: as in recv_record; we build one cmsg of type TLS_SET_RECORD_TYPE.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
@@ -384,29 +430,59 @@ mod tests {
         assert_eq!(classify(CONTENT_ALERT, &[1, 0]), Control::Eof);
         assert_eq!(classify(CONTENT_ALERT, &[2, 0]), Control::Eof);
         assert_eq!(classify(CONTENT_ALERT, &[1, 90]), Control::Retry);
-        assert!(matches!(classify(CONTENT_ALERT, &[2, 40]), Control::Reset(_)));
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]), Control::Retry);
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::KeyUpdate { requested: false });
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]), Control::KeyUpdate { requested: true });
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 2]), Control::Reset(_)));
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 2, 0, 0]), Control::Reset(_)));
+        assert!(matches!(
+            classify(CONTENT_ALERT, &[2, 40]),
+            Control::Reset(_)
+        ));
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]),
+            Control::Retry
+        );
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]),
+            Control::KeyUpdate { requested: false }
+        );
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]),
+            Control::KeyUpdate { requested: true }
+        );
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 2]),
+            Control::Reset(_)
+        ));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 2, 0, 0]),
+            Control::Reset(_)
+        ));
         assert!(matches!(classify(99, &[]), Control::Reset(_)));
     }
 
     #[test]
     fn every_message_of_a_handshake_record_is_looked_at() {
         // Two tickets in one record: dropped.
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0, 0, 0]), Control::Retry);
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0, 0, 0]),
+            Control::Retry
+        );
         // A ticket, then a KeyUpdate in the same record: not hidden behind the first.
         assert_eq!(
             classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 24, 0, 0, 1, 1]),
             Control::KeyUpdate { requested: true }
         );
         // Anything after a KeyUpdate in its record would be under the wrong key: closed.
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0, 4, 0, 0, 0]), Control::Reset(_)));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0, 4, 0, 0, 0]),
+            Control::Reset(_)
+        ));
         // A message longer than the record (fragmented), or an empty record: closed.
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]), Control::Reset(_)));
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[]), Control::Reset(_)));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]),
+            Control::Reset(_)
+        ));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[]),
+            Control::Reset(_)
+        ));
     }
 
     #[test]
@@ -414,9 +490,18 @@ mod tests {
         assert_eq!(control_bytes_missing(CONTENT_ALERT, &[1]), Some(1));
         assert_eq!(control_bytes_missing(CONTENT_ALERT, &[1, 0]), Some(0));
         assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0]), Some(2));
-        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 3, 1]), Some(2));
-        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9]), Some(0));
-        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0]), Some(2));
+        assert_eq!(
+            control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 3, 1]),
+            Some(2)
+        );
+        assert_eq!(
+            control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9]),
+            Some(0)
+        );
+        assert_eq!(
+            control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0]),
+            Some(2)
+        );
         assert_eq!(control_bytes_missing(99, &[1]), None);
     }
 
