@@ -78,6 +78,54 @@ pub(crate) fn attach_ulp(fd: RawFd) -> Result<(), AttachError> {
     }
 }
 
+/// Can this kernel rekey kTLS (Linux >= 6.14)? Probed once per process, and only when a rule
+/// with `key_update_after` is used: a throwaway loopback TCP pair, the ULP, a TX key, then a
+/// second TX key. Any failure (no loopback, no kTLS, EBUSY from an older kernel) is "no",
+/// which sends such rules to the userspace relay (never a connection that cannot rotate).
+pub(crate) fn can_rekey() -> bool {
+    static REKEY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REKEY.get_or_init(probe_rekey)
+}
+
+fn probe_rekey() -> bool {
+    // SAFETY: plain socket calls on fds this function owns and closes.
+    unsafe {
+        let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let mut a = -1;
+        let mut ok = false;
+        if l >= 0 && c >= 0 {
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let salen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let mut len = salen;
+            if libc::bind(l, (&sa as *const libc::sockaddr_in).cast(), salen) == 0
+                && libc::listen(l, 1) == 0
+                && crate::real::getsockname(l, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) == 0
+                && crate::real::connect(c, (&sa as *const libc::sockaddr_in).cast(), salen) == 0
+            {
+                a = crate::real::accept4(l, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC);
+                let name = b"tls";
+                let key = ConnectionTrafficSecrets::Aes128Gcm {
+                    key: rustls::crypto::cipher::AeadKey::from([0u8; 32]),
+                    iv: rustls::crypto::cipher::Iv::from([0u8; 12]),
+                };
+                ok = a >= 0
+                    && crate::real::setsockopt(c, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), name.len() as u32) == 0
+                    && set_key(c, Dir::Tx, 0, &key).is_ok()
+                    && set_key(c, Dir::Tx, 0, &key).is_ok();
+            }
+        }
+        for fd in [l, c, a] {
+            if fd >= 0 {
+                crate::real::close(fd);
+            }
+        }
+        ok
+    }
+}
+
 /// Does `fd` have the "tls" ULP attached (a kTLS socket, possibly inherited across exec)?
 pub(crate) fn is_ktls_socket(fd: RawFd) -> bool {
     let mut name = [0u8; 16];
