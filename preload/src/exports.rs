@@ -414,8 +414,33 @@ fn read_slow(fd: c_int, first: ssize_t, again: &mut dyn FnMut() -> ssize_t) -> s
     )
 }
 
+/// A short read on a kTLS socket, on a kernel that rekeys: look for a KeyUpdate the kernel
+/// decrypted ahead of the data it returned (`ops::io::after_short_read`).
+fn short_read(fd: c_int) {
+    hook(
+        || {
+            ops::io::after_short_read(fd);
+            Outcome::Done(())
+        },
+        || (),
+        || ((), 0),
+    )
+}
+
+/// Bytes a program's iovecs can hold.
+///
+/// # Safety
+/// `iov` points at `cnt` iovecs (the caller's readv/recvmsg contract), or `cnt` is 0.
+unsafe fn iov_room(iov: *const iovec, cnt: usize) -> usize {
+    if iov.is_null() {
+        return 0;
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(iov, cnt) }.iter().map(|v| v.iov_len).sum()
+}
+
 macro_rules! read_export {
-    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* )) => {
+    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* ), $want:expr) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name($fd: $fdty $(, $arg: $ty)*) -> ssize_t {
             // SAFETY: forwarded unchanged to the real function of the same name.
@@ -424,6 +449,11 @@ macro_rules! read_export {
             // table, and EIO on a read is rare enough that the slow path may look for itself.
             // EOF (0) is once per stream: the slow path checks it was not a truncation.
             if r > 0 {
+                // One atomic load (zero unless a kTLS connection may see a KeyUpdate); a read that
+                // filled the buffer never looks further.
+                if ops::io::short_reads_watched() && (r as usize) < $want {
+                    short_read($fd);
+                }
                 return r;
             }
             if r == 0 {
@@ -438,10 +468,11 @@ macro_rules! read_export {
     };
 }
 
-read_export!(read(fd: c_int, buf: *mut c_void, n: size_t));
-read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int));
-read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int));
-read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
+read_export!(read(fd: c_int, buf: *mut c_void, n: size_t), n);
+// SAFETY: readv's contract: `iov` holds `cnt` iovecs.
+read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int), unsafe { iov_room(iov, cnt.max(0) as usize) });
+read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int), n);
+read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t), n);
 /// recvmsg is read_export! plus one case: a program that passes its own control buffer gets
 /// kTLS control records as data (labelled by a cmsg it does not know), so a successful read
 /// with a control buffer checks that label. Without a control buffer: the same one branch.
@@ -453,6 +484,10 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     let r = unsafe { real::recvmsg(fd, msg, flags) };
     if r > 0 {
         if controllen == 0 {
+            // SAFETY: the caller's msghdr, as above.
+            if ops::io::short_reads_watched() && !msg.is_null() && (r as usize) < unsafe { iov_room((*msg).msg_iov, (*msg).msg_iovlen) } {
+                short_read(fd);
+            }
             return r;
         }
         // SAFETY: the kernel just filled the caller's msghdr.
@@ -480,6 +515,6 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     // SAFETY: as above; the slow path may repeat the call.
     read_slow(fd, r, &mut || unsafe { real::recvmsg(fd, msg, flags) })
 }
-read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t));
-read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int));
-read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
+read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t), n);
+read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int), n);
+read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t), n);

@@ -80,6 +80,9 @@ pub(crate) struct Protected {
     pub(crate) rekey: std::sync::OnceLock<crate::tls::danger::Rekey>,
     /// kTLS: a TX rekey owed, done by the next write on the connection (`ops::txkey`).
     pub(crate) tx_rekey: crate::ops::txkey::TxRekey,
+    /// kTLS on a kernel that rekeys: counted while it lives, so short reads look for a
+    /// KeyUpdate the kernel decrypted ahead (`ops::io::after_short_read`).
+    pub(crate) short_read_watch: std::sync::OnceLock<crate::ops::io::ShortReadWatch>,
     /// allow | observe | plaintext
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
@@ -112,6 +115,7 @@ impl Protected {
             local_shut_rd: AtomicBool::new(false),
             rekey: std::sync::OnceLock::new(),
             tx_rekey: Default::default(),
+            short_read_watch: std::sync::OnceLock::new(),
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),

@@ -12,13 +12,72 @@
 //! EKEYEXPIRED in between waits for it rather than rekeying twice.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::fd_table::{self, DataPath};
 use crate::guard;
 use crate::log;
 use crate::sys::ktls::{self, Control};
 use crate::tls::danger::{self, KeySchedule};
+
+/// Live kTLS connections with a key schedule on a kernel that rekeys: while there are any, a
+/// short read on a kTLS socket looks for a KeyUpdate the kernel decrypted ahead.
+static SHORT_READ_WATCH: AtomicUsize = AtomicUsize::new(0);
+
+/// One connection counted in [`SHORT_READ_WATCH`] (kept in its [`fd_table::Protected`]).
+#[derive(Debug)]
+pub(crate) struct ShortReadWatch(());
+
+impl ShortReadWatch {
+    pub(crate) fn new() -> Self {
+        SHORT_READ_WATCH.fetch_add(1, Ordering::AcqRel);
+        Self(())
+    }
+}
+
+impl Drop for ShortReadWatch {
+    fn drop(&mut self) {
+        SHORT_READ_WATCH.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Should a short successful read look for a decrypted-ahead KeyUpdate? (One atomic load.)
+#[inline]
+pub(crate) fn short_reads_watched() -> bool {
+    SHORT_READ_WATCH.load(Ordering::Relaxed) != 0
+}
+
+/// A read on `fd` returned data but less than the program asked for. On Linux >= 6.14 the
+/// kernel may then have decrypted the *next* record too (it keeps going while a whole record is
+/// queued) and, if that was a KeyUpdate, it hides the socket's POLLIN until the new RX key is
+/// set (`tls_sk_poll`: `key_update_pending`): a program that polls before reading would wait
+/// forever for a record it never gets to read. So here (never on a read that filled the buffer:
+/// the kernel stops at a full buffer without looking ahead) one non-blocking `MSG_PEEK` looks at
+/// the head of the queue; a handshake record there is consumed and followed now, exactly as the
+/// EIO path would. Application data is never consumed here.
+pub(crate) fn after_short_read(fd: RawFd) {
+    if !fd_table::peek(fd, |p| matches!(p.path, DataPath::Ktls) && p.rekey.get().is_some()) {
+        return;
+    }
+    let Some(p) = fd_table::get(fd) else { return };
+    let Some(rekey) = p.rekey.get() else { return };
+    if ktls::head_record_type(fd) != Some(crate::sys::control::CONTENT_HANDSHAKE) {
+        return;
+    }
+    let mut keys = rekey.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let why = match ktls::handle_control_record(fd) {
+        Ok(Control::KeyUpdate { requested }) => follow_key_update(fd, Some(&p), Some(&mut keys), requested).err(),
+        Ok(Control::Reset(why)) => Some(why.to_owned()),
+        // A ticket (dropped), or nothing after all: the next read carries on.
+        _ => None,
+    };
+    drop(keys);
+    if let Some(why) = why {
+        // The data already returned stays the program's; nothing more can flow.
+        crate::sys::net::kill(fd);
+        let _ = reset(fd, Some(&p), &why);
+    }
+}
 
 /// Control records we will skip in a row before calling the stream broken.
 const MAX_SKIPPED: usize = 64;

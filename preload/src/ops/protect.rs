@@ -170,6 +170,9 @@ fn protect_inner(
     let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
     if let Some(r) = rekey {
         let _ = p.rekey.set(r);
+        if ktls::can_rekey() {
+            let _ = p.short_read_watch.set(super::io::ShortReadWatch::new());
+        }
         if let Some(limit) = rotate {
             super::rotation::watch(fd, &p, limit);
         }

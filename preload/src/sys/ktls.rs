@@ -347,6 +347,17 @@ pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
     Ok(r)
 }
 
+/// The type of the record at the head of `fd`'s receive queue, without consuming it (one
+/// non-blocking `MSG_PEEK` of one byte); `None` when nothing is queued.
+pub(crate) fn head_record_type(fd: RawFd) -> Option<u8> {
+    let mut b = [0u8; 1];
+    match recv_record(fd, &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok((ty, _)) => Some(ty),
+        // EIO: a control record the peek could not label; let the EIO path see it.
+        Err(_) => None,
+    }
+}
+
 /// The TLS record type the kernel reported in a program's own `recvmsg` control buffer, if it
 /// is not application data (a control record the program would otherwise take as data).
 ///
