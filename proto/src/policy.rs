@@ -350,6 +350,7 @@ impl<'de> Deserialize<'de> for Destination {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
     use super::*;
 
