@@ -308,6 +308,13 @@ pub(crate) fn duplicate(old: RawFd, new: RawFd) {
     LEN.store(t.len(), Ordering::Release);
 }
 
+/// Fork child (single-threaded, no lock held): call `f` on every connection in the table.
+pub(crate) fn each_after_fork(f: impl Fn(&Protected)) {
+    for e in TABLE.read().values() {
+        f(&e.conn);
+    }
+}
+
 /// Fork lock order: the table after identity (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {
     let mut t = TABLE.write();

@@ -101,5 +101,6 @@ extern "C" fn child() {
         report::after_fork_child();
         ops::inbound::after_fork_child();
         ops::rotation::after_fork_child();
+        fd_table::each_after_fork(|p| p.tx_rekey.forget_busy());
     });
 }

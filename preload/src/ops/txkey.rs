@@ -56,6 +56,14 @@ impl TxRekey {
         }
     }
 
+    /// Fork child: a rekey another thread had under way does not exist here. Clear BUSY so that
+    /// no writer of the child waits for it (what is still owed stays owed).
+    pub(crate) fn forget_busy(&self) {
+        if self.0.fetch_and(!BUSY, Ordering::AcqRel) == BUSY {
+            OWED.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
     /// Is anything owed (or under way)?
     pub(crate) fn pending(&self) -> bool {
         self.0.load(Ordering::Acquire) != 0
@@ -71,10 +79,9 @@ impl Drop for TxRekey {
     }
 }
 
-/// How long a writer waits for another writer's rekey on the same connection (that one waits
-/// for send-buffer room like any write; this bound only keeps a fork child, which inherited a
-/// BUSY state from a thread that does not exist in it, from waiting forever).
-const BUSY_WAIT: Duration = Duration::from_secs(10);
+/// After this long waiting for another writer's rekey, say so once (the wait goes on: that
+/// writer waits for send-buffer room exactly as this one's write would).
+const BUSY_WARN: Duration = Duration::from_secs(10);
 
 /// Called by a write-family export on `fd` when [`any_owed`]: if `fd`'s connection owes a TX
 /// rekey, do it now, before the program's data. `Err(errno)` is what the program's call returns
@@ -89,7 +96,7 @@ pub(crate) fn before_write(fd: RawFd, dontwait: bool) -> Result<(), i32> {
         return Ok(());
     };
     let dontwait = dontwait || net::status_flags(fd) & libc::O_NONBLOCK != 0;
-    let deadline = Instant::now() + BUSY_WAIT;
+    let (slow, mut warned) = (Instant::now() + BUSY_WARN, false);
     let state = &p.tx_rekey.0;
     loop {
         let s = state.load(Ordering::Acquire);
@@ -97,14 +104,20 @@ pub(crate) fn before_write(fd: RawFd, dontwait: bool) -> Result<(), i32> {
             return Ok(());
         }
         if s & BUSY != 0 {
-            if Instant::now() >= deadline {
-                return Err(fail(
-                    fd,
-                    &p,
-                    "TX rekey under way in another thread did not finish",
-                ));
+            // Another thread is sending our KeyUpdate. A non-blocking caller retries later
+            // (that thread holds BUSY for two non-blocking syscalls); a blocking one waits for
+            // it, as its own write would wait for the same send buffer.
+            if dontwait {
+                return Err(libc::EAGAIN);
             }
-            std::thread::sleep(Duration::from_millis(1));
+            if !warned && Instant::now() >= slow {
+                warned = true;
+                log::Line::new("write")
+                    .kv("fd", fd)
+                    .kv("reason", "waiting for another thread's TX rekey (send buffer full?)")
+                    .emit();
+            }
+            std::thread::sleep(Duration::from_millis(2));
             continue;
         }
         // Answer the peer first (update_not_requested, RFC 8446 §4.6.3); our own due rotation,
