@@ -209,3 +209,38 @@ fn fail(fd: RawFd, p: &Protected, why: &str) -> i32 {
     guard::set_errno(libc::ECONNRESET);
     libc::ECONNRESET
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_counts_once_however_many_rekeys_it_owes() {
+        let before = OWED.load(Ordering::Acquire);
+        let t = TxRekey::default();
+        assert!(!t.pending());
+        t.owe(PEER_ASKED);
+        t.owe(DUE);
+        t.owe(PEER_ASKED);
+        assert!(t.pending());
+        assert_eq!(OWED.load(Ordering::Acquire), before + 1);
+        drop(t);
+        assert_eq!(OWED.load(Ordering::Acquire), before, "a dropped connection no longer counts");
+    }
+
+    #[test]
+    fn a_fork_child_forgets_a_rekey_under_way_but_not_what_is_owed() {
+        let before = OWED.load(Ordering::Acquire);
+        let busy = TxRekey(AtomicU8::new(BUSY));
+        OWED.fetch_add(1, Ordering::AcqRel);
+        busy.forget_busy();
+        assert!(!busy.pending());
+        assert_eq!(OWED.load(Ordering::Acquire), before);
+        let owed = TxRekey(AtomicU8::new(BUSY | DUE));
+        OWED.fetch_add(1, Ordering::AcqRel);
+        owed.forget_busy();
+        assert!(owed.pending(), "the due rotation is still owed");
+        drop(owed);
+        assert_eq!(OWED.load(Ordering::Acquire), before);
+    }
+}
