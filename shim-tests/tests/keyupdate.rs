@@ -89,20 +89,25 @@ print("end=" + end)
 print("done", flush=True)
 "#;
 
-/// What `duplex` lines the sink writes (the same bytes PY_SINK's writer sends).
-fn duplex_payload(len: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len as usize + 32);
+/// Blocks of 256 lines of 63 digits, line `k` of block `i` holding
+/// `(i * stride + k) * mult mod 10^18`: what PY_SINK's duplex writer (stride 64, mult 7919)
+/// and PY_SENDER (stride 256, mult 2654435761) send, cut to `len` bytes.
+fn digit_blocks(len: u64, stride: u64, mult: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(len as usize + 16_384);
     let mut i: u64 = 0;
     while (v.len() as u64) < len {
         for k in 0..256u64 {
-            v.extend_from_slice(
-                format!("{:063}\n", ((i * 64 + k) * 7919) % 10u64.pow(18)).as_bytes(),
-            );
+            v.extend_from_slice(format!("{:063}\n", ((i * stride + k) * mult) % 10u64.pow(18)).as_bytes());
         }
         i += 1;
     }
     v.truncate(len as usize);
     v
+}
+
+/// What PY_SINK's duplex writer sends.
+fn duplex_payload(len: u64) -> Vec<u8> {
+    digit_blocks(len, 64, 7919)
 }
 
 /// The last `at=N` the sink printed (bytes it has received so far).
@@ -410,16 +415,7 @@ print("reply=" + reply.decode().strip(), flush=True)
 
 /// The bytes PY_SENDER sends.
 fn sender_payload(len: u64) -> Vec<u8> {
-    let mut v = Vec::with_capacity(len as usize + 16_384);
-    let mut i: u64 = 0;
-    while (v.len() as u64) < len {
-        for k in 0..256u64 {
-            v.extend_from_slice(format!("{:063}\n", ((i * 256 + k) * 2_654_435_761) % 10u64.pow(18)).as_bytes());
-        }
-        i += 1;
-    }
-    v.truncate(len as usize);
-    v
+    digit_blocks(len, 256, 2_654_435_761)
 }
 
 /// Issue 12: `key_update_after = "1MiB"` on both sides of a tether<->tether transfer: each side
