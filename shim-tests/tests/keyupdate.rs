@@ -273,10 +273,18 @@ fn transfer_with_key_updates(name: &str, openssl_role: &str, mb: u64, duplex_mb:
     });
     let out = h.wait_stdout("sink", Duration::from_secs(900), |o| o.contains("done"));
     let diag = diagnose(port);
-    let fed = if feeder.is_finished() {
-        feeder
-            .join()
-            .map(|r| r.map(|_| ()).map_err(|e| e.to_string()))
+    // OpenSSL's stdin stays open until the end of the test: its EOF makes s_server close the
+    // connection, possibly before it has read our reply.
+    let mut _stdin_kept = None;
+    let fed: Result<Result<(), String>, String> = if feeder.is_finished() {
+        match feeder.join() {
+            Ok(Ok(stdin)) => {
+                _stdin_kept = Some(stdin);
+                Ok(Ok(()))
+            }
+            Ok(Err(e)) => Ok(Err(e.to_string())),
+            Err(_) => Err("feeder panicked".into()),
+        }
     } else {
         Ok(Err("feeder still running".into()))
     };
