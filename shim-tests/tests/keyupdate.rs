@@ -97,7 +97,9 @@ fn digit_blocks(len: u64, stride: u64, mult: u64) -> Vec<u8> {
     let mut i: u64 = 0;
     while (v.len() as u64) < len {
         for k in 0..256u64 {
-            v.extend_from_slice(format!("{:063}\n", ((i * stride + k) * mult) % 10u64.pow(18)).as_bytes());
+            v.extend_from_slice(
+                format!("{:063}\n", ((i * stride + k) * mult) % 10u64.pow(18)).as_bytes(),
+            );
         }
         i += 1;
     }
@@ -449,35 +451,81 @@ fn key_update_after_rotates_keys_on_both_sides_of_a_tether_transfer() {
     let check = DataPathCheck::begin(&h, port);
     let before = TlsStat::read();
     let mut sink_cmd = Command::new(PYTHON);
-    sink_cmd.arg(&sink).args(["listen", &port.to_string(), &len.to_string()]);
+    sink_cmd
+        .arg(&sink)
+        .args(["listen", &port.to_string(), &len.to_string()]);
     h.spawn("sink", h.shim(&mut sink_cmd, "sink"));
     h.wait_stdout("sink", Duration::from_secs(20), |o| o.contains("listening"));
     let mut sender_cmd = Command::new(PYTHON);
-    sender_cmd.arg(&sender).args([&port.to_string(), &len.to_string()]);
-    let run = h.run("sender", h.shim(&mut sender_cmd, "sender"), Duration::from_secs(900));
+    sender_cmd
+        .arg(&sender)
+        .args([&port.to_string(), &len.to_string()]);
+    let run = h.run(
+        "sender",
+        h.shim(&mut sender_cmd, "sender"),
+        Duration::from_secs(900),
+    );
     let out = h.wait_stdout("sink", Duration::from_secs(60), |o| o.contains("done"));
     let diag = diagnose(port);
     let after = TlsStat::read();
     let (sink_lines, sender_lines) = (h.log_lines("sink"), h.log_lines("sender"));
-    let tx = |lines: &[tether_shim_tests::LogLine]| lines.iter().filter(|l| l.get("event") == "rekey" && l.get("dir") == "tx").count();
+    let tx = |lines: &[tether_shim_tests::LogLine]| {
+        lines
+            .iter()
+            .filter(|l| l.get("event") == "rekey" && l.get("dir") == "tx")
+            .count()
+    };
     let (sink_tx, sender_tx) = (tx(&sink_lines), tx(&sender_lines));
     let rx_ok = after.get("TlsRxRekeyOk") - before.get("TlsRxRekeyOk");
     let tx_ok = after.get("TlsTxRekeyOk") - before.get("TlsTxRekeyOk");
-    let field = |k: &str| out.lines().find_map(|l| l.strip_prefix(k)).unwrap_or("(none)").to_string();
+    let field = |k: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .unwrap_or("(none)")
+            .to_string()
+    };
     eprintln!(
         "ku-after: {len} bytes, end={}, sender TX rekeys {sender_tx}, sink TX rekeys {sink_tx}, TlsTxRekeyOk +{tx_ok}, TlsRxRekeyOk +{rx_ok} (mode {})",
         field("end="),
         tether_shim_tests::expected_mode()
     );
-    let tail = |t: &str| t.lines().filter(|l| !l.starts_with("at=")).collect::<Vec<_>>().join("\n");
-    assert_eq!(field("end="), "complete", "{}\n{diag}\n{}\n{}", tail(&out), show(&sink_lines), show(&sender_lines));
-    assert_eq!(field("sha="), want_sha, "stream corrupted across key rotations");
-    assert!(run.stdout.contains(&format!("reply=sink-sha={want_sha}")), "sender did not get the reply:\n{}", run.stdout);
-    let can_rotate_in_kernel = !tether_shim_tests::in_uml() || tether_shim_tests::kernel_can_rekey_ktls();
+    let tail = |t: &str| {
+        t.lines()
+            .filter(|l| !l.starts_with("at="))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(
+        field("end="),
+        "complete",
+        "{}\n{diag}\n{}\n{}",
+        tail(&out),
+        show(&sink_lines),
+        show(&sender_lines)
+    );
+    assert_eq!(
+        field("sha="),
+        want_sha,
+        "stream corrupted across key rotations"
+    );
+    assert!(
+        run.stdout.contains(&format!("reply=sink-sha={want_sha}")),
+        "sender did not get the reply:\n{}",
+        run.stdout
+    );
+    let can_rotate_in_kernel =
+        !tether_shim_tests::in_uml() || tether_shim_tests::kernel_can_rekey_ktls();
     if !can_rotate_in_kernel {
         // 6.1: the rule took the relay (rustls rotates there), never kTLS.
         for lines in [&sink_lines, &sender_lines] {
-            assert!(lines.iter().any(|l| l.get("mode") == "userspace" && l.get("detail").contains("cannot rekey")), "{}", show(lines));
+            assert!(
+                lines
+                    .iter()
+                    .any(|l| l.get("mode") == "userspace"
+                        && l.get("detail").contains("cannot rekey")),
+                "{}",
+                show(lines)
+            );
         }
         return;
     }
@@ -485,10 +533,22 @@ fn key_update_after_rotates_keys_on_both_sides_of_a_tether_transfer() {
         // About one rotation per MiB sent + received per side (the timer looks every 50 ms, so
         // a fast transfer rotates less often): at least 50 on a 100 MB run.
         let want = (len >> 21).clamp(1, 50) as usize;
-        assert!(sender_tx >= want, "sender rotated {sender_tx} times, want >= {want}");
-        assert!(sink_tx >= 1, "the sink never rotated its TX key (its reply is its only write)");
-        assert!(tx_ok >= (sender_tx + sink_tx) as u64, "TlsTxRekeyOk +{tx_ok}");
-        assert!(rx_ok >= (sender_tx + sink_tx) as u64, "TlsRxRekeyOk +{rx_ok}");
+        assert!(
+            sender_tx >= want,
+            "sender rotated {sender_tx} times, want >= {want}"
+        );
+        assert!(
+            sink_tx >= 1,
+            "the sink never rotated its TX key (its reply is its only write)"
+        );
+        assert!(
+            tx_ok >= (sender_tx + sink_tx) as u64,
+            "TlsTxRekeyOk +{tx_ok}"
+        );
+        assert!(
+            rx_ok >= (sender_tx + sink_tx) as u64,
+            "TlsRxRekeyOk +{rx_ok}"
+        );
     }
     check.finish_with_markers(&sink_lines, &[&data[..40]]);
 }

@@ -63,7 +63,12 @@ pub use tether_proto::ktls::{Cipher, CIPHERS};
 pub fn probe_cipher(cipher: Cipher) -> io::Result<()> {
     let (c, _s) = tcp_pair()?;
     attach_ulp(&c)?;
-    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &cipher.probe_crypto_info(0x5a))
+    sys::set_raw_sockopt(
+        &c,
+        sys::SOL_TLS,
+        sys::TLS_TX,
+        &cipher.probe_crypto_info(0x5a),
+    )
 }
 
 fn errno_name(e: &io::Error) -> String {
@@ -312,7 +317,12 @@ fn rekey_finding(ulp: &io::Result<()>) -> Finding {
 fn probe_no_pad() -> io::Result<io::Result<()>> {
     let (_c, s) = tcp_pair()?;
     attach_ulp(&s)?;
-    sys::set_raw_sockopt(&s, sys::SOL_TLS, TLS_RX, &CIPHERS[0].probe_crypto_info(0x29))?;
+    sys::set_raw_sockopt(
+        &s,
+        sys::SOL_TLS,
+        TLS_RX,
+        &CIPHERS[0].probe_crypto_info(0x29),
+    )?;
     Ok(sys::set_raw_sockopt(
         &s,
         sys::SOL_TLS,
@@ -351,7 +361,10 @@ mod tests {
 
     #[test]
     fn rekey_crypto_info_differs_from_the_first_key_but_not_in_layout() {
-        let (a, b) = (CIPHERS[0].probe_crypto_info(0x31), CIPHERS[0].probe_crypto_info(0x47));
+        let (a, b) = (
+            CIPHERS[0].probe_crypto_info(0x31),
+            CIPHERS[0].probe_crypto_info(0x47),
+        );
         assert_eq!(a.len(), b.len());
         assert_eq!(
             a[..4],

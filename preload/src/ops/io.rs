@@ -56,7 +56,9 @@ pub(crate) fn short_reads_watched() -> bool {
 /// the head of the queue; a handshake record there is consumed and followed now, exactly as the
 /// EIO path would. Application data is never consumed here.
 pub(crate) fn after_short_read(fd: RawFd) {
-    if !fd_table::peek(fd, |p| matches!(p.path, DataPath::Ktls) && p.rekey.get().is_some()) {
+    if !fd_table::peek(fd, |p| {
+        matches!(p.path, DataPath::Ktls) && p.rekey.get().is_some()
+    }) {
         return;
     }
     let Some(p) = fd_table::get(fd) else { return };
@@ -64,9 +66,13 @@ pub(crate) fn after_short_read(fd: RawFd) {
     if ktls::head_record_type(fd) != Some(crate::sys::control::CONTENT_HANDSHAKE) {
         return;
     }
-    let mut keys = rekey.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut keys = rekey
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let why = match ktls::handle_control_record(fd) {
-        Ok(Control::KeyUpdate { requested }) => follow_key_update(fd, Some(&p), Some(&mut keys), requested).err(),
+        Ok(Control::KeyUpdate { requested }) => {
+            follow_key_update(fd, Some(&p), Some(&mut keys), requested).err()
+        }
         Ok(Control::Reset(why)) => Some(why.to_owned()),
         // A ticket (dropped), or nothing after all: the next read carries on.
         _ => None,

@@ -39,13 +39,24 @@ static STARTED: AtomicBool = AtomicBool::new(false);
 
 /// Rotate `p` (now installed on `fd`) per `limit`.
 pub(crate) fn watch(fd: RawFd, p: &Arc<Protected>, limit: KeyUpdateAfter) {
-    let w = Watch { fd, conn: Arc::downgrade(p), limit, since: Instant::now(), bytes_at: tcp_bytes(fd).unwrap_or(0) };
+    let w = Watch {
+        fd,
+        conn: Arc::downgrade(p),
+        limit,
+        since: Instant::now(),
+        bytes_at: tcp_bytes(fd).unwrap_or(0),
+    };
     INBOX.lock().push(w);
     if !STARTED.swap(true, Ordering::AcqRel) {
-        let spawned = std::thread::Builder::new().name("tether-rekey".into()).stack_size(128 * 1024).spawn(run);
+        let spawned = std::thread::Builder::new()
+            .name("tether-rekey".into())
+            .stack_size(128 * 1024)
+            .spawn(run);
         if spawned.is_err() {
             STARTED.store(false, Ordering::Release);
-            crate::log::Line::new("rekey").kv("reason", "could not start the key rotation thread").emit();
+            crate::log::Line::new("rekey")
+                .kv("reason", "could not start the key rotation thread")
+                .emit();
         }
     }
 }
@@ -57,7 +68,9 @@ fn run() {
         std::thread::sleep(TICK);
         watched.append(&mut INBOX.lock());
         watched.retain_mut(|w| {
-            let Some(p) = w.conn.upgrade() else { return false };
+            let Some(p) = w.conn.upgrade() else {
+                return false;
+            };
             // The number must still name this connection's socket (cookie-checked).
             let here = fd_table::get(w.fd).is_some_and(|q| Arc::ptr_eq(&p, &q));
             if here && !p.peer_closed.load(Ordering::Relaxed) && !p.tx_rekey.pending() {
@@ -85,9 +98,18 @@ fn tcp_bytes(fd: RawFd) -> Option<u64> {
     let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
     // SAFETY: out-buffer and its length.
     let rc = unsafe {
-        crate::real::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+        crate::real::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
     };
-    (rc == 0).then(|| info.tcpi_bytes_acked.saturating_add(info.tcpi_bytes_received))
+    (rc == 0).then(|| {
+        info.tcpi_bytes_acked
+            .saturating_add(info.tcpi_bytes_received)
+    })
 }
 
 /// Fork order 12: the inbox, after the relay's locks.

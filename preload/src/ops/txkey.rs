@@ -114,7 +114,10 @@ pub(crate) fn before_write(fd: RawFd, dontwait: bool) -> Result<(), i32> {
                 warned = true;
                 log::Line::new("write")
                     .kv("fd", fd)
-                    .kv("reason", "waiting for another thread's TX rekey (send buffer full?)")
+                    .kv(
+                        "reason",
+                        "waiting for another thread's TX rekey (send buffer full?)",
+                    )
                     .emit();
             }
             std::thread::sleep(Duration::from_millis(2));
@@ -225,7 +228,11 @@ mod tests {
         assert!(t.pending());
         assert_eq!(OWED.load(Ordering::Acquire), before + 1);
         drop(t);
-        assert_eq!(OWED.load(Ordering::Acquire), before, "a dropped connection no longer counts");
+        assert_eq!(
+            OWED.load(Ordering::Acquire),
+            before,
+            "a dropped connection no longer counts"
+        );
     }
 
     #[test]

@@ -102,17 +102,29 @@ fn probe_rekey() -> bool {
             let mut len = salen;
             if libc::bind(l, (&sa as *const libc::sockaddr_in).cast(), salen) == 0
                 && libc::listen(l, 1) == 0
-                && crate::real::getsockname(l, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len) == 0
+                && crate::real::getsockname(l, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len)
+                    == 0
                 && crate::real::connect(c, (&sa as *const libc::sockaddr_in).cast(), salen) == 0
             {
-                a = crate::real::accept4(l, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC);
+                a = crate::real::accept4(
+                    l,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                );
                 let name = b"tls";
                 let key = ConnectionTrafficSecrets::Aes128Gcm {
                     key: rustls::crypto::cipher::AeadKey::from([0u8; 32]),
                     iv: rustls::crypto::cipher::Iv::from([0u8; 12]),
                 };
                 ok = a >= 0
-                    && crate::real::setsockopt(c, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), name.len() as u32) == 0
+                    && crate::real::setsockopt(
+                        c,
+                        libc::SOL_TCP,
+                        TCP_ULP,
+                        name.as_ptr().cast(),
+                        name.len() as u32,
+                    ) == 0
                     && set_key(c, Dir::Tx, 0, &key).is_ok()
                     && set_key(c, Dir::Tx, 0, &key).is_ok();
             }
