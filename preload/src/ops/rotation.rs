@@ -2,7 +2,7 @@
 //!
 //! The kernel seals the program's writes, which tether does not count, so one "tether-rekey"
 //! thread per process (started with the first such connection) looks at each connection every
-//! [`TICK`]: the time since its last rotation, and its bytes sent + received from
+//! [`TICK`] (every [`FAST_TICK`] while a byte limit is small): the time since its last rotation, and its bytes sent + received from
 //! `getsockopt(TCP_INFO)` (`tcpi_bytes_acked + tcpi_bytes_received`: ciphertext, close enough
 //! to the plaintext for a limit). When one is due it records a TX rekey owed with
 //! update_requested ([`super::txkey::DUE`]); the connection's next write sends the KeyUpdate
@@ -25,6 +25,10 @@ use crate::sync::Lock;
 
 /// How often the thread looks at its connections.
 const TICK: Duration = Duration::from_millis(50);
+/// How often, while a connection has a small byte limit (at most [`SMALL_LIMIT`]): a fast
+/// transfer would otherwise pass several limits between two looks.
+const FAST_TICK: Duration = Duration::from_millis(10);
+const SMALL_LIMIT: u64 = 16 << 20;
 
 struct Watch {
     fd: RawFd,
@@ -65,7 +69,10 @@ fn run() {
     crate::guard::mark_internal_thread();
     let mut watched: Vec<Watch> = Vec::new();
     loop {
-        std::thread::sleep(TICK);
+        let small = watched
+            .iter()
+            .any(|w| matches!(w.limit, KeyUpdateAfter::Bytes(n) if n <= SMALL_LIMIT));
+        std::thread::sleep(if small { FAST_TICK } else { TICK });
         watched.append(&mut INBOX.lock());
         watched.retain_mut(|w| {
             let Some(p) = w.conn.upgrade() else {
