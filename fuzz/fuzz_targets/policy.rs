@@ -86,12 +86,12 @@ fuzz_target!(|input: Input| {
         inbound: input
             .inbound
             .iter()
-            .map(|ports| InboundRule { ports: ports.clone(), allow: allow.clone(), mode: Mode::Mutual, allow_truncation: false })
+            .map(|ports| InboundRule { ports: ports.clone(), allow: allow.clone(), mode: Mode::Mutual, allow_truncation: false, key_update_after: None })
             .collect(),
         outbound: input
             .outbound
             .iter()
-            .map(|(to, m)| OutboundRule { to: to.iter().map(Dest::build).collect(), allow: allow.clone(), mode: mode(*m), allow_truncation: false })
+            .map(|(to, m)| OutboundRule { to: to.iter().map(Dest::build).collect(), allow: allow.clone(), mode: mode(*m), allow_truncation: false, key_update_after: None })
             .collect(),
         default: if input.deny_by_default { DefaultAction::Deny } else { DefaultAction::Allow },
     };

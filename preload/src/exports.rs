@@ -48,12 +48,50 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, || aborted(fd))
 }
 
+// ---- the write family: kTLS TX rekeys are done by the program's own next write ----------
+// The hot path is one relaxed atomic load (no connection owes a TX rekey) and the real call.
+// See `ops::txkey` for why the rekey waits for the writer.
+
+/// A connection may owe a TX rekey: if `fd`'s does, send our KeyUpdate and move TX now, before
+/// the program's data. `false`: the program's call returns -1 with errno set.
+fn tx_rekey_first(fd: c_int, dontwait: bool) -> bool {
+    hook(
+        || match ops::txkey::before_write(fd, dontwait) {
+            Ok(()) => Outcome::Done(true),
+            Err(e) => Outcome::Fail(false, e),
+        },
+        || true,
+        || (false, libc::ECONNRESET),
+    )
+}
+
+macro_rules! write_export {
+    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* ) -> $ret:ty, $dontwait:expr) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($fd: $fdty $(, $arg: $ty)*) -> $ret {
+            if ops::txkey::any_owed() && !tx_rekey_first($fd, $dontwait) {
+                return -1;
+            }
+            // SAFETY: forwarded unchanged to the real function of the same name.
+            unsafe { real::$name($fd $(, $arg)*) }
+        }
+    };
+}
+
+write_export!(write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t, false);
+write_export!(writev(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t, false);
+write_export!(send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t, flags & libc::MSG_DONTWAIT != 0);
+
 // ---- sends that can connect: TCP Fast Open ------------------------------------------------
-// The hot path is one branch: without MSG_FASTOPEN these are the real calls, untouched.
+// The hot path is one branch: without MSG_FASTOPEN these are the real calls, untouched (after
+// the write family's owed-rekey check).
 
 #[no_mangle]
 pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t {
     if flags & libc::MSG_FASTOPEN == 0 {
+        if ops::txkey::any_owed() && !tx_rekey_first(fd, flags & libc::MSG_DONTWAIT != 0) {
+            return -1;
+        }
         // SAFETY: forwarded, sendto(2).
         return unsafe { real::sendto(fd, buf, n, flags, addr, len) };
     }
@@ -73,6 +111,9 @@ pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags:
 #[no_mangle]
 pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t {
     if flags & libc::MSG_FASTOPEN == 0 {
+        if ops::txkey::any_owed() && !tx_rekey_first(fd, flags & libc::MSG_DONTWAIT != 0) {
+            return -1;
+        }
         // SAFETY: forwarded, sendmsg(2).
         return unsafe { real::sendmsg(fd, msg, flags) };
     }
@@ -88,6 +129,9 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
 #[no_mangle]
 pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int {
     if flags & libc::MSG_FASTOPEN == 0 {
+        if ops::txkey::any_owed() && !tx_rekey_first(fd, flags & libc::MSG_DONTWAIT != 0) {
+            return -1;
+        }
         // SAFETY: forwarded, sendmmsg(2).
         return unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
     }
@@ -135,12 +179,18 @@ pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut sockl
 
 #[no_mangle]
 pub unsafe extern "C" fn sendfile(out: c_int, inp: c_int, off: *mut off_t, count: size_t) -> ssize_t {
+    if ops::txkey::any_owed() && !tx_rekey_first(out, false) {
+        return -1;
+    }
     // SAFETY: forwarded, sendfile(2).
     unsafe { real::sendfile(out, inp, off, count) }
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut off64_t, count: size_t) -> ssize_t {
+    if ops::txkey::any_owed() && !tx_rekey_first(out, false) {
+        return -1;
+    }
     // SAFETY: forwarded, sendfile64.
     unsafe { real::sendfile64(out, inp, off, count) }
 }
@@ -364,8 +414,33 @@ fn read_slow(fd: c_int, first: ssize_t, again: &mut dyn FnMut() -> ssize_t) -> s
     )
 }
 
+/// A short read on a kTLS socket, on a kernel that rekeys: look for a KeyUpdate the kernel
+/// decrypted ahead of the data it returned (`ops::io::after_short_read`).
+fn short_read(fd: c_int) {
+    hook(
+        || {
+            ops::io::after_short_read(fd);
+            Outcome::Done(())
+        },
+        || (),
+        || ((), 0),
+    )
+}
+
+/// Bytes a program's iovecs can hold.
+///
+/// # Safety
+/// `iov` points at `cnt` iovecs (the caller's readv/recvmsg contract), or `cnt` is 0.
+unsafe fn iov_room(iov: *const iovec, cnt: usize) -> usize {
+    if iov.is_null() {
+        return 0;
+    }
+    // SAFETY: per the contract.
+    unsafe { std::slice::from_raw_parts(iov, cnt) }.iter().map(|v| v.iov_len).sum()
+}
+
 macro_rules! read_export {
-    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* )) => {
+    ($name:ident ( $fd:ident : $fdty:ty $(, $arg:ident : $ty:ty)* ), $want:expr) => {
         #[no_mangle]
         pub unsafe extern "C" fn $name($fd: $fdty $(, $arg: $ty)*) -> ssize_t {
             // SAFETY: forwarded unchanged to the real function of the same name.
@@ -374,6 +449,11 @@ macro_rules! read_export {
             // table, and EIO on a read is rare enough that the slow path may look for itself.
             // EOF (0) is once per stream: the slow path checks it was not a truncation.
             if r > 0 {
+                // One atomic load (zero unless a kTLS connection may see a KeyUpdate); a read that
+                // filled the buffer never looks further.
+                if ops::io::short_reads_watched() && (r as usize) < $want {
+                    short_read($fd);
+                }
                 return r;
             }
             if r == 0 {
@@ -388,10 +468,11 @@ macro_rules! read_export {
     };
 }
 
-read_export!(read(fd: c_int, buf: *mut c_void, n: size_t));
-read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int));
-read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int));
-read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
+read_export!(read(fd: c_int, buf: *mut c_void, n: size_t), n);
+// SAFETY: readv's contract: `iov` holds `cnt` iovecs.
+read_export!(readv(fd: c_int, iov: *const iovec, cnt: c_int), unsafe { iov_room(iov, cnt.max(0) as usize) });
+read_export!(recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int), n);
+read_export!(recvfrom(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t), n);
 /// recvmsg is read_export! plus one case: a program that passes its own control buffer gets
 /// kTLS control records as data (labelled by a cmsg it does not know), so a successful read
 /// with a control buffer checks that label. Without a control buffer: the same one branch.
@@ -403,6 +484,10 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     let r = unsafe { real::recvmsg(fd, msg, flags) };
     if r > 0 {
         if controllen == 0 {
+            // SAFETY: the caller's msghdr, as above.
+            if ops::io::short_reads_watched() && !msg.is_null() && (r as usize) < unsafe { iov_room((*msg).msg_iov, (*msg).msg_iovlen) } {
+                short_read(fd);
+            }
             return r;
         }
         // SAFETY: the kernel just filled the caller's msghdr.
@@ -430,6 +515,6 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
     // SAFETY: as above; the slow path may repeat the call.
     read_slow(fd, r, &mut || unsafe { real::recvmsg(fd, msg, flags) })
 }
-read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t));
-read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int));
-read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t));
+read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t), n);
+read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int), n);
+read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t), n);

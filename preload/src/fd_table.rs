@@ -78,6 +78,11 @@ pub(crate) struct Protected {
     /// kTLS: rustls's key schedule, for following the peer's KeyUpdates (set once, after the
     /// keys are installed; empty for other paths and for sockets inherited across exec).
     pub(crate) rekey: std::sync::OnceLock<crate::tls::danger::Rekey>,
+    /// kTLS: a TX rekey owed, done by the next write on the connection (`ops::txkey`).
+    pub(crate) tx_rekey: crate::ops::txkey::TxRekey,
+    /// kTLS on a kernel that rekeys: counted while it lives, so short reads look for a
+    /// KeyUpdate the kernel decrypted ahead (`ops::io::after_short_read`).
+    pub(crate) short_read_watch: std::sync::OnceLock<crate::ops::io::ShortReadWatch>,
     /// allow | observe | plaintext
     pub(crate) decision: &'static str,
     pub(crate) conn_id: u64,
@@ -109,6 +114,8 @@ impl Protected {
             truncation_reported: AtomicBool::new(false),
             local_shut_rd: AtomicBool::new(false),
             rekey: std::sync::OnceLock::new(),
+            tx_rekey: Default::default(),
+            short_read_watch: std::sync::OnceLock::new(),
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
@@ -215,6 +222,16 @@ pub(crate) fn get(fd: RawFd) -> Option<Arc<Protected>> {
     None
 }
 
+/// Look at `fd`'s entry without checking that the number still names its socket (no syscall):
+/// for a cheap "is there anything to do" test; act only on what [`get`] returns. `false` when
+/// there is no entry.
+pub(crate) fn peek(fd: RawFd, f: impl FnOnce(&Protected) -> bool) -> bool {
+    if is_empty() {
+        return false;
+    }
+    TABLE.read().get(&fd).is_some_and(|e| f(&e.conn))
+}
+
 /// Record that `fd` (a socket) now refers to `p`.
 pub(crate) fn insert(fd: RawFd, p: Arc<Protected>) {
     // A socket always has a cookie; 0 (never a real cookie) makes every later `get` miss,
@@ -289,6 +306,13 @@ pub(crate) fn duplicate(old: RawFd, new: RawFd) {
         }
     }
     LEN.store(t.len(), Ordering::Release);
+}
+
+/// Fork child (single-threaded, no lock held): call `f` on every connection in the table.
+pub(crate) fn each_after_fork(f: impl Fn(&Protected)) {
+    for e in TABLE.read().values() {
+        f(&e.conn);
+    }
 }
 
 /// Fork lock order: the table after identity (released by `crate::fork`).

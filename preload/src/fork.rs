@@ -6,7 +6,7 @@
 //!
 //! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY`, 4. fd table `TABLE`,
 //! 5. reporter `REPORTER`, 6. reporter `BROKER_FD`, 7. inbound `WORKERS`, 8. inbound `POOL`,
-//! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`.
+//! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. key rotation `INBOX`.
 //!
 //! A [`crate::fd_table::Protected`] reports its close (lock 5) and its `Link` closes the relay's
 //! TCP copy (lock 11), so one may be dropped only while holding nothing above 4: the inbound
@@ -79,6 +79,7 @@ extern "C" fn prepare() {
         report::atfork_prepare(); // 5, 6
         ops::inbound::atfork_prepare(); // 7, 8
         fallback::atfork_prepare(); // 9, 10, 11
+        ops::rotation::atfork_prepare(); // 12
     });
 }
 
@@ -99,5 +100,7 @@ extern "C" fn child() {
         // Single-threaded from here; no lock is held, and nothing below writes to a socket.
         report::after_fork_child();
         ops::inbound::after_fork_child();
+        ops::rotation::after_fork_child();
+        fd_table::each_after_fork(|p| p.tx_rekey.forget_busy());
     });
 }

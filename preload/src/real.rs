@@ -73,6 +73,9 @@ real_fns! {
     close: fn(fd: c_int) -> c_int = -1;
     close_range: fn(first: u32, last: u32, flags: c_int) -> c_int = -1;
     closefrom: fn(low: c_int) -> () = ();
+    write: fn(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t = -1;
+    writev: fn(fd: c_int, iov: *const iovec, cnt: c_int) -> ssize_t = -1;
+    send: fn(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t = -1;
     sendto: fn(fd: c_int, buf: *const c_void, n: size_t, flags: c_int, addr: *const sockaddr, len: socklen_t) -> ssize_t = -1;
     sendmsg: fn(fd: c_int, msg: *const msghdr, flags: c_int) -> ssize_t = -1;
     sendmmsg: fn(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int = -1;

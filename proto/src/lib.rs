@@ -13,5 +13,5 @@ pub mod policy;
 pub mod spiffe;
 pub mod wire;
 
-pub use policy::{Destination, InboundRule, Mode, OutboundRule, Policy};
+pub use policy::{Destination, InboundRule, KeyUpdateAfter, Mode, OutboundRule, Policy};
 pub use spiffe::{IdPattern, SpiffeId, TrustDomain};

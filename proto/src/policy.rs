@@ -6,6 +6,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -60,6 +61,11 @@ pub struct InboundRule {
     /// short) reaches the program as ECONNRESET.
     #[serde(default)]
     pub allow_truncation: bool,
+    /// Rotate the connection's TLS 1.3 traffic keys (a KeyUpdate that asks the peer to rotate
+    /// too) after this much time (`"1h"`) or this many bytes sent + received (`"64GiB"`). Off
+    /// by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_update_after: Option<KeyUpdateAfter>,
 }
 
 /// Protect connections to these destinations.
@@ -76,6 +82,11 @@ pub struct OutboundRule {
     /// short) reaches the program as ECONNRESET.
     #[serde(default)]
     pub allow_truncation: bool,
+    /// Rotate the connection's TLS 1.3 traffic keys (a KeyUpdate that asks the peer to rotate
+    /// too) after this much time (`"1h"`) or this many bytes sent + received (`"64GiB"`). Off
+    /// by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_update_after: Option<KeyUpdateAfter>,
 }
 
 /// The whole connection policy.
@@ -101,7 +112,9 @@ impl Policy {
     /// as IPv4, so a v4 rule cannot be bypassed through an AF_INET6 socket.
     pub fn outbound_rule(&self, dest: SocketAddr) -> Option<&OutboundRule> {
         let dest = canonical(dest);
-        self.outbound.iter().find(|r| r.to.iter().any(|d| d.contains(dest)))
+        self.outbound
+            .iter()
+            .find(|r| r.to.iter().any(|d| d.contains(dest)))
     }
 }
 
@@ -114,6 +127,98 @@ impl InboundRule {
 impl OutboundRule {
     pub fn allows(&self, peer: &SpiffeId) -> bool {
         self.allow.iter().any(|p| p.matches(peer))
+    }
+}
+
+/// `key_update_after`: when a connection rotates its own traffic keys. Written `"90s"`, `"30m"`,
+/// `"1h"`, `"7d"` (time since the handshake or the last rotation) or `"1MiB"`, `"64GiB"`,
+/// `"500MB"` (bytes sent plus received since then).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum KeyUpdateAfter {
+    Elapsed(Duration),
+    Bytes(u64),
+}
+
+impl KeyUpdateAfter {
+    /// The shortest interval accepted: more often is a KeyUpdate storm, not key hygiene.
+    pub const MIN_ELAPSED: Duration = Duration::from_secs(1);
+    /// The smallest byte count accepted (64 KiB).
+    pub const MIN_BYTES: u64 = 64 << 10;
+}
+
+/// Why a `key_update_after` value was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUpdateAfterError(String);
+
+impl fmt::Display for KeyUpdateAfterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "key_update_after: {}", self.0)
+    }
+}
+
+impl std::error::Error for KeyUpdateAfterError {}
+
+impl FromStr for KeyUpdateAfter {
+    type Err = KeyUpdateAfterError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| KeyUpdateAfterError(format!("{s:?}: {why}"));
+        let digits = s.bytes().take_while(u8::is_ascii_digit).count();
+        let (num, unit) = s.split_at(digits);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| bad("want a number and a unit, e.g. \"1h\" or \"64GiB\""))?;
+        let secs = |mult: u64| {
+            n.checked_mul(mult)
+                .map(|v| Self::Elapsed(Duration::from_secs(v)))
+        };
+        let bytes = |mult: u64| n.checked_mul(mult).map(Self::Bytes);
+        let v = match unit {
+            "s" => secs(1),
+            "m" => secs(60),
+            "h" => secs(3600),
+            "d" => secs(86_400),
+            "B" => bytes(1),
+            "KiB" => bytes(1 << 10),
+            "MiB" => bytes(1 << 20),
+            "GiB" => bytes(1 << 30),
+            "TiB" => bytes(1 << 40),
+            "KB" => bytes(1_000),
+            "MB" => bytes(1_000_000),
+            "GB" => bytes(1_000_000_000),
+            "TB" => bytes(1_000_000_000_000),
+            _ => return Err(bad(
+                "unit must be s, m, h, d (time) or B, KiB, MiB, GiB, TiB, KB, MB, GB, TB (bytes)",
+            )),
+        }
+        .ok_or_else(|| bad("too large"))?;
+        match v {
+            Self::Elapsed(d) if d < Self::MIN_ELAPSED => Err(bad("at least 1s")),
+            Self::Bytes(b) if b < Self::MIN_BYTES => Err(bad("at least 64KiB")),
+            v => Ok(v),
+        }
+    }
+}
+
+impl fmt::Display for KeyUpdateAfter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Elapsed(d) => write!(f, "{}s", d.as_secs()),
+            Self::Bytes(b) => write!(f, "{b}B"),
+        }
+    }
+}
+
+impl Serialize for KeyUpdateAfter {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for KeyUpdateAfter {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -160,7 +265,11 @@ pub struct DestinationError(pub String);
 
 impl fmt::Display for DestinationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "bad destination: {} (expected CIDR:PORT, CIDR:*, or [V6CIDR]:PORT)", self.0)
+        write!(
+            f,
+            "bad destination: {} (expected CIDR:PORT, CIDR:*, or [V6CIDR]:PORT)",
+            self.0
+        )
     }
 }
 
@@ -174,7 +283,10 @@ impl FromStr for Destination {
         let (net_part, port_part) = s.rsplit_once(':').ok_or_else(|| err("missing ':PORT'"))?;
         let port = match port_part {
             "*" => None,
-            p => Some(p.parse::<u16>().map_err(|_| err("port must be 0-65535 or *"))?),
+            p => Some(
+                p.parse::<u16>()
+                    .map_err(|_| err("port must be 0-65535 or *"))?,
+            ),
         };
         let net_part = match net_part.strip_prefix('[') {
             Some(inner) => {
@@ -192,7 +304,11 @@ impl FromStr for Destination {
         let net = if net_part.contains('/') {
             net_part.parse::<IpNet>().map_err(|_| err("invalid CIDR"))?
         } else {
-            IpNet::from(net_part.parse::<IpAddr>().map_err(|_| err("invalid IP address"))?)
+            IpNet::from(
+                net_part
+                    .parse::<IpAddr>()
+                    .map_err(|_| err("invalid IP address"))?,
+            )
         };
         if net.trunc() != net {
             return Err(err("CIDR has host bits set"));
@@ -234,6 +350,7 @@ impl<'de> Deserialize<'de> for Destination {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
     use super::*;
 
@@ -253,7 +370,14 @@ mod tests {
         assert!(v6.contains(sa("[::1]:443")));
         let bare: Destination = "192.168.1.5:80".parse().unwrap();
         assert_eq!(bare.to_string(), "192.168.1.5/32:80");
-        for bad in ["10.0.0.0/8", "10.0.0.1/8:80", "::1:80", "1.2.3.4:99999", "x:1", "[::1:80"] {
+        for bad in [
+            "10.0.0.0/8",
+            "10.0.0.1/8:80",
+            "::1:80",
+            "1.2.3.4:99999",
+            "x:1",
+            "[::1:80",
+        ] {
             assert!(bad.parse::<Destination>().is_err(), "{bad}");
         }
     }
@@ -264,7 +388,9 @@ mod tests {
             r#"{"outbound":[{"to":["127.0.0.0/8:8443"],"allow":["spiffe://a/*"]}]}"#,
         )
         .unwrap();
-        assert!(policy.outbound_rule(sa("[::ffff:127.0.0.1]:8443")).is_some());
+        assert!(policy
+            .outbound_rule(sa("[::ffff:127.0.0.1]:8443"))
+            .is_some());
         assert!(policy.outbound_rule(sa("127.0.0.1:80")).is_none());
     }
 
@@ -278,13 +404,64 @@ mod tests {
         )
         .unwrap();
         assert!(policy.outbound_rule(sa("127.0.0.1:8443")).is_some());
-        assert!(policy.outbound_rule(sa("[::ffff:127.0.0.1]:8443")).is_some());
+        assert!(policy
+            .outbound_rule(sa("[::ffff:127.0.0.1]:8443"))
+            .is_some());
         assert!(policy.outbound_rule(sa("127.0.0.1:80")).is_none());
         assert!(policy.outbound_rule(sa("10.0.0.1:8443")).is_none());
         let all_v6: Policy =
-            serde_json::from_str(r#"{"outbound":[{"to":["[::]/0:*"],"allow":["spiffe://a/*"]}]}"#).unwrap();
+            serde_json::from_str(r#"{"outbound":[{"to":["[::]/0:*"],"allow":["spiffe://a/*"]}]}"#)
+                .unwrap();
         assert!(all_v6.outbound_rule(sa("[::ffff:0.0.0.0]:0")).is_some());
         assert!(all_v6.outbound_rule(sa("192.0.2.1:443")).is_some());
+    }
+
+    #[test]
+    fn key_update_after_parses_time_and_bytes_and_refuses_nonsense() {
+        let p = |s: &str| s.parse::<KeyUpdateAfter>();
+        assert_eq!(
+            p("1h"),
+            Ok(KeyUpdateAfter::Elapsed(Duration::from_secs(3600)))
+        );
+        assert_eq!(
+            p("90s"),
+            Ok(KeyUpdateAfter::Elapsed(Duration::from_secs(90)))
+        );
+        assert_eq!(p("64GiB"), Ok(KeyUpdateAfter::Bytes(64 << 30)));
+        assert_eq!(p("1MiB"), Ok(KeyUpdateAfter::Bytes(1 << 20)));
+        assert_eq!(p("500MB"), Ok(KeyUpdateAfter::Bytes(500_000_000)));
+        for bad in [
+            "",
+            "h",
+            "1",
+            "0s",
+            "1KiB",
+            "-1h",
+            "1 h",
+            "1hour",
+            "99999999999999999999d",
+            "18446744073709551615TiB",
+        ] {
+            assert!(p(bad).is_err(), "{bad:?} accepted");
+        }
+        for v in ["1h", "7d", "64GiB", "1MiB"] {
+            let k = p(v).unwrap();
+            assert_eq!(p(&k.to_string()), Ok(k), "round trip of {v}");
+        }
+        let rule: OutboundRule = serde_json::from_str(
+            r#"{"to":["127.0.0.1/32:8443"],"allow":[],"key_update_after":"1MiB"}"#,
+        )
+        .unwrap();
+        assert_eq!(rule.key_update_after, Some(KeyUpdateAfter::Bytes(1 << 20)));
+        let rule: InboundRule = serde_json::from_str(r#"{"ports":[1],"allow":[]}"#).unwrap();
+        assert_eq!(rule.key_update_after, None, "off by default");
+        assert!(!serde_json::to_string(&rule)
+            .unwrap()
+            .contains("key_update_after"));
+        assert!(serde_json::from_str::<InboundRule>(
+            r#"{"ports":[1],"allow":[],"key_update_after":"1ms"}"#
+        )
+        .is_err());
     }
 
     #[test]

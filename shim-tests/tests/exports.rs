@@ -22,6 +22,10 @@ const HOOKS: &[&str] = &[
     "sendto",
     "sendmsg",
     "sendmmsg",
+    // kTLS TX rekeys are done by the program's next write (issue 12, `ops::txkey`).
+    "write",
+    "writev",
+    "send",
     "shutdown",
     "dup",
     "dup2",

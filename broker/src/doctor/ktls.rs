@@ -63,7 +63,12 @@ pub use tether_proto::ktls::{Cipher, CIPHERS};
 pub fn probe_cipher(cipher: Cipher) -> io::Result<()> {
     let (c, _s) = tcp_pair()?;
     attach_ulp(&c)?;
-    sys::set_raw_sockopt(&c, sys::SOL_TLS, sys::TLS_TX, &cipher.probe_crypto_info(0x5a))
+    sys::set_raw_sockopt(
+        &c,
+        sys::SOL_TLS,
+        sys::TLS_TX,
+        &cipher.probe_crypto_info(0x5a),
+    )
 }
 
 fn errno_name(e: &io::Error) -> String {
@@ -285,10 +290,13 @@ fn rekey_finding(ulp: &io::Result<()>) -> Finding {
         Ok(Rekey::Unsupported(e)) => Finding::warn(
             C,
             format!(
-                "kernel cannot rekey kTLS (a second TLS_TX failed with {}): a peer's TLS 1.3 KeyUpdate ends the connection",
+                "kTLS rekey: unsupported (kernel {}), peers that send KeyUpdate will be reset \
+                 (kernel cannot rekey kTLS: a second TLS_TX failed with {})",
+                fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default().trim(),
                 errno_name(&e)
             ),
-            "Linux 6.14 or newer rekeys kTLS (needed only if peers send KeyUpdate, e.g. long-lived OpenSSL connections)",
+            "Linux 6.14 or newer rekeys kTLS (needed only if peers send KeyUpdate, e.g. long-lived OpenSSL \
+             connections); rules with key_update_after use the userspace relay on this kernel",
         ),
         Ok(Rekey::Broken(why)) => Finding::fail(
             C,
@@ -309,7 +317,12 @@ fn rekey_finding(ulp: &io::Result<()>) -> Finding {
 fn probe_no_pad() -> io::Result<io::Result<()>> {
     let (_c, s) = tcp_pair()?;
     attach_ulp(&s)?;
-    sys::set_raw_sockopt(&s, sys::SOL_TLS, TLS_RX, &CIPHERS[0].probe_crypto_info(0x29))?;
+    sys::set_raw_sockopt(
+        &s,
+        sys::SOL_TLS,
+        TLS_RX,
+        &CIPHERS[0].probe_crypto_info(0x29),
+    )?;
     Ok(sys::set_raw_sockopt(
         &s,
         sys::SOL_TLS,
@@ -348,7 +361,10 @@ mod tests {
 
     #[test]
     fn rekey_crypto_info_differs_from_the_first_key_but_not_in_layout() {
-        let (a, b) = (CIPHERS[0].probe_crypto_info(0x31), CIPHERS[0].probe_crypto_info(0x47));
+        let (a, b) = (
+            CIPHERS[0].probe_crypto_info(0x31),
+            CIPHERS[0].probe_crypto_info(0x47),
+        );
         assert_eq!(a.len(), b.len());
         assert_eq!(
             a[..4],

@@ -105,11 +105,15 @@ impl Drop for Link {
 /// Take over a protected connection whose handshake completed in userspace.
 ///
 /// `app_fd` is the fd number the program holds; right now it is the connected TCP socket.
-/// `conn` has finished its handshake. On success the program's fd number refers to one end of
+/// `conn` has finished its handshake; `rotate` is its rule's `key_update_after`. On success the program's fd number refers to one end of
 /// an `AF_UNIX` stream socketpair (with the original `O_NONBLOCK` and `FD_CLOEXEC`), and the
 /// relay thread carries the traffic; plaintext rustls had already buffered is delivered first.
 /// On error nothing has changed on `app_fd`.
-pub(crate) fn adopt(app_fd: RawFd, mut conn: Connection) -> io::Result<Arc<Link>> {
+pub(crate) fn adopt(
+    app_fd: RawFd,
+    mut conn: Connection,
+    rotate: Option<tether_proto::KeyUpdateAfter>,
+) -> io::Result<Arc<Link>> {
     if conn.is_handshaking() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -152,6 +156,7 @@ pub(crate) fn adopt(app_fd: RawFd, mut conn: Connection) -> io::Result<Arc<Link>
         tcp: swapped.tcp,
         app: swapped.relay_end,
         stats,
+        rotate,
     });
     drop(reg);
     sys::eventfd_signal(wake);

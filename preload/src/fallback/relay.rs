@@ -44,6 +44,8 @@ pub(super) struct Pending {
     pub(super) tcp: RawFd,
     pub(super) app: RawFd,
     pub(super) stats: Arc<Stats>,
+    /// The rule's `key_update_after`, if any.
+    pub(super) rotate: Option<tether_proto::KeyUpdateAfter>,
 }
 
 /// Start the relay thread for `fds`.
@@ -311,6 +313,8 @@ struct LinkState {
     tx_done: bool,
     /// Not driven yet: records rustls buffered during the handshake still need processing.
     fresh: bool,
+    /// `key_update_after`: the limit, and when / at how many bytes we last rotated.
+    rotate: Option<(tether_proto::KeyUpdateAfter, std::time::Instant, u64)>,
 }
 
 impl LinkState {
@@ -333,6 +337,7 @@ impl LinkState {
             app_eof: false,
             tx_done: false,
             fresh: true,
+            rotate: pending.rotate.map(|limit| (limit, std::time::Instant::now(), 0)),
         }
     }
 
@@ -412,6 +417,7 @@ impl LinkState {
             *budget -= 1;
             match sys::recv(self.app, scratch) {
                 Ok(n) if n > 0 => {
+                    self.rotate_if_due();
                     let chunk = scratch.get(..n).ok_or(Fatal)?;
                     self.tls.writer().write_all(chunk).map_err(|_| Fatal)?;
                     self.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
@@ -430,6 +436,21 @@ impl LinkState {
                 Err(_) => return Err(Fatal),
             }
             progress = true;
+        }
+    }
+
+    /// `key_update_after`: before the program's next bytes are sealed, rotate our keys if the
+    /// limit passed (rustls queues a KeyUpdate(update_requested), so the peer rotates too).
+    fn rotate_if_due(&mut self) {
+        let Some((limit, since, at)) = self.rotate else { return };
+        let bytes = self.stats.sent.load(Ordering::Relaxed) + self.stats.received.load(Ordering::Relaxed);
+        let due = match limit {
+            tether_proto::KeyUpdateAfter::Elapsed(d) => since.elapsed() >= d,
+            tether_proto::KeyUpdateAfter::Bytes(n) => bytes.saturating_sub(at) >= n,
+            _ => false,
+        };
+        if due && self.tls.refresh_traffic_keys().is_ok() {
+            self.rotate = Some((limit, std::time::Instant::now(), bytes));
         }
     }
 

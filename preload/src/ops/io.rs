@@ -6,19 +6,84 @@
 //!
 //! A peer's KeyUpdate (Linux >= 6.14) is followed here too: the record is consumed, rustls's
 //! key schedule gives the next RX secret, and TLS_RX is set again before the program's call is
-//! repeated; if the peer asked for it, our own KeyUpdate goes out under the old TX key and
-//! TLS_TX moves to the next one. The per-connection key-schedule lock is taken only here, from
+//! repeated; if the peer asked for it, the connection's next write sends our own KeyUpdate
+//! under the old TX key and moves TLS_TX to the next one (`ops::txkey`). The per-connection key-schedule lock is taken only here, from
 //! before the record is consumed until the new keys are in, so a second reader that meets
 //! EKEYEXPIRED in between waits for it rather than rekeying twice.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::fd_table::{self, DataPath};
 use crate::guard;
 use crate::log;
 use crate::sys::ktls::{self, Control};
 use crate::tls::danger::{self, KeySchedule};
+
+/// Live kTLS connections with a key schedule on a kernel that rekeys: while there are any, a
+/// short read on a kTLS socket looks for a KeyUpdate the kernel decrypted ahead.
+static SHORT_READ_WATCH: AtomicUsize = AtomicUsize::new(0);
+
+/// One connection counted in [`SHORT_READ_WATCH`] (kept in its [`fd_table::Protected`]).
+#[derive(Debug)]
+pub(crate) struct ShortReadWatch(());
+
+impl ShortReadWatch {
+    pub(crate) fn new() -> Self {
+        SHORT_READ_WATCH.fetch_add(1, Ordering::AcqRel);
+        Self(())
+    }
+}
+
+impl Drop for ShortReadWatch {
+    fn drop(&mut self) {
+        SHORT_READ_WATCH.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Should a short successful read look for a decrypted-ahead KeyUpdate? (One atomic load.)
+#[inline]
+pub(crate) fn short_reads_watched() -> bool {
+    SHORT_READ_WATCH.load(Ordering::Relaxed) != 0
+}
+
+/// A read on `fd` returned data but less than the program asked for. On Linux >= 6.14 the
+/// kernel may then have decrypted the *next* record too (it keeps going while a whole record is
+/// queued) and, if that was a KeyUpdate, it hides the socket's POLLIN until the new RX key is
+/// set (`tls_sk_poll`: `key_update_pending`): a program that polls before reading would wait
+/// forever for a record it never gets to read. So here (never on a read that filled the buffer:
+/// the kernel stops at a full buffer without looking ahead) one non-blocking `MSG_PEEK` looks at
+/// the head of the queue; a handshake record there is consumed and followed now, exactly as the
+/// EIO path would. Application data is never consumed here.
+pub(crate) fn after_short_read(fd: RawFd) {
+    if !fd_table::peek(fd, |p| {
+        matches!(p.path, DataPath::Ktls) && p.rekey.get().is_some()
+    }) {
+        return;
+    }
+    let Some(p) = fd_table::get(fd) else { return };
+    let Some(rekey) = p.rekey.get() else { return };
+    if ktls::head_record_type(fd) != Some(crate::sys::control::CONTENT_HANDSHAKE) {
+        return;
+    }
+    let mut keys = rekey
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let why = match ktls::handle_control_record(fd) {
+        Ok(Control::KeyUpdate { requested }) => {
+            follow_key_update(fd, Some(&p), Some(&mut keys), requested).err()
+        }
+        Ok(Control::Reset(why)) => Some(why.to_owned()),
+        // A ticket (dropped), or nothing after all: the next read carries on.
+        _ => None,
+    };
+    drop(keys);
+    if let Some(why) = why {
+        // The data already returned stays the program's; nothing more can flow.
+        crate::sys::net::kill(fd);
+        let _ = reset(fd, Some(&p), &why);
+    }
+}
 
 /// Control records we will skip in a row before calling the stream broken.
 const MAX_SKIPPED: usize = 64;
@@ -54,14 +119,18 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
         let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let mut control = ktls::handle_control_record(fd);
         if let Ok(Control::KeyUpdate { requested }) = control {
-            control = Ok(match follow_key_update(fd, keys.as_deref_mut(), requested) {
-                Ok(()) => Control::Retry,
-                Err(why) => return reset(fd, p.as_deref(), &why),
-            });
+            control = Ok(
+                match follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {
+                    Ok(()) => Control::Retry,
+                    Err(why) => return reset(fd, p.as_deref(), &why),
+                },
+            );
         }
         drop(keys);
         match control {
-            Ok(Control::KeyUpdate { .. }) => return reset(fd, p.as_deref(), "KeyUpdate not followed"),
+            Ok(Control::KeyUpdate { .. }) => {
+                return reset(fd, p.as_deref(), "KeyUpdate not followed")
+            }
             Ok(Control::Retry) => {
                 let r = again();
                 if r >= 0 || guard::errno() != libc::EIO {
@@ -91,12 +160,24 @@ const KEY_EXPIRED_WAIT_MS: u32 = 200;
 /// The kernel says RX awaits its next key: another thread of ours is following a KeyUpdate
 /// (wait on its lock, then read again), or the record went where we could not see it (an
 /// interface we do not hook): then we cannot know the peer's request, and fail closed.
-fn after_key_expired(fd: RawFd, p: Option<&fd_table::Protected>, again: &mut dyn FnMut() -> isize) -> isize {
+fn after_key_expired(
+    fd: RawFd,
+    p: Option<&fd_table::Protected>,
+    again: &mut dyn FnMut() -> isize,
+) -> isize {
     let Some(rekey) = p.and_then(|p| p.rekey.get()) else {
-        return reset(fd, p, "kTLS RX key expired on a socket without a key schedule");
+        return reset(
+            fd,
+            p,
+            "kTLS RX key expired on a socket without a key schedule",
+        );
     };
     for _ in 0..KEY_EXPIRED_WAIT_MS {
-        drop(rekey.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        drop(
+            rekey
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
         let r = again();
         match (r, guard::errno()) {
             (r, _) if r >= 0 => return r,
@@ -105,14 +186,28 @@ fn after_key_expired(fd: RawFd, p: Option<&fd_table::Protected>, again: &mut dyn
             _ => return r,
         }
     }
-    reset(fd, p, "kTLS RX key expired: the peer's KeyUpdate was consumed outside tether")
+    reset(
+        fd,
+        p,
+        "kTLS RX key expired: the peer's KeyUpdate was consumed outside tether",
+    )
 }
 
-/// Move RX to the peer's next key; answer an update request with our own KeyUpdate. `keys` is
-/// the locked key schedule (`None`: a kTLS socket inherited across exec, which has none).
-fn follow_key_update(fd: RawFd, keys: Option<&mut KeySchedule>, requested: bool) -> Result<(), String> {
-    let Some(keys) = keys else {
-        return Err("peer sent KeyUpdate; no key schedule for this socket (kTLS inherited across exec)".into());
+/// Move RX to the peer's next key; an update request is recorded for the connection's next
+/// write, which sends our KeyUpdate and moves TX (`ops::txkey`: a write from another thread can
+/// then never fall between our KeyUpdate and the TX switch). `keys` is the locked key schedule
+/// (`None`: a kTLS socket inherited across exec, which has none).
+fn follow_key_update(
+    fd: RawFd,
+    p: Option<&fd_table::Protected>,
+    keys: Option<&mut KeySchedule>,
+    requested: bool,
+) -> Result<(), String> {
+    let (Some(p), Some(keys)) = (p, keys) else {
+        return Err(
+            "peer sent KeyUpdate; no key schedule for this socket (kTLS inherited across exec)"
+                .into(),
+        );
     };
     danger::follow_rx(fd, keys).map_err(|e| match e.raw_os_error() {
         Some(libc::EBUSY) | Some(libc::EEXIST) | Some(libc::EINVAL) | Some(libc::ENOPROTOOPT) => {
@@ -121,7 +216,7 @@ fn follow_key_update(fd: RawFd, keys: Option<&mut KeySchedule>, requested: bool)
         _ => format!("peer sent KeyUpdate; RX rekey failed: {e}"),
     })?;
     if requested {
-        danger::rotate_tx(fd, keys).map_err(|e| format!("peer requested a KeyUpdate; TX rekey failed: {e}"))?;
+        p.tx_rekey.owe(super::txkey::PEER_ASKED);
     }
     Ok(())
 }
@@ -164,7 +259,11 @@ pub(crate) unsafe fn control_in_program_buffer(
                 }
                 let r = again();
                 if r < 0 {
-                    return if guard::errno() == libc::EIO { after_read_error(fd, r, again) } else { r };
+                    return if guard::errno() == libc::EIO {
+                        after_read_error(fd, r, again)
+                    } else {
+                        r
+                    };
                 }
                 if r == 0 {
                     return super::ending::after_eof(fd);
@@ -183,8 +282,11 @@ pub(crate) unsafe fn control_in_program_buffer(
             }
             Ok(Control::KeyUpdate { requested }) => {
                 let rekey = p.as_ref().and_then(|p| p.rekey.get());
-                let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-                if let Err(why) = follow_key_update(fd, keys.as_deref_mut(), requested) {
+                let mut keys =
+                    rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+                if let Err(why) =
+                    follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested)
+                {
                     return reset(fd, p.as_deref(), &why);
                 }
                 drop(keys);
@@ -216,7 +318,11 @@ pub(crate) unsafe fn control_in_program_buffer(
 
 fn reset(fd: RawFd, p: Option<&crate::fd_table::Protected>, why: &str) -> isize {
     let peer = p.and_then(|p| p.peer.as_ref()).map(|v| v.id().to_string());
-    log::Line::new("read").kv("fd", fd).kv("peer_id", peer.unwrap_or_default()).kv("reason", why).emit();
+    log::Line::new("read")
+        .kv("fd", fd)
+        .kv("peer_id", peer.unwrap_or_default())
+        .kv("reason", why)
+        .emit();
     guard::set_errno(libc::ECONNRESET);
     -1
 }
@@ -224,7 +330,8 @@ fn reset(fd: RawFd, p: Option<&crate::fd_table::Protected>, why: &str) -> isize 
 /// Read the rest of a control record the program's buffer cut short, onto `body`.
 fn complete(fd: RawFd, ty: u8, body: &mut Vec<u8>) -> std::io::Result<()> {
     loop {
-        let missing = ktls::control_bytes_missing(ty, body).ok_or_else(|| std::io::Error::from_raw_os_error(libc::EPROTO))?;
+        let missing = ktls::control_bytes_missing(ty, body)
+            .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EPROTO))?;
         if missing == 0 {
             return Ok(());
         }

@@ -8,5 +8,7 @@ pub(crate) mod fds;
 pub(crate) mod inbound;
 pub(crate) mod io;
 pub(crate) mod protect;
+pub(crate) mod rotation;
 pub(crate) mod send;
+pub(crate) mod txkey;
 pub(crate) mod vfork;

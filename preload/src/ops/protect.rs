@@ -82,10 +82,14 @@ enum Plan {
     Userspace { why: &'static str },
 }
 
-fn plan(fd: RawFd) -> Result<Plan, Failure> {
+fn plan(fd: RawFd, rotates: bool) -> Result<Plan, Failure> {
     let s = settings::get();
     if let Some(m) = &s.bad_mode {
         return Err(Failure::BadMode(m.clone()));
+    }
+    // `key_update_after` needs a kernel that rekeys kTLS; without one, rustls rotates in the relay.
+    if rotates && s.mode == DataPathMode::Auto && !ktls::can_rekey() {
+        return Ok(Plan::Userspace { why: "key_update_after is set and this kernel cannot rekey kTLS" });
     }
     match s.mode {
         DataPathMode::Userspace => Ok(Plan::Userspace { why: "TETHER_MODE=userspace" }),
@@ -128,7 +132,11 @@ fn protect_inner(
     local: SocketAddr,
     remote: SocketAddr,
 ) -> Result<Arc<Protected>, Failure> {
-    let plan = plan(fd)?;
+    let rotate = match direction {
+        Direction::Outbound => ident.policy.outbound_rule(remote).and_then(|r| r.key_update_after),
+        Direction::Inbound => ident.policy.inbound_rule(local.port()).and_then(|r| r.key_update_after),
+    };
+    let plan = plan(fd, rotate.is_some())?;
     let flags = net::status_flags(fd);
     let toggle = flags & libc::O_NONBLOCK == 0;
     if toggle {
@@ -155,7 +163,7 @@ fn protect_inner(
             (DataPath::Ktls, cipher, Some(rekey), Some(no_pad))
         }
         (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
-            let link = fallback::adopt(fd, conn).map_err(Failure::Relay)?;
+            let link = fallback::adopt(fd, conn, rotate).map_err(Failure::Relay)?;
             (DataPath::Userspace(link), why, None, None)
         }
         _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),
@@ -163,6 +171,12 @@ fn protect_inner(
     let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
     if let Some(r) = rekey {
         let _ = p.rekey.set(r);
+        if ktls::can_rekey() {
+            let _ = p.short_read_watch.set(super::io::ShortReadWatch::new());
+        }
+        if let Some(limit) = rotate {
+            super::rotation::watch(fd, &p, limit);
+        }
     }
     let allow_truncation = match direction {
         Direction::Outbound => ident.policy.outbound_rule(remote).is_some_and(|r| r.allow_truncation),

@@ -56,7 +56,13 @@ pub(crate) fn attach_ulp(fd: RawFd) -> Result<(), AttachError> {
     let name = b"tls";
     // SAFETY: valid fd number, pointer/length describe `name`.
     let rc = unsafe {
-        crate::real::setsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), name.len() as u32)
+        crate::real::setsockopt(
+            fd,
+            libc::SOL_TCP,
+            TCP_ULP,
+            name.as_ptr().cast(),
+            name.len() as u32,
+        )
     };
     if rc == 0 {
         SUPPORT.store(SUPPORTED, Ordering::Relaxed);
@@ -72,12 +78,80 @@ pub(crate) fn attach_ulp(fd: RawFd) -> Result<(), AttachError> {
     }
 }
 
+/// Can this kernel rekey kTLS (Linux >= 6.14)? Probed once per process, and only when a rule
+/// with `key_update_after` is used: a throwaway loopback TCP pair, the ULP, a TX key, then a
+/// second TX key. Any failure (no loopback, no kTLS, EBUSY from an older kernel) is "no",
+/// which sends such rules to the userspace relay (never a connection that cannot rotate).
+pub(crate) fn can_rekey() -> bool {
+    static REKEY: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REKEY.get_or_init(probe_rekey)
+}
+
+fn probe_rekey() -> bool {
+    // SAFETY: plain socket calls on fds this function owns and closes.
+    unsafe {
+        let l = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let c = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let mut a = -1;
+        let mut ok = false;
+        if l >= 0 && c >= 0 {
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            sa.sin_family = libc::AF_INET as libc::sa_family_t;
+            sa.sin_addr.s_addr = u32::from(std::net::Ipv4Addr::LOCALHOST).to_be();
+            let salen = size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let mut len = salen;
+            if libc::bind(l, (&sa as *const libc::sockaddr_in).cast(), salen) == 0
+                && libc::listen(l, 1) == 0
+                && crate::real::getsockname(l, (&mut sa as *mut libc::sockaddr_in).cast(), &mut len)
+                    == 0
+                && crate::real::connect(c, (&sa as *const libc::sockaddr_in).cast(), salen) == 0
+            {
+                a = crate::real::accept4(
+                    l,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC,
+                );
+                let name = b"tls";
+                let key = ConnectionTrafficSecrets::Aes128Gcm {
+                    key: rustls::crypto::cipher::AeadKey::from([0u8; 32]),
+                    iv: rustls::crypto::cipher::Iv::from([0u8; 12]),
+                };
+                ok = a >= 0
+                    && crate::real::setsockopt(
+                        c,
+                        libc::SOL_TCP,
+                        TCP_ULP,
+                        name.as_ptr().cast(),
+                        name.len() as u32,
+                    ) == 0
+                    && set_key(c, Dir::Tx, 0, &key).is_ok()
+                    && set_key(c, Dir::Tx, 0, &key).is_ok();
+            }
+        }
+        for fd in [l, c, a] {
+            if fd >= 0 {
+                crate::real::close(fd);
+            }
+        }
+        ok
+    }
+}
+
 /// Does `fd` have the "tls" ULP attached (a kTLS socket, possibly inherited across exec)?
 pub(crate) fn is_ktls_socket(fd: RawFd) -> bool {
     let mut name = [0u8; 16];
     let mut len = name.len() as libc::socklen_t;
     // SAFETY: out-buffer and its length.
-    let rc = unsafe { crate::real::getsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_mut_ptr().cast(), &mut len) };
+    let rc = unsafe {
+        crate::real::getsockopt(
+            fd,
+            libc::SOL_TCP,
+            TCP_ULP,
+            name.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     rc == 0 && name.starts_with(b"tls")
 }
 
@@ -224,7 +298,12 @@ fn set_crypto(fd: RawFd, dir: c_int, info: &CryptoInfo) -> io::Result<()> {
 pub(crate) fn install(fd: RawFd, secrets: ExtractedSecrets) -> io::Result<&'static str> {
     let (tx_seq, tx) = &secrets.tx;
     let (rx_seq, rx) = &secrets.rx;
-    let unsupported = || io::Error::new(io::ErrorKind::Unsupported, "cipher suite not supported by kTLS");
+    let unsupported = || {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "cipher suite not supported by kTLS",
+        )
+    };
     let tx_info = crypto_info(*tx_seq, tx).ok_or_else(unsupported)?;
     let rx_info = crypto_info(*rx_seq, rx).ok_or_else(unsupported)?;
     set_crypto(fd, TLS_TX, &tx_info)?;
@@ -267,10 +346,26 @@ pub(crate) enum Dir {
 
 /// Set (or, on Linux >= 6.14, replace after a KeyUpdate) one direction's key. Older kernels
 /// refuse a second key (EBUSY): the caller fails closed.
-pub(crate) fn set_key(fd: RawFd, dir: Dir, seq: u64, s: &ConnectionTrafficSecrets) -> io::Result<()> {
-    let info = crypto_info(seq, s)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::Unsupported, "cipher suite not supported by kTLS"))?;
-    set_crypto(fd, match dir { Dir::Tx => TLS_TX, Dir::Rx => TLS_RX }, &info)
+pub(crate) fn set_key(
+    fd: RawFd,
+    dir: Dir,
+    seq: u64,
+    s: &ConnectionTrafficSecrets,
+) -> io::Result<()> {
+    let info = crypto_info(seq, s).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::Unsupported,
+            "cipher suite not supported by kTLS",
+        )
+    })?;
+    set_crypto(
+        fd,
+        match dir {
+            Dir::Tx => TLS_TX,
+            Dir::Rx => TLS_RX,
+        },
+        &info,
+    )
 }
 
 /// Consume the control record at the head of `fd`'s receive queue. Called only after a plain
@@ -288,6 +383,17 @@ pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
     let r = classify(ty, body);
     buf.zeroize();
     Ok(r)
+}
+
+/// The type of the record at the head of `fd`'s receive queue, without consuming it (one
+/// non-blocking `MSG_PEEK` of one byte); `None` when nothing is queued.
+pub(crate) fn head_record_type(fd: RawFd) -> Option<u8> {
+    let mut b = [0u8; 1];
+    match recv_record(fd, &mut b, libc::MSG_PEEK | libc::MSG_DONTWAIT) {
+        Ok((ty, _)) => Some(ty),
+        // EIO: a control record the peek could not label; let the EIO path see it.
+        Err(_) => None,
+    }
 }
 
 /// The TLS record type the kernel reported in a program's own `recvmsg` control buffer, if it
@@ -329,7 +435,10 @@ pub(crate) fn finish_control_record(fd: RawFd, ty: u8, buf: &mut [u8]) -> io::Re
 
 fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize)> {
     let mut cbuf = [0u64; 8]; // aligned cmsg space
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: zeroed msghdr is a valid "empty" value; we fill the pointers below.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
@@ -357,31 +466,25 @@ fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize
 
 /// Send a close_notify alert on a kTLS socket (for `shutdown(SHUT_WR)`).
 pub(crate) fn send_close_notify(fd: RawFd) {
-    let _ = send_control(fd, CONTENT_ALERT, &[1, 0], libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+    let _ = send_control(
+        fd,
+        CONTENT_ALERT,
+        &[1, 0],
+        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+    );
 }
 
-/// How long our KeyUpdate may wait for room in a full send buffer before we give up (and the
-/// read that triggered it reports ECONNRESET).
-const KEY_UPDATE_SEND_TIMEOUT_MS: c_int = 5000;
-
-/// Send a KeyUpdate(update_not_requested) record under the current TX key. Waits (bounded)
-/// for send-buffer room, whether or not the socket is non-blocking.
-pub(crate) fn send_key_update(fd: RawFd) -> io::Result<()> {
-    let msg = [24u8, 0, 0, 1, 0];
-    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(KEY_UPDATE_SEND_TIMEOUT_MS as u64);
+/// Send a KeyUpdate record under the current TX key. `request_update`: ask the peer to move
+/// its keys too. `dontwait`: the program's socket (or call) is non-blocking, so a full send
+/// buffer is EAGAIN for the program to retry; otherwise this waits for room exactly as the
+/// program's own write would (SO_SNDTIMEO included), retrying on EINTR.
+pub(crate) fn send_key_update(fd: RawFd, request_update: bool, dontwait: bool) -> io::Result<()> {
+    let msg = [24u8, 0, 0, 1, u8::from(request_update)];
+    let flags = libc::MSG_NOSIGNAL | if dontwait { libc::MSG_DONTWAIT } else { 0 };
     loop {
-        match send_control(fd, CONTENT_HANDSHAKE, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+        match send_control(fd, CONTENT_HANDSHAKE, &msg, flags) {
             Ok(n) if n == msg.len() => return Ok(()),
             Ok(_) => return Err(io::Error::from_raw_os_error(libc::EPROTO)),
-            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                let left = deadline.saturating_duration_since(std::time::Instant::now()).as_millis() as c_int;
-                if left == 0 {
-                    return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
-                }
-                let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
-                // SAFETY: one pollfd, bounded timeout.
-                unsafe { libc::poll(&mut pfd, 1, left) };
-            }
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             Err(e) => return Err(e),
         }
@@ -390,7 +493,10 @@ pub(crate) fn send_key_update(fd: RawFd) -> io::Result<()> {
 
 fn send_control(fd: RawFd, ty: u8, body: &[u8], flags: c_int) -> io::Result<usize> {
     let mut cbuf = [0u64; 4];
-    let mut iov = libc::iovec { iov_base: body.as_ptr() as *mut _, iov_len: body.len() };
+    let mut iov = libc::iovec {
+        iov_base: body.as_ptr() as *mut _,
+        iov_len: body.len(),
+    };
     // SAFETY: as in recv_record; we build one cmsg of type TLS_SET_RECORD_TYPE.
     unsafe {
         let mut msg: libc::msghdr = std::mem::zeroed();
@@ -421,29 +527,59 @@ mod tests {
         assert_eq!(classify(CONTENT_ALERT, &[1, 0]), Control::Eof);
         assert_eq!(classify(CONTENT_ALERT, &[2, 0]), Control::Eof);
         assert_eq!(classify(CONTENT_ALERT, &[1, 90]), Control::Retry);
-        assert!(matches!(classify(CONTENT_ALERT, &[2, 40]), Control::Reset(_)));
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]), Control::Retry);
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]), Control::KeyUpdate { requested: false });
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]), Control::KeyUpdate { requested: true });
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 2]), Control::Reset(_)));
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 2, 0, 0]), Control::Reset(_)));
+        assert!(matches!(
+            classify(CONTENT_ALERT, &[2, 40]),
+            Control::Reset(_)
+        ));
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 0]),
+            Control::Retry
+        );
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0]),
+            Control::KeyUpdate { requested: false }
+        );
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 1]),
+            Control::KeyUpdate { requested: true }
+        );
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 2]),
+            Control::Reset(_)
+        ));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 2, 0, 0]),
+            Control::Reset(_)
+        ));
         assert!(matches!(classify(99, &[]), Control::Reset(_)));
     }
 
     #[test]
     fn every_message_of_a_handshake_record_is_looked_at() {
         // Two tickets in one record: dropped.
-        assert_eq!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0, 0, 0]), Control::Retry);
+        assert_eq!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0, 0, 0]),
+            Control::Retry
+        );
         // A ticket, then a KeyUpdate in the same record: not hidden behind the first.
         assert_eq!(
             classify(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 24, 0, 0, 1, 1]),
             Control::KeyUpdate { requested: true }
         );
         // Anything after a KeyUpdate in its record would be under the wrong key: closed.
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0, 4, 0, 0, 0]), Control::Reset(_)));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[24, 0, 0, 1, 0, 4, 0, 0, 0]),
+            Control::Reset(_)
+        ));
         // A message longer than the record (fragmented), or an empty record: closed.
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]), Control::Reset(_)));
-        assert!(matches!(classify(CONTENT_HANDSHAKE, &[]), Control::Reset(_)));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[4, 0, 0, 9, 1]),
+            Control::Reset(_)
+        ));
+        assert!(matches!(
+            classify(CONTENT_HANDSHAKE, &[]),
+            Control::Reset(_)
+        ));
     }
 
     #[test]
@@ -451,9 +587,18 @@ mod tests {
         assert_eq!(control_bytes_missing(CONTENT_ALERT, &[1]), Some(1));
         assert_eq!(control_bytes_missing(CONTENT_ALERT, &[1, 0]), Some(0));
         assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0]), Some(2));
-        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 3, 1]), Some(2));
-        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9]), Some(0));
-        assert_eq!(control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0]), Some(2));
+        assert_eq!(
+            control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 3, 1]),
+            Some(2)
+        );
+        assert_eq!(
+            control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9]),
+            Some(0)
+        );
+        assert_eq!(
+            control_bytes_missing(CONTENT_HANDSHAKE, &[4, 0, 0, 1, 9, 4, 0]),
+            Some(2)
+        );
         assert_eq!(control_bytes_missing(99, &[1]), None);
     }
 

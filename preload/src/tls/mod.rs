@@ -78,10 +78,9 @@ pub(crate) mod danger {
         crate::sys::ktls::set_key(fd, crate::sys::ktls::Dir::Rx, seq, &s)
     }
 
-    /// Send our own KeyUpdate (update_not_requested) under the current TX key, then move the
-    /// kernel's TX to the next key.
-    pub(crate) fn rotate_tx(fd: RawFd, keys: &mut KeySchedule) -> io::Result<()> {
-        crate::sys::ktls::send_key_update(fd)?;
+    /// Move the kernel's TX to our next key. The caller has just sent our KeyUpdate under the
+    /// current one (`ops::txkey`, the only caller).
+    pub(crate) fn move_tx(fd: RawFd, keys: &mut KeySchedule) -> io::Result<()> {
         let (seq, s) = keys.next_tx().map_err(|e| io::Error::other(format!("next TX secret: {e}")))?;
         crate::sys::ktls::set_key(fd, crate::sys::ktls::Dir::Tx, seq, &s)
     }

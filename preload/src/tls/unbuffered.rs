@@ -21,35 +21,46 @@ use std::io::Write;
 /// Both sides of the unbuffered API, so one driver serves client and server.
 pub(crate) trait Unbuffered {
     type Data;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn handshaking(&self) -> bool;
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error>;
 }
 
 impl Unbuffered for UnbufferedClientConnection {
     type Data = ClientConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
-        let (s, k): (_, KernelConnection<ClientConnectionData>) = self.dangerous_into_kernel_connection()?;
+        let (s, k): (_, KernelConnection<ClientConnectionData>) =
+            self.dangerous_into_kernel_connection()?;
         Ok((s, KeySchedule::Client(k)))
     }
 }
 
 impl Unbuffered for UnbufferedServerConnection {
     type Data = ServerConnectionData;
-    fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data> {
+    fn process<'c, 'i>(
+        &'c mut self,
+        incoming: &'i mut [u8],
+    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
         self.process_tls_records(incoming)
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
-        let (s, k): (_, KernelConnection<ServerConnectionData>) = self.dangerous_into_kernel_connection()?;
+        let (s, k): (_, KernelConnection<ServerConnectionData>) =
+            self.dangerous_into_kernel_connection()?;
         Ok((s, KeySchedule::Server(k)))
     }
 }
@@ -83,9 +94,13 @@ pub(crate) fn drive<C: Unbuffered>(
                     Ok(n) => n,
                     Err(EncodeError::InsufficientSize(s)) => {
                         out.resize(s.required_size, 0);
-                        enc.encode(&mut out).map_err(|e| HandshakeError::Tls(rustls::Error::General(e.to_string())))?
+                        enc.encode(&mut out).map_err(|e| {
+                            HandshakeError::Tls(rustls::Error::General(e.to_string()))
+                        })?
                     }
-                    Err(e) => return Err(HandshakeError::Tls(rustls::Error::General(e.to_string()))),
+                    Err(e) => {
+                        return Err(HandshakeError::Tls(rustls::Error::General(e.to_string())))
+                    }
                 };
                 // Gather a whole flight, sent in one write at TransmitTlsData (Nagle and
                 // delayed ACKs would otherwise stall each handshake by ~40 ms).
@@ -102,7 +117,9 @@ pub(crate) fn drive<C: Unbuffered>(
             // The server may send from its Finished on (0.5-RTT), but the handshake is only
             // over once the client's Finished has been read.
             Ok(ConnectionState::WriteTraffic(_)) => None,
-            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => return Err(HandshakeError::PeerClosed),
+            Ok(ConnectionState::PeerClosed) | Ok(ConnectionState::Closed) => {
+                return Err(HandshakeError::PeerClosed)
+            }
             Ok(_) => {
                 return Err(HandshakeError::Tls(rustls::Error::General(
                     "unexpected data during the handshake".into(),
@@ -116,7 +133,9 @@ pub(crate) fn drive<C: Unbuffered>(
             None if conn.handshaking() => {}
             None if incoming.is_empty() => break,
             None => {
-                return Err(HandshakeError::Tls(rustls::Error::General("records past the handshake's end".into())));
+                return Err(HandshakeError::Tls(rustls::Error::General(
+                    "records past the handshake's end".into(),
+                )));
             }
         }
         read_record(io, &mut record)?;
