@@ -52,10 +52,6 @@ impl RemoteKey {
         let spki = cert.tbs_certificate.subject_pki.raw.to_vec();
         Ok(Arc::new(Self { key_id, spki }))
     }
-
-    pub(crate) fn key_id(&self) -> u64 {
-        self.key_id
-    }
 }
 
 impl SigningKey for RemoteKey {
