@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{EcdsaKeyPair, KeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
-use tracing::{debug, warn};
+use tracing::{info, warn};
 use zeroize::Zeroizing;
 
 use crate::attest;
@@ -184,6 +184,12 @@ impl Default for KeyStore {
     }
 }
 
+/// Count and audit-log a destruction of `process`'s held keys.
+fn destroyed(metrics: &Metrics, process: ProcessKey, reason: &'static str) {
+    metrics.key_destroyed(reason);
+    info!(target: "tether::audit", event = "key_destroyed", pid = process.0, reason, "held keys destroyed");
+}
+
 fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
@@ -317,7 +323,7 @@ impl KeyStore {
             if !attest::is_running(p.0, p.1) && self.destroy(p) {
                 n += 1;
                 if let Some(m) = metrics {
-                    m.key_destroyed("exited");
+                    destroyed(m, p, "exited");
                 }
             }
         }
@@ -365,8 +371,7 @@ impl KeyStore {
                 let process = self.lock().tokens.get(token).copied();
                 if let Some(p) = process {
                     if self.destroy(p) {
-                        metrics.key_destroyed("exited");
-                        debug!(pid = p.0, "process exited; its held keys are destroyed");
+                        destroyed(metrics, p, "exited");
                     }
                 }
             }
