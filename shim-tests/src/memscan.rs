@@ -65,3 +65,47 @@ pub fn pkcs8_documents(pid: u32) -> Vec<Vec<u8>> {
     }
     out
 }
+
+/// The order n of P-256, as little-endian 64-bit limbs.
+const P256_N: [u64; 4] = [0xf3b9_cac2_fc63_2551, 0xbce6_faad_a717_9e84, 0xffff_ffff_ffff_ffff, 0xffff_ffff_0000_0000];
+
+/// The encodings a P-256 private scalar `d` (big-endian, as in PKCS#8) takes in memory: the
+/// raw big-endian bytes, the same little-endian, and ring's parsed form (`EcdsaKeyPair` keeps
+/// `d` in Montgomery form, d·2^256 mod n, as little-endian 64-bit limbs).
+pub fn scalar_encodings(d: &[u8; 32]) -> Vec<[u8; 32]> {
+    let mut le = *d;
+    le.reverse();
+    let mut x = [0u64; 4];
+    for (i, limb) in x.iter_mut().enumerate() {
+        *limb = u64::from_le_bytes(le[i * 8..i * 8 + 8].try_into().unwrap_or_default());
+    }
+    for _ in 0..256 {
+        x = double_mod_n(x);
+    }
+    let mut mont = [0u8; 32];
+    for (i, limb) in x.iter().enumerate() {
+        mont[i * 8..i * 8 + 8].copy_from_slice(&limb.to_le_bytes());
+    }
+    vec![*d, le, mont]
+}
+
+/// 2x mod n, for x < n.
+fn double_mod_n(x: [u64; 4]) -> [u64; 4] {
+    let mut y = [0u64; 4];
+    let mut carry = 0u64;
+    for i in 0..4 {
+        y[i] = (x[i] << 1) | carry;
+        carry = x[i] >> 63;
+    }
+    let ge = carry == 1 || (0..4).rev().find(|&i| y[i] != P256_N[i]).is_none_or(|i| y[i] > P256_N[i]);
+    if ge {
+        let mut borrow = 0u64;
+        for i in 0..4 {
+            let (a, b1) = y[i].overflowing_sub(P256_N[i]);
+            let (a, b2) = a.overflowing_sub(borrow);
+            y[i] = a;
+            borrow = u64::from(b1 || b2);
+        }
+    }
+    y
+}
