@@ -59,7 +59,10 @@ pub enum Refusal {
     /// No key by that id (never issued, destroyed, or issued by an earlier tetherd).
     UnknownKey,
     /// The key belongs to another process instance.
-    NotOwner { owner: ProcessKey, caller: ProcessKey },
+    NotOwner {
+        owner: ProcessKey,
+        caller: ProcessKey,
+    },
     /// The owner failed the impersonation checks since its key was issued.
     Impersonation(Impersonation),
     /// A scheme this key does not sign, or a message that is not a CertificateVerify input.
@@ -121,17 +124,28 @@ pub struct HeldKey {
 
 impl fmt::Debug for HeldKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HeldKey").field("id", &self.id).field("key", &"<redacted>").finish()
+        f.debug_struct("HeldKey")
+            .field("id", &self.id)
+            .field("key", &"<redacted>")
+            .finish()
     }
 }
 
 impl HeldKey {
     /// Parse a PKCS#8 P-256 key from any source. The buffer is kept (zeroizing) as the key's
     /// canonical form.
-    pub fn from_pkcs8(pkcs8: Zeroizing<Vec<u8>>, not_after: u64) -> Result<Self, ring::error::KeyRejected> {
+    pub fn from_pkcs8(
+        pkcs8: Zeroizing<Vec<u8>>,
+        not_after: u64,
+    ) -> Result<Self, ring::error::KeyRejected> {
         let rng = SystemRandom::new();
         let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)?;
-        Ok(Self { id: 0, not_after, pair: sys::Wiped::new(pair), _pkcs8: pkcs8 })
+        Ok(Self {
+            id: 0,
+            not_after,
+            pair: sys::Wiped::new(pair),
+            _pkcs8: pkcs8,
+        })
     }
 
     /// The uncompressed public point, to match against a certificate.
@@ -171,7 +185,9 @@ pub struct KeyStore {
 
 impl fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyStore").field("owners", &self.len()).finish_non_exhaustive()
+        f.debug_struct("KeyStore")
+            .field("owners", &self.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -180,7 +196,12 @@ impl Default for KeyStore {
         let epoll = sys::Epoll::new()
             .map_err(|e| warn!(error = %e, "no epoll set for pidfds; held keys are destroyed by the sweep"))
             .ok();
-        Self { tables: Mutex::default(), epoll, next_token: AtomicU64::new(1), rng: SystemRandom::new() }
+        Self {
+            tables: Mutex::default(),
+            epoll,
+            next_token: AtomicU64::new(1),
+            rng: SystemRandom::new(),
+        }
     }
 }
 
@@ -191,7 +212,9 @@ fn destroyed(metrics: &Metrics, process: ProcessKey, reason: &'static str) {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl KeyStore {
@@ -220,9 +243,16 @@ impl KeyStore {
 
     /// Hold `key` for `owner`, watching `pidfd` (the owner's, when the kernel has pidfds).
     /// Returns the key's id. Refused when the store is full of live owners.
-    pub fn insert(&self, owner: Owner, pidfd: Option<OwnedFd>, mut key: HeldKey) -> Result<u64, &'static str> {
+    pub fn insert(
+        &self,
+        owner: Owner,
+        pidfd: Option<OwnedFd>,
+        mut key: HeldKey,
+    ) -> Result<u64, &'static str> {
         let mut id_bytes = [0u8; 8];
-        self.rng.fill(&mut id_bytes).map_err(|_| "no randomness for a key id")?;
+        self.rng
+            .fill(&mut id_bytes)
+            .map_err(|_| "no randomness for a key id")?;
         key.id = u64::from_ne_bytes(id_bytes) | 1;
         let id = key.id;
         let process = owner.process;
@@ -257,7 +287,13 @@ impl KeyStore {
         t.tokens.insert(token, process);
         t.owners.insert(
             process,
-            Held { owner, token, keys: vec![Arc::new(key)], _pidfd: pidfd, clean_maps: Arc::default() },
+            Held {
+                owner,
+                token,
+                keys: vec![Arc::new(key)],
+                _pidfd: pidfd,
+                clean_maps: Arc::default(),
+            },
         );
         Ok(id)
     }
@@ -266,7 +302,9 @@ impl KeyStore {
     pub fn destroy(&self, process: ProcessKey) -> bool {
         let held = {
             let mut t = self.lock();
-            let Some(h) = t.owners.remove(&process) else { return false };
+            let Some(h) = t.owners.remove(&process) else {
+                return false;
+            };
             t.tokens.remove(&h.token);
             for k in &h.keys {
                 t.keys.remove(&k.id);
@@ -281,9 +319,18 @@ impl KeyStore {
 
     /// Sign `message` with `key_id` for the caller `caller` (already attested for this
     /// message by the server). Writes the DER signature into `out`, returning its length.
-    pub fn sign(&self, caller: ProcessKey, key_id: u64, scheme: u16, message: &[u8], out: &mut [u8]) -> Result<usize, Refusal> {
+    pub fn sign(
+        &self,
+        caller: ProcessKey,
+        key_id: u64,
+        scheme: u16,
+        message: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, Refusal> {
         if scheme != ECDSA_NISTP256_SHA256 {
-            return Err(Refusal::BadRequest("tetherd's keys sign ecdsa_secp256r1_sha256 only"));
+            return Err(Refusal::BadRequest(
+                "tetherd's keys sign ecdsa_secp256r1_sha256 only",
+            ));
         }
         let (key, owner, clean_maps) = {
             let t = self.lock();
@@ -292,8 +339,17 @@ impl KeyStore {
                 return Err(Refusal::NotOwner { owner, caller });
             }
             let h = t.owners.get(&owner).ok_or(Refusal::UnknownKey)?;
-            let key = h.keys.iter().find(|k| k.id == key_id).ok_or(Refusal::UnknownKey)?.clone();
-            let checks = h.owner.checks.clone().map(|reg| (h.owner.facts.clone(), reg));
+            let key = h
+                .keys
+                .iter()
+                .find(|k| k.id == key_id)
+                .ok_or(Refusal::UnknownKey)?
+                .clone();
+            let checks = h
+                .owner
+                .checks
+                .clone()
+                .map(|reg| (h.owner.facts.clone(), reg));
             (key, checks, Arc::clone(&h.clean_maps))
         };
         if now_unix() >= key.not_after {
@@ -308,7 +364,10 @@ impl KeyStore {
                 return Err(Refusal::Impersonation(e));
             }
         }
-        let sig = key.pair.sign(&self.rng, message).map_err(|_| Refusal::Internal)?;
+        let sig = key
+            .pair
+            .sign(&self.rng, message)
+            .map_err(|_| Refusal::Internal)?;
         let sig = sig.as_ref();
         let dst = out.get_mut(..sig.len()).ok_or(Refusal::Internal)?;
         dst.copy_from_slice(sig);
@@ -396,7 +455,14 @@ mod tests {
     }
 
     fn owner(p: ProcessKey) -> Owner {
-        Owner { process: p, facts: ProcessFacts { pid: p.0, ..Default::default() }, checks: None }
+        Owner {
+            process: p,
+            facts: ProcessFacts {
+                pid: p.0,
+                ..Default::default()
+            },
+            checks: None,
+        }
     }
 
     #[test]
@@ -404,15 +470,29 @@ mod tests {
         let store = KeyStore::default();
         let me = (1, 100);
         let k = key();
-        let public = ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, k.public_key().to_vec());
+        let public = ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            k.public_key().to_vec(),
+        );
         let id = store.insert(owner(me), None, k).unwrap();
         let mut sig = [0u8; 128];
-        let n = store.sign(me, id, ECDSA_NISTP256_SHA256, b"msg", &mut sig).unwrap();
+        let n = store
+            .sign(me, id, ECDSA_NISTP256_SHA256, b"msg", &mut sig)
+            .unwrap();
         public.verify(b"msg", &sig[..n]).unwrap();
-        assert!(matches!(store.sign((1, 101), id, ECDSA_NISTP256_SHA256, b"m", &mut sig), Err(Refusal::NotOwner { .. })));
-        assert!(matches!(store.sign(me, id, 0x0804, b"m", &mut sig), Err(Refusal::BadRequest(_))));
+        assert!(matches!(
+            store.sign((1, 101), id, ECDSA_NISTP256_SHA256, b"m", &mut sig),
+            Err(Refusal::NotOwner { .. })
+        ));
+        assert!(matches!(
+            store.sign(me, id, 0x0804, b"m", &mut sig),
+            Err(Refusal::BadRequest(_))
+        ));
         assert!(store.destroy(me));
-        assert!(matches!(store.sign(me, id, ECDSA_NISTP256_SHA256, b"m", &mut sig), Err(Refusal::UnknownKey)));
+        assert!(matches!(
+            store.sign(me, id, ECDSA_NISTP256_SHA256, b"m", &mut sig),
+            Err(Refusal::UnknownKey)
+        ));
         assert!(store.is_empty());
     }
 
@@ -420,7 +500,9 @@ mod tests {
     fn an_owner_keeps_its_two_newest_keys() {
         let store = KeyStore::default();
         let me = (2, 200);
-        let ids: Vec<u64> = (0..3).map(|_| store.insert(owner(me), None, key()).unwrap()).collect();
+        let ids: Vec<u64> = (0..3)
+            .map(|_| store.insert(owner(me), None, key()).unwrap())
+            .collect();
         assert!(!store.holds(me, ids[0]));
         assert!(store.holds(me, ids[1]) && store.holds(me, ids[2]));
     }

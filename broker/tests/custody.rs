@@ -25,16 +25,26 @@ fn owner_role() {
         return;
     }
     let socket = std::env::var("TETHER_SOCKET").unwrap();
-    let svid = Client::connect(socket.as_ref(), Duration::from_secs(5)).unwrap().fetch_svid().unwrap();
+    let svid = Client::connect(socket.as_ref(), Duration::from_secs(5))
+        .unwrap()
+        .fetch_svid()
+        .unwrap();
     assert!(svid.private_key.is_none(), "broker custody sends no key");
-    let hex: String = svid.cert_chain[0].0.iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = svid.cert_chain[0]
+        .0
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     println!("key {} {hex}", svid.key_id.unwrap());
     let stdin = std::io::stdin();
     for line in stdin.lock().lines() {
         let line = line.unwrap();
         if line == "sign" {
             let mut c = Client::connect(socket.as_ref(), Duration::from_secs(5)).unwrap();
-            match c.sign(svid.key_id.unwrap(), ECDSA_P256_SHA256, b"owner message").unwrap() {
+            match c
+                .sign(svid.key_id.unwrap(), ECDSA_P256_SHA256, b"owner message")
+                .unwrap()
+            {
                 Ok(sig) => println!("signed {}", sig.len()),
                 Err((s, why)) => println!("refused {s:?} {why}"),
             }
@@ -68,8 +78,17 @@ impl Owner {
         let mut f = line.split_whitespace().skip(1);
         let key_id = f.next().unwrap().parse().unwrap();
         let hex = f.next().unwrap();
-        let leaf = (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
-        Self { child, stdin, stdout, key_id, leaf }
+        let leaf = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        Self {
+            child,
+            stdin,
+            stdout,
+            key_id,
+            leaf,
+        }
     }
 
     fn sign(&mut self) -> String {
@@ -77,7 +96,10 @@ impl Owner {
         let mut line = String::new();
         loop {
             line.clear();
-            assert!(self.stdout.read_line(&mut line).unwrap() > 0, "owner exited");
+            assert!(
+                self.stdout.read_line(&mut line).unwrap() > 0,
+                "owner exited"
+            );
             if let Some(at) = line.find("signed").or_else(|| line.find("refused")) {
                 return line[at..].trim().to_owned();
             }
@@ -95,7 +117,10 @@ fn read_until(r: &mut impl BufRead, prefix: &str) -> String {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(r.read_line(&mut line).unwrap() > 0, "owner exited before printing {prefix:?}");
+        assert!(
+            r.read_line(&mut line).unwrap() > 0,
+            "owner exited before printing {prefix:?}"
+        );
         // libtest prints "test owner_role ... " with no newline before the role's output.
         if let Some(at) = line.find(prefix) {
             return line[at..].trim().to_owned();
@@ -104,13 +129,19 @@ fn read_until(r: &mut impl BufRead, prefix: &str) -> String {
 }
 
 fn sign_as_me(d: &Daemon, key_id: u64) -> Result<Vec<u8>, (Status, String)> {
-    d.client().sign(key_id, ECDSA_P256_SHA256, b"intruder message").unwrap()
+    d.client()
+        .sign(key_id, ECDSA_P256_SHA256, b"intruder message")
+        .unwrap()
 }
 
 fn wait_log(d: &Daemon, needle: &str, within: Duration) -> Duration {
     let start = Instant::now();
     while !d.log_text().contains(needle) {
-        assert!(start.elapsed() < within, "no {needle:?} in the log within {within:?}: {}", d.log_text());
+        assert!(
+            start.elapsed() < within,
+            "no {needle:?} in the log within {within:?}: {}",
+            d.log_text()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     start.elapsed()
@@ -123,13 +154,25 @@ fn signatures_verify_against_the_certificate_and_only_the_owner_gets_them() {
     assert!(owner.sign().starts_with("signed"));
     // This test process holds the owner's certificate and key id: refused, logged.
     let r = sign_as_me(&d, owner.key_id);
-    assert!(matches!(&r, Err((Status::Refused, why)) if why.contains("belongs to pid")), "{r:?}");
+    assert!(
+        matches!(&r, Err((Status::Refused, why)) if why.contains("belongs to pid")),
+        "{r:?}"
+    );
     wait_log(&d, "event=\"sign_refused\"", Duration::from_secs(2));
     // Our own key signs, and the signature verifies under our certificate's public key.
     let mine = d.fetch();
-    let sig = d.client().sign(mine.key_id.unwrap(), ECDSA_P256_SHA256, b"hello").unwrap().unwrap();
+    let sig = d
+        .client()
+        .sign(mine.key_id.unwrap(), ECDSA_P256_SHA256, b"hello")
+        .unwrap()
+        .unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&mine.cert_chain[0].0).unwrap();
-    let public = cert.tbs_certificate.subject_pki.subject_public_key.data.to_vec();
+    let public = cert
+        .tbs_certificate
+        .subject_pki
+        .subject_public_key
+        .data
+        .to_vec();
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
         .verify(b"hello", &sig)
         .unwrap();
@@ -164,7 +207,12 @@ fn a_child_cannot_use_its_parents_key() {
     writeln!(child.stdin, "exit").unwrap();
     child.child.wait().unwrap();
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "intruder_role", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "intruder_role",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(ROLE, "intruder")
         .env("TETHER_SOCKET", &d.socket)
         .env("H11_KEY_ID", parent_key.to_string())
@@ -203,7 +251,13 @@ fn a_tracer_attached_after_issuance_stops_the_next_signature() {
     let mut owner = Owner::spawn(&d);
     assert!(owner.sign().starts_with("signed"), "untraced: signs");
     let mut tracer = Command::new("strace")
-        .args(["-qq", "-e", "trace=none", "-p", &owner.child.id().to_string()])
+        .args([
+            "-qq",
+            "-e",
+            "trace=none",
+            "-p",
+            &owner.child.id().to_string(),
+        ])
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -213,17 +267,27 @@ fn a_tracer_attached_after_issuance_stops_the_next_signature() {
         .lines()
         .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
     {
-        assert!(start.elapsed() < Duration::from_secs(5), "strace never attached");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "strace never attached"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let r = owner.sign();
-    assert!(r.starts_with("refused Refused") && r.contains("traced"), "{r}: {}", d.log_text());
+    assert!(
+        r.starts_with("refused Refused") && r.contains("traced"),
+        "{r}: {}",
+        d.log_text()
+    );
     let _ = tracer.kill();
     let _ = tracer.wait();
     // Detaching does not give the identity back: it is revoked for the process's lifetime.
     let r = owner.sign();
     assert!(r.starts_with("refused UnknownKey"), "{r}");
     let log = d.log_text();
-    assert!(log.contains("event=\"sign_refused\"") && log.contains("is being traced"), "{log}");
+    assert!(
+        log.contains("event=\"sign_refused\"") && log.contains("is being traced"),
+        "{log}"
+    );
     owner.exit();
 }

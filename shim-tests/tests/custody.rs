@@ -26,13 +26,21 @@ use tether_shim_tests::{expect_line, free_port, memscan, show, Harness, Policy, 
 fn s_server(svid: &(PathBuf, PathBuf, PathBuf), port: u16) -> Command {
     let (cert, key, bundle) = svid;
     let mut c = Command::new("openssl");
-    c.args(["s_server", "-Verify", "1", "-verify_return_error", "-tls1_3", "-www", "-CAfile"])
-        .arg(bundle)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .args(["-accept", &port.to_string()]);
+    c.args([
+        "s_server",
+        "-Verify",
+        "1",
+        "-verify_return_error",
+        "-tls1_3",
+        "-www",
+        "-CAfile",
+    ])
+    .arg(bundle)
+    .arg("-cert")
+    .arg(cert)
+    .arg("-key")
+    .arg(key)
+    .args(["-accept", &port.to_string()]);
     c
 }
 
@@ -71,29 +79,42 @@ for line in sys.stdin:
 
 /// The first PEM certificate after "Client certificate" in an s_server -www page.
 fn client_cert(page: &str) -> Vec<u8> {
-    let after = &page[page.find("Client certificate").unwrap_or_else(|| panic!("no client certificate: {page}"))..];
+    let after = &page[page
+        .find("Client certificate")
+        .unwrap_or_else(|| panic!("no client certificate: {page}"))..];
     let begin = after.find("-----BEGIN CERTIFICATE-----").unwrap();
     let end = after.find("-----END CERTIFICATE-----").unwrap();
     let b64: String = after[begin..end].lines().skip(1).map(str::trim).collect();
-    base64::engine::general_purpose::STANDARD.decode(b64).unwrap()
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
 }
 
 /// Of the PKCS#8 keys in tetherd's memory, the one whose public key is in `cert`.
 fn held_scalar_for(broker: u32, cert: &[u8]) -> Option<[u8; 32]> {
     let docs = memscan::pkcs8_documents(broker);
-    eprintln!("{} P-256 PKCS#8 document(s) in tetherd's memory", docs.len());
+    eprintln!(
+        "{} P-256 PKCS#8 document(s) in tetherd's memory",
+        docs.len()
+    );
     docs.iter().find_map(|doc| {
         let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&doc[..]));
         let key = rustls::crypto::ring::sign::any_ecdsa_type(&der).ok()?;
         let spki = key.public_key()?;
-        cert.windows(spki.len()).any(|w| w == spki.as_ref()).then(|| memscan::scalar(doc)).flatten()
+        cert.windows(spki.len())
+            .any(|w| w == spki.as_ref())
+            .then(|| memscan::scalar(doc))
+            .flatten()
     })
 }
 
 /// Copies of the workload's private scalar in its own memory after a protected connection.
 fn scalar_copies_in_workload(custody: &'static str) -> usize {
     let port = free_port();
-    let mut h = Harness::new(&format!("custody-{custody}"), Policy::new().outbound(port, &[ANY_ID]).key_custody(custody));
+    let mut h = Harness::new(
+        &format!("custody-{custody}"),
+        Policy::new().outbound(port, &[ANY_ID]).key_custody(custody),
+    );
     let mut server = s_server(&h.svid_files(), port);
     h.spawn_server("s_server", h.plain(&mut server), port);
     let mut py = Command::new(PYTHON);
@@ -101,15 +122,30 @@ fn scalar_copies_in_workload(custody: &'static str) -> usize {
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
     writeln!(stdin, "connect {port}\nget").unwrap();
     let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("done"));
-    assert!(out.contains(&format!("connected {port}")) && out.contains("done"), "{out}\n{}", show(&h.log_lines("client")));
+    assert!(
+        out.contains(&format!("connected {port}")) && out.contains("done"),
+        "{out}\n{}",
+        show(&h.log_lines("client"))
+    );
     let cert = client_cert(&out);
     let broker = h.broker_pid().unwrap();
     let scalar = held_scalar_for(broker, &cert).expect("tetherd holds the workload's key");
-    let pid: u32 = out.lines().find_map(|l| l.strip_prefix("pid ")).unwrap().trim().parse().unwrap();
+    let pid: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let regions = memscan::regions(pid);
     let counts: Vec<usize> = memscan::scalar_encodings(&scalar)
         .iter()
-        .map(|needle| regions.iter().map(|r| r.windows(32).filter(|w| w == needle).count()).sum())
+        .map(|needle| {
+            regions
+                .iter()
+                .map(|r| r.windows(32).filter(|w| w == needle).count())
+                .sum()
+        })
         .collect();
     let n = counts.iter().sum();
     eprintln!("{custody} custody: copies of the scalar in the workload (pid {pid}), raw BE/LE/ring Montgomery: {counts:?}");
@@ -119,19 +155,28 @@ fn scalar_copies_in_workload(custody: &'static str) -> usize {
 
 #[test]
 fn broker_custody_leaves_no_copy_of_the_private_scalar_in_the_workload() {
-    assert_eq!(scalar_copies_in_workload("broker"), 0, "the workload holds its private key");
+    assert_eq!(
+        scalar_copies_in_workload("broker"),
+        0,
+        "the workload holds its private key"
+    );
 }
 
 /// The control: the same scan finds the key when the process holds it.
 #[test]
 fn process_custody_control_the_scan_finds_the_scalar_in_the_workload() {
-    assert!(scalar_copies_in_workload("process") > 0, "the scan cannot see a key the workload holds");
+    assert!(
+        scalar_copies_in_workload("process") > 0,
+        "the scan cannot see a key the workload holds"
+    );
 }
 
 #[test]
 fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() {
     let (p1, p2) = (free_port(), free_port());
-    let policy = Policy::new().outbound(p1, &[ANY_ID]).outbound(p2, &[ANY_ID]);
+    let policy = Policy::new()
+        .outbound(p1, &[ANY_ID])
+        .outbound(p2, &[ANY_ID]);
     let mut h = Harness::new("custody-down", policy);
     let svid = h.svid_files();
     let mut s1 = s_server(&svid, p1);
@@ -142,17 +187,32 @@ fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() 
     py.args(["-c", CLIENT]);
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
     writeln!(stdin, "connect {p1}").unwrap();
-    let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("connected"));
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
+        o.contains("connected")
+    });
     assert!(out.contains(&format!("connected {p1}")), "{out}");
     h.stop_broker();
     writeln!(stdin, "connect {p2}").unwrap();
-    let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains(&format!(" {p2}")));
-    assert!(out.contains(&format!("connect_errno=EACCES {p2}")), "{out}\n{}", show(&h.log_lines("client")));
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
+        o.contains(&format!(" {p2}"))
+    });
+    assert!(
+        out.contains(&format!("connect_errno=EACCES {p2}")),
+        "{out}\n{}",
+        show(&h.log_lines("client"))
+    );
     let lines = h.log_lines("client");
     let deny = expect_line(&lines, "connect", "deny");
-    assert!(deny.get("reason").contains("tetherd did not sign"), "{}", deny.raw);
+    assert!(
+        deny.get("reason").contains("tetherd did not sign"),
+        "{}",
+        deny.raw
+    );
     // The connection made before tetherd went away still works.
     writeln!(stdin, "get").unwrap();
     let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("done"));
-    assert!(out.contains("HTTP/1.0 200"), "the established connection broke: {out}");
+    assert!(
+        out.contains("HTTP/1.0 200"),
+        "the established connection broke: {out}"
+    );
 }

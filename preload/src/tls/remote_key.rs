@@ -48,7 +48,8 @@ impl fmt::Debug for RemoteKey {
 impl RemoteKey {
     /// A key tetherd holds under `key_id` for the certificate `leaf`.
     pub(crate) fn new(key_id: u64, leaf: &[u8]) -> Result<Arc<Self>, String> {
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf).map_err(|e| format!("leaf certificate: {e}"))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| format!("leaf certificate: {e}"))?;
         let spki = cert.tbs_certificate.subject_pki.raw.to_vec();
         Ok(Arc::new(Self { key_id, spki }))
     }
@@ -58,7 +59,11 @@ impl SigningKey for RemoteKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
         offered
             .contains(&SignatureScheme::ECDSA_NISTP256_SHA256)
-            .then(|| Box::new(RemoteSigner { key_id: self.key_id }) as Box<dyn Signer>)
+            .then(|| {
+                Box::new(RemoteSigner {
+                    key_id: self.key_id,
+                }) as Box<dyn Signer>
+            })
     }
 
     fn public_key(&self) -> Option<SubjectPublicKeyInfoDer<'_>> {
@@ -88,7 +93,9 @@ impl Signer for RemoteSigner {
             Ok(Err((sign::Status::UnknownKey, why))) => {
                 // tetherd restarted or destroyed the key: the next connection fetches a new SVID.
                 crate::identity::forget_key(self.key_id);
-                Err(fail(format!("unknown key ({why}); a new SVID will be fetched")))
+                Err(fail(format!(
+                    "unknown key ({why}); a new SVID will be fetched"
+                )))
             }
             Ok(Err((status, why))) => Err(fail(format!("{status:?}: {why}"))),
             Err(e) => Err(fail(format!("tetherd unreachable: {e}"))),
@@ -106,9 +113,18 @@ type Answer = Result<Vec<u8>, (sign::Status, String)>;
 fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     let bad = |e: wire::WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     let mut frame: sign::RequestBuf = [0; wire::HEADER_LEN + sign::MAX_BODY];
-    let n = sign::encode_request(&sign::Request { key_id, scheme: 0x0403, message }, &mut frame).map_err(bad)?;
+    let n = sign::encode_request(
+        &sign::Request {
+            key_id,
+            scheme: 0x0403,
+            message,
+        },
+        &mut frame,
+    )
+    .map_err(bad)?;
     let socket = &settings::get().socket;
-    let mut s = UnixStream::connect(socket).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
     s.set_read_timeout(Some(SIGN_TIMEOUT))?;
     s.set_write_timeout(Some(SIGN_TIMEOUT))?;
     s.write_all(&frame[..n])?;
@@ -117,7 +133,10 @@ fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     let (kind, len) = wire::parse_any_header(&header).map_err(bad)?;
     if kind != wire::FrameKind::Sign || len > sign::MAX_RESPONSE_BODY {
         // A JSON error (an older tetherd, a busy answer): not a signature.
-        return Ok(Err((sign::Status::Refused, "tetherd answered without a signature".to_owned())));
+        return Ok(Err((
+            sign::Status::Refused,
+            "tetherd answered without a signature".to_owned(),
+        )));
     }
     let mut body = [0u8; sign::MAX_RESPONSE_BODY];
     s.read_exact(&mut body[..len])?;
