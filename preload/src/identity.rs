@@ -147,6 +147,14 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     }
 }
 
+/// The identity to run a handshake with now: the current one, or `captured` (taken when a
+/// blocking accept began, possibly long ago) if none can be had. A server that sits in one
+/// `accept` across a refresh or a tetherd restart must not keep presenting the old SVID, nor
+/// keep asking tetherd to sign with a key it no longer holds.
+pub(crate) fn latest(captured: &Arc<Identity>) -> Arc<Identity> {
+    current().unwrap_or_else(|_| captured.clone())
+}
+
 /// The broker socket's mtime (one `stat`, cheap enough for every connect).
 fn policy_stamp() -> Option<SystemTime> {
     socket_stamp().0

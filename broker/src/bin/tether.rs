@@ -154,6 +154,9 @@ enum Command {
         clients: usize,
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
+        /// A new connection for every signature, as the shim does (the per-handshake cost).
+        #[arg(long)]
+        fresh: bool,
     },
 }
 
@@ -216,9 +219,12 @@ fn main() -> ExitCode {
         Command::BenchSvid { socket, clients, seconds } => {
             bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
         }
-        Command::BenchSign { socket, clients, seconds } => {
-            bench_sign(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
-        }
+        Command::BenchSign { socket, clients, seconds, fresh } => bench_sign(
+            &socket_path(socket, &ProcessEnv),
+            clients.max(1),
+            Duration::from_secs_f64(seconds.max(0.1)),
+            fresh,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -405,7 +411,7 @@ fn status(socket: &Path, json: bool) -> Result<(), Error> {
 /// issuance depends on tetherd: run it with `--no-cache` to measure issuance.
 /// Signatures per second: one SVID (its key held by tetherd), then each client thread signs a
 /// CertificateVerify-sized message in a loop on its own connection, each request attested.
-fn bench_sign(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error> {
+fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Result<(), Error> {
     let svid = Client::connect(socket, DEFAULT_TIMEOUT)?.fetch_svid()?;
     let key_id = svid
         .key_id
@@ -420,7 +426,12 @@ fn bench_sign(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error>
         let (ok, failed, socket) = (ok.clone(), failed.clone(), socket.to_owned());
         threads.push(std::thread::spawn(move || {
             let mut client = None;
+            let mut took = Vec::new();
             while Instant::now() < deadline {
+                let t0 = Instant::now();
+                if fresh {
+                    client = None;
+                }
                 if client.is_none() {
                     client = Client::connect(&socket, DEFAULT_TIMEOUT).ok();
                 }
@@ -432,6 +443,7 @@ fn bench_sign(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error>
                 match c.sign(key_id, 0x0403, &message) {
                     Ok(Ok(_)) => {
                         ok.fetch_add(1, Ordering::Relaxed);
+                        took.push(t0.elapsed());
                     }
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -439,17 +451,20 @@ fn bench_sign(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error>
                     }
                 }
             }
+            took
         }));
     }
-    for t in threads {
-        let _ = t.join();
-    }
+    let mut took: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    took.sort_unstable();
+    let pct = |p: usize| took.get(took.len() * p / 100).map_or(0, |d| d.as_micros());
     let secs = start.elapsed().as_secs_f64();
     let n = ok.load(Ordering::Relaxed);
     println!(
-        "clients={clients} seconds={secs:.2} signatures={n} errors={} rate={:.0}/s",
+        "clients={clients} fresh_connection={fresh} seconds={secs:.2} signatures={n} errors={} rate={:.0}/s p50={}us p99={}us",
         failed.load(Ordering::Relaxed),
-        n as f64 / secs
+        n as f64 / secs,
+        pct(50),
+        pct(99)
     );
     Ok(())
 }
