@@ -1,19 +1,25 @@
 //! Broker key custody: a rustls signing key whose private half stays in tetherd.
 //!
 //! The handshake's CertificateVerify input goes to tetherd in one compact signing frame
-//! (`tether_proto::wire::sign`) on a connection of its own, and the signature comes back. The
-//! connection lives only for that round trip: no fd of ours idles in the program's fd space,
-//! and a fork child can never use a parent's connection (tetherd attests every message, and
-//! would refuse it anyway: a key is honoured only for the process it was issued to).
+//! (`tether_proto::wire::sign`) and the signature comes back: one round trip. The process keeps
+//! one signing connection (`SIGNER`) while it is in use and drops it after `IDLE` (below
+//! tetherd's 5 s idle limit), so a burst of handshakes pays one connection setup. Signatures of
+//! one process are serialised on it (a round trip is tens of µs). Its fd is spared from the
+//! program's `close`/`close_range`/`dup2` ([`connection_fd`]); a fork child closes its copy of
+//! the parent's without writing to it and opens its own (tetherd would refuse the parent's key
+//! from the child anyway: a key is honoured only for the process it was issued to). Any failure
+//! on a kept connection is retried once on a fresh one.
 //!
 //! Any failure fails the handshake closed; [`is_sign_failure`] lets the caller report it as
 //! `EACCES` (no identity), like an unreachable tetherd at fetch time.
 
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustls::pki_types::SubjectPublicKeyInfoDer;
 use rustls::sign::{Signer, SigningKey};
@@ -21,6 +27,38 @@ use rustls::{SignatureAlgorithm, SignatureScheme};
 use tether_proto::wire::{self, sign};
 
 use crate::settings;
+use crate::sync::Lock as Mutex;
+
+/// A kept connection is dropped after this long unused (tetherd closes idle ones after 5 s).
+const IDLE: Duration = Duration::from_secs(2);
+
+/// The process's signing connection and when it was last used. A leaf lock: nothing else is
+/// taken while it is held (fork order: after everything else, `crate::fork`).
+static SIGNER: Mutex<Option<(UnixStream, Instant)>> = Mutex::new(None);
+/// Its fd, readable without the lock, for the close hooks to spare (-1: none).
+static SIGNER_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The signing connection's fd, if one is open: the program's `close` family must not touch it.
+pub(crate) fn connection_fd() -> Option<RawFd> {
+    let fd = SIGNER_FD.load(Ordering::Acquire);
+    (fd >= 0).then_some(fd)
+}
+
+/// Fork: hold the signer lock (no signature is mid-flight on the connection at fork).
+pub(crate) fn atfork_prepare() {
+    SIGNER.hold_for_fork();
+}
+
+/// In the fork child, with no lock held: close the child's copy of the parent's signing
+/// connection (just the descriptor: nothing is written), so the child opens its own.
+pub(crate) fn after_fork_child() {
+    if let Some((s, _)) = SIGNER.lock().take() {
+        SIGNER_FD.store(-1, Ordering::Release);
+        let fd = s.into_raw_fd();
+        // SAFETY: our copy of the parent's connection; nothing in the child refers to it.
+        unsafe { crate::real::close(fd) };
+    }
+}
 
 /// How long a signature may take (connect, send, tetherd's checks, answer).
 const SIGN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -109,40 +147,81 @@ impl Signer for RemoteSigner {
 
 type Answer = Result<Vec<u8>, (sign::Status, String)>;
 
-/// One signing request on a fresh connection, bounded by [`SIGN_TIMEOUT`].
+/// One signing request, on the kept connection if there is a recent one (retried once on a
+/// fresh connection if that fails), bounded by [`SIGN_TIMEOUT`] per attempt.
 fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     let bad = |e: wire::WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     let mut frame: sign::RequestBuf = [0; wire::HEADER_LEN + sign::MAX_BODY];
-    let n = sign::encode_request(
-        &sign::Request {
-            key_id,
-            scheme: 0x0403,
-            message,
-        },
-        &mut frame,
-    )
-    .map_err(bad)?;
+    let req = sign::Request { key_id, scheme: 0x0403, message };
+    let n = sign::encode_request(&req, &mut frame).map_err(bad)?;
+    let mut slot = SIGNER.lock();
+    if let Some((mut s, used)) = slot.take() {
+        // tetherd may have just closed an idle connection: on any failure, try afresh.
+        if used.elapsed() < IDLE {
+            if let Ok(Some(answer)) = exchange(&mut s, &frame[..n]) {
+                keep(&mut slot, s);
+                return Ok(answer);
+            }
+        }
+        SIGNER_FD.store(-1, Ordering::Release);
+    }
     let socket = &settings::get().socket;
     let mut s = UnixStream::connect(socket)
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
     s.set_read_timeout(Some(SIGN_TIMEOUT))?;
     s.set_write_timeout(Some(SIGN_TIMEOUT))?;
-    s.write_all(&frame[..n])?;
+    SIGNER_FD.store(s.as_raw_fd(), Ordering::Release);
+    let answer = exchange(&mut s, &frame[..n]);
+    if let Ok(Some(a)) = answer {
+        keep(&mut slot, s);
+        return Ok(a);
+    }
+    SIGNER_FD.store(-1, Ordering::Release);
+    match answer {
+        Ok(_) => Ok(Err((sign::Status::Refused, "tetherd answered without a signature".to_owned()))),
+        Err(e) => Err(e),
+    }
+}
+
+fn keep(slot: &mut Option<(UnixStream, Instant)>, s: UnixStream) {
+    SIGNER_FD.store(s.as_raw_fd(), Ordering::Release);
+    *slot = Some((s, Instant::now()));
+}
+
+/// Send one request frame and read the answer. `Ok(None)`: tetherd answered with a message
+/// frame (an error such as `busy` or `timeout`, or an older tetherd), not a signature.
+fn exchange(s: &mut UnixStream, frame: &[u8]) -> io::Result<Option<Answer>> {
+    let bad = |e: wire::WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
+    send_all(s, frame)?;
     let mut header = [0u8; wire::HEADER_LEN];
     s.read_exact(&mut header)?;
     let (kind, len) = wire::parse_any_header(&header).map_err(bad)?;
     if kind != wire::FrameKind::Sign || len > sign::MAX_RESPONSE_BODY {
-        // A JSON error (an older tetherd, a busy answer): not a signature.
-        return Ok(Err((
-            sign::Status::Refused,
-            "tetherd answered without a signature".to_owned(),
-        )));
+        return Ok(None);
     }
     let mut body = [0u8; sign::MAX_RESPONSE_BODY];
     s.read_exact(&mut body[..len])?;
     let (status, payload) = sign::parse_response(&body[..len]).map_err(bad)?;
-    Ok(match status {
+    Ok(Some(match status {
         sign::Status::Ok => Ok(payload.to_vec()),
         other => Err((other, String::from_utf8_lossy(payload).into_owned())),
-    })
+    }))
+}
+
+/// `send` with MSG_NOSIGNAL: a connection tetherd closed must fail with EPIPE, never raise
+/// SIGPIPE in the program.
+fn send_all(s: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live, readable slice of the given length; the fd is owned by `s`.
+        let n = unsafe { libc::send(s.as_raw_fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
 }
