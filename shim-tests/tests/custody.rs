@@ -216,3 +216,78 @@ fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() 
         "the established connection broke: {out}"
     );
 }
+
+/// Code injected after the first handshake (here a tracer attached to the workload, for an
+/// entry that names its binary): the next signature is refused, so the next connect fails
+/// closed, and tetherd logs why.
+#[test]
+fn a_tracer_attached_after_the_first_handshake_stops_the_next_one() {
+    let (p1, p2) = (free_port(), free_port());
+    let python = std::fs::canonicalize(PYTHON).unwrap();
+    let entry = format!(
+        "[[entry]]\nspiffe_id = \"spiffe://tether.internal/custody-python\"\nselectors = [\"unix:uid:0\", \"unix:path:{}\"]\n",
+        python.display()
+    );
+    let policy = Policy::new()
+        .outbound(p1, &[ANY_ID])
+        .outbound(p2, &[ANY_ID])
+        .raw(&entry);
+    let mut h = Harness::new("custody-traced", policy);
+    let svid = h.svid_files();
+    let mut s1 = s_server(&svid, p1);
+    h.spawn_server("s1", h.plain(&mut s1), p1);
+    let mut s2 = s_server(&svid, p2);
+    h.spawn_server("s2", h.plain(&mut s2), p2);
+    let mut py = Command::new(PYTHON);
+    py.args(["-c", CLIENT]);
+    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
+    writeln!(stdin, "connect {p1}").unwrap();
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
+        o.contains("connected")
+    });
+    assert!(
+        out.contains(&format!("connected {p1}")),
+        "{out}\n{}",
+        show(&h.log_lines("client"))
+    );
+    let pid: u32 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("pid "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut tracer = Command::new("strace")
+        .args(["-qq", "-e", "trace=none", "-p", &pid.to_string()])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "strace never attached"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    writeln!(stdin, "connect {p2}").unwrap();
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
+        o.contains(&format!(" {p2}"))
+    });
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert!(
+        out.contains(&format!("connect_errno=EACCES {p2}")),
+        "{out}\n{}",
+        show(&h.log_lines("client"))
+    );
+    let log = h.broker_log();
+    assert!(
+        log.contains("event=\"sign_refused\"") && log.contains("is being traced"),
+        "{log}"
+    );
+}
