@@ -171,18 +171,21 @@ fn process_custody_control_the_scan_finds_the_scalar_in_the_workload() {
     );
 }
 
-#[test]
-fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() {
+/// Two `openssl s_server`s (ports p1, p2) and a shimmed python [`CLIENT`] connected to p1, under
+/// a policy protecting both, plus `extra` TOML. Returns the harness, the client's stdin, its
+/// stdout so far, and p2.
+fn connected_client(name: &str, extra: &str) -> (Harness, std::process::ChildStdin, String, u16) {
     let (p1, p2) = (free_port(), free_port());
     let policy = Policy::new()
         .outbound(p1, &[ANY_ID])
-        .outbound(p2, &[ANY_ID]);
-    let mut h = Harness::new("custody-down", policy);
+        .outbound(p2, &[ANY_ID])
+        .raw(extra);
+    let mut h = Harness::new(name, policy);
     let svid = h.svid_files();
-    let mut s1 = s_server(&svid, p1);
-    h.spawn_server("s1", h.plain(&mut s1), p1);
-    let mut s2 = s_server(&svid, p2);
-    h.spawn_server("s2", h.plain(&mut s2), p2);
+    for (n, p) in [("s1", p1), ("s2", p2)] {
+        let mut s = s_server(&svid, p);
+        h.spawn_server(n, h.plain(&mut s), p);
+    }
     let mut py = Command::new(PYTHON);
     py.args(["-c", CLIENT]);
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
@@ -190,7 +193,17 @@ fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() 
     let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
         o.contains("connected")
     });
-    assert!(out.contains(&format!("connected {p1}")), "{out}");
+    assert!(
+        out.contains(&format!("connected {p1}")),
+        "{out}\n{}",
+        show(&h.log_lines("client"))
+    );
+    (h, stdin, out, p2)
+}
+
+#[test]
+fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() {
+    let (mut h, mut stdin, _, p2) = connected_client("custody-down", "");
     h.stop_broker();
     writeln!(stdin, "connect {p2}").unwrap();
     let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
@@ -222,34 +235,12 @@ fn tetherd_down_after_a_first_connection_fails_the_next_handshake_with_eacces() 
 /// closed, and tetherd logs why.
 #[test]
 fn a_tracer_attached_after_the_first_handshake_stops_the_next_one() {
-    let (p1, p2) = (free_port(), free_port());
     let python = std::fs::canonicalize(PYTHON).unwrap();
     let entry = format!(
         "[[entry]]\nspiffe_id = \"spiffe://tether.internal/custody-python\"\nselectors = [\"unix:uid:0\", \"unix:path:{}\"]\n",
         python.display()
     );
-    let policy = Policy::new()
-        .outbound(p1, &[ANY_ID])
-        .outbound(p2, &[ANY_ID])
-        .raw(&entry);
-    let mut h = Harness::new("custody-traced", policy);
-    let svid = h.svid_files();
-    let mut s1 = s_server(&svid, p1);
-    h.spawn_server("s1", h.plain(&mut s1), p1);
-    let mut s2 = s_server(&svid, p2);
-    h.spawn_server("s2", h.plain(&mut s2), p2);
-    let mut py = Command::new(PYTHON);
-    py.args(["-c", CLIENT]);
-    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
-    writeln!(stdin, "connect {p1}").unwrap();
-    let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
-        o.contains("connected")
-    });
-    assert!(
-        out.contains(&format!("connected {p1}")),
-        "{out}\n{}",
-        show(&h.log_lines("client"))
-    );
+    let (h, mut stdin, out, p2) = connected_client("custody-traced", &entry);
     let pid: u32 = out
         .lines()
         .find_map(|l| l.strip_prefix("pid "))
