@@ -158,6 +158,16 @@ impl Peer {
         self.cred.gid
     }
 
+    /// The process this connection belongs to: (pid, start time).
+    pub fn process(&self) -> (i32, u64) {
+        (self.cred.pid, self.start_time)
+    }
+
+    /// A second handle on the peer's pidfd (for tetherd to keep while it holds the peer's key).
+    pub fn pidfd_clone(&self) -> Option<OwnedFd> {
+        self.pidfd.as_ref().and_then(|fd| fd.try_clone().ok())
+    }
+
     pub fn has_pidfd(&self) -> bool {
         self.pidfd.is_some()
     }

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use tether_proto::wire::{
-    self, io::read_frame, io::write_frame, ConnectionReport, LiveConnection, PolicyCheckRequest,
+    self, io::read_frame, io::write_frame, sign, ConnectionReport, LiveConnection, PolicyCheckRequest,
     PolicyCheckResponse, PolicyResponse, Request, Response, StatusResponse, SvidResponse,
 };
 use tether_proto::SpiffeId;
@@ -35,6 +35,45 @@ impl Client {
         write_frame(&mut self.stream, &wire::encode(request)?)?;
         let body = read_frame(&mut self.stream)?.ok_or(wire::WireError::Truncated)?;
         Ok(wire::decode(&body)?)
+    }
+
+    /// The caller's own SVID with its private key, whatever tetherd's key custody: an explicit
+    /// export (`tether svid --out`).
+    pub fn export_svid(&mut self) -> Result<SvidResponse, Error> {
+        match self.call(&Request::ExportSvid {})? {
+            Response::Svid(s) => Ok(s),
+            Response::Error(e) => Err(Error::Refused(e)),
+            _ => Err(Error::UnexpectedResponse("svid")),
+        }
+    }
+
+    /// Ask tetherd to sign `message` with the key it holds under `key_id` (broker custody).
+    /// `Ok(Err((status, reason)))` is a refusal.
+    pub fn sign(&mut self, key_id: u64, scheme: u16, message: &[u8]) -> Result<Result<Vec<u8>, (sign::Status, String)>, Error> {
+        let mut frame: sign::RequestBuf = [0; wire::HEADER_LEN + sign::MAX_BODY];
+        let n = sign::encode_request(&sign::Request { key_id, scheme, message }, &mut frame)?;
+        write_frame(&mut self.stream, &frame[..n])?;
+        let mut header = [0u8; wire::HEADER_LEN];
+        if !wire::io::read_header(&mut self.stream, &mut header)? {
+            return Err(wire::WireError::Truncated.into());
+        }
+        let (kind, len) = wire::parse_any_header(&header)?;
+        if kind != wire::FrameKind::Sign || len > sign::MAX_RESPONSE_BODY {
+            // An error message frame (e.g. a broker that does not know signing frames).
+            let mut body = vec![0u8; len];
+            wire::io::read_body(&mut self.stream, &mut body)?;
+            return match wire::decode::<Response>(&body)? {
+                Response::Error(e) => Err(Error::Refused(e)),
+                _ => Err(Error::UnexpectedResponse("signature")),
+            };
+        }
+        let mut body = [0u8; sign::MAX_RESPONSE_BODY];
+        wire::io::read_body(&mut self.stream, &mut body[..len])?;
+        let (status, payload) = sign::parse_response(&body[..len])?;
+        Ok(match status {
+            sign::Status::Ok => Ok(payload.to_vec()),
+            s => Err((s, String::from_utf8_lossy(payload).into_owned())),
+        })
     }
 
     /// The caller's own SVID.

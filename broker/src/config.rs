@@ -20,13 +20,39 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 pub const DEFAULT_SOCKET_PATH: &str = tether_proto::wire::DEFAULT_SOCKET;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/tether";
-/// SPIRE's default X.509-SVID lifetime.
-pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Ten minutes. Under broker custody the key cannot leave tetherd, so a certificate is only
+/// good for handshakes its process makes, and issuing one is cheap (one P-256 key and one
+/// signature, a cache hit for every other connection of the half-life): a short lifetime
+/// bounds how long a stolen *certificate* (which is public anyway) names a live identity and
+/// how long a revoked entry keeps working, at the cost of one issuance per process per 5 min.
+/// Established connections are not affected: TLS authenticates at the handshake.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(600);
 /// Shortest accepted `svid_ttl`. Values under a minute are meant for tests: the certificate
 /// is backdated by 60 s, so clients refreshing at half of (notAfter - notBefore) refresh early.
 pub const MIN_SVID_TTL: Duration = Duration::from_secs(2);
 /// Longest accepted `svid_ttl`: 30 days.
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(30 * 86400);
+
+/// Where a process's SVID private key lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyCustody {
+    /// tetherd keeps the key and signs each handshake for the process (the default): the key
+    /// never enters the workload, and it is destroyed when the process exits.
+    #[default]
+    Broker,
+    /// The process receives its key (tether before key custody).
+    Process,
+}
+
+impl KeyCustody {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Broker => "broker",
+            Self::Process => "process",
+        }
+    }
+}
 
 /// What a process that matches no `[[entry]]` gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -313,6 +339,7 @@ pub struct Config {
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub svid_ttl: Duration,
+    pub key_custody: KeyCustody,
     pub unmatched: Unmatched,
     pub ca: CaSource,
     pub federated_bundles: BTreeMap<TrustDomain, PathBuf>,
@@ -331,6 +358,8 @@ struct RawConfig {
     socket: Option<PathBuf>,
     state_dir: Option<PathBuf>,
     svid_ttl: Option<Ttl>,
+    #[serde(default)]
+    key_custody: KeyCustody,
     #[serde(default)]
     unmatched: Unmatched,
     ca_cert: Option<Spanned<PathBuf>>,
@@ -473,6 +502,7 @@ impl Config {
             socket: raw.socket.unwrap_or_else(|| DEFAULT_SOCKET_PATH.into()),
             state_dir: raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
             svid_ttl: raw.svid_ttl.map_or(DEFAULT_SVID_TTL, |t| t.0),
+            key_custody: raw.key_custody,
             unmatched: raw.unmatched,
             ca,
             federated_bundles: raw.federated_bundles,

@@ -91,6 +91,55 @@ pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impe
     Ok(())
 }
 
+/// [`check`] again, before a signature made with a key tetherd holds (broker custody): code
+/// injected after issuance (a tracer attached, a writable library mapped) must not sign.
+/// TracerPid and the registered file are read every time; the executable mappings are
+/// re-verified through `map_files/` only when they changed since the last clean pass
+/// (`clean_maps`, a fingerprint of the maps lines of executable file mappings), which is what
+/// keeps a signature cheap: two small /proc reads and two stats.
+pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, clean_maps: &mut u64) -> Result<(), Impersonation> {
+    let pid = facts.pid;
+    let unreadable = |what: String| Impersonation::Unreadable { pid, what };
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| unreadable(format!("status: {e}")))?;
+    let tracer = tracer_pid(&status).ok_or_else(|| unreadable("no TracerPid: line in status".to_owned()))?;
+    if tracer != 0 {
+        return Err(Impersonation::Traced { pid, tracer });
+    }
+    if facts.uid == 0 && registered.is_none() {
+        return Ok(());
+    }
+    if let Some(path) = registered {
+        let running = fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| unreadable(format!("exe: {e}")))?;
+        let genuine = fs::metadata(path).map_err(|e| unreadable(format!("{}: {e}", path.display())))?;
+        if (running.dev(), running.ino()) != (genuine.dev(), genuine.ino()) {
+            return Err(Impersonation::NotTheRegisteredFile { pid, registered: path.to_owned() });
+        }
+    }
+    if facts.uid == 0 {
+        return Ok(());
+    }
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| unreadable(format!("maps: {e}")))?;
+    let fp = fingerprint(&maps);
+    if fp == *clean_maps {
+        return Ok(());
+    }
+    check(facts, registered)?;
+    *clean_maps = fp;
+    Ok(())
+}
+
+/// FNV-1a over the whole maps lines (range, perms, offset, device, inode, path) of
+/// executable mappings (never 0).
+fn fingerprint(maps: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for line in maps.lines().filter(|l| l.split(' ').nth(1).is_some_and(|p| p.as_bytes().get(2) == Some(&b'x'))) {
+        for b in line.bytes().chain(std::iter::once(b'\n')) {
+            h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h | 1
+}
+
 /// Can the process's uid, primary gid or a supplementary group write (or make writable) the
 /// file? The owner counts whatever the mode says, because the owner may chmod.
 fn writable_by(meta: &fs::Metadata, facts: &ProcessFacts) -> bool {

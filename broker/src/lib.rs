@@ -28,6 +28,7 @@ pub mod cache;
 pub mod client;
 pub mod config;
 pub mod connections;
+pub mod custody;
 pub mod doctor;
 pub mod elf;
 pub mod env;

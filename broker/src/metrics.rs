@@ -53,6 +53,7 @@ pub struct Gauges {
     /// Seconds until the CA's notAfter (negative once expired).
     pub ca_expiry_seconds: i64,
     pub policy_generation: u64,
+    pub held_keys: u64,
 }
 
 /// tetherd's counters.
@@ -65,6 +66,9 @@ pub struct Metrics {
     connections: Labeled,
     reports_dropped: Labeled,
     reload_failures: AtomicU64,
+    signatures: AtomicU64,
+    signatures_refused: Labeled,
+    keys_destroyed: Labeled,
 }
 
 impl Metrics {
@@ -78,6 +82,21 @@ impl Metrics {
 
     pub fn attestation_failed(&self) {
         self.attestation_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A CertificateVerify signed with a key tetherd holds (broker custody).
+    pub fn signed(&self) {
+        self.signatures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A signing request refused; `why` is one of `custody::Refusal::label`'s values.
+    pub fn sign_refused(&self, why: &'static str) {
+        self.signatures_refused.inc(&[why]);
+    }
+
+    /// A held key destroyed; `why`: "exited", "impersonation", "expired", "evicted".
+    pub fn key_destroyed(&self, why: &'static str) {
+        self.keys_destroyed.inc(&[why]);
     }
 
     pub fn reload_failed(&self) {
@@ -162,6 +181,14 @@ impl Metrics {
             "tether_config_reload_failures_total {}",
             self.reload_failures.load(Ordering::Relaxed)
         );
+        head(&mut out, "tether_signatures_total", "counter", "CertificateVerify signatures made with keys tetherd holds.");
+        let _ = writeln!(out, "tether_signatures_total {}", self.signatures.load(Ordering::Relaxed));
+        head(&mut out, "tether_signatures_refused_total", "counter", "Signing requests refused, by reason.");
+        labeled(&mut out, "tether_signatures_refused_total", &["reason"], self.signatures_refused.snapshot());
+        head(&mut out, "tether_held_keys_destroyed_total", "counter", "Keys tetherd held and destroyed, by cause.");
+        labeled(&mut out, "tether_held_keys_destroyed_total", &["reason"], self.keys_destroyed.snapshot());
+        head(&mut out, "tether_held_keys", "gauge", "Private keys tetherd holds for live processes (broker custody).");
+        let _ = writeln!(out, "tether_held_keys {}", g.held_keys);
         out
     }
 }
@@ -417,7 +444,7 @@ mod tests {
         r.event = ConnectionEvent::Refused;
         r.reason = Some("handshake timed out".into());
         m.report(&r);
-        let text = m.render(Gauges { live_connections: 3, ca_expiry_seconds: 99, policy_generation: 2 });
+        let text = m.render(Gauges { live_connections: 3, ca_expiry_seconds: 99, policy_generation: 2, held_keys: 0 });
         for want in [
             "# TYPE tether_svids_issued_total counter",
             "tether_svids_issued_total 1",

@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tether_proto::wire::{
-    self, io::read_frame, io::write_frame, ConnectionEvent, ConnectionReport, ConnectionsResponse, ErrorCode,
+    self, io::write_frame, ConnectionEvent, ConnectionReport, ConnectionsResponse, ErrorCode,
     ErrorResponse, OkResponse, PolicyCheckRequest, PolicyResponse, Request, Response, StatusResponse,
     SvidResponse, WireError,
 };
@@ -27,7 +27,8 @@ use tracing::{debug, error, info, warn};
 use crate::attest::{self, AttestedPeer, ExeHashes, Peer};
 use crate::ca::Ca;
 use crate::cache::SvidCache;
-use crate::config::Config;
+use crate::config::{Config, KeyCustody};
+use crate::custody::{self, HeldKey, KeyStore};
 use crate::connections::{self, ConnectionTable, Viewer};
 use crate::error::Error;
 use crate::metrics::{Gauges, Metrics};
@@ -85,6 +86,7 @@ pub struct Broker {
     stamp: SocketStamp,
     ca: Ca,
     cache: SvidCache,
+    keys: KeyStore,
     hashes: ExeHashes,
     connections: ConnectionTable,
     metrics: Metrics,
@@ -112,6 +114,7 @@ impl Broker {
             reloading: Mutex::new(()),
             ca,
             cache: SvidCache::default(),
+            keys: KeyStore::default(),
             hashes: ExeHashes::default(),
             connections: ConnectionTable::default(),
             metrics: Metrics::default(),
@@ -149,6 +152,7 @@ impl Broker {
             live_connections: self.connections.len() as u64,
             ca_expiry_seconds: ca_left,
             policy_generation: self.current().generation,
+            held_keys: self.keys.len() as u64,
         })
     }
 
@@ -195,7 +199,16 @@ impl Broker {
 
     /// The caller's own SVID: attest, pick the identity, then reuse or issue. Audited.
     pub fn fetch_svid(&self, peer: &Peer) -> Result<SvidResponse, Error> {
-        let result = self.fetch_svid_inner(peer);
+        self.audited(peer, self.fetch_svid_inner(peer, false))
+    }
+
+    /// The caller's own SVID with its private key, whatever the custody mode (`tether svid
+    /// --out`): issued for this answer only, never cached or held. Audited.
+    pub fn export_svid(&self, peer: &Peer) -> Result<SvidResponse, Error> {
+        self.audited(peer, self.fetch_svid_inner(peer, true))
+    }
+
+    fn audited(&self, peer: &Peer, result: Result<SvidResponse, Error>) -> Result<SvidResponse, Error> {
         if let Err(e) = &result {
             if matches!(e, Error::Attest(_) | Error::Impersonation(_)) {
                 self.metrics.attestation_failed();
@@ -215,17 +228,28 @@ impl Broker {
         result
     }
 
-    fn fetch_svid_inner(&self, peer: &Peer) -> Result<SvidResponse, Error> {
+    fn fetch_svid_inner(&self, peer: &Peer, export: bool) -> Result<SvidResponse, Error> {
         let snap = self.current();
         let config = &snap.config;
         let attested = peer.attest(config.needs_exe_hash().then_some(&self.hashes))?;
         let facts = attested.facts();
+        let key = (facts.pid, attested.start_time());
+        if self.keys.is_revoked(key) {
+            return Err(Error::Refused(ErrorResponse {
+                code: ErrorCode::AttestationFailed,
+                message: "this process failed an impersonation re-check after its SVID was issued; its identity \
+                          is revoked for its lifetime"
+                    .to_owned(),
+            }));
+        }
         let entry = config.matching_entry(facts);
-        if let Some(e) = entry.filter(|e| e.names_a_binary() && e.impersonation_checks) {
+        let checked = entry.filter(|e| e.names_a_binary() && e.impersonation_checks);
+        if let Some(e) = checked {
             crate::impersonation::check(facts, e.path())?;
             // Those checks read /proc by pid: prove it still names the process that connected.
             peer.recheck()?;
         }
+        let broker_custody = config.key_custody == KeyCustody::Broker && !export;
         let id = config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
             reason: format!(
                 "no registration entry matches uid {} running {} (unmatched = \"deny\")",
@@ -233,9 +257,12 @@ impl Broker {
                 facts.exe.display()
             ),
         })?;
-        let key = (facts.pid, attested.start_time());
-        if self.opts.cache {
-            if let Some(mut svid) = self.cache.get(key, &id) {
+        if self.opts.cache && !export {
+            let held = |s: &SvidResponse| match s.key_id {
+                Some(k) => broker_custody && self.keys.holds(key, k),
+                None => !broker_custody,
+            };
+            if let Some(mut svid) = self.cache.get(key, &id).filter(held) {
                 // The certificate is reused; the policy is always the one in force.
                 svid.policy = config.policy.clone();
                 svid.policy_generation = snap.generation;
@@ -256,15 +283,33 @@ impl Broker {
         }
         let issued = self.ca.issue(&id, config.svid_ttl)?;
         self.metrics.svid_issued();
+        let not_after = unix(issued.not_after);
+        let (private_key, key_id) = if broker_custody {
+            let held = HeldKey::from_pkcs8(issued.key.0, not_after).map_err(|e| {
+                Error::Refused(ErrorResponse { code: ErrorCode::Internal, message: format!("issued key unusable: {e}") })
+            })?;
+            let owner = custody::Owner {
+                process: key,
+                facts: facts.clone(),
+                checks: checked.map(|e| e.path().map(Path::to_path_buf)),
+            };
+            let id = self.keys.insert(owner, peer.pidfd_clone(), held).map_err(|why| {
+                Error::Refused(ErrorResponse { code: ErrorCode::LimitExceeded, message: why.to_owned() })
+            })?;
+            (None, Some(id))
+        } else {
+            (Some(issued.key), None)
+        };
         let svid = SvidResponse {
             spiffe_id: id,
             cert_chain: issued.chain,
-            private_key: issued.key,
+            private_key,
+            key_id,
             bundle: self.ca.bundle().to_vec(),
             federated: self.ca.federated().clone(),
             serial: issued.serial,
             not_before: unix(issued.not_before),
-            not_after: unix(issued.not_after),
+            not_after,
             policy: config.policy.clone(),
             policy_generation: snap.generation,
         };
@@ -278,9 +323,10 @@ impl Broker {
             spiffe_id = %svid.spiffe_id,
             serial = %svid.serial,
             expiry = %rfc3339(svid.not_after),
+            custody = if broker_custody { "broker" } else { "process" },
             "SVID issued"
         );
-        if self.opts.cache {
+        if self.opts.cache && !export {
             self.cache.insert(key, svid.clone(), config.svid_ttl);
         }
         Ok(svid)
@@ -346,6 +392,10 @@ pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
     // Every request is attested by the credentials the kernel stamps on it (see AttestedReader).
     let pidfds = sys::pass_credentials(&listener)?;
     debug!(pidfds, "per-message credentials on");
+    let reaper = Arc::clone(&broker);
+    std::thread::Builder::new()
+        .name("key-reaper".into())
+        .spawn(move || reaper.keys.reap(&reaper.metrics, reaper.opts.sweep_interval))?;
     let sweeper = Arc::clone(&broker);
     std::thread::Builder::new().name("cache-sweep".into()).spawn(move || loop {
         std::thread::sleep(sweeper.opts.sweep_interval);
@@ -489,7 +539,8 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
     loop {
         let deadline = Instant::now() + broker.opts.client_timeout;
         let mut foreign = None;
-        let read = read_frame(&mut AttestedReader { stream: &stream, deadline, peer: peer.as_ref().ok(), foreign: &mut foreign });
+        let mut reader = AttestedReader { stream: &stream, deadline, peer: peer.as_ref().ok(), foreign: &mut foreign };
+        let read = read_any_frame(&mut reader);
         if let Some(e) = foreign {
             // Someone other than the connecting process wrote on this connection: nothing
             // more on it can be trusted, whoever sends it.
@@ -499,7 +550,13 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
             return;
         }
         let body = match read {
-            Ok(Some(body)) => body,
+            Ok(Some(Frame::Message(body))) => body,
+            Ok(Some(Frame::Sign(buf, len))) => {
+                if !sign_request(broker, &peer, &buf[..len], &mut stream) {
+                    return;
+                }
+                continue;
+            }
             Ok(None) => return,
             Err(WireError::Truncated) => {
                 debug!("client disconnected mid-request");
@@ -551,6 +608,13 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
                     Response::Error(ErrorResponse { code: ErrorCode::AttestationFailed, message: e.to_string() })
                 }
             },
+            Request::ExportSvid {} => match &peer {
+                Ok(p) => match broker.export_svid(p) {
+                    Ok(svid) => Response::Svid(svid),
+                    Err(e) => Response::Error(e.to_wire()),
+                },
+                Err(e) => Response::Error(attestation_failed(broker, e)),
+            },
             Request::Status {} => Response::Status(broker.status()),
             Request::FetchPolicy {} => match attested_peer(broker, &peer, &mut reporter) {
                 Ok(_) => {
@@ -586,6 +650,89 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
         if !reply(&mut stream, &response) {
             return;
         }
+    }
+}
+
+/// One frame of either kind. A signing request's body stays on the stack.
+#[allow(clippy::large_enum_variant)] // reason: the signing body stays on the stack: no allocation per signature
+enum Frame {
+    Message(zeroize::Zeroizing<Vec<u8>>),
+    Sign([u8; wire::sign::MAX_BODY], usize),
+}
+
+fn read_any_frame(r: &mut AttestedReader<'_>) -> Result<Option<Frame>, WireError> {
+    let mut header = [0u8; wire::HEADER_LEN];
+    if !wire::io::read_header(r, &mut header)? {
+        return Ok(None);
+    }
+    match wire::parse_any_header(&header)? {
+        (wire::FrameKind::Sign, len) => {
+            let mut buf = [0u8; wire::sign::MAX_BODY];
+            wire::io::read_body(r, &mut buf[..len])?;
+            Ok(Some(Frame::Sign(buf, len)))
+        }
+        (wire::FrameKind::Message, len) => {
+            let mut body = zeroize::Zeroizing::new(vec![0u8; len]);
+            wire::io::read_body(r, &mut body)?;
+            Ok(Some(Frame::Message(body)))
+        }
+    }
+}
+
+/// Answer one signing request (broker custody). The bytes were sent by the connecting process
+/// (checked per message by [`AttestedReader`]); that process must still be running and must
+/// own the key. Returns false when the connection is done.
+fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body: &[u8], stream: &mut UnixStream) -> bool {
+    use wire::sign::{self, Status};
+    let mut out: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
+    let mut sig = [0u8; 128];
+    let n = match broker.sign(peer, body, &mut sig) {
+        Ok(len) => {
+            broker.metrics.signed();
+            sign::encode_response(Status::Ok, &sig[..len], &mut out)
+        }
+        Err((status, label, reason)) => {
+            broker.metrics.sign_refused(label);
+            warn!(
+                target: AUDIT,
+                event = "sign_refused",
+                pid = peer.as_ref().map_or(-1, Peer::pid),
+                uid = peer.as_ref().map_or(u32::MAX, Peer::uid),
+                reason = %reason,
+                "signing request refused"
+            );
+            sign::encode_response(status, reason.as_bytes(), &mut out)
+        }
+    };
+    write_frame(stream, &out[..n]).is_ok()
+}
+
+impl Broker {
+    /// Sign a CertificateVerify for `peer` with a key tetherd holds for it. On refusal: the
+    /// status to answer, the metrics label, and the reason.
+    fn sign(
+        &self,
+        peer: &Result<Peer, attest::AttestError>,
+        body: &[u8],
+        out: &mut [u8],
+    ) -> Result<usize, (wire::sign::Status, &'static str, String)> {
+        use wire::sign::{self, Status};
+        let p = peer.as_ref().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
+        let req = sign::parse_request(body).map_err(|e| (Status::BadRequest, "bad_request", e.to_string()))?;
+        // The sender was checked for this message; prove it is still the process that connected.
+        p.recheck().map_err(|e| (Status::Refused, "exited", e.to_string()))?;
+        self.keys.sign(p.process(), req.key_id, req.scheme, req.message, out).map_err(|r| {
+            let status = match r {
+                custody::Refusal::UnknownKey => Status::UnknownKey,
+                custody::Refusal::BadRequest(_) => Status::BadRequest,
+                custody::Refusal::Internal => Status::Internal,
+                _ => Status::Refused,
+            };
+            if matches!(r, custody::Refusal::Impersonation(_)) {
+                self.metrics.key_destroyed("impersonation");
+            }
+            (status, r.label(), r.to_string())
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! All of tetherd's unsafe code: `getsockopt`/`setsockopt` and `recvmsg` with credential
-//! messages on Unix streams, `geteuid`, and `utimensat` on the socket path.
+//! messages on Unix streams, `geteuid`, `utimensat` on the socket path, the epoll set that
+//! watches held pidfds (broker custody), and wiping a signing key's memory.
 //!
 //! std's `UnixStream::peer_cred` is unstable, there is no safe `SO_PEERPIDFD`, and
 //! `File::set_modified` needs an open file (a socket path cannot be opened), so this
@@ -246,6 +247,96 @@ pub fn set_raw_sockopt(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// An epoll instance watching pidfds: a pidfd polls readable once its process has exited.
+#[derive(Debug)]
+pub struct Epoll(OwnedFd);
+
+impl Epoll {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: no pointers; the returned fd is checked and owned below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a fresh epoll fd that nothing else owns.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Watch `fd` for readability, reporting `token`. The caller keeps `fd` open while it is
+    /// watched (closing it removes it from the set).
+    pub fn add(&self, fd: &impl AsRawFd, token: u64) -> io::Result<()> {
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        // SAFETY: `ev` is a live epoll_event for the duration of the call; both fds are open.
+        let rc = unsafe { libc::epoll_ctl(self.0.as_raw_fd(), libc::EPOLL_CTL_ADD, fd.as_raw_fd(), &mut ev) };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Tokens of watched fds that are readable, waiting at most `timeout`. EINTR is no event.
+    pub fn wait(&self, out: &mut Vec<u64>, timeout: Duration) -> io::Result<()> {
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: `events` is a live, writable array and we pass its exact length.
+        let n = unsafe { libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), events.len() as libc::c_int, ms) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return if e.kind() == io::ErrorKind::Interrupted { Ok(()) } else { Err(e) };
+        }
+        out.extend(events[..n as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+}
+
+/// A value on the heap whose bytes are overwritten with zeros (volatile writes) when it is
+/// dropped, instead of running its destructor. For ring's `EcdsaKeyPair`, which holds the
+/// private scalar (Montgomery form) inline, owns no heap memory or other resources, and has no
+/// way to wipe itself.
+pub struct Wiped<T>(std::ptr::NonNull<T>);
+
+// SAFETY: `Wiped<T>` owns its `T` exclusively, like a `Box<T>`.
+unsafe impl<T: Send> Send for Wiped<T> {}
+// SAFETY: shared access only hands out `&T`.
+unsafe impl<T: Sync> Sync for Wiped<T> {}
+
+impl<T> Wiped<T> {
+    /// Only for types whose destructor does nothing but free inline data (checked by the
+    /// caller: `T` must own no heap memory, fds or locks).
+    pub fn new(value: T) -> Self {
+        Self(std::ptr::NonNull::from(Box::leak(Box::new(value))))
+    }
+}
+
+impl<T> std::ops::Deref for Wiped<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        // SAFETY: the pointer came from a live Box and is only invalidated in drop.
+        unsafe { self.0.as_ref() }
+    }
+}
+
+impl<T> Drop for Wiped<T> {
+    fn drop(&mut self) {
+        let p = self.0.as_ptr().cast::<u8>();
+        for i in 0..size_of::<T>() {
+            // SAFETY: `p..p+size_of::<T>()` is the Box's live allocation; volatile so the
+            // writes are not elided. The value is never used again (its destructor is
+            // deliberately not run: it owns nothing but these bytes).
+            unsafe { std::ptr::write_volatile(p.add(i), 0) };
+        }
+        // SAFETY: the allocation was made by `Box::new::<T>` with T's layout; freeing it as
+        // `MaybeUninit<T>` releases the memory without running T's destructor.
+        drop(unsafe { Box::from_raw(self.0.as_ptr().cast::<std::mem::MaybeUninit<T>>()) });
+    }
+}
+
+impl<T> std::fmt::Debug for Wiped<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wiped(<redacted>)")
+    }
 }
 
 /// The running C library's version (`gnu_get_libc_version()`, e.g. "2.36").

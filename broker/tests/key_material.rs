@@ -60,7 +60,8 @@ fn pem_der(pem: &str) -> Vec<u8> {
 #[test]
 fn no_stray_copy_of_an_issued_key_in_tetherds_memory() {
     // A policy large enough that an SVID response outgrows a 4 KiB buffer after the key.
-    let mut config = "trust_domain = \"tether.internal\"\nunmatched = \"derive\"\n".to_owned();
+    // Process custody: the key is sent to its process, and the cache keeps it for reuse.
+    let mut config = "trust_domain = \"tether.internal\"\nunmatched = \"derive\"\nkey_custody = \"process\"\n".to_owned();
     for port in 10000..10060 {
         config.push_str(&format!("[[outbound]]\nto = [\"127.0.0.1/32:{port}\"]\nallow = [\"spiffe://tether.internal/*\"]\n"));
     }
@@ -69,7 +70,7 @@ fn no_stray_copy_of_an_issued_key_in_tetherds_memory() {
 
     // Issued to this (live) test process: the cache holds the key, once, and nothing else.
     let svid = d.fetch();
-    let key = svid.private_key.0.to_vec();
+    let key = svid.private_key.unwrap().0.to_vec();
     let counts = scan(pid, &[&scalar(&key), &b64_window(&key)]);
     assert_eq!(counts, vec![1, 0], "copies of the live process's key (raw scalar, base64 in a frame)");
 

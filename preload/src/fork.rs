@@ -6,7 +6,8 @@
 //!
 //! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY`, 4. fd table `TABLE`,
 //! 5. reporter `REPORTER`, 6. reporter `BROKER_FD`, 7. inbound `WORKERS`, 8. inbound `POOL`,
-//! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. key rotation `INBOX`.
+//! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. key rotation `INBOX`,
+//! 13. signer `SIGNER` (broker key custody: a leaf, never held while another is taken).
 //!
 //! A [`crate::fd_table::Protected`] reports its close (lock 5) and its `Link` closes the relay's
 //! TCP copy (lock 11), so one may be dropped only while holding nothing above 4: the inbound
@@ -80,6 +81,7 @@ extern "C" fn prepare() {
         ops::inbound::atfork_prepare(); // 7, 8
         fallback::atfork_prepare(); // 9, 10, 11
         ops::rotation::atfork_prepare(); // 12
+        crate::tls::remote_key::atfork_prepare(); // 13
     });
 }
 
@@ -102,5 +104,6 @@ extern "C" fn child() {
         ops::inbound::after_fork_child();
         ops::rotation::after_fork_child();
         fd_table::each_after_fork(|p| p.tx_rekey.forget_busy());
+        crate::tls::remote_key::after_fork_child();
     });
 }

@@ -2,12 +2,19 @@
 //! need, cached, and refreshed at half-life. After fork the child forgets the parent's and
 //! fetches its own (tetherd attests the child as the new process it is).
 //!
+//! Under broker key custody (tetherd's default) the SVID comes without its private key: the
+//! [`CertifiedKey`] holds a [`RemoteKey`] and each handshake's signature is made by tetherd.
+//! A restarted tetherd holds none of the old keys, so an identity is re-fetched when the
+//! socket file is a new one (a restart binds a new socket: one `stat`, already made for the
+//! policy stamp) or when tetherd answers a signing request with "unknown key".
+//!
 //! A process that tetherd attests but gives no identity (no entry matches it, under
 //! `unmatched = "deny"`) still gets the policy ([`policy_without_identity`]), so that
 //! destinations no rule protects pass through; only protected ones fail.
 
 use std::fmt;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -20,6 +27,7 @@ use tether_proto::{Policy, SpiffeId};
 use crate::settings;
 use crate::sync::Lock as Mutex;
 use crate::tls::handshake::Credentials;
+use crate::tls::remote_key::RemoteKey;
 use crate::tls::verify::TrustStore;
 
 /// How long we wait for tetherd, per operation.
@@ -40,6 +48,9 @@ pub(crate) struct Identity {
     /// The broker socket's mtime when the policy was fetched. tetherd touches the socket on
     /// every config reload, so a different mtime means "re-read the policy".
     policy_stamp: Option<SystemTime>,
+    /// Under broker custody: the id of the key tetherd holds for us, and the inode of the
+    /// socket of the tetherd that holds it.
+    remote: Option<(u64, Option<u64>)>,
 }
 
 impl fmt::Debug for Identity {
@@ -96,7 +107,12 @@ fn now_secs() -> u64 {
 /// cached SVID is still valid keeps the cached one.
 pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     if let Some(id) = fresh() {
-        let stamp = policy_stamp();
+        let (stamp, ino) = socket_stamp();
+        if id.remote.is_some_and(|(_, held_by)| ino.is_some() && ino != held_by) {
+            // A new tetherd: it holds none of the old keys. Fetch a new SVID.
+            forget_identity(&id);
+            return current();
+        }
         if stamp == id.policy_stamp {
             return Ok(id);
         }
@@ -131,9 +147,43 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     }
 }
 
+/// The identity to run a handshake with now: the current one, or `captured` (taken when a
+/// blocking accept began, possibly long ago) if none can be had. A server that sits in one
+/// `accept` across a refresh or a tetherd restart must not keep presenting the old SVID, nor
+/// keep asking tetherd to sign with a key it no longer holds.
+pub(crate) fn latest(captured: &Arc<Identity>) -> Arc<Identity> {
+    current().unwrap_or_else(|_| captured.clone())
+}
+
 /// The broker socket's mtime (one `stat`, cheap enough for every connect).
 fn policy_stamp() -> Option<SystemTime> {
-    std::fs::metadata(&settings::get().socket).and_then(|m| m.modified()).ok()
+    socket_stamp().0
+}
+
+/// The broker socket's mtime and inode, from one `stat`.
+fn socket_stamp() -> (Option<SystemTime>, Option<u64>) {
+    match std::fs::metadata(&settings::get().socket) {
+        Ok(m) => (m.modified().ok(), Some(m.ino())),
+        Err(_) => (None, None),
+    }
+}
+
+/// Drop `id` as the current identity (if it still is), so the next connection fetches anew.
+fn forget_identity(id: &Arc<Identity>) {
+    let mut st = STATE.lock();
+    if st.current.as_ref().is_some_and(|c| Arc::ptr_eq(c, id)) {
+        st.current = None;
+    }
+}
+
+/// tetherd no longer holds `key_id` (it said so when asked to sign): forget the identity
+/// that uses it, so the next connection fetches a new SVID.
+pub(crate) fn forget_key(key_id: u64) {
+    let mut st = STATE.lock();
+    if st.current.as_ref().is_some_and(|c| c.remote.is_some_and(|(k, _)| k == key_id)) {
+        st.current = None;
+        st.last_failure = None;
+    }
 }
 
 /// The policy changed on the broker: fetch it and swap it in, keeping the SVID. If the fetch
@@ -159,6 +209,7 @@ fn refresh_policy(old: Arc<Identity>, stamp: Option<SystemTime>) -> Arc<Identity
         refresh_at: old.refresh_at,
         not_after: old.not_after,
         policy_stamp: stamp,
+        remote: old.remote,
     });
     STATE.lock().current = Some(new.clone());
     new
@@ -174,9 +225,9 @@ fn usable(st: &State) -> Option<Arc<Identity>> {
 }
 
 fn fetch() -> Result<Identity, IdentityError> {
-    let stamp = policy_stamp();
+    let (stamp, ino) = socket_stamp();
     match call(&Request::FetchSvid {})? {
-        Response::Svid(svid) => build(svid, stamp),
+        Response::Svid(svid) => build(svid, stamp, ino),
         Response::Error(e) if e.code == ErrorCode::NoIdentity => Err(IdentityError::NoIdentity(e.message)),
         Response::Error(e) => Err(IdentityError::Refused(format!("{}: {}", e.code, e.message))),
         _ => Err(IdentityError::Invalid("unexpected response type".into())),
@@ -239,18 +290,27 @@ fn call_once(req: &Request) -> Result<Response, IdentityError> {
     wire::decode::<Response>(&body).map_err(|e| IdentityError::Invalid(e.to_string()))
 }
 
-fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identity, IdentityError> {
+fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>, socket_ino: Option<u64>) -> Result<Identity, IdentityError> {
     let invalid = |w: String| IdentityError::Invalid(w);
     if svid.cert_chain.is_empty() {
         return Err(invalid("empty certificate chain".into()));
     }
     let chain: Vec<CertificateDer<'static>> =
         svid.cert_chain.iter().map(|c| CertificateDer::from(c.0.clone())).collect();
-    // The PKCS#8 bytes are borrowed from the zeroizing buffer in `svid.private_key`.
-    let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&svid.private_key.0[..]));
-    // `any_ecdsa_type` borrows: no unzeroized copy of the PKCS#8 bytes is made here.
-    let signing = rustls::crypto::ring::sign::any_ecdsa_type(&key_der)
-        .map_err(|e| invalid(format!("private key: {e}")))?;
+    let (signing, remote): (Arc<dyn rustls::sign::SigningKey>, _) = match (&svid.private_key, svid.key_id) {
+        (Some(pkcs8), _) => {
+            // The PKCS#8 bytes are borrowed from the zeroizing buffer in `svid.private_key`.
+            let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&pkcs8.0[..]));
+            // `any_ecdsa_type` borrows: no unzeroized copy of the PKCS#8 bytes is made here.
+            let k = rustls::crypto::ring::sign::any_ecdsa_type(&key_der).map_err(|e| invalid(format!("private key: {e}")))?;
+            (k, None)
+        }
+        (None, Some(key_id)) => {
+            let k = RemoteKey::new(key_id, &svid.cert_chain[0].0).map_err(invalid)?;
+            (k, Some((key_id, socket_ino)))
+        }
+        (None, None) => return Err(invalid("neither a private key nor a key held by tetherd".into())),
+    };
     let key = CertifiedKey::new(chain, signing);
     key.keys_match().map_err(|e| invalid(format!("key does not match certificate: {e}")))?;
     let own_td = svid.spiffe_id.trust_domain();
@@ -266,6 +326,7 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identit
         refresh_at,
         not_after: svid.not_after,
         policy_stamp,
+        remote,
     })
 }
 

@@ -103,6 +103,30 @@ pub fn parse_header(h: &[u8; HEADER_LEN]) -> Result<usize, WireError> {
     Ok(len)
 }
 
+/// The two kinds of frame: JSON messages (`'T' 'T'`) and signing frames (`'T' 'S'`, [`sign`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    Message,
+    Sign,
+}
+
+/// Parse the header of either kind of frame, returning its kind and body length. A signing
+/// frame's body is bounded by [`sign::MAX_BODY`], far below a message's.
+pub fn parse_any_header(h: &[u8; HEADER_LEN]) -> Result<(FrameKind, usize), WireError> {
+    if h[0..2] == sign::MAGIC {
+        let version = u16::from_be_bytes([h[2], h[3]]);
+        if version != VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let len = u32::from_be_bytes([h[4], h[5], h[6], h[7]]) as usize;
+        if len > sign::MAX_BODY {
+            return Err(WireError::TooLarge(len));
+        }
+        return Ok((FrameKind::Sign, len));
+    }
+    parse_header(h).map(|len| (FrameKind::Message, len))
+}
+
 /// Counts the bytes serialised into it, keeping none.
 struct Counter(usize);
 
@@ -149,8 +173,14 @@ pub fn decode<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, WireError> {
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum Request {
-    /// The caller's own SVID, key, trust bundle and connection policy.
+    /// The caller's own SVID, trust bundle and connection policy; with the private key only
+    /// under `key_custody = "process"` (under broker custody tetherd keeps the key and signs
+    /// with it, see [`sign`]).
     FetchSvid {},
+    /// The caller's own SVID *with* its private key, whatever the custody mode: an explicit
+    /// export by the caller of its own identity (`tether svid --out`). The key is issued for
+    /// this answer only and tetherd keeps no copy.
+    ExportSvid {},
     /// Broker health and counts.
     Status {},
     /// Just the current policy and its generation (the shim re-reads it when the generation
@@ -289,8 +319,13 @@ pub struct SvidResponse {
     pub spiffe_id: SpiffeId,
     /// Leaf first, then any intermediates up to (not including) the root.
     pub cert_chain: Vec<Der>,
-    /// PKCS#8 private key of the leaf.
-    pub private_key: SecretDer,
+    /// PKCS#8 private key of the leaf: present under process custody and for `export_svid`,
+    /// absent under broker custody (tetherd keeps it and signs for the caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<SecretDer>,
+    /// Under broker custody: the handle the caller's signing requests name ([`sign`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<u64>,
     /// Root certificates of our own trust domain.
     pub bundle: Vec<Der>,
     /// Roots of federated trust domains.
@@ -424,6 +459,120 @@ impl<'de> Deserialize<'de> for SecretDer {
     }
 }
 
+/// Signing frames (broker custody): the shim sends the bytes its TLS 1.3 CertificateVerify
+/// covers, tetherd answers with the signature made by the key it holds for the caller.
+///
+/// ```text
+/// request  body: key_id (u64 BE) | scheme (u16 BE, TLS SignatureScheme) | message
+/// response body: status (u8) | signature (status 0) or a reason for people (UTF-8)
+/// ```
+///
+/// Both are framed like messages but with magic `'T' 'S'`, and both fit in fixed-size
+/// buffers on the stack: a signature costs no JSON, no chain and no allocation on either side.
+pub mod sign {
+    use super::{WireError, HEADER_LEN, VERSION};
+
+    pub const MAGIC: [u8; 2] = *b"TS";
+    /// What a TLS 1.3 CertificateVerify signs is 64 spaces, a 33-byte context string and a
+    /// transcript hash (at most 64 bytes): 161 bytes. Anything past this is refused.
+    pub const MAX_MESSAGE: usize = 256;
+    const FIXED: usize = 8 + 2;
+    /// Largest request body.
+    pub const MAX_BODY: usize = FIXED + MAX_MESSAGE;
+    /// Largest response body (a DER ECDSA P-384 signature is at most 104 bytes; reasons are cut).
+    pub const MAX_RESPONSE_BODY: usize = 1 + 255;
+    /// A buffer that holds any whole request frame.
+    pub type RequestBuf = [u8; HEADER_LEN + MAX_BODY];
+    /// A buffer that holds any whole response frame.
+    pub type ResponseBuf = [u8; HEADER_LEN + MAX_RESPONSE_BODY];
+
+    /// The answer's first byte.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    #[repr(u8)]
+    pub enum Status {
+        Ok = 0,
+        /// tetherd holds no key under this id (it restarted, or the key was destroyed when
+        /// its process exited): fetch a new SVID.
+        UnknownKey = 1,
+        /// The key exists but the caller may not use it (another process, a process that is
+        /// exiting, or one that failed the impersonation checks since issuance).
+        Refused = 2,
+        BadRequest = 3,
+        /// Per-user limits: retry.
+        Busy = 4,
+        Internal = 5,
+    }
+
+    impl Status {
+        fn from_u8(b: u8) -> Option<Self> {
+            Some(match b {
+                0 => Self::Ok,
+                1 => Self::UnknownKey,
+                2 => Self::Refused,
+                3 => Self::BadRequest,
+                4 => Self::Busy,
+                5 => Self::Internal,
+                _ => return None,
+            })
+        }
+    }
+
+    /// One signing request, borrowed from its frame.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Request<'a> {
+        pub key_id: u64,
+        pub scheme: u16,
+        pub message: &'a [u8],
+    }
+
+    fn header(out: &mut [u8], body_len: usize) {
+        out[0..2].copy_from_slice(&MAGIC);
+        out[2..4].copy_from_slice(&VERSION.to_be_bytes());
+        out[4..8].copy_from_slice(&(body_len as u32).to_be_bytes());
+    }
+
+    /// Write the whole request frame into `out`; returns its length.
+    pub fn encode_request(req: &Request<'_>, out: &mut RequestBuf) -> Result<usize, WireError> {
+        if req.message.len() > MAX_MESSAGE {
+            return Err(WireError::TooLarge(req.message.len()));
+        }
+        let body = FIXED + req.message.len();
+        header(out, body);
+        out[HEADER_LEN..HEADER_LEN + 8].copy_from_slice(&req.key_id.to_be_bytes());
+        out[HEADER_LEN + 8..HEADER_LEN + FIXED].copy_from_slice(&req.scheme.to_be_bytes());
+        out[HEADER_LEN + FIXED..HEADER_LEN + body].copy_from_slice(req.message);
+        Ok(HEADER_LEN + body)
+    }
+
+    pub fn parse_request(body: &[u8]) -> Result<Request<'_>, WireError> {
+        if body.len() < FIXED || body.len() > MAX_BODY {
+            return Err(WireError::Malformed(format!("signing request of {} bytes", body.len())));
+        }
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&body[..8]);
+        Ok(Request {
+            key_id: u64::from_be_bytes(id),
+            scheme: u16::from_be_bytes([body[8], body[9]]),
+            message: &body[FIXED..],
+        })
+    }
+
+    /// Write a whole response frame into `out` (`payload` is cut to fit); returns its length.
+    pub fn encode_response(status: Status, payload: &[u8], out: &mut ResponseBuf) -> usize {
+        let n = payload.len().min(MAX_RESPONSE_BODY - 1);
+        header(out, 1 + n);
+        out[HEADER_LEN] = status as u8;
+        out[HEADER_LEN + 1..HEADER_LEN + 1 + n].copy_from_slice(&payload[..n]);
+        HEADER_LEN + 1 + n
+    }
+
+    pub fn parse_response(body: &[u8]) -> Result<(Status, &[u8]), WireError> {
+        let (&first, rest) = body.split_first().ok_or_else(|| WireError::Malformed("empty signing response".into()))?;
+        let status = Status::from_u8(first).ok_or_else(|| WireError::Malformed(format!("signing status {first}")))?;
+        Ok((status, rest))
+    }
+}
+
 /// Blocking helpers over `Read`/`Write`. Timeouts are the caller's socket options.
 pub mod io {
     use std::io::{ErrorKind, Read, Write};
@@ -435,20 +584,34 @@ pub mod io {
     /// Read one frame and return its body. `Ok(None)` is a clean EOF before any byte.
     pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Zeroizing<Vec<u8>>>, WireError> {
         let mut header = [0u8; HEADER_LEN];
+        if !read_header(r, &mut header)? {
+            return Ok(None);
+        }
+        let len = parse_header(&header)?;
+        let mut body = Zeroizing::new(vec![0u8; len]);
+        read_body(r, &mut body)?;
+        Ok(Some(body))
+    }
+
+    /// Read a frame header. `Ok(false)` is a clean EOF before any byte.
+    pub fn read_header<R: Read>(r: &mut R, header: &mut [u8; HEADER_LEN]) -> Result<bool, WireError> {
         let mut got = 0;
         while got < HEADER_LEN {
             match r.read(&mut header[got..]) {
-                Ok(0) if got == 0 => return Ok(None),
+                Ok(0) if got == 0 => return Ok(false),
                 Ok(0) => return Err(WireError::Truncated),
                 Ok(n) => got += n,
                 Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(WireError::Io(e)),
             }
         }
-        let len = parse_header(&header)?;
-        let mut body = Zeroizing::new(vec![0u8; len]);
+        Ok(true)
+    }
+
+    /// Fill `body` exactly.
+    pub fn read_body<R: Read>(r: &mut R, body: &mut [u8]) -> Result<(), WireError> {
         let mut got = 0;
-        while got < len {
+        while got < body.len() {
             match r.read(&mut body[got..]) {
                 Ok(0) => return Err(WireError::Truncated),
                 Ok(n) => got += n,
@@ -456,7 +619,7 @@ pub mod io {
                 Err(e) => return Err(WireError::Io(e)),
             }
         }
-        Ok(Some(body))
+        Ok(())
     }
 
     pub fn write_frame<W: Write>(w: &mut W, frame: &[u8]) -> Result<(), WireError> {
@@ -525,6 +688,26 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(frame.len(), frame.capacity(), "no spare capacity means no reallocation");
+    }
+
+    #[test]
+    fn signing_frames_round_trip_and_are_bounded() {
+        let mut buf: sign::RequestBuf = [0; HEADER_LEN + sign::MAX_BODY];
+        let req = sign::Request { key_id: 0x0102_0304_0506_0708, scheme: 0x0403, message: b"to be signed" };
+        let n = sign::encode_request(&req, &mut buf).unwrap();
+        let (kind, len) = parse_any_header(buf[..HEADER_LEN].try_into().unwrap()).unwrap();
+        assert_eq!((kind, len), (FrameKind::Sign, n - HEADER_LEN));
+        assert_eq!(sign::parse_request(&buf[HEADER_LEN..n]).unwrap(), req);
+        let long = [0u8; sign::MAX_MESSAGE + 1];
+        assert!(sign::encode_request(&sign::Request { message: &long, ..req }, &mut buf).is_err());
+        assert!(matches!(parse_any_header(b"TS\0\x01\0\0\x10\0"), Err(WireError::TooLarge(_))));
+        assert!(sign::parse_request(&[0; 9]).is_err());
+        let mut out: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+        let n = sign::encode_response(sign::Status::Refused, &[b'x'; 1000], &mut out);
+        assert_eq!(n, out.len(), "a long reason is cut to fit");
+        let (status, reason) = sign::parse_response(&out[HEADER_LEN..n]).unwrap();
+        assert_eq!((status, reason.len()), (sign::Status::Refused, sign::MAX_RESPONSE_BODY - 1));
+        assert!(sign::parse_response(&[9]).is_err());
     }
 
     #[test]

@@ -7,7 +7,9 @@
 #   QUICK 1 for --quick sizes
 #
 # Configurations: plain, tether-ktls (uml), tether-user, stunnel, raw-ktls (uml), rustls (handshake
-# floor: connection rate only). Each (configuration, repetition) gets fresh server, stunnel and
+# floor: connection rate only); tether-ktls-pc (uml) and tether-user-pc: tether with
+# key_custody = "process" (a second tetherd), connection rate only, beside the broker-custody
+# default, to show the cost of tetherd signing each handshake. Each (configuration, repetition) gets fresh server, stunnel and
 # redis processes, so the memory figures are per run. The order is reversed on every other
 # repetition (A B C, C B A, ...) so a slow drift in background load hits all of them alike.
 
@@ -33,9 +35,10 @@ run_part() {
             bulk_bytes=$((256 << 20)) conns=500 redis_n=5000 file_mib=64
         fi
     fi
-    local configs=(plain tether-user stunnel rustls)
+    local configs=(plain tether-user tether-user-pc stunnel rustls)
     # tether-ktls-padoff: tether kTLS with TETHER_KTLS_RX_NO_PAD=0 (bulk only), for the NO_PAD rows.
-    [[ $env == uml ]] && configs=(plain tether-ktls tether-ktls-padoff tether-user raw-ktls stunnel rustls)
+    # *-pc: process key custody (setup only), for the custody-cost rows.
+    [[ $env == uml ]] && configs=(plain tether-ktls tether-ktls-pc tether-ktls-padoff tether-user tether-user-pc raw-ktls stunnel rustls)
 
     local port
     for port in $P_PLAIN $P_TETHER $P_RAWKTLS $P_RUSTLS $P_ST_BACK $P_ST_TLS $P_ST_FRONT \
@@ -52,6 +55,7 @@ run_part() {
     cat >"$RUN/tetherd.toml" <<TOML
 trust_domain = "bench.internal"
 unmatched = "derive"
+key_custody = "broker"
 [[inbound]]
 ports = [$P_TETHER, $R_TETHER]
 allow = ["spiffe://bench.internal/*"]
@@ -64,6 +68,13 @@ TOML
         --state-dir "$RUN/state" 2>"$out/logs/tetherd.log" &
     PIDS+=($!)
     wait_socket "$SOCK" || die "tetherd did not start (see $out/logs/tetherd.log)"
+    # The same policy and CA, keys handed to the processes: the *-pc configurations.
+    sed 's/^key_custody = "broker"/key_custody = "process"/' "$RUN/tetherd.toml" >"$RUN/tetherd-pc.toml"
+    SOCK_PC=$RUN/tetherd-pc.sock
+    TETHERD_LOG=warn "$rel/tetherd" --config "$RUN/tetherd-pc.toml" --socket "$SOCK_PC" \
+        --state-dir "$RUN/state" 2>"$out/logs/tetherd-pc.log" &
+    PIDS+=($!)
+    wait_socket "$SOCK_PC" || die "tetherd (process custody) did not start (see $out/logs/tetherd-pc.log)"
     "$rel/tether" svid --socket "$SOCK" --out "$RUN/svid" >"$out/logs/svid.txt"
     write_stunnel_conf server
     write_stunnel_conf client
@@ -152,6 +163,8 @@ under() { # CONFIG ROLE
     tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     tether-ktls-padoff) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_KTLS_RX_NO_PAD=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-ktls-pc) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK_PC TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-user-pc) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK_PC TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     *) echo "BENCH_CONFIG=$1" ;;
     esac
 }
@@ -221,9 +234,10 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     read -r -a cpre <<<"$(under "$c" client)"
     local client=(env "${cpre[@]}" timeout 600 "$REL/bench-client" --port "$port" "${cli_flags[@]}")
     local j
-    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor). Where the kernel
+    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor; the custody
+    # comparison (*-pc) is about setup only). Where the kernel
     # has kTLS, the /proc/net/tls_stat counters each transfer moved are recorded with it.
-    if [[ $c != rustls ]]; then
+    if [[ $c != rustls && $c != *-pc ]]; then
         local wl before
         for wl in write sendfile; do
             before=$(tls_stat)
@@ -253,7 +267,7 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     emit "$tag,\"workload\":\"memory\",\"server_hwm_kib\":$srv_hwm,\"server_rss_kib\":$srv_rss,\"sidecar_client_hwm_kib\":$st_cli_hwm,\"sidecar_client_rss_kib\":$st_cli_rss"
 
     # redis: both sides under the configuration (not for the raw kTLS pair or the rustls floor).
-    if [[ $c == plain || $c == tether-* || $c == stunnel ]]; then
+    if [[ $c == plain || ($c == tether-* && $c != *-pc) || $c == stunnel ]]; then
         local rport=$R_PLAIN rfront
         [[ $c == tether-* ]] && rport=$R_TETHER
         [[ $c == stunnel ]] && rport=$R_ST_BACK

@@ -24,12 +24,15 @@ for d in args.parts:
     with open(os.path.join(d, "results.jsonl")) as f:
         records += [json.loads(line) for line in f if line.strip()]
 
-ORDER = ["plain", "tether-ktls", "tether-ktls-padoff", "tether-user", "raw-ktls", "stunnel", "rustls"]
+ORDER = ["plain", "tether-ktls", "tether-ktls-pc", "tether-ktls-padoff", "tether-user", "tether-user-pc", "raw-ktls",
+         "stunnel", "rustls"]
 LABEL = {
     "plain": "plaintext TCP",
-    "tether-ktls": "tether kTLS",
+    "tether-ktls": "tether kTLS, broker custody",
+    "tether-ktls-pc": "tether kTLS, process custody",
     "tether-ktls-padoff": "tether kTLS, NO_PAD off",
-    "tether-user": "tether userspace",
+    "tether-user": "tether userspace, broker custody",
+    "tether-user-pc": "tether userspace, process custody",
     "raw-ktls": "raw kTLS pair (fixed keys)",
     "stunnel": "stunnel4 sidecar pair",
     "rustls": "in-process rustls (floor)",
@@ -127,7 +130,7 @@ for env in envs:
     w("| configuration | write() | × plain | × stunnel | sendfile() | × plain | × stunnel |")
     w("|---|---|---|---|---|---|---|")
     for c in cfgs:
-        if c == "rustls":
+        if c == "rustls" or c.endswith("-pc"):
             continue
         row = [LABEL[c]]
         for wl in ("write", "sendfile"):
@@ -165,6 +168,16 @@ for env in envs:
           f"| {cell(env, c, 'connrate', 'p50_us')} | {cell(env, c, 'connrate', 'p99_us')} | {fmt(a50)} | {fmt(a99)} "
           f"| {ratio(a50, added.get('stunnel')) if c != 'plain' else '–'} | {ratio(a50, added.get('rustls')) if c != 'plain' else '–'} |")
     w("")
+    pairs = [(b, b + "-pc") for b in ("tether-ktls", "tether-user") if b in added and b + "-pc" in added]
+    if pairs:
+        w("### Key custody cost (tetherd signs each handshake's CertificateVerify vs the process signing it)")
+        w("")
+        w("| data path | broker custody conns/s | process custody conns/s | broker custody setup p50 µs | process custody setup p50 µs | added p50 µs (broker − process) |")
+        w("|---|---|---|---|---|---|")
+        for b, pc in pairs:
+            w(f"| {LABEL[b].split(',')[0]} | {cell(env, b, 'connrate', 'conns_s')} | {cell(env, pc, 'connrate', 'conns_s')} "
+              f"| {cell(env, b, 'connrate', 'p50_us')} | {cell(env, pc, 'connrate', 'p50_us')} | {fmt(added[b] - added[pc])} |")
+        w("")
     w("### redis-benchmark -c 1 (µs; both redis-server and redis-benchmark under the configuration)")
     w("")
     w("| configuration | SET p50 | SET p99 | GET p50 | GET p99 | GET p50 × plain | GET p99 × plain | SET p50 × plain | SET p99 × plain | GET rps |")
@@ -272,6 +285,7 @@ with open(os.path.join(args.out, "raw.json"), "w") as f:
 
 # ---- chart data: one file per panel, rows "label median min max [median min max]" ----------
 SHORT = {"plain": "plain", "tether-ktls": "tether-kTLS", "tether-ktls-padoff": "tether-kTLS-padoff", "tether-user": "tether-user", "raw-ktls": "raw-kTLS",
+         "tether-ktls-pc": "tether-kTLS-pc", "tether-user-pc": "tether-user-pc",
          "stunnel": "stunnel", "rustls": "rustls-floor"}
 
 

@@ -29,6 +29,7 @@
 #![allow(clippy::unwrap_used)] // reason: test helpers; a panic is the failure report
 
 pub mod fixed_ktls;
+pub mod memscan;
 pub mod programs;
 pub mod svid_dir;
 pub mod wire;
@@ -202,6 +203,8 @@ pub struct Policy {
     unmatched: Option<&'static str>,
     /// `None`: [`TRUST_DOMAIN`].
     trust_domain: Option<String>,
+    /// `key_custody = ...`; tetherd's default unless set.
+    key_custody: Option<&'static str>,
 }
 
 fn quoted_list(items: &[&str]) -> String {
@@ -243,6 +246,12 @@ impl Policy {
         self
     }
 
+    /// `key_custody = "broker"` or `"process"`.
+    pub fn key_custody(mut self, value: &'static str) -> Self {
+        self.key_custody = Some(value);
+        self
+    }
+
     /// Serve trust domain `td` instead of [`TRUST_DOMAIN`] (fleet tests: another trust domain).
     pub fn trust_domain(mut self, td: &str) -> Self {
         self.trust_domain = Some(td.to_owned());
@@ -268,8 +277,9 @@ impl Policy {
     }
 
     fn config(&self) -> String {
+        let custody = self.key_custody.map(|c| format!("key_custody = \"{c}\"\n")).unwrap_or_default();
         format!(
-            "trust_domain = \"{}\"\nunmatched = \"{}\"\n{}",
+            "trust_domain = \"{}\"\nunmatched = \"{}\"\n{custody}{}",
             self.trust_domain.as_deref().unwrap_or(TRUST_DOMAIN),
             self.unmatched.unwrap_or("derive"),
             self.toml
@@ -605,6 +615,11 @@ impl Harness {
         let run = self.run("tether-svid", self.plain(&mut cmd), Duration::from_secs(20));
         assert!(run.success(), "tether svid --out failed: {run}");
         (dir.join("svid.pem"), dir.join("svid.key"), dir.join("bundle.pem"))
+    }
+
+    /// tetherd's pid (None when stopped).
+    pub fn broker_pid(&self) -> Option<u32> {
+        self.broker.as_ref().map(Child::id)
     }
 
     /// Stop tetherd (to test what the shim does without it).

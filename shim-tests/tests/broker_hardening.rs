@@ -139,9 +139,11 @@ fn wait_file(p: &std::path::Path) {
 }
 
 /// tetherd restarts: an established protected connection keeps flowing while it is down; a
-/// new connect in a process that already holds an SVID still works (the cached SVID); a
-/// process that starts during the outage fails closed with EACCES; and once tetherd is back,
-/// that process connects within 1 s (its retry pause after a failure is 1 s).
+/// new connect fails closed with EACCES, in a process that already holds an SVID too (under
+/// broker key custody tetherd signs each handshake) and in a process that starts during the
+/// outage; once tetherd is back, that process connects within 1 s (its retry pause after a
+/// failure is 1 s), to a server that has been blocked in `accept` since before the outage (it
+/// fetches a new SVID: the restarted tetherd holds none of the old keys).
 #[test]
 fn broker_restart_keeps_established_connections_and_recovers_within_a_second() {
     let port = free_port();
@@ -176,7 +178,14 @@ fn broker_restart_keeps_established_connections_and_recovers_within_a_second() {
     }
     let held = h.output("holder");
     assert!(held.contains("before one") && held.contains("established two"), "{held}");
-    assert!(held.contains("new_in_old_process three"), "cached SVID must keep working: {held}");
+    // Broker key custody (the default): tetherd signs every handshake, so a new connection
+    // fails closed while it is down, even in a process that holds a certificate. The server
+    // (also under tether) signs first in TLS 1.3, fails and closes: the client sees
+    // ECONNREFUSED; against a peer that is not tether it is EACCES (tests/custody.rs).
+    assert!(
+        [libc::EACCES, libc::ECONNREFUSED].iter().any(|e| held.contains(&format!("new_in_old_process_errno {e}"))),
+        "a new handshake without tetherd to sign it must fail closed: {held}"
+    );
     let newcomer = h.output("newcomer");
     assert!(newcomer.contains(&format!("outage_errno {}", libc::EACCES)), "{newcomer}");
     let ms: u64 = newcomer.split("recovered_after_ms ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap();

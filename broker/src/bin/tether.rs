@@ -144,6 +144,20 @@ enum Command {
         #[arg(long, default_value_t = 3.0)]
         seconds: f64,
     },
+    /// Load generator: N clients ask tetherd for CertificateVerify signatures (broker custody)
+    /// for S seconds (see scripts/bench-broker).
+    #[command(hide = true)]
+    BenchSign {
+        #[arg(long, value_name = "PATH")]
+        socket: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        clients: usize,
+        #[arg(long, default_value_t = 3.0)]
+        seconds: f64,
+        /// A new connection for every signature, as the shim does (the per-handshake cost).
+        #[arg(long)]
+        fresh: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -205,6 +219,12 @@ fn main() -> ExitCode {
         Command::BenchSvid { socket, clients, seconds } => {
             bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
         }
+        Command::BenchSign { socket, clients, seconds, fresh } => bench_sign(
+            &socket_path(socket, &ProcessEnv),
+            clients.max(1),
+            Duration::from_secs_f64(seconds.max(0.1)),
+            fresh,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -315,7 +335,10 @@ fn rfc3339(unix: u64) -> String {
 }
 
 fn svid(socket: &Path, out: Option<&Path>, json: bool) -> Result<(), Error> {
-    let svid = Client::connect(socket, DEFAULT_TIMEOUT)?.fetch_svid()?;
+    // Writing files is an explicit export of the caller's own identity: ask for the key even
+    // under broker custody (tetherd issues it for this answer only).
+    let mut client = Client::connect(socket, DEFAULT_TIMEOUT)?;
+    let svid = if out.is_some() { client.export_svid()? } else { client.fetch_svid()? };
     if let Some(dir) = out {
         write_svid_files(dir, &svid)?;
     }
@@ -352,7 +375,10 @@ fn write_svid_files(dir: &Path, svid: &SvidResponse) -> Result<(), Error> {
     for c in svid.bundle.iter().chain(svid.federated.values().flatten()) {
         bundle.push_str(&pem::encode(pem::CERTIFICATE, &c.0));
     }
-    let key = pem::encode(pem::PRIVATE_KEY, &svid.private_key.0);
+    let Some(private_key) = &svid.private_key else {
+        return Err(Error::Cli("tetherd sent no private key to export".to_owned()));
+    };
+    let key = pem::encode(pem::PRIVATE_KEY, &private_key.0);
     write_atomically(&dir.join("svid.key"), key.as_bytes(), 0o600)?;
     write_atomically(&dir.join("svid.pem"), chain.as_bytes(), 0o644)?;
     write_atomically(&dir.join("bundle.pem"), bundle.as_bytes(), 0o644)?;
@@ -383,6 +409,66 @@ fn status(socket: &Path, json: bool) -> Result<(), Error> {
 
 /// Each client holds one connection and fetches in a loop. Whether each fetch is a fresh
 /// issuance depends on tetherd: run it with `--no-cache` to measure issuance.
+/// Signatures per second: one SVID (its key held by tetherd), then each client thread signs a
+/// CertificateVerify-sized message in a loop on its own connection, each request attested.
+fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Result<(), Error> {
+    let svid = Client::connect(socket, DEFAULT_TIMEOUT)?.fetch_svid()?;
+    let key_id = svid
+        .key_id
+        .ok_or_else(|| Error::Cli("tetherd runs key_custody = \"process\": it holds no key to sign with".to_owned()))?;
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + dur;
+    let message = [0x20u8; 161];
+    let mut threads = Vec::new();
+    for _ in 0..clients {
+        let (ok, failed, socket) = (ok.clone(), failed.clone(), socket.to_owned());
+        threads.push(std::thread::spawn(move || {
+            let mut client = None;
+            let mut took = Vec::new();
+            while Instant::now() < deadline {
+                let t0 = Instant::now();
+                if fresh {
+                    client = None;
+                }
+                if client.is_none() {
+                    client = Client::connect(&socket, DEFAULT_TIMEOUT).ok();
+                }
+                let Some(c) = client.as_mut() else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                match c.sign(key_id, 0x0403, &message) {
+                    Ok(Ok(_)) => {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                        took.push(t0.elapsed());
+                    }
+                    _ => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        client = None;
+                    }
+                }
+            }
+            took
+        }));
+    }
+    let mut took: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    took.sort_unstable();
+    let pct = |p: usize| took.get(took.len() * p / 100).map_or(0, |d| d.as_micros());
+    let secs = start.elapsed().as_secs_f64();
+    let n = ok.load(Ordering::Relaxed);
+    println!(
+        "clients={clients} fresh_connection={fresh} seconds={secs:.2} signatures={n} errors={} rate={:.0}/s p50={}us p99={}us",
+        failed.load(Ordering::Relaxed),
+        n as f64 / secs,
+        pct(50),
+        pct(99)
+    );
+    Ok(())
+}
+
 fn bench(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error> {
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));

@@ -70,7 +70,13 @@ fn main() -> ExitCode {
         for w in config.warnings() {
             println!("warning: {w}");
         }
-        println!("config OK: trust domain {}, {} entries", config.trust_domain, config.entries.len());
+        println!(
+            "config OK: trust domain {}, {} entries, key custody {}, svid_ttl {}s",
+            config.trust_domain,
+            config.entries.len(),
+            config.key_custody.as_str(),
+            config.svid_ttl.as_secs()
+        );
         return ExitCode::SUCCESS;
     }
     // Before anything can be signalled: SIGHUP reloads, it must never kill tetherd.

@@ -14,7 +14,10 @@ use crate::sys::{ktls, net};
 /// One of tether's own fds (relay sockets, pending inbound handshakes, the reporter's broker
 /// connection)?
 fn is_ours(fd: RawFd) -> bool {
-    fallback::is_internal(fd) || super::inbound::is_internal(fd) || crate::report::broker_fd() == Some(fd)
+    fallback::is_internal(fd)
+        || super::inbound::is_internal(fd)
+        || crate::report::broker_fd() == Some(fd)
+        || crate::tls::remote_key::connection_fd() == Some(fd)
 }
 
 pub(crate) fn close(fd: RawFd) -> Outcome<c_int> {
@@ -43,6 +46,7 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
     let mut ours: Vec<RawFd> = fallback::internal_fds();
     ours.extend(super::inbound::internal_fds());
     ours.extend(crate::report::broker_fd());
+    ours.extend(crate::tls::remote_key::connection_fd());
     ours.retain(|fd| (lo..=hi).contains(fd));
     ours.sort_unstable();
     ours.dedup();

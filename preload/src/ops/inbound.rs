@@ -359,6 +359,9 @@ fn worker() {
             }
         };
         let Some(Job { lfd, fd, peer, ident, rule }) = job else { return };
+        // The identity captured when a (blocking) accept began may have been replaced since: a
+        // refresh, or a restarted tetherd that holds none of the old keys (broker custody).
+        let ident = crate::identity::latest(&ident);
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
             .unwrap_or(false);
         if !ok {

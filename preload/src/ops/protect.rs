@@ -69,6 +69,9 @@ impl Failure {
                 HandshakeError::Refused(_) => libc::EPERM,
                 HandshakeError::Timeout => libc::ETIMEDOUT,
                 HandshakeError::PeerClosed | HandshakeError::NotTls => libc::ECONNREFUSED,
+                // Broker custody: tetherd did not sign our CertificateVerify (down, or the
+                // key refused): no identity, as when the SVID cannot be fetched.
+                HandshakeError::Tls(e) if tls::remote_key::is_sign_failure(e) => libc::EACCES,
                 HandshakeError::Tls(_) => libc::ECONNRESET,
                 HandshakeError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
             },

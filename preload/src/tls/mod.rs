@@ -2,6 +2,7 @@
 //! [`danger`], the one place that touches traffic secrets.
 
 pub(crate) mod handshake;
+pub(crate) mod remote_key;
 pub(crate) mod unbuffered;
 pub(crate) mod verify;
 
