@@ -33,6 +33,7 @@ use crate::error::Error;
 use crate::metrics::{Gauges, Metrics};
 use crate::quota::PerUid;
 use crate::reload::{ConfigSource, ReloadError, SocketStamp};
+use crate::upstream::{Upstream, UpstreamSvid};
 use crate::{policy_check, sys};
 
 /// Audit events use this tracing target.
@@ -93,6 +94,8 @@ pub struct Broker {
     live: AtomicUsize,
     connections_per_uid: PerUid,
     in_flight: PerUid,
+    /// `[upstream]`: the SPIRE agent issues instead of `ca`.
+    upstream: Option<Upstream>,
 }
 
 impl Broker {
@@ -120,7 +123,14 @@ impl Broker {
             in_flight: PerUid::new(opts.max_in_flight_per_uid),
             opts,
             live: AtomicUsize::new(0),
+            upstream: None,
         }
+    }
+
+    /// Take SVIDs from `upstream` (the SPIRE agent) instead of the CA.
+    pub fn with_upstream(mut self, upstream: Upstream) -> Self {
+        self.upstream = Some(upstream);
+        self
     }
 
     /// Reload from `source` (the `--config` file and the command-line overrides).
@@ -218,6 +228,9 @@ impl Broker {
     fn fetch_svid_inner(&self, peer: &Peer) -> Result<SvidResponse, Error> {
         let snap = self.current();
         let config = &snap.config;
+        if let Some(upstream) = &self.upstream {
+            return self.fetch_from_upstream(upstream, peer, &snap);
+        }
         let attested = peer.attest(config.needs_exe_hash().then_some(&self.hashes))?;
         let facts = attested.facts();
         let entry = config.matching_entry(facts);
@@ -256,18 +269,10 @@ impl Broker {
         }
         let issued = self.ca.issue(&id, config.svid_ttl)?;
         self.metrics.svid_issued();
-        let svid = SvidResponse {
-            spiffe_id: id,
-            cert_chain: issued.chain,
-            private_key: issued.key,
-            bundle: self.ca.bundle().to_vec(),
-            federated: self.ca.federated().clone(),
-            serial: issued.serial,
-            not_before: unix(issued.not_before),
-            not_after: unix(issued.not_after),
-            policy: config.policy.clone(),
-            policy_generation: snap.generation,
-        };
+        let svid = svid_response(
+            UpstreamSvid { spiffe_id: id, issued, bundle: self.ca.bundle().to_vec(), federated: self.ca.federated().clone() },
+            &snap,
+        );
         info!(
             target: AUDIT,
             event = "issued",
@@ -284,6 +289,49 @@ impl Broker {
             self.cache.insert(key, svid.clone(), config.svid_ttl);
         }
         Ok(svid)
+    }
+}
+
+impl Broker {
+    /// SPIRE mode: the agent attests the process too (by pid) and grants the identity; tetherd
+    /// attests it first, so a caller that cannot be attested never reaches the agent.
+    fn fetch_from_upstream(&self, upstream: &Upstream, peer: &Peer, snap: &Snapshot) -> Result<SvidResponse, Error> {
+        let attested = peer.attest(None)?;
+        let facts = attested.facts();
+        let got = upstream.svid_for(peer, &attested)?;
+        self.metrics.svid_issued();
+        let svid = svid_response(got, snap);
+        info!(
+            target: AUDIT,
+            event = "upstream",
+            pid = facts.pid,
+            uid = facts.uid,
+            gid = facts.gid,
+            exe = %facts.exe.display(),
+            spiffe_id = %svid.spiffe_id,
+            serial = %svid.serial,
+            expiry = %rfc3339(svid.not_after),
+            "SVID from the SPIRE agent"
+        );
+        Ok(svid)
+    }
+}
+
+/// The one place an SVID (from tetherd's CA or from the upstream) becomes a response: the
+/// chain, key and bundles, with the policy in force. Broker key custody hooks in here.
+fn svid_response(got: UpstreamSvid, snap: &Snapshot) -> SvidResponse {
+    let UpstreamSvid { spiffe_id, issued, bundle, federated } = got;
+    SvidResponse {
+        spiffe_id,
+        cert_chain: issued.chain,
+        private_key: issued.key,
+        bundle,
+        federated,
+        serial: issued.serial,
+        not_before: unix(issued.not_before),
+        not_after: unix(issued.not_after),
+        policy: snap.config.policy.clone(),
+        policy_generation: snap.generation,
     }
 }
 
