@@ -125,7 +125,8 @@ impl fmt::Debug for UpstreamSvid {
     }
 }
 
-/// One SVID from the agent, checked (see `svid::parse`).
+/// One SVID from the agent, checked (see `svid::parse`). Debug redacts the key (IssuedSvid's).
+#[derive(Debug)]
 struct Fetched {
     spiffe_id: SpiffeId,
     issued: IssuedSvid,
@@ -381,4 +382,40 @@ fn pin_process(peer: &Peer, key: ProcessKey) -> Result<OwnedFd, attest::AttestEr
         return Err(attest::AttestError::Vanished { pid });
     }
     Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use crate::config::{Config, MapAccounts};
+
+    fn parse(extra: &str) -> Result<Config, String> {
+        let src = format!("trust_domain = \"example.org\"\n{extra}");
+        Config::parse(&src, "test", &MapAccounts::default()).map_err(|e| e.to_string())
+    }
+
+    const UPSTREAM: &str = "[upstream]\nkind = \"spire\"\nadmin_socket = \"/run/spire/admin.sock\"\n";
+
+    #[test]
+    fn upstream_spire_parses() {
+        let c = parse(UPSTREAM).unwrap();
+        let u = c.upstream.unwrap();
+        assert_eq!(u.admin_socket, std::path::PathBuf::from("/run/spire/admin.sock"));
+    }
+
+    #[test]
+    fn settings_spire_would_ignore_are_refused() {
+        let e = parse(&format!("ca_cert = \"/a\"\nca_key = \"/b\"\n{UPSTREAM}")).unwrap_err();
+        assert!(e.contains("ca_cert"), "{e}");
+        let e = parse(&format!("unmatched = \"derive\"\n{UPSTREAM}")).unwrap_err();
+        assert!(e.contains("unmatched"), "{e}");
+        let entry = "[[entry]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:0\"]\n";
+        let e = parse(&format!("{UPSTREAM}{entry}")).unwrap_err();
+        assert!(e.contains("[[entry]]"), "{e}");
+        let e = parse("[upstream]\nkind = \"spire\"\nadmin_socket = \"admin.sock\"\n").unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+        let e = parse("[upstream]\nkind = \"istio\"\nadmin_socket = \"/a\"\n").unwrap_err();
+        assert!(e.contains("istio") || e.contains("unknown variant"), "{e}");
+    }
 }
