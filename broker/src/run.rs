@@ -268,7 +268,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let g = dir.join("g");
         let mut junk = b"\x7fELF\x02\x01".to_vec();
-        junk.extend(std::iter::repeat(0xffu8).take(100));
+        junk.extend(std::iter::repeat_n(0xffu8, 100));
         std::fs::write(&g, &junk).unwrap();
         assert!(matches!(classify(&g), Ok(ExeKind::Unknown) | Err(_)));
         std::fs::remove_dir_all(&dir).unwrap();
