@@ -169,10 +169,18 @@ run_spire() {
     start_postgres
     check_psql $L
     check_refused $L
-    if log_has a-tetherd 'event="upstream"' || log_has a-tetherd 'SVID from the SPIRE agent'; then
+    if log_has a-tetherd 'SVID from the SPIRE agent'; then
         pass "$L: tetherd on a took the SVIDs from its SPIRE agent"
     else
         fail "$L: tetherd on a logged no SVID from the SPIRE agent"
+    fi
+    # The pidfd rule: each finished client's subscription ended with its process.
+    local ended
+    ended=$(grep -c "process exited; SPIRE subscription ended" "$T/logs/a-tetherd.log" || true)
+    if ((${ended:-0} >= 3)); then
+        pass "$L: tetherd on a ended $ended subscriptions when their processes exited (pidfd readable)"
+    else
+        fail "$L: tetherd on a ended ${ended:-0} subscriptions on process exit (want >= 3: curl, redis-cli, psql)"
     fi
 
     # 6. Agent restart: established connections untouched, new ones fail closed while it is
