@@ -99,11 +99,17 @@ start_agent() {
     exit 2
 }
 
-# entry HOST SPIFFE_ID SELECTOR...: a registration entry under HOST's node; prints its ID.
+# entry HOST SPIFFE_ID SELECTOR|-federatesWith=TD...: a registration entry under HOST's node;
+# prints its ID.
 entry() {
     local h=$1 id=$2 args=()
     shift 2
-    for s in "$@"; do args+=(-selector "$s"); done
+    for s in "$@"; do
+        case $s in
+        -federatesWith=*) args+=(-federatesWith "${s#-federatesWith=}") ;;
+        *) args+=(-selector "$s") ;;
+        esac
+    done
     spire_server entry create -parentID "spiffe://$TD/host/$h" -spiffeID "$id" -x509SVIDTTL "$SPIRE_SVID_TTL" "${args[@]}" \
         | awk '/^Entry ID/ { print $NF }'
 }
@@ -149,7 +155,7 @@ run_spire() {
     entry a "$ID_REDIS_CLI" unix:uid:0 "unix:path:$redis_cli" >/dev/null
     entry a "$ID_PSQL" unix:uid:0 "unix:path:$psql" >/dev/null
     entry a "spiffe://$TD/python" unix:uid:0 "unix:path:$py" >/dev/null
-    entry b "spiffe://$TD/nginx" unix:uid:0 "unix:path:$nginx" >/dev/null
+    NGINX_ENTRY=$(entry b "spiffe://$TD/nginx" unix:uid:0 "unix:path:$nginx")
     entry b "spiffe://$TD/redis" unix:uid:0 "unix:path:$redis_server" >/dev/null
     entry b "spiffe://$TD/postgres" "unix:uid:$pg_uid" "unix:path:$postgres" >/dev/null
     [[ -n $CURL_ENTRY ]] || { echo "test-fleet: could not create the SPIRE entries" >&2; exit 2; }
@@ -217,7 +223,37 @@ run_spire() {
         fail "$L: the transfer across the agent restart broke: $(cat "$T/logs/a-curl-slow.err")"
     fi
 
-    # 7. The curl entry deleted at runtime: new curl connections stop within one SVID TTL.
+    # 7. Another trust domain: host c runs a standalone tetherd of other.test (its own root,
+    #    SPIRE's bundle as its federated bundle). b's policy allows c's curl by ID, so only the
+    #    trust domain can refuse it: refused until SPIRE federates nginx's entry with other.test.
+    ca init --out "$T/rootx" --trust-domain "$TD_FOREIGN"
+    ca intermediate --host c --root "$T/rootx" --out "$T/c/cax" --ttl 1h
+    cat >"$T/c/extra.toml" <<TOML
+unmatched = "derive"
+ca_cert = "$T/c/cax/intermediate.pem"
+ca_key = "$T/c/cax/intermediate.key"
+ca_bundle = "$T/c/cax/bundle.pem"
+federated_bundles = { "$TD" = "$SP/a/bootstrap.pem" }
+TOML
+    TETHERD_TD=$TD_FOREIGN TETHERD_EXTRA_CONF=$T/c/extra.toml start_tetherd c
+    c_curl() { shimmed c "curl-$1" curl -sS --fail --max-time 10 -o /dev/null "http://${IP[b]}:8080/$MARKER.bin" 2>>"$T/logs/c-curl-$1.err"; }
+    if c_curl foreign; then
+        fail "$L: c's curl ($ID_FOREIGN_CURL) was served although $TD_FOREIGN is not federated"
+    else
+        pass "$L: c's curl of trust domain $TD_FOREIGN is refused by b (not federated)"
+    fi
+    spire_server bundle set -format pem -id "spiffe://$TD_FOREIGN" -path "$T/rootx/root.pem" >/dev/null
+    spire_server entry delete -entryID "$NGINX_ENTRY" >/dev/null
+    NGINX_ENTRY=$(entry b "spiffe://$TD/nginx" unix:uid:0 "unix:path:$nginx" "-federatesWith=spiffe://$TD_FOREIGN")
+    # nginx takes the federated bundle with a new SVID: restart it until b's agent has synced.
+    fed_ok() { stop_nginx; start_nginx; c_curl federated; }
+    if until_ok 90 fed_ok; then
+        pass "$L: once nginx's SPIRE entry federates with $TD_FOREIGN, c's curl is served (${WAITED}s)"
+    else
+        fail "$L: c's curl still refused 90 s after federating: $(tail -2 "$T/logs/c-curl-federated.err")"
+    fi
+
+    # 8. (last) The curl entry deleted at runtime: new curl connections stop within one SVID TTL.
     #    a's other workloads keep their identities.
     spire_server entry delete -entryID "$CURL_ENTRY" >/dev/null
     if until_ok "$SPIRE_SVID_TTL" curl_refused deleted; then
