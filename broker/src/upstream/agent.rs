@@ -40,7 +40,9 @@ fn channel(socket: PathBuf) -> Channel {
         .connect_timeout(CONNECT_TIMEOUT)
         .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
-            async move { Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?)) }
+            async move {
+                Ok::<_, io::Error>(TokioIo::new(tokio::net::UnixStream::connect(socket).await?))
+            }
         }))
 }
 
@@ -51,7 +53,9 @@ fn client(channel: Channel) -> DelegatedIdentityClient<Channel> {
 fn describe(s: &tonic::Status) -> String {
     let msg = s.message();
     // A connection failure arrives as Unavailable with the transport error as its source.
-    let source = std::error::Error::source(s).map(|e| format!(" ({e})")).unwrap_or_default();
+    let source = std::error::Error::source(s)
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
     if msg.is_empty() {
         format!("{:?}{source}", s.code())
     } else {
@@ -71,26 +75,38 @@ async fn follow_bundles(shared: Arc<Shared>, channel: Channel) {
         let was_up = matches!(*super::lock(&shared.agent), AgentState::Up);
         if was_up {
             warn!(socket = %shared.socket.display(), reason = %why, "SPIRE agent lost; new SVIDs are refused until it is back");
-            shared.set_agent(AgentState::Down { why, since: Instant::now() });
+            shared.set_agent(AgentState::Down {
+                why,
+                since: Instant::now(),
+            });
         } else if let AgentState::Down { since, .. } = *super::lock(&shared.agent) {
             shared.set_agent(AgentState::Down { why, since });
         } else {
             warn!(socket = %shared.socket.display(), reason = %why, "cannot reach the SPIRE agent; retrying");
-            shared.set_agent(AgentState::Down { why, since: Instant::now() });
+            shared.set_agent(AgentState::Down {
+                why,
+                since: Instant::now(),
+            });
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
 }
 
-async fn one_bundle_stream(shared: &Shared, channel: Channel, backoff: &mut Duration) -> Result<(), String> {
+async fn one_bundle_stream(
+    shared: &Shared,
+    channel: Channel,
+    backoff: &mut Duration,
+) -> Result<(), String> {
     let mut stream = client(channel)
         .subscribe_to_x509_bundles(SubscribeToX509BundlesRequest {})
         .await
         .map_err(|s| describe(&s))?
         .into_inner();
     loop {
-        let Some(resp) = stream.message().await.map_err(|s| describe(&s))? else { return Ok(()) };
+        let Some(resp) = stream.message().await.map_err(|s| describe(&s))? else {
+            return Ok(());
+        };
         let bundles = svid::bundles(resp).map_err(|e| format!("unusable bundle: {e}"))?;
         let tds: Vec<String> = bundles.keys().map(ToString::to_string).collect();
         *super::lock(&shared.bundles) = Some(Arc::new(bundles));
@@ -99,7 +115,9 @@ async fn one_bundle_stream(shared: &Shared, channel: Channel, backoff: &mut Dura
         *backoff = FIRST_BACKOFF;
         match was {
             AgentState::Up => info!(trust_domains = ?tds, "SPIRE bundles updated"),
-            _ => info!(socket = %shared.socket.display(), trust_domains = ?tds, "SPIRE agent connected"),
+            _ => {
+                info!(socket = %shared.socket.display(), trust_domains = ?tds, "SPIRE agent connected")
+            }
         }
     }
 }
@@ -111,7 +129,9 @@ async fn subscription(shared: Arc<Shared>, channel: Channel, s: Subscribe) {
     let pidfd = match crate::sys::watch_pidfd(pidfd) {
         Ok(fd) => fd,
         Err(e) => {
-            sub.set(SubState::Failed(format!("cannot watch the process's pidfd: {e}")));
+            sub.set(SubState::Failed(format!(
+                "cannot watch the process's pidfd: {e}"
+            )));
             shared.remove(key, &sub);
             return;
         }
@@ -148,8 +168,15 @@ async fn follow(
     pidfd: &OwnedFd,
 ) -> Result<(), String> {
     let (pid, _) = key;
-    let request = SubscribeToX509sviDsRequest { selectors: Vec::new(), pid };
-    let mut stream = client(channel).subscribe_to_x509svi_ds(request).await.map_err(|s| describe(&s))?.into_inner();
+    let request = SubscribeToX509sviDsRequest {
+        selectors: Vec::new(),
+        pid,
+    };
+    let mut stream = client(channel)
+        .subscribe_to_x509svi_ds(request)
+        .await
+        .map_err(|s| describe(&s))?
+        .into_inner();
     loop {
         let Some(resp) = stream.message().await.map_err(|s| describe(&s))? else {
             return Err("the agent ended the subscription".to_owned());

@@ -96,7 +96,10 @@ impl fmt::Display for UpstreamError {
             Self::NoIdentity(why) => f.write_str(why),
             Self::Attest(e) => e.fmt(f),
             Self::Invalid(why) => write!(f, "the SPIRE agent sent an unusable SVID: {why}"),
-            Self::TooMany => write!(f, "{MAX_SUBSCRIPTIONS} processes hold SPIRE subscriptions already"),
+            Self::TooMany => write!(
+                f,
+                "{MAX_SUBSCRIPTIONS} processes hold SPIRE subscriptions already"
+            ),
         }
     }
 }
@@ -167,12 +170,15 @@ enum AgentState {
     Down { why: String, since: Instant },
 }
 
+/// Trust domain -> its X.509 authorities.
+type Bundles = BTreeMap<TrustDomain, Vec<Der>>;
+
 struct Shared {
     socket: PathBuf,
     trust_domain: TrustDomain,
     agent: Mutex<AgentState>,
     /// Trust domain -> X.509 authorities, from the bundle stream (local and federated).
-    bundles: Mutex<Option<Arc<BTreeMap<TrustDomain, Vec<Der>>>>>,
+    bundles: Mutex<Option<Arc<Bundles>>>,
     bundles_changed: Condvar,
     subs: Mutex<HashMap<ProcessKey, Arc<Subscription>>>,
 }
@@ -231,7 +237,10 @@ impl Upstream {
             subs: Mutex::new(HashMap::new()),
         });
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_io().enable_time().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
         let s = Arc::clone(&shared);
         std::thread::Builder::new()
             .name("spire-upstream".into())
@@ -246,7 +255,11 @@ impl Upstream {
 
     /// The SVID the agent grants the attested process `peer`: from its live subscription, or
     /// from a new one (waiting up to [`FIRST_ANSWER_TIMEOUT`] for the agent's first answer).
-    pub fn svid_for(&self, peer: &Peer, attested: &AttestedPeer) -> Result<UpstreamSvid, UpstreamError> {
+    pub fn svid_for(
+        &self,
+        peer: &Peer,
+        attested: &AttestedPeer,
+    ) -> Result<UpstreamSvid, UpstreamError> {
         self.agent_usable()?;
         let key = (attested.facts().pid, attested.start_time());
         let sub = self.subscription(peer, key)?;
@@ -297,7 +310,10 @@ impl Upstream {
         // connection's own pidfd and start time once more.
         peer.recheck().map_err(UpstreamError::Attest)?;
         let bundles = self.bundles(deadline)?;
-        let bundle = bundles.get(&self.shared.trust_domain).cloned().unwrap_or_default();
+        let bundle = bundles
+            .get(&self.shared.trust_domain)
+            .cloned()
+            .unwrap_or_default();
         if bundle.is_empty() {
             return Err(UpstreamError::Invalid(format!(
                 "the agent's bundles hold no authority for our trust domain {}",
@@ -310,7 +326,9 @@ impl Upstream {
                 Some(b) if *td != self.shared.trust_domain => {
                     federated.insert(td.clone(), b.clone());
                 }
-                _ => tracing::warn!(trust_domain = %td, "the entry federates with a trust domain the agent has no bundle for"),
+                _ => {
+                    tracing::warn!(trust_domain = %td, "the entry federates with a trust domain the agent has no bundle for")
+                }
             }
         }
         Ok(UpstreamSvid {
@@ -333,7 +351,11 @@ impl Upstream {
     }
 
     /// The live subscription of `key`, or a new one holding the process's pidfd.
-    fn subscription(&self, peer: &Peer, key: ProcessKey) -> Result<Arc<Subscription>, UpstreamError> {
+    fn subscription(
+        &self,
+        peer: &Peer,
+        key: ProcessKey,
+    ) -> Result<Arc<Subscription>, UpstreamError> {
         let mut subs = lock(&self.shared.subs);
         if let Some(s) = subs.get(&key) {
             return Ok(Arc::clone(s));
@@ -342,16 +364,26 @@ impl Upstream {
             return Err(UpstreamError::TooMany);
         }
         let pidfd = pin_process(peer, key).map_err(UpstreamError::Attest)?;
-        let sub = Arc::new(Subscription { pid: key.0, state: Mutex::new(SubState::Pending), changed: Condvar::new() });
+        let sub = Arc::new(Subscription {
+            pid: key.0,
+            state: Mutex::new(SubState::Pending),
+            changed: Condvar::new(),
+        });
         self.tx
-            .send(Subscribe { key, sub: Arc::clone(&sub), pidfd })
-            .map_err(|_| UpstreamError::Unavailable("the upstream thread has stopped".to_owned()))?;
+            .send(Subscribe {
+                key,
+                sub: Arc::clone(&sub),
+                pidfd,
+            })
+            .map_err(|_| {
+                UpstreamError::Unavailable("the upstream thread has stopped".to_owned())
+            })?;
         subs.insert(key, Arc::clone(&sub));
         Ok(sub)
     }
 
     /// The agent's bundles, waiting until `deadline` for the first ones.
-    fn bundles(&self, deadline: Instant) -> Result<Arc<BTreeMap<TrustDomain, Vec<Der>>>, UpstreamError> {
+    fn bundles(&self, deadline: Instant) -> Result<Arc<Bundles>, UpstreamError> {
         let mut b = lock(&self.shared.bundles);
         loop {
             if let Some(b) = &*b {
@@ -359,9 +391,16 @@ impl Upstream {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(UpstreamError::Unavailable("no bundle from the agent yet".to_owned()));
+                return Err(UpstreamError::Unavailable(
+                    "no bundle from the agent yet".to_owned(),
+                ));
             }
-            b = self.shared.bundles_changed.wait_timeout(b, left).unwrap_or_else(|p| p.into_inner()).0;
+            b = self
+                .shared
+                .bundles_changed
+                .wait_timeout(b, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 }
@@ -395,13 +434,17 @@ mod tests {
         Config::parse(&src, "test", &MapAccounts::default()).map_err(|e| e.to_string())
     }
 
-    const UPSTREAM: &str = "[upstream]\nkind = \"spire\"\nadmin_socket = \"/run/spire/admin.sock\"\n";
+    const UPSTREAM: &str =
+        "[upstream]\nkind = \"spire\"\nadmin_socket = \"/run/spire/admin.sock\"\n";
 
     #[test]
     fn upstream_spire_parses() {
         let c = parse(UPSTREAM).unwrap();
         let u = c.upstream.unwrap();
-        assert_eq!(u.admin_socket, std::path::PathBuf::from("/run/spire/admin.sock"));
+        assert_eq!(
+            u.admin_socket,
+            std::path::PathBuf::from("/run/spire/admin.sock")
+        );
     }
 
     #[test]
@@ -410,7 +453,8 @@ mod tests {
         assert!(e.contains("ca_cert"), "{e}");
         let e = parse(&format!("unmatched = \"derive\"\n{UPSTREAM}")).unwrap_err();
         assert!(e.contains("unmatched"), "{e}");
-        let entry = "[[entry]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:0\"]\n";
+        let entry =
+            "[[entry]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:0\"]\n";
         let e = parse(&format!("{UPSTREAM}{entry}")).unwrap_err();
         assert!(e.contains("[[entry]]"), "{e}");
         let e = parse("[upstream]\nkind = \"spire\"\nadmin_socket = \"admin.sock\"\n").unwrap_err();

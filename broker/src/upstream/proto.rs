@@ -1,6 +1,12 @@
 //! The SPIRE Delegated Identity API, generated at build time from `broker/proto/` (build.rs).
 //! The modules mirror the protobuf packages, as the generated code's paths require.
-#![allow(missing_docs, missing_debug_implementations, unreachable_pub, clippy::all, clippy::pedantic)]
+#![allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic
+)]
 
 pub mod spire {
     pub mod api {

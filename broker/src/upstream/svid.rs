@@ -26,19 +26,33 @@ fn wipe_keys(resp: &mut SubscribeToX509sviDsResponse) {
 
 /// The first SVID of `resp` (SPIRE's default identity when several entries match), checked;
 /// `None` when the agent grants the process no identity.
-pub(super) fn parse(mut resp: SubscribeToX509sviDsResponse, td: &TrustDomain) -> Result<Option<Fetched>, String> {
+pub(super) fn parse(
+    mut resp: SubscribeToX509sviDsResponse,
+    td: &TrustDomain,
+) -> Result<Option<Fetched>, String> {
     let result = parse_inner(&mut resp, td);
     wipe_keys(&mut resp);
     result
 }
 
-fn parse_inner(resp: &mut SubscribeToX509sviDsResponse, td: &TrustDomain) -> Result<Option<Fetched>, String> {
-    let Some(first) = resp.x509_svids.first_mut() else { return Ok(None) };
+fn parse_inner(
+    resp: &mut SubscribeToX509sviDsResponse,
+    td: &TrustDomain,
+) -> Result<Option<Fetched>, String> {
+    let Some(first) = resp.x509_svids.first_mut() else {
+        return Ok(None);
+    };
     let key = Zeroizing::new(std::mem::take(&mut first.x509_svid_key));
-    let svid = first.x509_svid.as_ref().ok_or("the response has no x509_svid")?;
+    let svid = first
+        .x509_svid
+        .as_ref()
+        .ok_or("the response has no x509_svid")?;
     let chain: Vec<Der> = svid.cert_chain.iter().map(|c| Der(c.clone())).collect();
-    let leaf_der = chain.first().ok_or("the SVID's certificate chain is empty")?;
-    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der.0).map_err(|e| format!("leaf certificate: {e}"))?;
+    let leaf_der = chain
+        .first()
+        .ok_or("the SVID's certificate chain is empty")?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der.0)
+        .map_err(|e| format!("leaf certificate: {e}"))?;
     let spiffe_id = leaf_id(&leaf)?;
     if spiffe_id.trust_domain() != *td {
         return Err(format!("{spiffe_id} is not in our trust domain {td}"));
@@ -46,7 +60,9 @@ fn parse_inner(resp: &mut SubscribeToX509sviDsResponse, td: &TrustDomain) -> Res
     if let Some(named) = &svid.id {
         let named = format!("spiffe://{}{}", named.trust_domain, named.path);
         if named != spiffe_id.as_str() {
-            return Err(format!("the agent named {named} but the certificate says {spiffe_id}"));
+            return Err(format!(
+                "the agent named {named} but the certificate says {spiffe_id}"
+            ));
         }
     }
     if leaf.is_ca() {
@@ -58,7 +74,8 @@ fn parse_inner(resp: &mut SubscribeToX509sviDsResponse, td: &TrustDomain) -> Res
     if now >= not_after {
         return Err(format!("the SVID of {spiffe_id} has expired"));
     }
-    let pair = rcgen::KeyPair::try_from(key.as_slice()).map_err(|e| format!("the private key is not usable PKCS#8: {e}"))?;
+    let pair = rcgen::KeyPair::try_from(key.as_slice())
+        .map_err(|e| format!("the private key is not usable PKCS#8: {e}"))?;
     if pair.public_key_raw() != leaf.public_key().subject_public_key.data.as_ref() {
         return Err("the private key does not match the SVID's certificate".to_owned());
     }
@@ -74,7 +91,11 @@ fn parse_inner(resp: &mut SubscribeToX509sviDsResponse, td: &TrustDomain) -> Res
         key: SecretDer(key),
         chain,
     };
-    Ok(Some(Fetched { spiffe_id, issued, federates_with }))
+    Ok(Some(Fetched {
+        spiffe_id,
+        issued,
+        federates_with,
+    }))
 }
 
 /// The leaf's one URI SAN, as a SPIFFE ID.
@@ -93,19 +114,29 @@ fn leaf_id(leaf: &X509Certificate<'_>) -> Result<SpiffeId, String> {
         })
         .collect();
     match uris.as_slice() {
-        [one] => one.parse::<SpiffeId>().map_err(|e| format!("URI SAN {one:?}: {e}")),
-        _ => Err(format!("the leaf has {} URI SANs; an X.509-SVID has exactly one", uris.len())),
+        [one] => one
+            .parse::<SpiffeId>()
+            .map_err(|e| format!("URI SAN {one:?}: {e}")),
+        _ => Err(format!(
+            "the leaf has {} URI SANs; an X.509-SVID has exactly one",
+            uris.len()
+        )),
     }
 }
 
 /// `spiffe://example.org` (the form the agent uses for trust domains) or a bare name.
 fn parse_td(s: &str) -> Result<TrustDomain, String> {
-    s.strip_prefix("spiffe://").unwrap_or(s).parse::<TrustDomain>().map_err(|e| format!("trust domain {s:?}: {e}"))
+    s.strip_prefix("spiffe://")
+        .unwrap_or(s)
+        .parse::<TrustDomain>()
+        .map_err(|e| format!("trust domain {s:?}: {e}"))
 }
 
 /// The agent's bundle set: trust domain -> its X.509 authorities (DER certificates, which the
 /// agent concatenates into one byte string per trust domain).
-pub(super) fn bundles(resp: SubscribeToX509BundlesResponse) -> Result<BTreeMap<TrustDomain, Vec<Der>>, String> {
+pub(super) fn bundles(
+    resp: SubscribeToX509BundlesResponse,
+) -> Result<BTreeMap<TrustDomain, Vec<Der>>, String> {
     let mut out = BTreeMap::new();
     for (td, bytes) in resp.ca_certificates {
         let td = parse_td(&td)?;
@@ -147,7 +178,11 @@ mod tests {
         let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
         p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
         let leaf = p.signed_by(&key, &issuer).unwrap();
-        (ca_cert.der().to_vec(), leaf.der().to_vec(), key.serialize_der())
+        (
+            ca_cert.der().to_vec(),
+            leaf.der().to_vec(),
+            key.serialize_der(),
+        )
     }
 
     fn response(leaf: Vec<u8>, key: Vec<u8>, td: &str, path: &str) -> SubscribeToX509sviDsResponse {
@@ -155,7 +190,10 @@ mod tests {
             x509_svids: vec![X509svidWithKey {
                 x509_svid: Some(types::X509svid {
                     cert_chain: vec![leaf],
-                    id: Some(types::Spiffeid { trust_domain: td.into(), path: path.into() }),
+                    id: Some(types::Spiffeid {
+                        trust_domain: td.into(),
+                        path: path.into(),
+                    }),
                     expires_at: 0,
                     hint: String::new(),
                 }),
@@ -169,15 +207,23 @@ mod tests {
     fn a_good_svid_is_taken_with_its_federations() {
         let td: TrustDomain = "example.org".parse().unwrap();
         let (_, leaf, key) = ca_and_leaf("spiffe://example.org/web");
-        let f = parse(response(leaf, key, "example.org", "/web"), &td).unwrap().unwrap();
+        let f = parse(response(leaf, key, "example.org", "/web"), &td)
+            .unwrap()
+            .unwrap();
         assert_eq!(f.spiffe_id.as_str(), "spiffe://example.org/web");
-        assert_eq!(f.federates_with, vec!["other.org".parse::<TrustDomain>().unwrap()]);
+        assert_eq!(
+            f.federates_with,
+            vec!["other.org".parse::<TrustDomain>().unwrap()]
+        );
     }
 
     #[test]
     fn an_empty_answer_is_no_identity() {
         let td: TrustDomain = "example.org".parse().unwrap();
-        let r = SubscribeToX509sviDsResponse { x509_svids: vec![], federates_with: vec![] };
+        let r = SubscribeToX509sviDsResponse {
+            x509_svids: vec![],
+            federates_with: vec![],
+        };
         assert!(parse(r, &td).unwrap().is_none());
     }
 
@@ -185,11 +231,19 @@ mod tests {
     fn wrong_trust_domain_mismatched_name_or_key_are_refused() {
         let td: TrustDomain = "example.org".parse().unwrap();
         let (_, leaf, key) = ca_and_leaf("spiffe://evil.org/web");
-        assert!(parse(response(leaf, key, "evil.org", "/web"), &td).unwrap_err().contains("not in our trust domain"));
+        assert!(parse(response(leaf, key, "evil.org", "/web"), &td)
+            .unwrap_err()
+            .contains("not in our trust domain"));
         let (_, leaf, key) = ca_and_leaf("spiffe://example.org/web");
-        assert!(parse(response(leaf.clone(), key, "example.org", "/db"), &td).unwrap_err().contains("named"));
+        assert!(
+            parse(response(leaf.clone(), key, "example.org", "/db"), &td)
+                .unwrap_err()
+                .contains("named")
+        );
         let (_, _, other_key) = ca_and_leaf("spiffe://example.org/x");
-        assert!(parse(response(leaf, other_key, "example.org", "/web"), &td).unwrap_err().contains("does not match"));
+        assert!(parse(response(leaf, other_key, "example.org", "/web"), &td)
+            .unwrap_err()
+            .contains("does not match"));
     }
 
     #[test]
@@ -199,15 +253,20 @@ mod tests {
         let mut both = ca1.clone();
         both.extend_from_slice(&ca2);
         let resp = SubscribeToX509BundlesResponse {
-            ca_certificates: [("spiffe://example.org".to_owned(), both), ("spiffe://other.org".to_owned(), ca1)]
-                .into_iter()
-                .collect(),
+            ca_certificates: [
+                ("spiffe://example.org".to_owned(), both),
+                ("spiffe://other.org".to_owned(), ca1),
+            ]
+            .into_iter()
+            .collect(),
         };
         let b = bundles(resp).unwrap();
         assert_eq!(b[&"example.org".parse::<TrustDomain>().unwrap()].len(), 2);
         assert_eq!(b[&"other.org".parse::<TrustDomain>().unwrap()].len(), 1);
         let bad = SubscribeToX509BundlesResponse {
-            ca_certificates: [("spiffe://example.org".to_owned(), vec![0x30, 0x03, 1, 2])].into_iter().collect(),
+            ca_certificates: [("spiffe://example.org".to_owned(), vec![0x30, 0x03, 1, 2])]
+                .into_iter()
+                .collect(),
         };
         assert!(bundles(bad).is_err());
     }
