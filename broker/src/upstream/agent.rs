@@ -72,22 +72,20 @@ async fn follow_bundles(shared: Arc<Shared>, channel: Channel) {
             Ok(()) => "the agent ended the bundle stream".to_owned(),
             Err(why) => why,
         };
-        let was_up = matches!(*super::lock(&shared.agent), AgentState::Up);
-        if was_up {
-            warn!(socket = %shared.socket.display(), reason = %why, "SPIRE agent lost; new SVIDs are refused until it is back");
-            shared.set_agent(AgentState::Down {
-                why,
-                since: Instant::now(),
-            });
-        } else if let AgentState::Down { since, .. } = *super::lock(&shared.agent) {
-            shared.set_agent(AgentState::Down { why, since });
-        } else {
-            warn!(socket = %shared.socket.display(), reason = %why, "cannot reach the SPIRE agent; retrying");
-            shared.set_agent(AgentState::Down {
-                why,
-                since: Instant::now(),
-            });
-        }
+        // A copy: the lock must not be held while the state is replaced (set_agent locks it).
+        let prev = super::lock(&shared.agent).clone();
+        let since = match prev {
+            AgentState::Up => {
+                warn!(socket = %shared.socket.display(), reason = %why, "SPIRE agent lost; new SVIDs are refused until it is back");
+                Instant::now()
+            }
+            AgentState::Down { since, .. } => since,
+            AgentState::Connecting => {
+                warn!(socket = %shared.socket.display(), reason = %why, "cannot reach the SPIRE agent; retrying");
+                Instant::now()
+            }
+        };
+        shared.set_agent(AgentState::Down { why, since });
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }

@@ -437,6 +437,37 @@ mod tests {
     const UPSTREAM: &str =
         "[upstream]\nkind = \"spire\"\nadmin_socket = \"/run/spire/admin.sock\"\n";
 
+    /// Regression: the bundle loop held the agent-state lock while replacing the state, so the
+    /// first failure to reach the agent deadlocked the upstream thread and then every FetchSvid.
+    #[test]
+    fn an_unreachable_agent_is_reported_and_retried_without_deadlock() {
+        let dir = std::env::temp_dir().join(format!("tether-upstream-test-{}", std::process::id()));
+        let config = super::UpstreamConfig {
+            kind: super::UpstreamKind::Spire,
+            admin_socket: dir.join("none.sock"),
+        };
+        let up = super::Upstream::start(&config, "example.org".parse().unwrap()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // Two failed attempts at least: Connecting -> Down, then Down -> Down.
+            std::thread::sleep(std::time::Duration::from_millis(600));
+            let first = up.agent_usable().map_err(|e| e.to_string());
+            std::thread::sleep(std::time::Duration::from_millis(400));
+            let later = up.agent_usable().map_err(|e| e.to_string());
+            let _ = tx.send((first, later));
+        });
+        let (first, later) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("upstream state lock deadlocked");
+        for r in [first, later] {
+            let e = r.unwrap_err();
+            assert!(
+                e.contains("SPIRE agent unavailable") && e.contains("none.sock"),
+                "{e}"
+            );
+        }
+    }
+
     #[test]
     fn upstream_spire_parses() {
         let c = parse(UPSTREAM).unwrap();
