@@ -139,7 +139,8 @@ run_spire() {
     start_spire_server
     local py redis_cli psql nginx redis_server postgres tetherd
     tetherd=$(readlink -f "$BIN/tetherd")
-    py=$(readlink -f "$(command -v python3)")
+    # The interpreter itself (python3 on PATH may be a wrapper script, e.g. pyenv's shim).
+    py=$(python3 -c 'import os, sys; print(os.path.realpath(sys.executable))')
     redis_cli=$(readlink -f "$(command -v redis-cli)")
     redis_server=$(readlink -f "$(command -v redis-server)")
     nginx=$(readlink -f "$(command -v nginx)")
