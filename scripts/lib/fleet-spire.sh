@@ -254,6 +254,20 @@ TOML
         fail "$L: c's curl still refused 90 s after federating: $(tail -2 "$T/logs/c-curl-federated.err")"
     fi
 
+    # 7b. exec keeps the pid and the start time: python3 (its own SPIRE identity, refused by b)
+    #     execs curl in the same process, which must be asked about again and get curl's ID.
+    local code="import os, urllib.request
+try:
+    urllib.request.urlopen('http://${IP[b]}:8080/$MARKER.bin', timeout=10).read(1)
+except Exception:
+    pass
+os.execv('/usr/bin/curl', ['curl', '-sS', '--fail', '--max-time', '10', '-o', '/dev/null', 'http://${IP[b]}:8080/$MARKER.bin'])"
+    if shimmed a exec python3 -c "$code" 2>"$T/logs/a-exec.err" && log_has a-tetherd "process changed since its SPIRE subscription"; then
+        pass "$L: python3 exec'ing curl (same pid) is re-attested by SPIRE and served as curl"
+    else
+        fail "$L: after python3 exec'd curl: $(tail -2 "$T/logs/a-exec.err"); $(tail -2 "$T/logs/a-exec.log")"
+    fi
+
     # 8. (last) The curl entry deleted at runtime: new curl connections stop within one SVID TTL.
     #    a's other workloads keep their identities.
     spire_server entry delete -entryID "$CURL_ENTRY" >/dev/null

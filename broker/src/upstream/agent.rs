@@ -141,6 +141,7 @@ async fn subscription(shared: Arc<Shared>, channel: Channel, s: Subscribe) {
             Ok(_) => Ok(()),
             Err(e) => Err(format!("pidfd: {e}")),
         },
+        () = sub.cancel.notified() => Err("superseded (the process exec'd or changed ids)".to_owned()),
         r = follow(&shared, channel, key, &sub, pidfd.get_ref()) => r,
     };
     // The stream is dropped here, which cancels the RPC at the agent.

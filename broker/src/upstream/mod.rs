@@ -152,8 +152,35 @@ enum SubState {
 /// connection threads that wait for its answers.
 struct Subscription {
     pid: i32,
+    /// What tetherd attested when the agent was asked. The agent attested the pid then; a
+    /// process that has since exec'd another binary or changed ids keeps its pid and start
+    /// time, so it must be asked about again (see [`Upstream::subscription`]).
+    attested: Attested,
     state: Mutex<SubState>,
     changed: Condvar,
+    /// Ends the subscription's task (superseded).
+    cancel: tokio::sync::Notify,
+}
+
+/// The facts an agent's unix attestor derives selectors from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Attested {
+    uid: u32,
+    gid: u32,
+    supplementary_gids: Vec<u32>,
+    exe: PathBuf,
+}
+
+impl Attested {
+    fn of(a: &AttestedPeer) -> Self {
+        let f = a.facts();
+        Self {
+            uid: f.uid,
+            gid: f.gid,
+            supplementary_gids: f.supplementary_gids.clone(),
+            exe: f.exe.clone(),
+        }
+    }
 }
 
 impl Subscription {
@@ -262,7 +289,7 @@ impl Upstream {
     ) -> Result<UpstreamSvid, UpstreamError> {
         self.agent_usable()?;
         let key = (attested.facts().pid, attested.start_time());
-        let sub = self.subscription(peer, key)?;
+        let sub = self.subscription(peer, key, Attested::of(attested))?;
         let deadline = Instant::now() + FIRST_ANSWER_TIMEOUT;
         let fetched = {
             let mut state = lock(&sub.state);
@@ -355,10 +382,18 @@ impl Upstream {
         &self,
         peer: &Peer,
         key: ProcessKey,
+        attested: Attested,
     ) -> Result<Arc<Subscription>, UpstreamError> {
         let mut subs = lock(&self.shared.subs);
         if let Some(s) = subs.get(&key) {
-            return Ok(Arc::clone(s));
+            if s.attested == attested {
+                return Ok(Arc::clone(s));
+            }
+            // Same process, another binary or other ids (exec, setuid): the agent's answer
+            // was about what it was, not what it is. Drop it and ask again.
+            tracing::info!(pid = key.0, exe = %attested.exe.display(), "process changed since its SPIRE subscription (exec or ids); re-subscribing");
+            s.cancel.notify_one();
+            subs.remove(&key);
         }
         if subs.len() >= MAX_SUBSCRIPTIONS {
             return Err(UpstreamError::TooMany);
@@ -366,8 +401,10 @@ impl Upstream {
         let pidfd = pin_process(peer, key).map_err(UpstreamError::Attest)?;
         let sub = Arc::new(Subscription {
             pid: key.0,
+            attested,
             state: Mutex::new(SubState::Pending),
             changed: Condvar::new(),
+            cancel: tokio::sync::Notify::new(),
         });
         self.tx
             .send(Subscribe {
