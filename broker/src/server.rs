@@ -273,18 +273,7 @@ impl Broker {
             UpstreamSvid { spiffe_id: id, issued, bundle: self.ca.bundle().to_vec(), federated: self.ca.federated().clone() },
             &snap,
         );
-        info!(
-            target: AUDIT,
-            event = "issued",
-            pid = facts.pid,
-            uid = facts.uid,
-            gid = facts.gid,
-            exe = %facts.exe.display(),
-            spiffe_id = %svid.spiffe_id,
-            serial = %svid.serial,
-            expiry = %rfc3339(svid.not_after),
-            "SVID issued"
-        );
+        audit_served("issued", "SVID issued", facts, &svid);
         if self.opts.cache {
             self.cache.insert(key, svid.clone(), config.svid_ttl);
         }
@@ -301,20 +290,25 @@ impl Broker {
         let got = upstream.svid_for(peer, &attested)?;
         self.metrics.svid_issued();
         let svid = svid_response(got, snap);
-        info!(
-            target: AUDIT,
-            event = "upstream",
-            pid = facts.pid,
-            uid = facts.uid,
-            gid = facts.gid,
-            exe = %facts.exe.display(),
-            spiffe_id = %svid.spiffe_id,
-            serial = %svid.serial,
-            expiry = %rfc3339(svid.not_after),
-            "SVID from the SPIRE agent"
-        );
+        audit_served("upstream", "SVID from the SPIRE agent", facts, &svid);
         Ok(svid)
     }
+}
+
+/// The audit line for an SVID handed to a process (`event` = issued by the CA, or upstream).
+fn audit_served(event: &'static str, what: &'static str, facts: &crate::config::ProcessFacts, svid: &SvidResponse) {
+    info!(
+        target: AUDIT,
+        event,
+        pid = facts.pid,
+        uid = facts.uid,
+        gid = facts.gid,
+        exe = %facts.exe.display(),
+        spiffe_id = %svid.spiffe_id,
+        serial = %svid.serial,
+        expiry = %rfc3339(svid.not_after),
+        "{what}"
+    );
 }
 
 /// The one place an SVID (from tetherd's CA or from the upstream) becomes a response: the
