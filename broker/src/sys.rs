@@ -1,5 +1,6 @@
 //! All of tetherd's unsafe code: `getsockopt`/`setsockopt` and `recvmsg` with credential
-//! messages on Unix streams, `geteuid`, and `utimensat` on the socket path.
+//! messages on Unix streams, `geteuid`, `utimensat` on the socket path, and for the SPIRE
+//! upstream `pidfd_open`, `poll` on a pidfd and its registration with tokio.
 //!
 //! std's `UnixStream::peer_cred` is unstable, there is no safe `SO_PEERPIDFD`, and
 //! `File::set_modified` needs an open file (a socket path cannot be opened), so this
