@@ -168,6 +168,11 @@ impl Peer {
         self.pidfd.as_ref().and_then(|fd| fd.try_clone().ok())
     }
 
+    /// The pidfd the kernel attached to the connection (`SO_PEERPIDFD`), if it did.
+    pub fn pidfd(&self) -> Option<&OwnedFd> {
+        self.pidfd.as_ref()
+    }
+
     pub fn has_pidfd(&self) -> bool {
         self.pidfd.is_some()
     }

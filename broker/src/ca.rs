@@ -97,7 +97,8 @@ impl fmt::Debug for Ca {
     }
 }
 
-/// A freshly issued SVID.
+/// A freshly issued SVID (by tetherd's CA, or handed over by an upstream).
+#[derive(Clone)]
 pub struct IssuedSvid {
     /// Leaf first, then intermediates.
     pub chain: Vec<Der>,

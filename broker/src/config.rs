@@ -347,6 +347,8 @@ pub struct Config {
     pub policy: Policy,
     /// Prometheus listener; off when `None`.
     pub metrics: Option<MetricsListen>,
+    /// `[upstream]`: SVIDs come from a SPIRE agent instead of tetherd's own CA.
+    pub upstream: Option<crate::upstream::UpstreamConfig>,
 }
 
 /// The file as written. Policy keys are listed here rather than `#[serde(flatten)]`ed, because
@@ -376,6 +378,7 @@ struct RawConfig {
     #[serde(default)]
     default: DefaultAction,
     metrics: Option<Spanned<String>>,
+    upstream: Option<Spanned<crate::upstream::UpstreamConfig>>,
 }
 
 #[derive(Deserialize)]
@@ -475,6 +478,29 @@ impl Config {
             });
         }
 
+        let upstream = match raw.upstream {
+            None => None,
+            Some(u) => {
+                let at = u.span().start;
+                let u = u.into_inner();
+                if !u.admin_socket.is_absolute() {
+                    return Err(err_at(at, "[upstream] admin_socket must be an absolute path".to_owned()));
+                }
+                // Fail closed on settings that would silently not apply: with SPIRE, entries,
+                // CA and federation all live in the SPIRE server.
+                let unused = [
+                    (!entries.is_empty(), "[[entry]] (registration entries live in the SPIRE server)"),
+                    (raw.ca_cert.is_some() || raw.ca_key.is_some() || raw.ca_bundle.is_some(), "ca_cert/ca_key/ca_bundle (the SPIRE server is the CA)"),
+                    (!raw.federated_bundles.is_empty(), "federated_bundles (federated bundles come from the agent)"),
+                    (raw.unmatched != Unmatched::Deny, "unmatched (a process SPIRE does not know gets no identity)"),
+                ];
+                if let Some((_, what)) = unused.iter().find(|(set, _)| *set) {
+                    return Err(err_at(at, format!("{what} cannot be used with [upstream] kind = \"spire\"")));
+                }
+                Some(u)
+            }
+        };
+
         let ca = match (raw.ca_cert, raw.ca_key) {
             (None, None) => {
                 if raw.ca_bundle.is_some() {
@@ -509,6 +535,7 @@ impl Config {
             entries,
             policy: Policy { inbound: raw.inbound, outbound: raw.outbound, default: raw.default },
             metrics,
+            upstream,
         })
     }
 

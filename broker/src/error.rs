@@ -18,6 +18,8 @@ pub enum Error {
     /// Attested, but the process may be impersonating the binary its entry names.
     Impersonation(Impersonation),
     Ca(CaError),
+    /// `[upstream]` (the SPIRE agent) gave no SVID.
+    Upstream(crate::upstream::UpstreamError),
     /// Attested, but no entry grants an identity (and `unmatched = "deny"`).
     NoIdentity { reason: String },
     /// Framing or message errors on the socket.
@@ -40,6 +42,7 @@ impl fmt::Display for Error {
             Self::Attest(e) => e.fmt(f),
             Self::Impersonation(e) => write!(f, "refused as a possible impersonation: {e}"),
             Self::Ca(e) => e.fmt(f),
+            Self::Upstream(e) => e.fmt(f),
             Self::NoIdentity { reason } => write!(f, "no identity: {reason}"),
             Self::Wire(e) => e.fmt(f),
             Self::Refused(r) => write!(f, "tetherd refused ({}): {}", r.code, r.message),
@@ -75,6 +78,11 @@ impl From<CaError> for Error {
         Self::Ca(e)
     }
 }
+impl From<crate::upstream::UpstreamError> for Error {
+    fn from(e: crate::upstream::UpstreamError) -> Self {
+        Self::Upstream(e)
+    }
+}
 impl From<WireError> for Error {
     fn from(e: WireError) -> Self {
         Self::Wire(e)
@@ -93,6 +101,16 @@ impl Error {
             Self::Attest(e) => (ErrorCode::AttestationFailed, e.to_string()),
             Self::Impersonation(_) => (ErrorCode::AttestationFailed, self.to_string()),
             Self::NoIdentity { reason } => (ErrorCode::NoIdentity, reason.clone()),
+            Self::Upstream(e) => {
+                use crate::upstream::UpstreamError as U;
+                match e {
+                    U::NoIdentity(why) => (ErrorCode::NoIdentity, why.clone()),
+                    U::Attest(a) => (ErrorCode::AttestationFailed, a.to_string()),
+                    // Transient: the shim retries briefly and fails this connection closed.
+                    U::Unavailable(_) | U::TooMany => (ErrorCode::Busy, e.to_string()),
+                    U::Invalid(_) => (ErrorCode::Internal, e.to_string()),
+                }
+            }
             Self::Wire(e) => (e.code(), e.to_string()),
             Self::Refused(r) => (r.code, r.message.clone()),
             Self::Config(_)

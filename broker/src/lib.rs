@@ -6,6 +6,7 @@
 //! - [`ca`]: the signing CA and X.509-SVID issuance.
 //! - [`fleet`]: `tether ca init/intermediate` (offline root, per-host intermediates).
 //! - [`cache`]: SVIDs cached per process until half-life.
+//! - [`upstream`]: SPIRE as the source of SVIDs (the agent's Delegated Identity API).
 //! - [`server`]: the Unix socket server and audit log.
 //! - [`reload`]: live config reload (SIGHUP, `tether reload`) and the socket-mtime signal.
 //! - [`connections`]: the live connection table fed by the shims' reports.
@@ -45,6 +46,7 @@ pub mod reload;
 pub mod run;
 pub mod server;
 pub mod sys;
+pub mod upstream;
 
 pub use error::Error;
 

@@ -93,6 +93,9 @@ pub fn restart_only_changes(old: &Config, new: &Config) -> Vec<String> {
     if old.ca != new.ca {
         out.push("ca_cert/ca_key/ca_bundle".to_owned());
     }
+    if old.upstream != new.upstream {
+        out.push("[upstream]".to_owned());
+    }
     if old.federated_bundles != new.federated_bundles {
         out.push("federated_bundles".to_owned());
     }

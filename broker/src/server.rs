@@ -34,6 +34,7 @@ use crate::error::Error;
 use crate::metrics::{Gauges, Metrics};
 use crate::quota::PerUid;
 use crate::reload::{ConfigSource, ReloadError, SocketStamp};
+use crate::upstream::{Upstream, UpstreamSvid};
 use crate::{policy_check, sys};
 
 /// Audit events use this tracing target.
@@ -95,6 +96,8 @@ pub struct Broker {
     live: AtomicUsize,
     connections_per_uid: PerUid,
     in_flight: PerUid,
+    /// `[upstream]`: the SPIRE agent issues instead of `ca`.
+    upstream: Option<Upstream>,
 }
 
 impl Broker {
@@ -123,7 +126,14 @@ impl Broker {
             in_flight: PerUid::new(opts.max_in_flight_per_uid),
             opts,
             live: AtomicUsize::new(0),
+            upstream: None,
         }
+    }
+
+    /// Take SVIDs from `upstream` (the SPIRE agent) instead of the CA.
+    pub fn with_upstream(mut self, upstream: Upstream) -> Self {
+        self.upstream = Some(upstream);
+        self
     }
 
     /// Reload from `source` (the `--config` file and the command-line overrides).
@@ -231,17 +241,13 @@ impl Broker {
     fn fetch_svid_inner(&self, peer: &Peer, export: bool) -> Result<SvidResponse, Error> {
         let snap = self.current();
         let config = &snap.config;
+        if let Some(upstream) = &self.upstream {
+            return self.fetch_from_upstream(upstream, peer, &snap, export);
+        }
         let attested = peer.attest(config.needs_exe_hash().then_some(&self.hashes))?;
         let facts = attested.facts();
         let key = (facts.pid, attested.start_time());
-        if self.keys.is_revoked(key) {
-            return Err(Error::Refused(ErrorResponse {
-                code: ErrorCode::AttestationFailed,
-                message: "this process failed an impersonation re-check after its SVID was issued; its identity \
-                          is revoked for its lifetime"
-                    .to_owned(),
-            }));
-        }
+        self.refuse_revoked(key)?;
         let entry = config.matching_entry(facts);
         let checked = entry.filter(|e| e.names_a_binary() && e.impersonation_checks);
         if let Some(e) = checked {
@@ -283,16 +289,71 @@ impl Broker {
         }
         let issued = self.ca.issue(&id, config.svid_ttl)?;
         self.metrics.svid_issued();
+        let got = UpstreamSvid { spiffe_id: id, issued, bundle: self.ca.bundle().to_vec(), federated: self.ca.federated().clone() };
+        let owner = custody::Owner { process: key, facts: facts.clone(), checks: checked.map(|e| e.path().map(Path::to_path_buf)) };
+        let svid = self.serve(got, &snap, peer, owner, broker_custody, "issued", "SVID issued")?;
+        if self.opts.cache && !export {
+            self.cache.insert(key, svid.clone(), config.svid_ttl);
+        }
+        Ok(svid)
+    }
+}
+
+impl Broker {
+    /// SPIRE mode: the agent attests the process too (by pid) and grants the identity; tetherd
+    /// attests it first, so a caller that cannot be attested never reaches the agent.
+    fn fetch_from_upstream(
+        &self,
+        upstream: &Upstream,
+        peer: &Peer,
+        snap: &Snapshot,
+        export: bool,
+    ) -> Result<SvidResponse, Error> {
+        let attested = peer.attest(None)?;
+        let facts = attested.facts();
+        let key = (facts.pid, attested.start_time());
+        self.refuse_revoked(key)?;
+        let got = upstream.svid_for(peer, &attested)?;
+        self.metrics.svid_issued();
+        // SPIRE hands the delegate the key; under broker custody it stays here like our own.
+        let broker_custody = snap.config.key_custody == KeyCustody::Broker && !export;
+        let owner = custody::Owner { process: key, facts: facts.clone(), checks: None };
+        self.serve(got, snap, peer, owner, broker_custody, "upstream", "SVID from the SPIRE agent")
+    }
+
+    /// A process whose impersonation re-check failed after issuance keeps no identity.
+    fn refuse_revoked(&self, key: (i32, u64)) -> Result<(), Error> {
+        if self.keys.is_revoked(key) {
+            return Err(Error::Refused(ErrorResponse {
+                code: ErrorCode::AttestationFailed,
+                message: "this process failed an impersonation re-check after its SVID was issued; its identity \
+                          is revoked for its lifetime"
+                    .to_owned(),
+            }));
+        }
+        Ok(())
+    }
+
+    /// The one place an SVID (from tetherd's CA or from the upstream) becomes a response, with
+    /// the policy in force. Under broker custody the key goes into the key store, held for the
+    /// owner's (pid, start time) and pidfd, and the response carries only its id.
+    fn serve(
+        &self,
+        got: UpstreamSvid,
+        snap: &Snapshot,
+        peer: &Peer,
+        owner: custody::Owner,
+        broker_custody: bool,
+        event: &'static str,
+        what: &'static str,
+    ) -> Result<SvidResponse, Error> {
+        let UpstreamSvid { spiffe_id, issued, bundle, federated } = got;
         let not_after = unix(issued.not_after);
+        let facts = owner.facts.clone();
         let (private_key, key_id) = if broker_custody {
             let held = HeldKey::from_pkcs8(issued.key.0, not_after).map_err(|e| {
                 Error::Refused(ErrorResponse { code: ErrorCode::Internal, message: format!("issued key unusable: {e}") })
             })?;
-            let owner = custody::Owner {
-                process: key,
-                facts: facts.clone(),
-                checks: checked.map(|e| e.path().map(Path::to_path_buf)),
-            };
             let id = self.keys.insert(owner, peer.pidfd_clone(), held).map_err(|why| {
                 Error::Refused(ErrorResponse { code: ErrorCode::LimitExceeded, message: why.to_owned() })
             })?;
@@ -301,36 +362,44 @@ impl Broker {
             (Some(issued.key), None)
         };
         let svid = SvidResponse {
-            spiffe_id: id,
+            spiffe_id,
             cert_chain: issued.chain,
             private_key,
             key_id,
-            bundle: self.ca.bundle().to_vec(),
-            federated: self.ca.federated().clone(),
+            bundle,
+            federated,
             serial: issued.serial,
             not_before: unix(issued.not_before),
             not_after,
-            policy: config.policy.clone(),
+            policy: snap.config.policy.clone(),
             policy_generation: snap.generation,
         };
-        info!(
-            target: AUDIT,
-            event = "issued",
-            pid = facts.pid,
-            uid = facts.uid,
-            gid = facts.gid,
-            exe = %facts.exe.display(),
-            spiffe_id = %svid.spiffe_id,
-            serial = %svid.serial,
-            expiry = %rfc3339(svid.not_after),
-            custody = if broker_custody { "broker" } else { "process" },
-            "SVID issued"
-        );
-        if self.opts.cache && !export {
-            self.cache.insert(key, svid.clone(), config.svid_ttl);
-        }
+        audit_served(event, what, &facts, &svid, if broker_custody { "broker" } else { "process" });
         Ok(svid)
     }
+}
+
+/// The audit line for an SVID handed to a process (`event` = issued by the CA, or upstream).
+fn audit_served(
+    event: &'static str,
+    what: &'static str,
+    facts: &crate::config::ProcessFacts,
+    svid: &SvidResponse,
+    custody: &'static str,
+) {
+    info!(
+        target: AUDIT,
+        event,
+        pid = facts.pid,
+        uid = facts.uid,
+        gid = facts.gid,
+        exe = %facts.exe.display(),
+        spiffe_id = %svid.spiffe_id,
+        serial = %svid.serial,
+        expiry = %rfc3339(svid.not_after),
+        custody,
+        "{what}"
+    );
 }
 
 fn unix(t: OffsetDateTime) -> u64 {

@@ -1,6 +1,7 @@
 //! All of tetherd's unsafe code: `getsockopt`/`setsockopt` and `recvmsg` with credential
 //! messages on Unix streams, `geteuid`, `utimensat` on the socket path, the epoll set that
-//! watches held pidfds (broker custody), and wiping a signing key's memory.
+//! watches held pidfds (broker custody), wiping a signing key's memory, and for the SPIRE
+//! upstream `pidfd_open`, `poll` on a pidfd and its registration with tokio.
 //!
 //! std's `UnixStream::peer_cred` is unstable, there is no safe `SO_PEERPIDFD`, and
 //! `File::set_modified` needs an open file (a socket path cannot be opened), so this
@@ -345,4 +346,48 @@ pub fn glibc_version() -> String {
     // whole process and is never written to; we copy it out at once.
     let s = unsafe { std::ffi::CStr::from_ptr(libc::gnu_get_libc_version()) };
     s.to_string_lossy().into_owned()
+}
+
+/// `pidfd_open(pid, 0)` (Linux 5.3+): a descriptor that names the process `pid` names now,
+/// and keeps naming it (never a successor) until closed.
+pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_long, 0 as libc::c_long) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+/// Has the process behind `pidfd` exited? A pidfd polls readable once its process has
+/// terminated (a zombie counts), so this is the "before its pid can be reused" signal.
+pub fn pidfd_exited(pidfd: &impl AsRawFd) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: `p` is one initialised pollfd that lives across the call; the count is 1 and
+    // the timeout 0, so poll returns at once and writes only `p.revents`.
+    let rc = unsafe { libc::poll(&mut p, 1, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+}
+
+/// Does `pidfd` still name the live process `pid` (not exited, same pid in its fdinfo)?
+pub fn pidfd_names(pidfd: &impl AsRawFd, pid: i32) -> io::Result<bool> {
+    if pidfd_exited(pidfd)? {
+        return Ok(false);
+    }
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd()))?;
+    let now = info.lines().find_map(|l| l.strip_prefix("Pid:")).and_then(|v| v.trim().parse::<i32>().ok());
+    Ok(now == Some(pid))
+}
+
+/// Register `pidfd` with the current tokio runtime, to await its process's exit (readable).
+/// Must be called on the upstream thread's runtime.
+pub fn watch_pidfd(pidfd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd takes ownership of the OwnedFd, so the descriptor stays open and
+    // names the same pidfd until the AsyncFd is dropped (OwnedFd::as_raw_fd always returns it).
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+        .map_err(io::Error::from)
 }

@@ -11,6 +11,7 @@ use tether_broker::config::MetricsListen;
 use tether_broker::env::ProcessEnv;
 use tether_broker::reload::{self, ConfigSource};
 use tether_broker::server::{self, Broker, ServerOptions};
+use tether_broker::upstream::Upstream;
 use tether_broker::{init_logging, metrics, LogFormat};
 
 /// The tether identity broker: attests local processes and issues them X.509-SVIDs.
@@ -136,7 +137,21 @@ fn main() -> ExitCode {
         cache: !args.no_cache,
         sweep_interval: Duration::from_millis(args.sweep_interval_ms.max(10)),
     };
-    let broker = Arc::new(Broker::new(config, ca, opts).with_source(source));
+    let upstream = match config.upstream.as_ref().map(|u| Upstream::start(u, config.trust_domain.clone())).transpose() {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("tetherd: cannot start the SPIRE upstream client: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Some(u) = &upstream {
+        tracing::info!(admin_socket = %u.socket().display(), "SVIDs come from the SPIRE agent ([upstream] kind = \"spire\")");
+    }
+    let mut broker = Broker::new(config, ca, opts).with_source(source);
+    if let Some(u) = upstream {
+        broker = broker.with_upstream(u);
+    }
+    let broker = Arc::new(broker);
     if let Err(e) = reload::spawn_sighup_reloader(Arc::clone(&broker), sighup) {
         eprintln!("tetherd: cannot start the SIGHUP thread: {e}");
         return ExitCode::FAILURE;
