@@ -790,6 +790,14 @@ impl Broker {
         let req = sign::parse_request(body).map_err(|e| (Status::BadRequest, "bad_request", e.to_string()))?;
         // The sender was checked for this message; prove it is still the process that connected.
         p.recheck().map_err(|e| (Status::Refused, "exited", e.to_string()))?;
+        if self.upstream.as_ref().is_some_and(|u| u.withdrawn(p.process())) {
+            // SPIRE withdrew this process's identity (entry deleted): its held keys go now, so
+            // a running workload stops at its next handshake, not at its SVID's expiry.
+            if self.keys.destroy(p.process()) {
+                self.metrics.key_destroyed("withdrawn");
+            }
+            return Err((Status::Refused, "withdrawn", "the SPIRE agent withdrew this process's identity".to_owned()));
+        }
         self.keys.sign(p.process(), req.key_id, req.scheme, req.message, out).map_err(|r| {
             let status = match r {
                 custody::Refusal::UnknownKey => Status::UnknownKey,

@@ -268,14 +268,40 @@ os.execv('/usr/bin/curl', ['curl', '-sS', '--fail', '--max-time', '10', '-o', '/
         fail "$L: after python3 exec'd curl: $(tail -2 "$T/logs/a-exec.err"); $(tail -2 "$T/logs/a-exec.log")"
     fi
 
-    # 8. (last) The curl entry deleted at runtime: new curl connections stop within one SVID TTL.
-    #    a's other workloads keep their identities.
+    # 8. (last) The curl entry deleted at runtime: new curl connections stop within one SVID TTL,
+    #    and so do a curl that was already running (its key, held by tetherd under broker
+    #    custody, stops signing once the agent withdraws the identity: no wait for the SVID to
+    #    expire). a's other workloads keep their identities. The running curl makes a new
+    #    connection (full handshake: TETHER_RESUMPTION=0, a resumed one signs nothing) 4 times a
+    #    second and prints each status on stderr: 404 = served over mTLS, 000 = refused.
+    local urls=() i running_pid
+    for i in $(seq 400); do urls+=("http://${IP[b]}:8080/running-$i"); done
+    # shellcheck disable=SC2046 # reason: shim_env prints words without spaces
+    bg a env $(shim_env a curl-running) TETHER_RESUMPTION=0 curl -s --rate 4/s -H 'Connection: close' \
+        --max-time 5 -o /dev/null -w '%{stderr}%{http_code}\n' "${urls[@]}" 2>"$T/logs/a-curl-running.codes"
+    running_pid=$BG
+    until_ok 20 grep -q '^404$' "$T/logs/a-curl-running.codes" ||
+        fail "$L: the running curl never got through before the deletion: $(tail -3 "$T/logs/a-curl-running.codes")"
+    local served_before
+    served_before=$(grep -c '^404$' "$T/logs/a-curl-running.codes" || true)
     spire_server entry delete -entryID "$CURL_ENTRY" >/dev/null
     if until_ok "$SPIRE_SVID_TTL" curl_refused deleted; then
         pass "$L: curl's entry deleted: its new connections refused after ${WAITED}s (SVID TTL ${SPIRE_SVID_TTL}s)"
     else
         fail "$L: curl still connects ${SPIRE_SVID_TTL}s after its entry was deleted"
     fi
+    running_refused() { tail -n +"$((served_before + 1))" "$T/logs/a-curl-running.codes" | grep -q '^000$'; }
+    if until_ok "$SPIRE_SVID_TTL" running_refused && kill -0 "$running_pid" 2>/dev/null; then
+        pass "$L: the curl already running when its entry was deleted (same process) is refused ${WAITED}s later"
+    else
+        fail "$L: the running curl kept connecting after its entry was deleted: $(tail -3 "$T/logs/a-curl-running.codes")"
+    fi
+    if log_has a-tetherd "withdrew this process's identity"; then
+        pass "$L: tetherd on a destroyed the running curl's key (identity withdrawn by SPIRE)"
+    else
+        fail "$L: tetherd on a did not log the withdrawn identity"
+    fi
+    kill "$running_pid" 2>/dev/null || true
     if log_has a-tetherd "no identity"; then
         pass "$L: tetherd on a refused curl: no identity from SPIRE"
     else

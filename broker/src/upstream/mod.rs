@@ -377,6 +377,14 @@ impl Upstream {
         }
     }
 
+    /// Whether the agent has withdrawn `key`'s identity since it was served (its latest answer on
+    /// the process's subscription had no SVID: the entry was deleted or no longer matches). The
+    /// signing path asks this, so a key held under broker custody stops signing at once.
+    pub fn withdrawn(&self, key: ProcessKey) -> bool {
+        let sub = lock(&self.shared.subs).get(&key).cloned();
+        sub.is_some_and(|s| matches!(*lock(&s.state), SubState::NoIdentity))
+    }
+
     /// The live subscription of `key`, or a new one holding the process's pidfd.
     fn subscription(
         &self,
