@@ -6,7 +6,8 @@
 //!
 //! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY`, 4. fd table `TABLE`,
 //! 5. reporter `REPORTER`, 6. reporter `BROKER_FD`, 7. inbound `WORKERS`, 8. inbound `POOL`,
-//! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`.
+//! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. TLS `CONFIGS`
+//! (`tls::configs`: the per-identity rustls configs; the relay stores a ticket under lock 9).
 //!
 //! A [`crate::fd_table::Protected`] reports its close (lock 5) and its `Link` closes the relay's
 //! TCP copy (lock 11), so one may be dropped only while holding nothing above 4: the inbound
@@ -27,7 +28,7 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::{fallback, fd_table, guard, identity, ops, report, sync};
+use crate::{fallback, fd_table, guard, identity, ops, report, sync, tls};
 
 /// The process that owns this address space: the loader's process, or the fork child.
 static OWNER: AtomicI32 = AtomicI32::new(0);
@@ -79,6 +80,7 @@ extern "C" fn prepare() {
         report::atfork_prepare(); // 5, 6
         ops::inbound::atfork_prepare(); // 7, 8
         fallback::atfork_prepare(); // 9, 10, 11
+        tls::configs::atfork_prepare(); // 12
     });
 }
 
@@ -96,6 +98,7 @@ extern "C" fn child() {
         fallback::atfork_child();
         sync::release_fork_locks();
         identity::atfork_child();
+        tls::configs::atfork_child();
         // Single-threaded from here; no lock is held, and nothing below writes to a socket.
         report::after_fork_child();
         ops::inbound::after_fork_child();

@@ -15,6 +15,7 @@ pub(crate) mod env {
     pub(crate) const LOG: &str = "TETHER_LOG";
     pub(crate) const HANDSHAKE_TIMEOUT_MS: &str = "TETHER_HANDSHAKE_TIMEOUT_MS";
     pub(crate) const DISABLE: &str = "TETHER_DISABLE";
+    pub(crate) const RESUMPTION: &str = "TETHER_RESUMPTION";
     /// Debug builds only: a named fault to inject (see [`super::Settings::fault`]).
     pub(crate) const TEST_FAULT: &str = "TETHER_TEST_FAULT";
 }
@@ -49,6 +50,8 @@ pub(crate) struct Settings {
     pub(crate) handshake_timeout: Duration,
     /// `TETHER_DISABLE=1`: the shim is inert (tetherd itself sets this for its own process).
     pub(crate) disabled: bool,
+    /// TLS 1.3 resumption between tether peers (`TETHER_RESUMPTION=0` turns it off).
+    pub(crate) resumption: bool,
     /// `TETHER_TEST_FAULT`, honoured by debug builds only (release builds never read it): the
     /// e2e tests use it to reach failure paths a healthy peer cannot trigger, such as a panic
     /// after the real connect.
@@ -79,6 +82,7 @@ impl Settings {
             socket: PathBuf::from(DEFAULT_SOCKET),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             disabled: false,
+            resumption: true,
             test_fault: None,
         };
         if secure {
@@ -102,6 +106,7 @@ impl Settings {
             s.handshake_timeout = Duration::from_millis(ms.clamp(50, 120_000));
         }
         s.disabled = matches!(src.var(env::DISABLE).as_deref(), Some("1") | Some("true"));
+        s.resumption = !matches!(src.var(env::RESUMPTION).as_deref(), Some("0") | Some("off") | Some("false"));
         if cfg!(debug_assertions) {
             s.test_fault = src.var(env::TEST_FAULT).filter(|v| !v.is_empty());
         }

@@ -108,7 +108,7 @@ fn plan(fd: RawFd) -> Result<Plan, Failure> {
 pub(crate) fn protect(
     fd: RawFd,
     direction: Direction,
-    ident: &Identity,
+    ident: &Arc<Identity>,
     allow: &[IdPattern],
     local: SocketAddr,
     remote: SocketAddr,
@@ -123,17 +123,13 @@ pub(crate) fn protect(
 fn protect_inner(
     fd: RawFd,
     direction: Direction,
-    ident: &Identity,
+    ident: &Arc<Identity>,
     allow: &[IdPattern],
     local: SocketAddr,
     remote: SocketAddr,
 ) -> Result<Arc<Protected>, Failure> {
     let plan = plan(fd)?;
-    let flags = net::status_flags(fd);
-    let toggle = flags & libc::O_NONBLOCK == 0;
-    if toggle {
-        net::set_status_flags(fd, flags | libc::O_NONBLOCK);
-    }
+    // The handshake's I/O is MSG_DONTWAIT: the fd's flags are neither read nor changed.
     let deadline = Instant::now() + settings::get().handshake_timeout;
     let mut io = DeadlineIo { fd, deadline };
     let target = match plan {
@@ -141,12 +137,9 @@ fn protect_inner(
         Plan::Userspace { .. } => handshake::Target::Relay,
     };
     let est = match direction {
-        Direction::Outbound => handshake::client(&mut io, &ident.creds, allow, remote, target),
-        Direction::Inbound => handshake::server(&mut io, &ident.creds, allow, target),
+        Direction::Outbound => handshake::client(&mut io, ident, allow, remote, target),
+        Direction::Inbound => handshake::server(&mut io, ident, allow, target),
     };
-    if toggle {
-        net::set_status_flags(fd, flags);
-    }
     let est = est.map_err(Failure::Handshake)?;
     let (path, detail, rekey) = match (plan, est.conn) {
         (Plan::Ktls, handshake::Session::Kernel(h)) => {
@@ -176,6 +169,7 @@ fn protect_inner(
         .kv("local", local)
         .kv("peer", remote)
         .kv("detail", detail)
+        .kv("handshake", if est.resumed { "resumed" } else { "full" })
         .emit();
     Ok(p)
 }

@@ -21,9 +21,7 @@ const CIPHER_AES_GCM_256: u16 = 52;
 const CIPHER_CHACHA20_POLY1305: u16 = 54;
 
 pub(crate) use super::control::{classify, control_bytes_missing, Control};
-use super::control::{CONTENT_ALERT, CONTENT_APPLICATION_DATA};
-#[cfg(test)]
-use super::control::CONTENT_HANDSHAKE;
+use super::control::{CONTENT_ALERT, CONTENT_APPLICATION_DATA, CONTENT_HANDSHAKE};
 
 /// Largest TLS 1.3 record plaintext plus slack.
 const MAX_RECORD: usize = 16384 + 256;

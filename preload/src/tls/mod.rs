@@ -1,7 +1,9 @@
 //! TLS: the handshake drivers and the SPIFFE verifier. Key export into the kernel lives in
 //! [`danger`], the one place that touches traffic secrets.
 
+pub(crate) mod configs;
 pub(crate) mod handshake;
+pub(crate) mod resumption;
 pub(crate) mod unbuffered;
 pub(crate) mod verify;
 

@@ -1,9 +1,9 @@
 //! The kTLS path's handshake driver: rustls's unbuffered API, which is the only one that hands
 //! over a [`KernelConnection`] (the key schedule that follows KeyUpdates after the hand-over).
 //!
-//! Same discipline as the buffered driver: **one TLS record at a time** is read from the
-//! socket (5-byte header, then exactly that many bytes), so nothing that follows the handshake
-//! is ever read out of the kernel. Bytes rustls has not yet consumed (a handshake message
+//! Same discipline as the buffered driver: **one TLS record at a time** is given to rustls
+//! from the [`Inbox`] (one peek per flight, one read of exactly the records consumed), so
+//! nothing that follows the handshake is ever read out of the kernel. Bytes rustls has not yet consumed (a handshake message
 //! split across records) stay at the head of our buffer and the next record is appended.
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -14,7 +14,7 @@ use rustls::ExtractedSecrets;
 use zeroize::Zeroize;
 
 use super::danger::KeySchedule;
-use super::handshake::{read_record, HandshakeError};
+use super::handshake::{HandshakeError, Inbox, PeerChain};
 use crate::sys::net::DeadlineIo;
 use std::io::Write;
 
@@ -23,6 +23,7 @@ pub(crate) trait Unbuffered {
     type Data;
     fn process<'c, 'i>(&'c mut self, incoming: &'i mut [u8]) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn handshaking(&self) -> bool;
+    fn common(&self) -> &rustls::CommonState;
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error>;
 }
 
@@ -33,6 +34,9 @@ impl Unbuffered for UnbufferedClientConnection {
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
         let (s, k): (_, KernelConnection<ClientConnectionData>) = self.dangerous_into_kernel_connection()?;
@@ -48,20 +52,23 @@ impl Unbuffered for UnbufferedServerConnection {
     fn handshaking(&self) -> bool {
         self.is_handshaking()
     }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
         let (s, k): (_, KernelConnection<ServerConnectionData>) = self.dangerous_into_kernel_connection()?;
         Ok((s, KeySchedule::Server(k)))
     }
 }
 
-/// Run the handshake to completion and hand over the keys and the key schedule.
+/// Run the handshake to completion and hand over the keys, the key schedule and the peer.
 pub(crate) fn drive<C: Unbuffered>(
     mut conn: C,
     io: &mut DeadlineIo,
+    inbox: &mut Inbox,
     quickack: bool,
-) -> Result<(ExtractedSecrets, KeySchedule), HandshakeError> {
+) -> Result<((ExtractedSecrets, KeySchedule), PeerChain), HandshakeError> {
     let mut incoming: Vec<u8> = Vec::with_capacity(2 * 16_640);
-    let mut record = Vec::with_capacity(16_640);
     let mut flight: Vec<u8> = Vec::with_capacity(4096);
     let mut out = vec![0u8; 16_640];
     loop {
@@ -119,16 +126,19 @@ pub(crate) fn drive<C: Unbuffered>(
                 return Err(HandshakeError::Tls(rustls::Error::General("records past the handshake's end".into())));
             }
         }
-        read_record(io, &mut record)?;
-        if quickack {
-            // See the buffered driver: the server acks each handshake record at once.
+        let fresh = inbox.needs_read();
+        incoming.extend_from_slice(inbox.next_record(io)?);
+        if quickack && fresh {
+            // See the buffered driver: the server acks each handshake flight at once.
             crate::sys::ktls::quickack(io.fd);
         }
-        incoming.extend_from_slice(&record);
     }
     if !flight.is_empty() {
         io.write_all(&flight)?;
     }
     out.zeroize();
-    conn.into_kernel().map_err(HandshakeError::Tls)
+    // Exactly the records rustls consumed leave the kernel's queue; kTLS decrypts the rest.
+    inbox.commit(io)?;
+    let peer = PeerChain::of(conn.common());
+    Ok((conn.into_kernel().map_err(HandshakeError::Tls)?, peer))
 }
