@@ -4,7 +4,7 @@
 //! [`prepare`] and released by [`parent`]/[`child`] in ONE order, the only order any code path
 //! may nest them in (ARCHITECTURE.md, "Fork"):
 //!
-//! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY`, 4. fd table `TABLE`,
+//! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY` then `STAMP`, 4. fd table `TABLE`,
 //! 5. reporter `REPORTER`, 6. reporter `BROKER_FD`, 7. inbound `WORKERS`, 8. inbound `POOL`,
 //! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. TLS `CONFIGS`
 //! (`tls::configs`: the per-identity rustls configs; the relay stores a ticket under lock 9).

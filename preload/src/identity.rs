@@ -131,9 +131,23 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     }
 }
 
-/// The broker socket's mtime (one `stat`, cheap enough for every connect).
+/// How long a read of the socket's mtime stands for: a reload reaches a running process within
+/// this, and a process making thousands of connections a second makes ten stats, not thousands.
+const STAMP_FRESH: Duration = Duration::from_millis(100);
+
+/// The last stamp read and when (a copy, so no lock is held across the stat).
+static STAMP: Mutex<Option<(std::time::Instant, Option<SystemTime>)>> = Mutex::new(None);
+
+/// The broker socket's mtime: one `stat`, at most every [`STAMP_FRESH`].
 fn policy_stamp() -> Option<SystemTime> {
-    std::fs::metadata(&settings::get().socket).and_then(|m| m.modified()).ok()
+    if let Some((at, stamp)) = *STAMP.lock() {
+        if at.elapsed() < STAMP_FRESH {
+            return stamp;
+        }
+    }
+    let stamp = std::fs::metadata(&settings::get().socket).and_then(|m| m.modified()).ok();
+    *STAMP.lock() = Some((std::time::Instant::now(), stamp));
+    stamp
 }
 
 /// The policy changed on the broker: fetch it and swap it in, keeping the SVID. If the fetch
@@ -270,12 +284,14 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>) -> Result<Identit
 }
 
 /// Fork lock order: FETCH, STATE, then POLICY_ONLY, as in `current` and
-/// `policy_without_identity` (released by `crate::fork`; the policy-only cache is kept in the
-/// child: the policy is the same for every process).
+/// `policy_without_identity`, then STAMP (the innermost: taken under FETCH or STATE) (released by
+/// `crate::fork`; the policy-only cache is kept in the child: the policy is the same for every
+/// process).
 pub(crate) fn atfork_prepare() {
     FETCH.hold_for_fork();
     STATE.hold_for_fork();
     POLICY_ONLY.hold_for_fork();
+    STAMP.hold_for_fork();
 }
 
 /// In the fork child, after every lock is released.

@@ -1,0 +1,199 @@
+//! Issue 14: TLS 1.3 resumption between tether peers. A second connection from one process to
+//! the same destination resumes (proved on the wire: the server's plaintext ServerHello
+//! carries the pre_shared_key extension, and its flight is far smaller with no certificate);
+//! a reload or an SVID renewal invalidates the server's tickets; a client no longer allowed is
+//! refused even with a ticket; OpenSSL peers work with our tickets or without them.
+
+#![allow(clippy::unwrap_used)] // reason: tests
+
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tether_shim_tests::wire::Capture;
+use tether_shim_tests::{derived_id, free_port, show, tether_cli_path, Harness, Policy, ANY_ID, PYTHON};
+
+/// N sequential connections, one line echoed on each (a pause between them lets the server's
+/// ticket arrive); prints `ok=N`.
+const PY_SEQ: &str = r#"
+import socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+ok = 0
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(b"resume-marker-%d\n" % i)
+    d = b""
+    while not d.endswith(b"\n"):
+        b = s.recv(4096)
+        if not b:
+            break
+        d += b
+    if d == b"resume-marker-%d\n" % i:
+        ok += 1
+    s.close()
+    time.sleep(0.2)
+print("ok=%d" % ok, flush=True)
+"#;
+
+fn echo_server(port: u16) -> Command {
+    let mut c = Command::new(PYTHON);
+    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/py/echo_server.py")).arg(port.to_string());
+    c
+}
+
+/// Does this server-to-client stream start with a ServerHello that accepted a PSK
+/// (extension 41, pre_shared_key)? `None` if it does not start with a ServerHello.
+fn server_hello_accepts_psk(stream: &[u8]) -> Option<bool> {
+    let rec = stream.get(5..5 + usize::from(u16::from_be_bytes([*stream.get(3)?, *stream.get(4)?])))?;
+    if stream[0] != 22 || *rec.first()? != 2 {
+        return None;
+    }
+    // msg type + 24-bit length, legacy_version, random, session id, suite, compression.
+    let mut at = 4 + 2 + 32;
+    at += 1 + usize::from(*rec.get(at)?);
+    at += 2 + 1;
+    let ext_len = usize::from(u16::from_be_bytes([*rec.get(at)?, *rec.get(at + 1)?]));
+    let mut exts = rec.get(at + 2..at + 2 + ext_len)?;
+    while exts.len() >= 4 {
+        let ty = u16::from_be_bytes([exts[0], exts[1]]);
+        let len = usize::from(u16::from_be_bytes([exts[2], exts[3]]));
+        if ty == 41 {
+            return Some(true);
+        }
+        exts = exts.get(4 + len..)?;
+    }
+    Some(false)
+}
+
+#[test]
+fn second_connection_from_one_process_is_resumed_on_the_wire() {
+    let port = free_port();
+    let mut h = Harness::new("resume", Policy::new().both(port));
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
+    let cap = Capture::start(h.dir(), port);
+    let mut c = Command::new(PYTHON);
+    c.arg(h.script("seq.py", PY_SEQ)).args([port.to_string(), "3".into()]);
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
+    assert!(run.stdout.contains("ok=3"), "{run}");
+    let wire = cap.finish();
+
+    let client = h.log_lines("client");
+    let kinds: Vec<&str> = client.iter().filter(|l| l.is("connect", "allow")).map(|l| l.get("handshake")).collect();
+    assert_eq!(kinds, ["full", "resumed", "resumed"], "{}", show(&client));
+    let server = h.log_lines("server");
+    let kinds: Vec<&str> = server.iter().filter(|l| l.is("accept", "allow")).map(|l| l.get("handshake")).collect();
+    assert_eq!(kinds, ["full", "resumed", "resumed"], "{}", show(&server));
+
+    // On the wire: server-to-client flows, in connection order.
+    let mut to_client: Vec<_> = wire.flows.iter().filter(|(k, _)| k.src.port() == port).collect();
+    to_client.sort_by_key(|(k, _)| (k.dst.port(), k.conn));
+    assert_eq!(to_client.len(), 3, "flows: {:?}", wire.flows.keys().collect::<Vec<_>>());
+    let mut psk = Vec::new();
+    let mut sizes = Vec::new();
+    for (k, f) in &to_client {
+        let bytes = f.complete_bytes().unwrap_or_else(|| panic!("capture of {k} has holes"));
+        psk.push(server_hello_accepts_psk(bytes).unwrap_or_else(|| panic!("{k} does not start with a ServerHello")));
+        sizes.push(bytes.len());
+        assert!(!f.contains(b"resume-marker"), "plaintext on the wire in {k}");
+    }
+    // Client ports are ephemeral and usually increasing, but sort by what the wire says.
+    psk.sort();
+    assert_eq!(psk, [false, true, true], "pre_shared_key accepted in the ServerHellos");
+    let (small, big) = (sizes.iter().min().unwrap(), sizes.iter().max().unwrap());
+    assert!(big - small > 300, "a resumed server flight carries no certificate: sizes {sizes:?}");
+}
+
+#[test]
+fn resumption_off_makes_every_handshake_full() {
+    let port = free_port();
+    let mut h = Harness::new("resume-off", Policy::new().both(port));
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
+    let mut c = Command::new(PYTHON);
+    c.arg(h.script("seq.py", PY_SEQ)).args([port.to_string(), "2".into()]).env("TETHER_RESUMPTION", "0");
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
+    assert!(run.stdout.contains("ok=2"), "{run}");
+    let client = h.log_lines("client");
+    let kinds: Vec<&str> = client.iter().filter(|l| l.is("connect", "allow")).map(|l| l.get("handshake")).collect();
+    assert_eq!(kinds, ["full", "full"], "{}", show(&client));
+}
+
+/// `openssl s_client` with the exported SVID, saving or offering a session.
+fn s_client(svid: &(PathBuf, PathBuf, PathBuf), port: u16, sess: &str, path: &PathBuf) -> Command {
+    let (cert, key, bundle) = svid;
+    let mut c = Command::new("openssl");
+    c.args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}")])
+        .arg("-cert")
+        .arg(cert)
+        .arg("-key")
+        .arg(key)
+        .arg("-CAfile")
+        .arg(bundle)
+        .arg(sess)
+        .arg(path)
+        .stdin(Stdio::piped());
+    c
+}
+
+/// Run s_client: send one line, wait for the echo (and the tickets) and quit.
+fn s_client_run(h: &Harness, name: &str, cmd: &mut Command) -> String {
+    let mut sh = Command::new("bash");
+    let prog: Vec<String> = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
+    let quoted: Vec<String> = prog.iter().map(|a| format!("'{a}'")).collect();
+    sh.args(["-c", &format!("(echo ping-{name}; sleep 1) | {} 2>&1", quoted.join(" "))]);
+    let run = h.run(name, h.plain(&mut sh), Duration::from_secs(30));
+    run.stdout.clone()
+}
+
+fn reused(out: &str) -> bool {
+    out.contains("Reused, TLSv1.3")
+}
+
+fn tether(h: &Harness, args: &[&str]) {
+    let o = Command::new(tether_cli_path())
+        .args(args)
+        .arg("--socket")
+        .arg(h.socket())
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "tether {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// An OpenSSL client (not tether) resumes with our ticket, and the re-checked identity lets it
+/// through; after `tether reload` the ticket is unknown (a full handshake: "New"); when the
+/// reload removes its ID from `allow`, its old ticket does not get it in.
+#[test]
+fn openssl_client_resumes_and_a_reload_invalidates_its_ticket() {
+    let port = free_port();
+    let mut h = Harness::new("resume-openssl", Policy::new().inbound(port, &[ANY_ID]));
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
+    let svid = h.svid_files();
+    let sess = h.path("sess.pem");
+
+    let out = s_client_run(&h, "first", &mut s_client(&svid, port, "-sess_out", &sess));
+    assert!(out.contains("ping-first"), "echo through a full handshake: {out}");
+    assert!(sess.exists(), "s_client saved no session: {out}");
+    let out = s_client_run(&h, "again", &mut s_client(&svid, port, "-sess_in", &sess));
+    assert!(reused(&out) && out.contains("ping-again"), "resumed with our ticket: {out}");
+
+    // Tickets are single-use: save a fresh one, reload, offer it.
+    let _ = s_client_run(&h, "refill", &mut s_client(&svid, port, "-sess_out", &sess));
+    fs::write(h.path("tetherd.toml"), Policy::new().inbound(port, &[ANY_ID]).to_config()).unwrap();
+    tether(&h, &["reload"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = s_client_run(&h, "after-reload", &mut s_client(&svid, port, "-sess_in", &sess));
+    assert!(!reused(&out) && out.contains("ping-after-reload"), "a full handshake after reload: {out}");
+
+    // Save a ticket, then remove the client's ID: the old ticket does not get it in.
+    let _ = s_client_run(&h, "refill2", &mut s_client(&svid, port, "-sess_out", &sess));
+    let other = derived_id("/usr/bin/curl");
+    fs::write(h.path("tetherd.toml"), Policy::new().inbound(port, &[&other]).to_config()).unwrap();
+    tether(&h, &["reload"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = s_client_run(&h, "refused", &mut s_client(&svid, port, "-sess_in", &sess));
+    assert!(!out.contains("ping-refused") && !reused(&out), "refused client resumed: {out}");
+    let server = h.wait_log("server", Duration::from_secs(10), |l| l.iter().any(|x| x.is("accept", "deny")));
+    let deny = server.iter().find(|l| l.is("accept", "deny")).unwrap_or_else(|| panic!("{}", show(&server)));
+    assert!(deny.get("reason").contains("not in the allow list"), "{}", deny.raw);
+}
