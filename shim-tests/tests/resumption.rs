@@ -160,40 +160,119 @@ fn tether(h: &Harness, args: &[&str]) {
     assert!(o.status.success(), "tether {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// An OpenSSL client (not tether) resumes with our ticket, and the re-checked identity lets it
-/// through; after `tether reload` the ticket is unknown (a full handshake: "New"); when the
-/// reload removes its ID from `allow`, its old ticket does not get it in.
+/// One connection per line on stdin (one line echoed on each); prints `done=I`.
+const PY_STEP: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+for i, _ in enumerate(sys.stdin, 1):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.sendall(b"step-marker-%d\n" % i)
+        d = b""
+        while not d.endswith(b"\n"):
+            b = s.recv(4096)
+            if not b:
+                break
+            d += b
+        s.close()
+        print("done=%d %s" % (i, "echo" if d == b"step-marker-%d\n" % i else "noecho"), flush=True)
+    except OSError as e:
+        print("done=%d error=%s" % (i, e), flush=True)
+"#;
+
+fn step(h: &Harness, stdin: &mut std::process::ChildStdin, i: u32) -> String {
+    use std::io::Write;
+    writeln!(stdin, "go").unwrap();
+    let want = format!("done={i} ");
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains(&want));
+    let line = out.lines().find(|l| l.starts_with(&want)).unwrap_or_else(|| panic!("no {want}: {out}"));
+    line.to_owned()
+}
+
+fn kinds(h: &Harness, name: &str, event: &str) -> Vec<String> {
+    h.log_lines(name).iter().filter(|l| l.is(event, "allow")).map(|l| l.get("handshake").to_owned()).collect()
+}
+
+/// A reload makes the next connection a full handshake; a reload that removes the client's ID
+/// refuses it (a ticket from before cannot get it in).
 #[test]
-fn openssl_client_resumes_and_a_reload_invalidates_its_ticket() {
+fn reload_invalidates_tickets_and_a_removed_id_is_refused() {
+    let port = free_port();
+    let mut h = Harness::new("resume-reload", Policy::new().both(port));
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
+    let mut c = Command::new(PYTHON);
+    c.arg(h.script("step.py", PY_STEP)).arg(port.to_string());
+    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
+    assert!(step(&h, &mut stdin, 1).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 2).ends_with("echo"));
+    fs::write(h.path("tetherd.toml"), Policy::new().both(port).to_config()).unwrap();
+    tether(&h, &["reload"]);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(step(&h, &mut stdin, 3).ends_with("echo"));
+    assert_eq!(kinds(&h, "client", "connect"), ["full", "resumed", "full"], "{}", show(&h.log_lines("client")));
+    assert_eq!(kinds(&h, "server", "accept"), ["full", "resumed", "full"], "{}", show(&h.log_lines("server")));
+
+    // Connection 4 leaves a ticket; the reload then removes python from the server's allow.
+    assert!(step(&h, &mut stdin, 4).ends_with("echo"));
+    let policy = Policy::new().inbound(port, &[&derived_id("/usr/bin/curl")]).outbound(port, &[ANY_ID]);
+    fs::write(h.path("tetherd.toml"), policy.to_config()).unwrap();
+    tether(&h, &["reload"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let r = step(&h, &mut stdin, 5);
+    assert!(!r.ends_with(" echo"), "a removed ID got through: {r}");
+    let server = h.wait_log("server", Duration::from_secs(10), |l| l.iter().any(|x| x.is("accept", "deny")));
+    let deny = server.iter().find(|l| l.is("accept", "deny")).unwrap_or_else(|| panic!("{}", show(&server)));
+    assert!(deny.get("reason").contains("not in the allow list"), "{}", deny.raw);
+}
+
+/// The server's SVID renewal invalidates its tickets: a client still on its own first SVID
+/// offers its ticket and gets a full handshake.
+#[test]
+fn server_svid_renewal_invalidates_tickets() {
+    let port = free_port();
+    // SVIDs are backdated 60 s and renewed at half-life: a 64 s TTL renews 2 s after issue.
+    let mut h = Harness::new("resume-renew", Policy::new().raw("svid_ttl = \"64s\"\n").both(port));
+    h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
+    // The server fetches its SVID at this first accept (t0); it renews at t0 + 2 s.
+    let mut warm = Command::new(PYTHON);
+    warm.arg(h.script("seq.py", PY_SEQ)).args([port.to_string(), "1".into()]);
+    let t0 = std::time::Instant::now();
+    let run = h.run("warm", h.shim(&mut warm, "warm"), Duration::from_secs(30));
+    assert!(run.stdout.contains("ok=1"), "{run}");
+    std::thread::sleep(Duration::from_millis(700));
+    // The client's SVID: from t0 + 0.7 s, renewed at t0 + 2.7 s.
+    let mut c = Command::new(PYTHON);
+    c.arg(h.script("step.py", PY_STEP)).arg(port.to_string());
+    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
+    assert!(step(&h, &mut stdin, 1).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 2).ends_with("echo"));
+    let at = t0 + Duration::from_millis(2300);
+    std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+    assert!(step(&h, &mut stdin, 3).ends_with("echo"));
+    let client = kinds(&h, "client", "connect");
+    if t0.elapsed() < Duration::from_millis(2650) {
+        assert_eq!(client, ["full", "resumed", "full"], "{}", show(&h.log_lines("client")));
+    } else {
+        eprintln!("server_svid_renewal_invalidates_tickets: too slow to check the timing, kinds {client:?}");
+        assert_eq!(client[2], "full");
+    }
+}
+
+/// An OpenSSL client (not tether, no RFC 9149 ticket_request) gets no ticket from a tether
+/// server: every connection is a full one, and works.
+#[test]
+fn openssl_client_gets_no_ticket_and_works() {
     let port = free_port();
     let mut h = Harness::new("resume-openssl", Policy::new().inbound(port, &[ANY_ID]));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
     let svid = h.svid_files();
     let sess = h.path("sess.pem");
-
     let out = s_client_run(&h, "first", &mut s_client(&svid, port, "-sess_out", &sess));
     assert!(out.contains("ping-first"), "echo through a full handshake: {out}");
-    assert!(sess.exists(), "s_client saved no session: {out}");
-    let out = s_client_run(&h, "again", &mut s_client(&svid, port, "-sess_in", &sess));
-    assert!(reused(&out) && out.contains("ping-again"), "resumed with our ticket: {out}");
-
-    // Tickets are single-use: save a fresh one, reload, offer it.
-    let _ = s_client_run(&h, "refill", &mut s_client(&svid, port, "-sess_out", &sess));
-    fs::write(h.path("tetherd.toml"), Policy::new().inbound(port, &[ANY_ID]).to_config()).unwrap();
-    tether(&h, &["reload"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = s_client_run(&h, "after-reload", &mut s_client(&svid, port, "-sess_in", &sess));
-    assert!(!reused(&out) && out.contains("ping-after-reload"), "a full handshake after reload: {out}");
-
-    // Save a ticket, then remove the client's ID: the old ticket does not get it in.
-    let _ = s_client_run(&h, "refill2", &mut s_client(&svid, port, "-sess_out", &sess));
-    let other = derived_id("/usr/bin/curl");
-    fs::write(h.path("tetherd.toml"), Policy::new().inbound(port, &[&other]).to_config()).unwrap();
-    tether(&h, &["reload"]);
-    std::thread::sleep(Duration::from_millis(300));
-    let out = s_client_run(&h, "refused", &mut s_client(&svid, port, "-sess_in", &sess));
-    assert!(!out.contains("ping-refused") && !reused(&out), "refused client resumed: {out}");
-    let server = h.wait_log("server", Duration::from_secs(10), |l| l.iter().any(|x| x.is("accept", "deny")));
-    let deny = server.iter().find(|l| l.is("accept", "deny")).unwrap_or_else(|| panic!("{}", show(&server)));
-    assert!(deny.get("reason").contains("not in the allow list"), "{}", deny.raw);
+    // OpenSSL writes a TLS 1.3 session only when a ticket came.
+    assert!(!sess.exists(), "a tether server gave OpenSSL a ticket: {out}");
+    let out = s_client_run(&h, "again", &mut s_client(&svid, port, "-sess_out", &sess));
+    assert!(!reused(&out) && out.contains("ping-again"), "second connection: {out}");
+    let server = h.log_lines("server");
+    assert_eq!(kinds(&h, "server", "accept"), ["full", "full"], "{}", show(&server));
 }

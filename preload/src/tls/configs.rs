@@ -9,7 +9,7 @@
 
 use std::sync::{Arc, Weak};
 
-use rustls::client::{ResolvesClientCert, Resumption};
+use rustls::client::{ResolvesClientCert, Resumption, TicketRequest};
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert, ServerSessionMemoryCache};
 use rustls::sign::CertifiedKey;
@@ -55,7 +55,7 @@ pub(crate) struct ClientSide {
 struct Configs {
     ident: Weak<Identity>,
     sessions: Arc<TetherSessions>,
-    clients: Vec<(Vec<IdPattern>, Arc<ClientConfig>)>,
+    clients: Vec<((Vec<IdPattern>, bool), Arc<ClientConfig>)>,
     servers: Vec<(Vec<IdPattern>, Arc<ServerConfig>)>,
 }
 
@@ -80,6 +80,8 @@ fn with_configs<R>(ident: &Arc<Identity>, f: impl FnOnce(&mut Configs) -> R) -> 
 }
 
 /// The client config for connections under `ident` whose server must prove an ID in `allow`.
+/// `resumption`: offer stored tickets and ask for new ones; otherwise ask for none (a kTLS
+/// connection, whose tickets would arrive as control records after the hand-over).
 pub(crate) fn client(
     provider: &Arc<CryptoProvider>,
     ident: &Arc<Identity>,
@@ -88,7 +90,7 @@ pub(crate) fn client(
 ) -> Result<ClientSide, rustls::Error> {
     with_configs(ident, |c| {
         let sessions = c.sessions.clone();
-        if let Some((_, cfg)) = c.clients.iter().find(|(a, _)| a == allow) {
+        if let Some((_, cfg)) = c.clients.iter().find(|((a, r), _)| a == allow && *r == resumption) {
             return Ok(ClientSide { config: cfg.clone(), sessions });
         }
         let v = SpiffeVerifier::new(ident.creds.trust.clone(), allow.to_vec());
@@ -99,6 +101,10 @@ pub(crate) fn client(
             .with_client_cert_resolver(Arc::new(Fixed(ident.creds.key.clone())));
         cfg.enable_secret_extraction = true;
         cfg.enable_sni = false;
+        // RFC 9149 ticket_request: a tether server sends tickets only to a client that asks
+        // (the signal that the client is tether: OpenSSL and most stacks never send it).
+        let want = u8::from(resumption);
+        cfg.send_ticket_request = Some(TicketRequest { new_session_count: want, resumption_count: want });
         cfg.resumption = if resumption {
             Resumption::store(sessions.clone()).tls12_resumption(rustls::client::Tls12Resumption::Disabled)
         } else {
@@ -108,7 +114,7 @@ pub(crate) fn client(
         if c.clients.len() >= MAX_LISTS {
             c.clients.clear();
         }
-        c.clients.push((allow.to_vec(), cfg.clone()));
+        c.clients.push(((allow.to_vec(), resumption), cfg.clone()));
         Ok(ClientSide { config: cfg, sessions })
     })
 }
@@ -130,14 +136,16 @@ pub(crate) fn server(
             .with_client_cert_verifier(Arc::new(v))
             .with_cert_resolver(Arc::new(Fixed(ident.creds.key.clone())));
         cfg.enable_secret_extraction = true;
+        // Tickets only to a client that asks for them with RFC 9149's ticket_request (tether
+        // clients on the relay path ask for one); everyone else, OpenSSL included, gets none:
+        // resumption is off for peers that are not tether. Each ticket is single-use and
+        // stateful (a resumed connection gets the next one).
+        cfg.send_tls13_tickets = 0;
         if resumption {
-            // One single-use stateful ticket per connection (a resumed connection gets the next
-            // one). It reaches a kTLS client as a control record, which the read slow path
-            // consumes; a relayed client's rustls stores it.
-            cfg.send_tls13_tickets = 1;
+            cfg.max_tls13_tickets = 1;
             cfg.session_storage = ServerSessionMemoryCache::new(SERVER_SESSIONS);
         } else {
-            cfg.send_tls13_tickets = 0;
+            cfg.max_tls13_tickets = 0;
             cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
         }
         let cfg = Arc::new(cfg);

@@ -116,7 +116,10 @@ pub(crate) fn client(
     dest: SocketAddr,
     target: Target,
 ) -> Result<Established, HandshakeError> {
-    let side = super::configs::client(&provider(), ident, allow, settings::get().resumption).map_err(HandshakeError::Tls)?;
+    // The kTLS path asks for no tickets: they would reach the kernel as control records after
+    // the hand-over (and the read slow path drops them), so only relayed connections resume.
+    let resume = settings::get().resumption && target == Target::Relay;
+    let side = super::configs::client(&provider(), ident, allow, resume).map_err(HandshakeError::Tls)?;
     let name = super::resumption::destination_name(dest);
     let mut inbox = Inbox::new();
     let r = match target {
