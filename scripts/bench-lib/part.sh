@@ -33,8 +33,8 @@ run_part() {
             bulk_bytes=$((256 << 20)) conns=500 redis_n=5000 file_mib=64
         fi
     fi
-    local configs=(plain tether-user stunnel rustls)
-    [[ $env == uml ]] && configs=(plain tether-ktls tether-user raw-ktls stunnel rustls)
+    local configs=(plain tether-user tether-resumed stunnel rustls)
+    [[ $env == uml ]] && configs=(plain tether-ktls tether-user tether-resumed raw-ktls stunnel rustls)
 
     local port
     for port in $P_PLAIN $P_TETHER $P_RAWKTLS $P_RUSTLS $P_ST_BACK $P_ST_TLS $P_ST_FRONT \
@@ -82,6 +82,11 @@ TOML
         done
     done
     verify_stunnel
+    if ((quick)) || [[ $env == uml ]]; then
+        count_syscalls "$env" 10 40
+    else
+        count_syscalls "$env" 20 220
+    fi
     write_meta "$env" "$quick" "$reps" "$bulk_bytes" "$conns" "$redis_n" "$file_mib"
 }
 
@@ -145,11 +150,14 @@ write_stunnel_conf() { # server|client
     } >"$f"
 }
 
-# Environment prefix for a program under the configuration: `env` arguments.
+# Environment prefix for a program under the configuration: `env` arguments. tether-ktls and
+# tether-user make full handshakes only (TETHER_RESUMPTION=0); tether-resumed is tether-user with
+# TLS 1.3 resumption (the default), measured for connection setup only.
 under() { # CONFIG ROLE
     case $1 in
-    tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
-    tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-resumed) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     *) echo "BENCH_CONFIG=$1" ;;
     esac
 }
@@ -219,8 +227,9 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     read -r -a cpre <<<"$(under "$c" client)"
     local client=(env "${cpre[@]}" timeout 600 "$REL/bench-client" --port "$port" "${cli_flags[@]}")
     local j
-    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor).
-    if [[ $c != rustls ]]; then
+    # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor; tether-resumed only
+    # differs from tether-user in setup).
+    if [[ $c != rustls && $c != tether-resumed ]]; then
         j=$("${client[@]}" bulk --bytes "$bulk") || die "$c: bulk write failed"
         emit "$tag,\"workload\":\"write\",${j:1:-1}"
         j=$("${client[@]}" bulk --bytes "$bulk" --sendfile "$RUN/payload") || die "$c: bulk sendfile failed"
@@ -239,7 +248,7 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     emit "$tag,\"workload\":\"memory\",\"server_hwm_kib\":$srv_hwm,\"server_rss_kib\":$srv_rss,\"sidecar_client_hwm_kib\":$st_cli_hwm,\"sidecar_client_rss_kib\":$st_cli_rss"
 
     # redis: both sides under the configuration (not for the raw kTLS pair or the rustls floor).
-    if [[ $c == plain || $c == tether-* || $c == stunnel ]]; then
+    if [[ $c == plain || $c == tether-ktls || $c == tether-user || $c == stunnel ]]; then
         local rport=$R_PLAIN rfront
         [[ $c == tether-* ]] && rport=$R_TETHER
         [[ $c == stunnel ]] && rport=$R_ST_BACK
@@ -262,6 +271,46 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
         stop_pid "$rpid"
     fi
     for p in "${pids_client[@]}" "${pids_server[@]}"; do stop_pid "$p"; done
+}
+
+# Syscalls per connection, client and server (strace -f -c, threads included), for the setup
+# configurations: the difference between a run of N1 and one of N2 sequential connections,
+# divided by N2 - N1, so process start-up and the SVID fetch cancel out. Not timed.
+count_syscalls() { # ENV N1 N2
+    local env=$1 n1=$2 n2=$3 c n port flags spid kid
+    command -v strace >/dev/null || { say "no strace: syscall counts skipped"; return 0; }
+    local cfgs=(plain tether-user tether-resumed rustls)
+    [[ $env == uml ]] && cfgs=(plain tether-ktls tether-user tether-resumed rustls)
+    for c in "${cfgs[@]}"; do
+        say "$env syscalls: $c"
+        port=$P_PLAIN flags=()
+        [[ $c == tether-* ]] && port=$P_TETHER
+        [[ $c == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
+        local -a pre cpre
+        read -r -a pre <<<"$(under "$c" server)"
+        read -r -a cpre <<<"$(under "$c" client)"
+        for n in "$n1" "$n2"; do
+            strace -f -c -o "$RUN/sys-srv-$c-$n" env "${pre[@]}" "$REL/bench-server" --port "$port" "${flags[@]}" \
+                >/dev/null 2>>"$OUT/logs/stderr.log" &
+            spid=$!
+            PIDS+=("$spid")
+            listening "$port" || die "syscalls $c: server did not listen"
+            strace -f -c -o "$RUN/sys-cli-$c-$n" env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" \
+                connrate --n "$n" >/dev/null 2>>"$OUT/logs/stderr.log" || die "syscalls $c: connrate failed"
+            # Stop the traced server (strace's child) so strace writes its summary.
+            kid=$(pgrep -P "$spid" | head -1 || true)
+            [[ -n $kid ]] && kill "$kid" 2>/dev/null
+            wait "$spid" 2>/dev/null || true
+            while listening "$port" 1; do sleep 0.1; done
+        done
+        local calls
+        calls() { awk '$NF == "total" {print $4}' "$1"; }
+        emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":0,\"workload\":\"syscalls\",\"n1\":$n1,\"n2\":$n2,\"client_per_conn\":$(( ($(calls "$RUN/sys-cli-$c-$n2") - $(calls "$RUN/sys-cli-$c-$n1")) * 10 / (n2 - n1) ))e-1,\"server_per_conn\":$(( ($(calls "$RUN/sys-srv-$c-$n2") - $(calls "$RUN/sys-srv-$c-$n1")) * 10 / (n2 - n1) ))e-1"
+        for n in "$n1" "$n2"; do
+            cp "$RUN/sys-cli-$c-$n" "$OUT/logs/strace-client-$c-$n.txt"
+            cp "$RUN/sys-srv-$c-$n" "$OUT/logs/strace-server-$c-$n.txt"
+        done
+    done
 }
 
 write_meta() { # ENV QUICK REPS BULK CONNS REDIS_N FILE_MIB

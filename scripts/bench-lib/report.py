@@ -24,11 +24,12 @@ for d in args.parts:
     with open(os.path.join(d, "results.jsonl")) as f:
         records += [json.loads(line) for line in f if line.strip()]
 
-ORDER = ["plain", "tether-ktls", "tether-user", "raw-ktls", "stunnel", "rustls"]
+ORDER = ["plain", "tether-ktls", "tether-user", "tether-resumed", "raw-ktls", "stunnel", "rustls"]
 LABEL = {
     "plain": "plaintext TCP",
     "tether-ktls": "tether kTLS",
     "tether-user": "tether userspace",
+    "tether-resumed": "tether, resumed (userspace, TLS 1.3 resumption)",
     "raw-ktls": "raw kTLS pair (fixed keys)",
     "stunnel": "stunnel4 sidecar pair",
     "rustls": "in-process rustls (floor)",
@@ -118,7 +119,7 @@ for env in envs:
     w("| configuration | write() | × plain | × stunnel | sendfile() | × plain | × stunnel |")
     w("|---|---|---|---|---|---|---|")
     for c in cfgs:
-        if c == "rustls":
+        if c in ("rustls", "tether-resumed"):
             continue
         row = [LABEL[c]]
         for wl in ("write", "sendfile"):
@@ -140,6 +141,18 @@ for env in envs:
           f"| {cell(env, c, 'connrate', 'p50_us')} | {cell(env, c, 'connrate', 'p99_us')} | {fmt(a50)} | {fmt(a99)} "
           f"| {ratio(a50, added.get('stunnel')) if c != 'plain' else '–'} | {ratio(a50, added.get('rustls')) if c != 'plain' else '–'} |")
     w("")
+    sc = [c for c in cfgs if values(env, c, "syscalls", "client_per_conn")]
+    if sc:
+        r0 = next(r for r in records if r["env"] == env and r["workload"] == "syscalls")
+        w(f"### Syscalls per connection (strace -f -c, threads included: runs of {r0['n2']} minus {r0['n1']} connections, divided)")
+        w("")
+        w("| configuration | client | server | client × rustls floor's | server × rustls floor's |")
+        w("|---|---|---|---|---|")
+        for c in sc:
+            cl, sv = med(env, c, "syscalls", "client_per_conn"), med(env, c, "syscalls", "server_per_conn")
+            w(f"| {LABEL[c]} | {cl:.1f} | {sv:.1f} | {ratio(cl, med(env, 'rustls', 'syscalls', 'client_per_conn'))} "
+              f"| {ratio(sv, med(env, 'rustls', 'syscalls', 'server_per_conn'))} |")
+        w("")
     w("### redis-benchmark -c 1 (µs; both redis-server and redis-benchmark under the configuration)")
     w("")
     w("| configuration | SET p50 | SET p99 | GET p50 | GET p99 | GET p50 × plain | GET p99 × plain | SET p50 × plain | SET p99 × plain | GET rps |")
@@ -209,6 +222,18 @@ for env in envs:
         if rl is not None:
             r = (t - p) / (rl - p)
             target(f"{LABEL[c]} added setup p50 ≤ 1.3× rustls floor's ({env})", f"{t - p:,.0f} µs vs {rl - p:,.0f} µs = {r:.2f}×", r <= 1.3)
+for env in envs:
+    # Issue 14 (setup): added setup at the floor, and resumption's gain, side by side.
+    p, rl = med(env, "plain", "connrate", "p50_us"), med(env, "rustls", "connrate", "p50_us")
+    for c, limit in (("tether-user", 1.1), ("tether-ktls", 2.0)):
+        t = med(env, c, "connrate", "p50_us")
+        if None not in (t, p, rl) and (env == "host" or c == "tether-ktls"):
+            r = (t - p) / (rl - p)
+            target(f"{LABEL[c]} added setup p50 ≤ {limit}× rustls floor's ({env}, issue 14)",
+                   f"{t - p:,.0f} µs vs {rl - p:,.0f} µs = {r:.2f}×", r <= limit)
+    a, b = med(env, "tether-resumed", "connrate", "conns_s"), med(env, "tether-user", "connrate", "conns_s")
+    if a and b:
+        target(f"resumed conns/s ≥ 1.5× full handshakes' ({env}, issue 14)", f"{a:,.0f} vs {b:,.0f} = {a / b:.2f}×", a / b >= 1.5)
 if "uml" in envs:
     for wl in ("redis_get", "redis_set"):
         for k in ("p50_ms", "p99_ms"):
@@ -232,7 +257,7 @@ with open(os.path.join(args.out, "raw.json"), "w") as f:
     json.dump({"meta": metas, "rev": args.rev, "elapsed_s": args.elapsed, "targets": targets, "records": records}, f, indent=1)
 
 # ---- chart data: one file per panel, rows "label median min max [median min max]" ----------
-SHORT = {"plain": "plain", "tether-ktls": "tether-kTLS", "tether-user": "tether-user", "raw-ktls": "raw-kTLS",
+SHORT = {"plain": "plain", "tether-ktls": "tether-kTLS", "tether-user": "tether-user", "tether-resumed": "tether-resumed", "raw-ktls": "raw-kTLS",
          "stunnel": "stunnel", "rustls": "rustls-floor"}
 
 
