@@ -7,7 +7,7 @@
 //! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY` then `STAMP`, 4. fd table `TABLE`,
 //! 5. reporter `REPORTER`, 6. reporter `BROKER_FD`, 7. inbound `WORKERS`, 8. inbound `POOL`,
 //! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. TLS `CONFIGS`
-//! (`tls::configs`: the per-identity rustls configs; the relay stores a ticket under lock 9).
+//!    (`tls::configs`: the per-identity rustls configs; the relay stores a ticket under lock 9).
 //!
 //! A [`crate::fd_table::Protected`] reports its close (lock 5) and its `Link` closes the relay's
 //! TCP copy (lock 11), so one may be dropped only while holding nothing above 4: the inbound

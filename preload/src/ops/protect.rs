@@ -143,11 +143,11 @@ fn protect_inner(
     let est = est.map_err(Failure::Handshake)?;
     let (path, detail, rekey) = match (plan, est.conn) {
         (Plan::Ktls, handshake::Session::Kernel(h)) => {
-            let (cipher, rekey) = tls::danger::install_ktls(fd, h).map_err(Failure::Ktls)?;
+            let (cipher, rekey) = tls::danger::install_ktls(fd, *h).map_err(Failure::Ktls)?;
             (DataPath::Ktls, cipher, Some(rekey))
         }
         (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
-            let link = fallback::adopt(fd, conn).map_err(Failure::Relay)?;
+            let link = fallback::adopt(fd, *conn).map_err(Failure::Relay)?;
             (DataPath::Userspace(link), why, None)
         }
         _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),

@@ -52,10 +52,13 @@ pub(crate) struct ClientSide {
     pub(crate) sessions: Arc<TetherSessions>,
 }
 
+/// Client configs by (`allow` list, resumption on).
+type ClientConfigs = Vec<((Vec<IdPattern>, bool), Arc<ClientConfig>)>;
+
 struct Configs {
     ident: Weak<Identity>,
     sessions: Arc<TetherSessions>,
-    clients: Vec<((Vec<IdPattern>, bool), Arc<ClientConfig>)>,
+    clients: ClientConfigs,
     servers: Vec<(Vec<IdPattern>, Arc<ServerConfig>)>,
 }
 

@@ -95,8 +95,8 @@ pub(crate) enum Target {
 /// What a handshake produced for its data path.
 #[derive(Debug)]
 pub(crate) enum Session {
-    Kernel(super::danger::HandOff),
-    Relay(Connection),
+    Kernel(Box<super::danger::HandOff>),
+    Relay(Box<Connection>),
 }
 
 /// A completed handshake: the session and the peer it proved.
@@ -132,7 +132,7 @@ pub(crate) fn client(
             let mut conn = ClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
             drive(&mut conn, io, &mut inbox, false).map(|()| {
                 let peer = PeerChain::of(&conn);
-                (Session::Relay(Connection::Client(conn)), peer)
+                (Session::Relay(Box::new(Connection::Client(conn))), peer)
             })
         }
     };
@@ -161,7 +161,7 @@ pub(crate) fn server(
             let mut conn = ServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
             drive(&mut conn, io, &mut inbox, true).map(|()| {
                 let peer = PeerChain::of(&conn);
-                (Session::Relay(Connection::Server(conn)), peer)
+                (Session::Relay(Box::new(Connection::Server(conn))), peer)
             })
         }
     };
@@ -185,7 +185,7 @@ impl PeerChain {
 }
 
 fn kernel_session((secrets, keys): (rustls::ExtractedSecrets, super::danger::KeySchedule)) -> Session {
-    Session::Kernel(super::danger::HandOff { secrets, keys })
+    Session::Kernel(Box::new(super::danger::HandOff { secrets, keys }))
 }
 
 fn finish(r: Result<(Session, PeerChain), HandshakeError>, allow: &[IdPattern]) -> Result<Established, HandshakeError> {
@@ -359,6 +359,7 @@ fn read_exact(io: &mut DeadlineIo, buf: &mut [u8]) -> Result<(), HandshakeError>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
     use super::*;
 

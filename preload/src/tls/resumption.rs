@@ -127,6 +127,7 @@ impl ClientSessionStore for TetherSessions {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
     use super::*;
 
