@@ -297,3 +297,53 @@ impl ClientCertVerifier for SpiffeVerifier {
         self.algs.supported_schemes()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+
+    /// A leaf naming `id`, valid from `from` to `to` seconds relative to [`now`].
+    fn leaf(id: &str, from: i64, to: i64) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        let at = |d: i64| {
+            let base = rcgen::date_time_ymd(2027, 1, 15);
+            let s = std::time::Duration::from_secs(d.unsigned_abs());
+            if d < 0 { base - s } else { base + s }
+        };
+        p.not_before = at(from);
+        p.not_after = at(to);
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn allow(p: &str) -> Vec<IdPattern> {
+        vec![p.parse().unwrap()]
+    }
+
+    /// What a resumed handshake's peer is checked against: the current allow list and the
+    /// validity of the certificate the ticket was issued to.
+    #[test]
+    fn a_resumed_peer_is_rechecked_for_allow_and_expiry() {
+        let now = rcgen::date_time_ymd(2027, 1, 15).unix_timestamp() as u64;
+        let t = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now));
+        let ok = [leaf("spiffe://td.test/a", -60, 3600)];
+        assert_eq!(verified_peer(Some(&ok), &allow("spiffe://td.test/*"), t).unwrap().id().to_string(), "spiffe://td.test/a");
+        assert!(matches!(verified_peer(Some(&ok), &allow("spiffe://td.test/b"), t), Err(Refusal::NotAllowed(_))));
+        let expired = [leaf("spiffe://td.test/a", -3600, -1)];
+        assert!(matches!(verified_peer(Some(&expired), &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+        let early = [leaf("spiffe://td.test/a", 60, 3600)];
+        assert!(matches!(verified_peer(Some(&early), &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+        assert!(matches!(verified_peer(None, &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+    }
+
+    #[test]
+    fn a_refusal_survives_the_trip_through_rustls_errors() {
+        let e = Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(Refusal::BadCertificate(
+            "x".into(),
+        ))))));
+        assert_eq!(refusal_of(&e), Some(Refusal::BadCertificate("x".into())));
+        assert_eq!(refusal_of(&Error::General("y".into())), None);
+    }
+}
