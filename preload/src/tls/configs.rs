@@ -83,8 +83,7 @@ fn with_configs<R>(ident: &Arc<Identity>, f: impl FnOnce(&mut Configs) -> R) -> 
 }
 
 /// The client config for connections under `ident` whose server must prove an ID in `allow`.
-/// `resumption`: offer stored tickets and ask for new ones; otherwise ask for none (a kTLS
-/// connection, whose tickets would arrive as control records after the hand-over).
+/// `resumption`: offer stored tickets and ask for new ones; otherwise ask for none.
 pub(crate) fn client(
     provider: &Arc<CryptoProvider>,
     ident: &Arc<Identity>,
@@ -140,7 +139,7 @@ pub(crate) fn server(
             .with_cert_resolver(Arc::new(Fixed(ident.creds.key.clone())));
         cfg.enable_secret_extraction = true;
         // Tickets only to a client that asks for them with RFC 9149's ticket_request (tether
-        // clients on the relay path ask for one); everyone else, OpenSSL included, gets none:
+        // clients ask for one); everyone else, OpenSSL included, gets none:
         // resumption is off for peers that are not tether. Each ticket is single-use and
         // stateful (a resumed connection gets the next one).
         cfg.send_tls13_tickets = 0;

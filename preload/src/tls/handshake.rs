@@ -116,9 +116,9 @@ pub(crate) fn client(
     dest: SocketAddr,
     target: Target,
 ) -> Result<Established, HandshakeError> {
-    // The kTLS path asks for no tickets: they would reach the kernel as control records after
-    // the hand-over (and the read slow path drops them), so only relayed connections resume.
-    let resume = settings::get().resumption && target == Target::Relay;
+    // On the kTLS path the ticket reaches the kernel as a control record after the hand-over;
+    // the read slow path gives it to the key schedule (`resumption::store_tickets`).
+    let resume = settings::get().resumption;
     let side = super::configs::client(&provider(), ident, allow, resume).map_err(HandshakeError::Tls)?;
     let name = super::resumption::destination_name(dest);
     let mut inbox = Inbox::new();

@@ -42,6 +42,14 @@ pub(crate) mod danger {
             }
         }
 
+        /// A NewSessionTicket's body, read on a kTLS socket: a client's rustls stores it (in
+        /// the config's session store); a server ignores it. Errors drop the ticket.
+        pub(crate) fn new_session_ticket(&mut self, body: &[u8]) {
+            if let Self::Client(k) = self {
+                let _ = k.handle_new_session_ticket(body);
+            }
+        }
+
         fn next_tx(&mut self) -> Result<(u64, ConnectionTrafficSecrets), rustls::Error> {
             match self {
                 Self::Client(k) => k.update_tx_secret(),

@@ -126,6 +126,30 @@ impl ClientSessionStore for TetherSessions {
     }
 }
 
+/// The NewSessionTicket messages of a post-handshake handshake record that arrived on a kTLS
+/// socket (the read slow path consumed it): each goes to rustls's `KernelConnection`, which
+/// stores it in the client config's [`TetherSessions`] (kept only for a tether destination). A
+/// ticket rustls refuses is dropped; the connection is unaffected (on a server's key schedule,
+/// where a ticket from the client is meaningless, it is ignored).
+pub(crate) fn store_tickets(keys: &mut super::danger::KeySchedule, record: &[u8]) {
+    for body in tickets(record) {
+        keys.new_session_ticket(body);
+    }
+}
+
+/// The bodies of the NewSessionTicket (type 4) messages in a handshake record.
+fn tickets(mut rest: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || loop {
+        let &[ty, a, b, c] = rest.get(..4)? else { return None };
+        let len = usize::from(a) << 16 | usize::from(b) << 8 | usize::from(c);
+        let body = rest.get(4..4 + len)?;
+        rest = &rest[4 + len..];
+        if ty == 4 {
+            return Some(body);
+        }
+    })
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
@@ -140,6 +164,14 @@ mod tests {
         assert!(matches!(c, ServerName::DnsName(_)));
         assert_ne!(a, b);
         assert_ne!(a, c);
+    }
+
+    #[test]
+    fn tickets_are_found_among_the_messages_of_a_record() {
+        let rec = [4, 0, 0, 2, 0xaa, 0xbb, 24, 0, 0, 1, 0, 4, 0, 0, 1, 0xcc];
+        let t: Vec<&[u8]> = tickets(&rec).collect();
+        assert_eq!(t, [&[0xaa, 0xbb][..], &[0xcc][..]]);
+        assert_eq!(tickets(&[4, 0, 0, 9, 1]).count(), 0, "a cut message yields nothing");
     }
 
     #[test]
