@@ -46,7 +46,7 @@ run_part() {
     RUN=$(mktemp -d /tmp/tether-bench.XXXXXX)
     PIDS=()
     trap 'part_cleanup' EXIT
-    REL=$rel OUT=$out
+    REL=$rel OUT=$out BENCH_ENV=$env
 
     cat >"$RUN/tetherd.toml" <<TOML
 trust_domain = "bench.internal"
@@ -87,6 +87,9 @@ TOML
     else
         count_syscalls "$env" 20 220
     fi
+    for ((r = 1; r <= reps; r++)); do
+        count_cpu "$env" "$r" $((conns * 4))
+    done
     write_meta "$env" "$quick" "$reps" "$bulk_bytes" "$conns" "$redis_n" "$file_mib"
 }
 
@@ -151,13 +154,18 @@ write_stunnel_conf() { # server|client
 }
 
 # Environment prefix for a program under the configuration: `env` arguments. tether-ktls and
-# tether-user make full handshakes only (TETHER_RESUMPTION=0); tether-resumed is tether-user with
-# TLS 1.3 resumption (the default), measured for connection setup only.
+# tether-user make full handshakes only (TETHER_RESUMPTION=0); tether-resumed has TLS 1.3
+# resumption (the default) on the kernel's best path (kTLS in UML, the relay on the host),
+# measured for connection setup only.
 under() { # CONFIG ROLE
     case $1 in
     tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
     tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
-    tether-resumed) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-resumed)
+        local mode=userspace
+        [[ ${BENCH_ENV:-host} == uml ]] && mode=ktls
+        echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=$mode TETHER_LOG=$OUT/logs/$1-$2.log"
+        ;;
     *) echo "BENCH_CONFIG=$1" ;;
     esac
 }
@@ -310,6 +318,36 @@ count_syscalls() { # ENV N1 N2
             cp "$RUN/sys-cli-$c-$n" "$OUT/logs/strace-client-$c-$n.txt"
             cp "$RUN/sys-srv-$c-$n" "$OUT/logs/strace-server-$c-$n.txt"
         done
+    done
+}
+
+# CPU time per connection (user + system, client and server processes, all threads) over N
+# sequential connections: unlike latency, it does not depend on how busy the machine is.
+count_cpu() { # ENV REP N
+    local env=$1 rep=$2 n=$3 c port flags spid s0 s1 ct tick
+    tick=$(getconf CLK_TCK)
+    local cfgs=(plain tether-user tether-resumed rustls)
+    [[ $env == uml ]] && cfgs=(plain tether-ktls tether-user tether-resumed rustls)
+    for c in "${cfgs[@]}"; do
+        port=$P_PLAIN flags=()
+        [[ $c == tether-* ]] && port=$P_TETHER
+        [[ $c == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
+        local -a pre cpre
+        read -r -a pre <<<"$(under "$c" server)"
+        read -r -a cpre <<<"$(under "$c" client)"
+        env "${pre[@]}" "$REL/bench-server" --port "$port" "${flags[@]}" >/dev/null 2>>"$OUT/logs/stderr.log" &
+        spid=$!
+        PIDS+=("$spid")
+        listening "$port" || { say "cpu $c: server did not listen; skipped"; return 0; }
+        # One warm-up connection (SVID fetch, first full handshake) outside the count.
+        env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" connrate --n 1 >/dev/null 2>>"$OUT/logs/stderr.log" || true
+        s0=$(awk '{print $14 + $15}' "/proc/$spid/stat")
+        ct=$({ TIMEFORMAT='%U %S'; time env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" \
+            connrate --n "$n" >/dev/null 2>>"$OUT/logs/stderr.log"; } 2>&1 | tail -1)
+        s1=$(awk '{print $14 + $15}' "/proc/$spid/stat")
+        stop_pid "$spid"
+        while listening "$port" 1; do sleep 0.1; done
+        emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":$rep,\"workload\":\"cpu\",\"n\":$n,$(awk -v n="$n" '{printf "\"client_cpu_us\":%.1f", ($1 + $2) * 1e6 / n}' <<<"$ct"),\"server_cpu_us\":$(( (s1 - s0) * 1000000 / tick / n ))"
     done
 }
 
