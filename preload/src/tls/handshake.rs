@@ -210,32 +210,30 @@ fn drive<D>(
 ) -> Result<(), HandshakeError> {
     let mut flight = Vec::with_capacity(4096);
     loop {
-        // Send a whole flight in one write: several small writes would meet Nagle's algorithm
-        // and the peer's delayed ACK (a 40 ms stall per handshake, seen as the p99).
-        flight.clear();
         while conn.wants_write() {
             conn.write_tls(&mut flight)?;
         }
-        if !flight.is_empty() {
-            io.write_all(&flight)?;
-        }
         if !conn.is_handshaking() {
+            finish_flight(io, &flight, quickack)?;
             // What rustls was given is taken out of the kernel; nothing after it is.
             return inbox.commit(io);
         }
-        let fresh = inbox.needs_read();
-        let mut rest = inbox.next_record(io)?;
-        if quickack && fresh {
-            // A server that sends no tickets has nothing to piggyback its ACK of the client's
-            // last flight on; a delayed ACK (~40 ms) would then hold the client's first request
-            // behind Nagle. Ack each handshake flight at once instead.
-            crate::sys::ktls::quickack(io.fd);
+        // Send a whole flight in one write, and only when the peer's next one is needed (the
+        // records of one peeked flight can each make rustls queue output: the client's CCS
+        // after the ServerHello, the rest after the server's Finished). Several small writes
+        // would meet Nagle's algorithm and the peer's delayed ACK (a 40 ms stall per handshake,
+        // seen as the p99), and cost the peer a read each.
+        if inbox.needs_read() && !flight.is_empty() {
+            io.write_all(&flight)?;
+            flight.clear();
+            // The peer's answer cannot be there yet: wait for it before peeking.
+            inbox.expect_wait();
         }
+        let mut rest = inbox.next_record(io)?;
         while !rest.is_empty() {
             let n = conn.read_tls(&mut rest)?;
             if let Err(e) = conn.process_new_packets() {
                 // Tell the peer why (the alert is queued), best effort.
-                flight.clear();
                 let _ = conn.write_tls(&mut flight);
                 let _ = io.write_all(&flight);
                 return Err(HandshakeError::Tls(e));
@@ -245,6 +243,18 @@ fn drive<D>(
             }
         }
     }
+}
+
+/// The handshake's last write, if any. A server that sends nothing after the client's last
+/// flight (no ticket) has nothing to piggyback its ACK on; a delayed ACK (~40 ms) would then hold
+/// the client's first request behind Nagle, so it acks at once (`quickack`).
+pub(crate) fn finish_flight(io: &mut DeadlineIo, flight: &[u8], quickack: bool) -> Result<(), HandshakeError> {
+    if !flight.is_empty() {
+        io.write_all(flight)?;
+    } else if quickack {
+        crate::sys::ktls::quickack(io.fd);
+    }
+    Ok(())
 }
 
 /// Validate a TLS record header; returns the body length.
@@ -277,16 +287,24 @@ pub(crate) struct Inbox {
     whole: usize,
     /// `buf` is a peek: the records before `pos` are still in the kernel until committed.
     peeked: bool,
+    /// We just sent a flight: the next fill waits for readability before it peeks.
+    wait_first: bool,
 }
 
 impl Inbox {
     pub(crate) fn new() -> Self {
-        Self { buf: Vec::new(), pos: 0, whole: 0, peeked: false }
+        Self { buf: Vec::new(), pos: 0, whole: 0, peeked: false, wait_first: false }
     }
 
     /// Will the next record need a read from the socket?
     pub(crate) fn needs_read(&self) -> bool {
         self.pos >= self.whole
+    }
+
+    /// A flight was just sent: the peer's answer is at least a round trip away, so the next read
+    /// polls first instead of trying a peek that would fail with EAGAIN.
+    pub(crate) fn expect_wait(&mut self) {
+        self.wait_first = true;
     }
 
     /// The next whole record (header included).
@@ -318,6 +336,9 @@ impl Inbox {
 
     fn fill(&mut self, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
         self.buf.resize(PEEK, 0);
+        if std::mem::take(&mut self.wait_first) {
+            crate::sys::net::wait(io.fd, libc::POLLIN, io.deadline)?;
+        }
         let n = io.peek(&mut self.buf)?;
         if n == 0 {
             return Err(HandshakeError::PeerClosed);

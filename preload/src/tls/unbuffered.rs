@@ -94,14 +94,13 @@ pub(crate) fn drive<C: Unbuffered>(
                     }
                     Err(e) => return Err(HandshakeError::Tls(rustls::Error::General(e.to_string()))),
                 };
-                // Gather a whole flight, sent in one write at TransmitTlsData (Nagle and
-                // delayed ACKs would otherwise stall each handshake by ~40 ms).
+                // Gather a whole flight, sent in one write when the peer's next flight is
+                // needed (see the buffered driver: Nagle and delayed ACKs would otherwise stall
+                // each handshake by ~40 ms, and each extra write costs the peer a read).
                 flight.extend_from_slice(&out[..n]);
                 Some(false)
             }
             Ok(ConnectionState::TransmitTlsData(t)) => {
-                io.write_all(&flight)?;
-                flight.clear();
                 t.done();
                 Some(false)
             }
@@ -126,16 +125,14 @@ pub(crate) fn drive<C: Unbuffered>(
                 return Err(HandshakeError::Tls(rustls::Error::General("records past the handshake's end".into())));
             }
         }
-        let fresh = inbox.needs_read();
-        incoming.extend_from_slice(inbox.next_record(io)?);
-        if quickack && fresh {
-            // See the buffered driver: the server acks each handshake flight at once.
-            crate::sys::ktls::quickack(io.fd);
+        if inbox.needs_read() && !flight.is_empty() {
+            io.write_all(&flight)?;
+            flight.clear();
+            inbox.expect_wait();
         }
+        incoming.extend_from_slice(inbox.next_record(io)?);
     }
-    if !flight.is_empty() {
-        io.write_all(&flight)?;
-    }
+    super::handshake::finish_flight(io, &flight, quickack)?;
     out.zeroize();
     // Exactly the records rustls consumed leave the kernel's queue; kTLS decrypts the rest.
     inbox.commit(io)?;
