@@ -321,12 +321,15 @@ impl Inbox {
     }
 
     /// Take the records handed out so far out of the kernel (one read).
+    /// The bytes read must be the ones peeked (nobody else reads the socket during the
+    /// handshake; if something did, fail closed rather than hand over a desynchronised stream).
     pub(crate) fn commit(&mut self, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
         if self.peeked && self.pos > 0 {
-            let mut sink = std::mem::take(&mut self.buf);
-            let r = read_exact(io, &mut sink[..self.pos]);
-            self.buf = sink;
-            r?;
+            let mut got = vec![0u8; self.pos];
+            read_exact(io, &mut got)?;
+            if got[..] != self.buf[..self.pos] {
+                return Err(HandshakeError::Io(io::Error::from_raw_os_error(libc::EPROTO)));
+            }
         }
         self.pos = 0;
         self.whole = 0;
