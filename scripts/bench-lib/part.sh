@@ -281,22 +281,35 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     for p in "${pids_client[@]}" "${pids_server[@]}"; do stop_pid "$p"; done
 }
 
+# The setup configurations of ENV, into the caller's `cfgs`.
+setup_configs() { # ENV
+    cfgs=(plain tether-user tether-resumed rustls)
+    [[ $1 == uml ]] && cfgs=(plain tether-ktls tether-user tether-resumed rustls)
+    return 0
+}
+
+# For CONFIG: the caller's `port` and `flags` (bench-server/bench-client arguments) and `pre`/`cpre`
+# (server/client environment).
+setup_target() { # CONFIG
+    port=$P_PLAIN flags=()
+    [[ $1 == tether-* ]] && port=$P_TETHER
+    [[ $1 == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
+    read -r -a pre <<<"$(under "$1" server)"
+    read -r -a cpre <<<"$(under "$1" client)"
+}
+
 # Syscalls per connection, client and server (strace -f -c, threads included), for the setup
 # configurations: the difference between a run of N1 and one of N2 sequential connections,
 # divided by N2 - N1, so process start-up and the SVID fetch cancel out. Not timed.
 count_syscalls() { # ENV N1 N2
     local env=$1 n1=$2 n2=$3 c n port flags spid kid
     command -v strace >/dev/null || { say "no strace: syscall counts skipped"; return 0; }
-    local cfgs=(plain tether-user tether-resumed rustls)
-    [[ $env == uml ]] && cfgs=(plain tether-ktls tether-user tether-resumed rustls)
+    local cfgs
+    setup_configs "$env"
     for c in "${cfgs[@]}"; do
         say "$env syscalls: $c"
-        port=$P_PLAIN flags=()
-        [[ $c == tether-* ]] && port=$P_TETHER
-        [[ $c == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
         local -a pre cpre
-        read -r -a pre <<<"$(under "$c" server)"
-        read -r -a cpre <<<"$(under "$c" client)"
+        setup_target "$c"
         for n in "$n1" "$n2"; do
             strace -f -c -o "$RUN/sys-srv-$c-$n" env "${pre[@]}" "$REL/bench-server" --port "$port" "${flags[@]}" \
                 >/dev/null 2>>"$OUT/logs/stderr.log" &
@@ -326,15 +339,11 @@ count_syscalls() { # ENV N1 N2
 count_cpu() { # ENV REP N
     local env=$1 rep=$2 n=$3 c port flags spid s0 s1 ct tick
     tick=$(getconf CLK_TCK)
-    local cfgs=(plain tether-user tether-resumed rustls)
-    [[ $env == uml ]] && cfgs=(plain tether-ktls tether-user tether-resumed rustls)
+    local cfgs
+    setup_configs "$env"
     for c in "${cfgs[@]}"; do
-        port=$P_PLAIN flags=()
-        [[ $c == tether-* ]] && port=$P_TETHER
-        [[ $c == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
         local -a pre cpre
-        read -r -a pre <<<"$(under "$c" server)"
-        read -r -a cpre <<<"$(under "$c" client)"
+        setup_target "$c"
         env "${pre[@]}" "$REL/bench-server" --port "$port" "${flags[@]}" >/dev/null 2>>"$OUT/logs/stderr.log" &
         spid=$!
         PIDS+=("$spid")

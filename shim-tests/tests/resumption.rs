@@ -16,27 +16,39 @@ use tether_shim_tests::{
     derived_id, expected_mode, free_port, show, tether_cli_path, Harness, Policy, ANY_ID, PYTHON,
 };
 
-/// N sequential connections, one line echoed on each (a pause between them lets the server's
-/// ticket arrive); prints `ok=N`.
-const PY_SEQ: &str = r#"
-import socket, sys, time
-port, n = int(sys.argv[1]), int(sys.argv[2])
-ok = 0
-for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port), timeout=20)
-    s.sendall(b"resume-marker-%d\n" % i)
-    d = b""
-    while not d.endswith(b"\n"):
-        b = s.recv(4096)
-        if not b:
-            break
-        d += b
-    if d == b"resume-marker-%d\n" % i:
-        ok += 1
-    s.close()
-    time.sleep(0.2)
-print("ok=%d" % ok, flush=True)
+/// Sequential connections, one line echoed on each: argv[2] of them, or one per line on stdin.
+/// Prints `done=I echo` (or `noecho`, or `error=...`) for each. The server's ticket comes before
+/// the echo, so the next connection can use it.
+const PY_CONN: &str = r#"
+import socket, sys
+port = int(sys.argv[1])
+lines = range(int(sys.argv[2])) if len(sys.argv) > 2 else sys.stdin
+for i, _ in enumerate(lines, 1):
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=20)
+        s.sendall(b"resume-marker-%d\n" % i)
+        d = b""
+        while not d.endswith(b"\n"):
+            b = s.recv(4096)
+            if not b:
+                break
+            d += b
+        s.close()
+        print("done=%d %s" % (i, "echo" if d == b"resume-marker-%d\n" % i else "noecho"), flush=True)
+    except OSError as e:
+        print("done=%d error=%s" % (i, e), flush=True)
 "#;
+
+/// Run PY_CONN for `n` connections; how many echoed.
+fn connections(h: &Harness, name: &str, port: u16, n: u32, env: &[(&str, &str)]) -> usize {
+    let mut c = Command::new(PYTHON);
+    c.arg(h.script("conn.py", PY_CONN)).args([port.to_string(), n.to_string()]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let run = h.run(name, h.shim(&mut c, name), Duration::from_secs(60));
+    run.stdout.lines().filter(|l| l.ends_with(" echo")).count()
+}
 
 fn echo_server(port: u16) -> Command {
     let mut c = Command::new(PYTHON);
@@ -74,17 +86,14 @@ fn second_connection_from_one_process_is_resumed_on_the_wire() {
     let mut h = Harness::new("resume", Policy::new().both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
     let cap = Capture::start(h.dir(), port);
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("seq.py", PY_SEQ)).args([port.to_string(), "3".into()]);
-    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
-    assert!(run.stdout.contains("ok=3"), "{run}");
+    assert_eq!(connections(&h, "client", port, 3, &[]), 3, "{}", h.output("client"));
     let wire = cap.finish();
 
     let client = h.log_lines("client");
     let kinds: Vec<&str> = client.iter().filter(|l| l.is("connect", "allow")).map(|l| l.get("handshake")).collect();
     assert_eq!(kinds, ["full", "resumed", "resumed"], "{}", show(&client));
     // On kTLS (UML) the ticket came as a control record, consumed by the read slow path: the
-    // program read exactly its echo (ok=3 above), never ticket bytes.
+    // program read exactly its echo (3 echoes above), never ticket bytes.
     assert!(client.iter().filter(|l| l.is("connect", "allow")).all(|l| l.get("mode") == expected_mode()), "{}", show(&client));
     let server = h.log_lines("server");
     let kinds: Vec<&str> = server.iter().filter(|l| l.is("accept", "allow")).map(|l| l.get("handshake")).collect();
@@ -114,10 +123,7 @@ fn resumption_off_makes_every_handshake_full() {
     let port = free_port();
     let mut h = Harness::new("resume-off", Policy::new().both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("seq.py", PY_SEQ)).args([port.to_string(), "2".into()]).env("TETHER_RESUMPTION", "0");
-    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
-    assert!(run.stdout.contains("ok=2"), "{run}");
+    assert_eq!(connections(&h, "client", port, 2, &[("TETHER_RESUMPTION", "0")]), 2, "{}", h.output("client"));
     let client = h.log_lines("client");
     let kinds: Vec<&str> = client.iter().filter(|l| l.is("connect", "allow")).map(|l| l.get("handshake")).collect();
     assert_eq!(kinds, ["full", "full"], "{}", show(&client));
@@ -165,26 +171,6 @@ fn tether(h: &Harness, args: &[&str]) {
     assert!(o.status.success(), "tether {args:?}: {}", String::from_utf8_lossy(&o.stderr));
 }
 
-/// One connection per line on stdin (one line echoed on each); prints `done=I`.
-const PY_STEP: &str = r#"
-import socket, sys
-port = int(sys.argv[1])
-for i, _ in enumerate(sys.stdin, 1):
-    try:
-        s = socket.create_connection(("127.0.0.1", port), timeout=20)
-        s.sendall(b"step-marker-%d\n" % i)
-        d = b""
-        while not d.endswith(b"\n"):
-            b = s.recv(4096)
-            if not b:
-                break
-            d += b
-        s.close()
-        print("done=%d %s" % (i, "echo" if d == b"step-marker-%d\n" % i else "noecho"), flush=True)
-    except OSError as e:
-        print("done=%d error=%s" % (i, e), flush=True)
-"#;
-
 fn step(h: &Harness, stdin: &mut std::process::ChildStdin, i: u32) -> String {
     use std::io::Write;
     writeln!(stdin, "go").unwrap();
@@ -206,19 +192,19 @@ fn reload_invalidates_tickets_and_a_removed_id_is_refused() {
     let mut h = Harness::new("resume-reload", Policy::new().both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
     let mut c = Command::new(PYTHON);
-    c.arg(h.script("step.py", PY_STEP)).arg(port.to_string());
+    c.arg(h.script("conn.py", PY_CONN)).arg(port.to_string());
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
-    assert!(step(&h, &mut stdin, 1).ends_with("echo"));
-    assert!(step(&h, &mut stdin, 2).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 1).ends_with(" echo"));
+    assert!(step(&h, &mut stdin, 2).ends_with(" echo"));
     fs::write(h.path("tetherd.toml"), Policy::new().both(port).to_config()).unwrap();
     tether(&h, &["reload"]);
     std::thread::sleep(Duration::from_millis(400));
-    assert!(step(&h, &mut stdin, 3).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 3).ends_with(" echo"));
     assert_eq!(kinds(&h, "client", "connect"), ["full", "resumed", "full"], "{}", show(&h.log_lines("client")));
     assert_eq!(kinds(&h, "server", "accept"), ["full", "resumed", "full"], "{}", show(&h.log_lines("server")));
 
     // Connection 4 leaves a ticket; the reload then removes python from the server's allow.
-    assert!(step(&h, &mut stdin, 4).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 4).ends_with(" echo"));
     let policy = Policy::new().inbound(port, &[&derived_id("/usr/bin/curl")]).outbound(port, &[ANY_ID]);
     fs::write(h.path("tetherd.toml"), policy.to_config()).unwrap();
     tether(&h, &["reload"]);
@@ -239,21 +225,18 @@ fn server_svid_renewal_invalidates_tickets() {
     let mut h = Harness::new("resume-renew", Policy::new().raw("svid_ttl = \"64s\"\n").both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
     // The server fetches its SVID at this first accept (t0); it renews at t0 + 2 s.
-    let mut warm = Command::new(PYTHON);
-    warm.arg(h.script("seq.py", PY_SEQ)).args([port.to_string(), "1".into()]);
     let t0 = std::time::Instant::now();
-    let run = h.run("warm", h.shim(&mut warm, "warm"), Duration::from_secs(30));
-    assert!(run.stdout.contains("ok=1"), "{run}");
+    assert_eq!(connections(&h, "warm", port, 1, &[]), 1, "{}", h.output("warm"));
     std::thread::sleep(Duration::from_millis(700));
     // The client's SVID: from t0 + 0.7 s, renewed at t0 + 2.7 s.
     let mut c = Command::new(PYTHON);
-    c.arg(h.script("step.py", PY_STEP)).arg(port.to_string());
+    c.arg(h.script("conn.py", PY_CONN)).arg(port.to_string());
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
-    assert!(step(&h, &mut stdin, 1).ends_with("echo"));
-    assert!(step(&h, &mut stdin, 2).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 1).ends_with(" echo"));
+    assert!(step(&h, &mut stdin, 2).ends_with(" echo"));
     let at = t0 + Duration::from_millis(2300);
     std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
-    assert!(step(&h, &mut stdin, 3).ends_with("echo"));
+    assert!(step(&h, &mut stdin, 3).ends_with(" echo"));
     let client = kinds(&h, "client", "connect");
     if t0.elapsed() < Duration::from_millis(2650) {
         assert_eq!(client, ["full", "resumed", "full"], "{}", show(&h.log_lines("client")));
