@@ -4,10 +4,12 @@
 //! [`prepare`] and released by [`parent`]/[`child`] in ONE order, the only order any code path
 //! may nest them in (ARCHITECTURE.md, "Fork"):
 //!
-//! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY`, 4. fd table `TABLE`,
+//! 1. identity `FETCH`, 2. identity `STATE`, 3. identity `POLICY_ONLY` then `STAMP`, 4. fd table `TABLE`,
 //! 5. reporter `REPORTER`, 6. reporter `BROKER_FD`, 7. inbound `WORKERS`, 8. inbound `POOL`,
 //! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. key rotation `INBOX`,
-//! 13. signer `SIGNER` (broker key custody: a leaf, never held while another is taken).
+//! 13. TLS `CONFIGS` (`tls::configs`: the per-identity rustls configs; the relay stores a ticket
+//!     under lock 9), 14. signer `SIGNER` (broker key custody: a leaf, never held while another
+//!     is taken).
 //!
 //! A [`crate::fd_table::Protected`] reports its close (lock 5) and its `Link` closes the relay's
 //! TCP copy (lock 11), so one may be dropped only while holding nothing above 4: the inbound
@@ -28,7 +30,7 @@
 
 use std::sync::atomic::{AtomicI32, Ordering};
 
-use crate::{fallback, fd_table, guard, identity, ops, report, sync};
+use crate::{fallback, fd_table, guard, identity, ops, report, sync, tls};
 
 /// The process that owns this address space: the loader's process, or the fork child.
 static OWNER: AtomicI32 = AtomicI32::new(0);
@@ -81,7 +83,8 @@ extern "C" fn prepare() {
         ops::inbound::atfork_prepare(); // 7, 8
         fallback::atfork_prepare(); // 9, 10, 11
         ops::rotation::atfork_prepare(); // 12
-        crate::tls::remote_key::atfork_prepare(); // 13
+        tls::configs::atfork_prepare(); // 13
+        crate::tls::remote_key::atfork_prepare(); // 14
     });
 }
 
@@ -99,6 +102,7 @@ extern "C" fn child() {
         fallback::atfork_child();
         sync::release_fork_locks();
         identity::atfork_child();
+        tls::configs::atfork_child();
         // Single-threaded from here; no lock is held, and nothing below writes to a socket.
         report::after_fork_child();
         ops::inbound::after_fork_child();

@@ -155,17 +155,33 @@ pub(crate) fn latest(captured: &Arc<Identity>) -> Arc<Identity> {
     current().unwrap_or_else(|_| captured.clone())
 }
 
-/// The broker socket's mtime (one `stat`, cheap enough for every connect).
+/// How long a read of the socket's mtime and inode stands for: a reload (mtime) or a tetherd
+/// restart (inode) reaches a running process within this, and a process making thousands of
+/// connections a second makes ten stats, not thousands.
+const STAMP_FRESH: Duration = Duration::from_millis(100);
+
+/// The socket's (mtime, inode), as last read, and when (a copy: no lock is held across the stat).
+type Stamp = (Option<SystemTime>, Option<u64>);
+static STAMP: Mutex<Option<(std::time::Instant, Stamp)>> = Mutex::new(None);
+
+/// The broker socket's mtime (the policy generation's stamp).
 fn policy_stamp() -> Option<SystemTime> {
     socket_stamp().0
 }
 
-/// The broker socket's mtime and inode, from one `stat`.
-fn socket_stamp() -> (Option<SystemTime>, Option<u64>) {
-    match std::fs::metadata(&settings::get().socket) {
+/// The broker socket's mtime and inode: one `stat`, at most every [`STAMP_FRESH`].
+fn socket_stamp() -> Stamp {
+    if let Some((at, stamp)) = *STAMP.lock() {
+        if at.elapsed() < STAMP_FRESH {
+            return stamp;
+        }
+    }
+    let stamp = match std::fs::metadata(&settings::get().socket) {
         Ok(m) => (m.modified().ok(), Some(m.ino())),
         Err(_) => (None, None),
-    }
+    };
+    *STAMP.lock() = Some((std::time::Instant::now(), stamp));
+    stamp
 }
 
 /// Drop `id` as the current identity (if it still is), so the next connection fetches anew.
@@ -331,12 +347,14 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>, socket_ino: Optio
 }
 
 /// Fork lock order: FETCH, STATE, then POLICY_ONLY, as in `current` and
-/// `policy_without_identity` (released by `crate::fork`; the policy-only cache is kept in the
-/// child: the policy is the same for every process).
+/// `policy_without_identity`, then STAMP (the innermost: taken under FETCH or STATE) (released by
+/// `crate::fork`; the policy-only cache is kept in the child: the policy is the same for every
+/// process).
 pub(crate) fn atfork_prepare() {
     FETCH.hold_for_fork();
     STATE.hold_for_fork();
     POLICY_ONLY.hold_for_fork();
+    STAMP.hold_for_fork();
 }
 
 /// In the fork child, after every lock is released.

@@ -1,7 +1,7 @@
 //! Connection reports to tetherd: asynchronous, bounded and best-effort, never on the data
 //! path. A hook only enqueues (a `try_send` on a bounded channel; a full queue drops the
 //! report and counts it); one "tether-report" thread per process keeps a broker connection
-//! and sends them. tetherd attributes each report to the attested sender, so a report can only
+//! and sends them in batches ([`BATCH_WINDOW`]). tetherd attributes each report to the attested sender, so a report can only
 //! ever describe the process that sent it.
 
 use std::io;
@@ -18,6 +18,14 @@ use crate::{guard, settings};
 
 const QUEUE: usize = 1024;
 const BROKER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reports are sent in batches: after the first of a batch arrives the thread waits this long
+/// (not on the channel, so a hook's enqueue wakes nobody) and then sends all that queued, their
+/// frames in one write and the answers read after. A burst of connections then costs a few
+/// wake-ups and writes rather than two per connection; a report reaches tetherd at most this
+/// late.
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+/// At most this many reports per batch (their answers must fit the socket's buffer unread).
+const BATCH_MAX: usize = 128;
 
 struct Reporter {
     /// The process that started the thread: after fork the child needs its own.
@@ -90,8 +98,18 @@ fn start(pid: u32) -> Option<Reporter> {
 
 fn run(rx: Receiver<ConnectionReport>) {
     let mut conn: Option<UnixStream> = None;
-    for r in rx {
-        // One retry on a fresh connection (tetherd may have restarted); then drop it.
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    while let Ok(first) = rx.recv() {
+        std::thread::sleep(BATCH_WINDOW);
+        batch.clear();
+        batch.push(first);
+        while batch.len() < BATCH_MAX {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        // One retry on a fresh connection (tetherd may have restarted); then drop the batch.
         for _ in 0..2 {
             if conn.is_none() {
                 conn = connect().ok();
@@ -100,7 +118,7 @@ fn run(rx: Receiver<ConnectionReport>) {
                 }
             }
             let Some(s) = conn.as_mut() else { break };
-            if send_one(s, &r).is_ok() {
+            if send_batch(s, &batch).is_ok() {
                 break;
             }
             set_broker_fd(&mut BROKER_FD.lock(), -1);
@@ -118,17 +136,26 @@ fn connect() -> io::Result<UnixStream> {
     Ok(s)
 }
 
-fn send_one(s: &mut UnixStream, r: &ConnectionReport) -> Result<(), wire::WireError> {
-    let frame = wire::encode(&Request::Report(r.clone()))?;
-    wire::io::write_frame(s, &frame)?;
-    let body = wire::io::read_frame(s)?.ok_or(wire::WireError::Truncated)?;
-    match wire::decode::<Response>(&body)? {
-        Response::Ok(_) => Ok(()),
-        // Refused (e.g. an older broker, or a full table): the report is dropped, the
-        // connection is fine.
-        Response::Error(_) => Ok(()),
-        _ => Err(wire::WireError::Malformed("unexpected response".into())),
+/// Send every report's frame in one write, then read the answers in order (tetherd answers
+/// each request on a connection before it reads the next).
+fn send_batch(s: &mut UnixStream, batch: &[ConnectionReport]) -> Result<(), wire::WireError> {
+    let mut frames = Vec::new();
+    for r in batch {
+        let frame = wire::encode(&Request::Report(r.clone()))?;
+        wire::io::write_frame(&mut frames, &frame)?;
     }
+    io::Write::write_all(s, &frames).map_err(wire::WireError::Io)?;
+    for _ in batch {
+        let body = wire::io::read_frame(s)?.ok_or(wire::WireError::Truncated)?;
+        match wire::decode::<Response>(&body)? {
+            Response::Ok(_) => {}
+            // Refused (e.g. an older broker, or a full table): the report is dropped, the
+            // connection is fine.
+            Response::Error(_) => {}
+            _ => return Err(wire::WireError::Malformed("unexpected response".into())),
+        }
+    }
+    Ok(())
 }
 
 /// Fork lock order: `REPORTER` then `BROKER_FD` (released by `crate::fork`).

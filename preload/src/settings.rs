@@ -17,6 +17,7 @@ pub(crate) mod env {
     pub(crate) const DISABLE: &str = "TETHER_DISABLE";
     /// `0`/`off`: never set `TLS_RX_EXPECT_NO_PAD` (the bench's "NO_PAD off" rows).
     pub(crate) const KTLS_RX_NO_PAD: &str = "TETHER_KTLS_RX_NO_PAD";
+    pub(crate) const RESUMPTION: &str = "TETHER_RESUMPTION";
     /// Debug builds only: a named fault to inject (see [`super::Settings::fault`]).
     pub(crate) const TEST_FAULT: &str = "TETHER_TEST_FAULT";
 }
@@ -54,6 +55,8 @@ pub(crate) struct Settings {
     /// Set `TLS_RX_EXPECT_NO_PAD` on kTLS sockets whose peer is in our trust domain (default
     /// on; `TETHER_KTLS_RX_NO_PAD=0` turns it off).
     pub(crate) rx_no_pad: bool,
+    /// TLS 1.3 resumption between tether peers (`TETHER_RESUMPTION=0` turns it off).
+    pub(crate) resumption: bool,
     /// `TETHER_TEST_FAULT`, honoured by debug builds only (release builds never read it): the
     /// e2e tests use it to reach failure paths a healthy peer cannot trigger, such as a panic
     /// after the real connect.
@@ -85,6 +88,7 @@ impl Settings {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             disabled: false,
             rx_no_pad: true,
+            resumption: true,
             test_fault: None,
         };
         if secure {
@@ -112,6 +116,7 @@ impl Settings {
             src.var(env::KTLS_RX_NO_PAD).as_deref(),
             Some("0") | Some("off") | Some("false")
         );
+        s.resumption = !matches!(src.var(env::RESUMPTION).as_deref(), Some("0") | Some("off") | Some("false"));
         if cfg!(debug_assertions) {
             s.test_fault = src.var(env::TEST_FAULT).filter(|v| !v.is_empty());
         }

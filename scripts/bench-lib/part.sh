@@ -35,10 +35,10 @@ run_part() {
             bulk_bytes=$((256 << 20)) conns=500 redis_n=5000 file_mib=64
         fi
     fi
-    local configs=(plain tether-user tether-user-pc stunnel rustls)
+    local configs=(plain tether-user tether-user-pc tether-resumed stunnel rustls)
     # tether-ktls-padoff: tether kTLS with TETHER_KTLS_RX_NO_PAD=0 (bulk only), for the NO_PAD rows.
-    # *-pc: process key custody (setup only), for the custody-cost rows.
-    [[ $env == uml ]] && configs=(plain tether-ktls tether-ktls-pc tether-ktls-padoff tether-user tether-user-pc raw-ktls stunnel rustls)
+    # *-pc: process key custody (setup only), for the custody-cost rows. tether-resumed: setup only.
+    [[ $env == uml ]] && configs=(plain tether-ktls tether-ktls-pc tether-ktls-padoff tether-user tether-user-pc tether-resumed raw-ktls stunnel rustls)
 
     local port
     for port in $P_PLAIN $P_TETHER $P_RAWKTLS $P_RUSTLS $P_ST_BACK $P_ST_TLS $P_ST_FRONT \
@@ -50,7 +50,7 @@ run_part() {
     RUN=$(mktemp -d /tmp/tether-bench.XXXXXX)
     PIDS=()
     trap 'part_cleanup' EXIT
-    REL=$rel OUT=$out
+    REL=$rel OUT=$out BENCH_ENV=$env
 
     cat >"$RUN/tetherd.toml" <<TOML
 trust_domain = "bench.internal"
@@ -94,6 +94,14 @@ TOML
         done
     done
     verify_stunnel
+    if ((quick)) || [[ $env == uml ]]; then
+        count_syscalls "$env" 10 40
+    else
+        count_syscalls "$env" 20 220
+    fi
+    for ((r = 1; r <= reps; r++)); do
+        count_cpu "$env" "$r" $((conns * 4))
+    done
     write_meta "$env" "$quick" "$reps" "$bulk_bytes" "$conns" "$redis_n" "$file_mib"
 }
 
@@ -157,14 +165,22 @@ write_stunnel_conf() { # server|client
     } >"$f"
 }
 
-# Environment prefix for a program under the configuration: `env` arguments.
+# Environment prefix for a program under the configuration: `env` arguments. tether-ktls and
+# tether-user make full handshakes only (TETHER_RESUMPTION=0); tether-resumed has TLS 1.3
+# resumption (the default) on the kernel's best path (kTLS in UML, the relay on the host),
+# measured for connection setup only.
 under() { # CONFIG ROLE
     case $1 in
-    tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
-    tether-ktls-padoff) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_KTLS_RX_NO_PAD=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
-    tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
-    tether-ktls-pc) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK_PC TETHER_MODE=ktls TETHER_LOG=$OUT/logs/$1-$2.log" ;;
-    tether-user-pc) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK_PC TETHER_MODE=userspace TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-ktls) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-user) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=userspace TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-ktls-padoff) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=ktls TETHER_RESUMPTION=0 TETHER_KTLS_RX_NO_PAD=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-ktls-pc) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK_PC TETHER_MODE=ktls TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-user-pc) echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK_PC TETHER_MODE=userspace TETHER_RESUMPTION=0 TETHER_LOG=$OUT/logs/$1-$2.log" ;;
+    tether-resumed)
+        local mode=userspace
+        [[ ${BENCH_ENV:-host} == uml ]] && mode=ktls
+        echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$SOCK TETHER_MODE=$mode TETHER_LOG=$OUT/logs/$1-$2.log"
+        ;;
     *) echo "BENCH_CONFIG=$1" ;;
     esac
 }
@@ -235,9 +251,9 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     local client=(env "${cpre[@]}" timeout 600 "$REL/bench-client" --port "$port" "${cli_flags[@]}")
     local j
     # Bulk write, bulk sendfile (sendfile does not apply to the rustls floor; the custody
-    # comparison (*-pc) is about setup only). Where the kernel
+    # comparison (*-pc) and tether-resumed are about setup only). Where the kernel
     # has kTLS, the /proc/net/tls_stat counters each transfer moved are recorded with it.
-    if [[ $c != rustls && $c != *-pc ]]; then
+    if [[ $c != rustls && $c != *-pc && $c != tether-resumed ]]; then
         local wl before
         for wl in write sendfile; do
             before=$(tls_stat)
@@ -267,7 +283,7 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     emit "$tag,\"workload\":\"memory\",\"server_hwm_kib\":$srv_hwm,\"server_rss_kib\":$srv_rss,\"sidecar_client_hwm_kib\":$st_cli_hwm,\"sidecar_client_rss_kib\":$st_cli_rss"
 
     # redis: both sides under the configuration (not for the raw kTLS pair or the rustls floor).
-    if [[ $c == plain || ($c == tether-* && $c != *-pc) || $c == stunnel ]]; then
+    if [[ $c == plain || $c == tether-ktls || $c == tether-user || $c == stunnel ]]; then
         local rport=$R_PLAIN rfront
         [[ $c == tether-* ]] && rport=$R_TETHER
         [[ $c == stunnel ]] && rport=$R_ST_BACK
@@ -303,6 +319,85 @@ tls_stat_delta() { # BEFORE AFTER
     [[ -n $1 && -n $2 ]] || return 0
     awk 'NR == FNR { b[$1] = $2; next } { d = $2 - b[$1]; if (d != 0) { printf "%s\"%s\":%d", sep, $1, d; sep = "," } }
         BEGIN { printf ",\"tls_stat\":{" } END { printf "}" }' <(echo "$1") <(echo "$2")
+}
+
+# The setup configurations of ENV, into the caller's `cfgs`.
+setup_configs() { # ENV
+    cfgs=(plain tether-user tether-resumed rustls)
+    [[ $1 == uml ]] && cfgs=(plain tether-ktls tether-user tether-resumed rustls)
+    return 0
+}
+
+# For CONFIG: the caller's `port` and `flags` (bench-server/bench-client arguments) and `pre`/`cpre`
+# (server/client environment).
+setup_target() { # CONFIG
+    port=$P_PLAIN flags=()
+    [[ $1 == tether-* ]] && port=$P_TETHER
+    [[ $1 == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
+    read -r -a pre <<<"$(under "$1" server)"
+    read -r -a cpre <<<"$(under "$1" client)"
+}
+
+# Syscalls per connection, client and server (strace -f -c, threads included), for the setup
+# configurations: the difference between a run of N1 and one of N2 sequential connections,
+# divided by N2 - N1, so process start-up and the SVID fetch cancel out. Not timed.
+count_syscalls() { # ENV N1 N2
+    local env=$1 n1=$2 n2=$3 c n port flags spid kid
+    command -v strace >/dev/null || { say "no strace: syscall counts skipped"; return 0; }
+    local cfgs
+    setup_configs "$env"
+    for c in "${cfgs[@]}"; do
+        say "$env syscalls: $c"
+        local -a pre cpre
+        setup_target "$c"
+        for n in "$n1" "$n2"; do
+            strace -f -c -o "$RUN/sys-srv-$c-$n" env "${pre[@]}" "$REL/bench-server" --port "$port" "${flags[@]}" \
+                >/dev/null 2>>"$OUT/logs/stderr.log" &
+            spid=$!
+            PIDS+=("$spid")
+            listening "$port" || { say "syscalls $c: server did not listen; counts skipped"; return 0; }
+            strace -f -c -o "$RUN/sys-cli-$c-$n" env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" \
+                connrate --n "$n" >/dev/null 2>>"$OUT/logs/stderr.log" || { say "syscalls $c: connrate under strace failed; counts skipped"; return 0; }
+            # Stop the traced server (strace's child) so strace writes its summary.
+            kid=$(pgrep -P "$spid" | head -1 || true)
+            [[ -n $kid ]] && kill "$kid" 2>/dev/null
+            wait "$spid" 2>/dev/null || true
+            while listening "$port" 1; do sleep 0.1; done
+        done
+        calls() { awk '$NF == "total" {print $4}' "$1"; }
+        [[ -n $(calls "$RUN/sys-cli-$c-$n2") && -n $(calls "$RUN/sys-srv-$c-$n2") ]] || { say "syscalls $c: no strace summary; counts skipped"; return 0; }
+        emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":0,\"workload\":\"syscalls\",\"n1\":$n1,\"n2\":$n2,\"client_per_conn\":$(( ($(calls "$RUN/sys-cli-$c-$n2") - $(calls "$RUN/sys-cli-$c-$n1")) * 10 / (n2 - n1) ))e-1,\"server_per_conn\":$(( ($(calls "$RUN/sys-srv-$c-$n2") - $(calls "$RUN/sys-srv-$c-$n1")) * 10 / (n2 - n1) ))e-1"
+        for n in "$n1" "$n2"; do
+            cp "$RUN/sys-cli-$c-$n" "$OUT/logs/strace-client-$c-$n.txt"
+            cp "$RUN/sys-srv-$c-$n" "$OUT/logs/strace-server-$c-$n.txt"
+        done
+    done
+}
+
+# CPU time per connection (user + system, client and server processes, all threads) over N
+# sequential connections: unlike latency, it does not depend on how busy the machine is.
+count_cpu() { # ENV REP N
+    local env=$1 rep=$2 n=$3 c port flags spid s0 s1 ct tick
+    tick=$(getconf CLK_TCK)
+    local cfgs
+    setup_configs "$env"
+    for c in "${cfgs[@]}"; do
+        local -a pre cpre
+        setup_target "$c"
+        env "${pre[@]}" "$REL/bench-server" --port "$port" "${flags[@]}" >/dev/null 2>>"$OUT/logs/stderr.log" &
+        spid=$!
+        PIDS+=("$spid")
+        listening "$port" || { say "cpu $c: server did not listen; skipped"; return 0; }
+        # One warm-up connection (SVID fetch, first full handshake) outside the count.
+        env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" connrate --n 1 >/dev/null 2>>"$OUT/logs/stderr.log" || true
+        s0=$(awk '{print $14 + $15}' "/proc/$spid/stat")
+        ct=$({ TIMEFORMAT='%U %S'; time env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" \
+            connrate --n "$n" >/dev/null 2>>"$OUT/logs/stderr.log"; } 2>&1 | tail -1)
+        s1=$(awk '{print $14 + $15}' "/proc/$spid/stat")
+        stop_pid "$spid"
+        while listening "$port" 1; do sleep 0.1; done
+        emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":$rep,\"workload\":\"cpu\",\"n\":$n,$(awk -v n="$n" '{printf "\"client_cpu_us\":%.1f", ($1 + $2) * 1e6 / n}' <<<"$ct"),\"server_cpu_us\":$(( (s1 - s0) * 1000000 / tick / n ))"
+    done
 }
 
 write_meta() { # ENV QUICK REPS BULK CONNS REDIS_N FILE_MIB

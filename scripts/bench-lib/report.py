@@ -24,8 +24,8 @@ for d in args.parts:
     with open(os.path.join(d, "results.jsonl")) as f:
         records += [json.loads(line) for line in f if line.strip()]
 
-ORDER = ["plain", "tether-ktls", "tether-ktls-pc", "tether-ktls-padoff", "tether-user", "tether-user-pc", "raw-ktls",
-         "stunnel", "rustls"]
+ORDER = ["plain", "tether-ktls", "tether-ktls-pc", "tether-ktls-padoff", "tether-user", "tether-user-pc", "tether-resumed",
+         "raw-ktls", "stunnel", "rustls"]
 LABEL = {
     "plain": "plaintext TCP",
     "tether-ktls": "tether kTLS, broker custody",
@@ -33,6 +33,7 @@ LABEL = {
     "tether-ktls-padoff": "tether kTLS, NO_PAD off",
     "tether-user": "tether userspace, broker custody",
     "tether-user-pc": "tether userspace, process custody",
+    "tether-resumed": "tether, resumed (TLS 1.3 resumption; kTLS in UML, relay on the host)",
     "raw-ktls": "raw kTLS pair (fixed keys)",
     "stunnel": "stunnel4 sidecar pair",
     "rustls": "in-process rustls (floor)",
@@ -130,7 +131,7 @@ for env in envs:
     w("| configuration | write() | × plain | × stunnel | sendfile() | × plain | × stunnel |")
     w("|---|---|---|---|---|---|---|")
     for c in cfgs:
-        if c == "rustls" or c.endswith("-pc"):
+        if c in ("rustls", "tether-resumed") or c.endswith("-pc"):
             continue
         row = [LABEL[c]]
         for wl in ("write", "sendfile"):
@@ -177,6 +178,33 @@ for env in envs:
         for b, pc in pairs:
             w(f"| {LABEL[b].split(',')[0]} | {cell(env, b, 'connrate', 'conns_s')} | {cell(env, pc, 'connrate', 'conns_s')} "
               f"| {cell(env, b, 'connrate', 'p50_us')} | {cell(env, pc, 'connrate', 'p50_us')} | {fmt(added[b] - added[pc])} |")
+        w("")
+    sc = [c for c in cfgs if values(env, c, "syscalls", "client_per_conn")]
+    if sc:
+        r0 = next(r for r in records if r["env"] == env and r["workload"] == "syscalls")
+        w(f"### Syscalls per connection (strace -f -c, threads included: runs of {r0['n2']} minus {r0['n1']} connections, divided)")
+        w("")
+        w("| configuration | client | server | client × rustls floor's | server × rustls floor's |")
+        w("|---|---|---|---|---|")
+        for c in sc:
+            cl, sv = med(env, c, "syscalls", "client_per_conn"), med(env, c, "syscalls", "server_per_conn")
+            w(f"| {LABEL[c]} | {cl:.1f} | {sv:.1f} | {ratio(cl, med(env, 'rustls', 'syscalls', 'client_per_conn'))} "
+              f"| {ratio(sv, med(env, 'rustls', 'syscalls', 'server_per_conn'))} |")
+        w("")
+    cc = [c for c in cfgs if values(env, c, "cpu", "client_cpu_us")]
+    if cc:
+        n = next(r["n"] for r in records if r["env"] == env and r["workload"] == "cpu")
+        w(f"### CPU time per connection (µs, user + system, all threads; {n} sequential connections per rep, after one warm-up)")
+        w("")
+        w("| configuration | client | server | both | both × rustls floor's | both × tether full handshakes' |")
+        w("|---|---|---|---|---|---|")
+        both = lambda c: [a + b for a, b in zip(values(env, c, "cpu", "client_cpu_us"), values(env, c, "cpu", "server_cpu_us"))]
+        full = "tether-ktls" if env == "uml" and values(env, "tether-ktls", "cpu", "client_cpu_us") else "tether-user"
+        for c in cc:
+            b = statistics.median(both(c))
+            w(f"| {LABEL[c]} | {cell(env, c, 'cpu', 'client_cpu_us')} | {cell(env, c, 'cpu', 'server_cpu_us')} | {fmt(b)} "
+              f"| {ratio(b, statistics.median(both('rustls')) if both('rustls') else None)} "
+              f"| {ratio(b, statistics.median(both(full)) if both(full) else None)} |")
         w("")
     w("### redis-benchmark -c 1 (µs; both redis-server and redis-benchmark under the configuration)")
     w("")
@@ -261,6 +289,19 @@ for env in envs:
         if rl is not None:
             r = (t - p) / (rl - p)
             target(f"{LABEL[c]} added setup p50 ≤ 1.3× rustls floor's ({env})", f"{t - p:,.0f} µs vs {rl - p:,.0f} µs = {r:.2f}×", r <= 1.3)
+for env in envs:
+    # Issue 14 (setup): added setup at the floor, and resumption's gain, side by side.
+    p, rl = med(env, "plain", "connrate", "p50_us"), med(env, "rustls", "connrate", "p50_us")
+    for c, limit in (("tether-user", 1.1), ("tether-ktls", 2.0)):
+        t = med(env, c, "connrate", "p50_us")
+        if None not in (t, p, rl) and (env == "host" or c == "tether-ktls"):
+            r = (t - p) / (rl - p)
+            target(f"{LABEL[c]} added setup p50 ≤ {limit}× rustls floor's ({env}, issue 14)",
+                   f"{t - p:,.0f} µs vs {rl - p:,.0f} µs = {r:.2f}×", r <= limit)
+    full = "tether-ktls" if env == "uml" else "tether-user"
+    a, b = med(env, "tether-resumed", "connrate", "conns_s"), med(env, full, "connrate", "conns_s")
+    if a and b:
+        target(f"resumed conns/s ≥ 1.5× full handshakes' ({LABEL[full]}, {env}, issue 14)", f"{a:,.0f} vs {b:,.0f} = {a / b:.2f}×", a / b >= 1.5)
 if "uml" in envs:
     for wl in ("redis_get", "redis_set"):
         for k in ("p50_ms", "p99_ms"):
@@ -286,6 +327,7 @@ with open(os.path.join(args.out, "raw.json"), "w") as f:
 # ---- chart data: one file per panel, rows "label median min max [median min max]" ----------
 SHORT = {"plain": "plain", "tether-ktls": "tether-kTLS", "tether-ktls-padoff": "tether-kTLS-padoff", "tether-user": "tether-user", "raw-ktls": "raw-kTLS",
          "tether-ktls-pc": "tether-kTLS-pc", "tether-user-pc": "tether-user-pc",
+         "tether-resumed": "tether-resumed",
          "stunnel": "stunnel", "rustls": "rustls-floor"}
 
 

@@ -376,7 +376,7 @@ fn worker() {
 }
 
 /// Runs on a handshake thread. Returns whether `fd` was queued for the program.
-fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Identity, rule: &InboundRule) -> bool {
+fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) -> bool {
     let Some(local) = net::local_addr(fd) else { return false };
     let conn = match rule.mode {
         Mode::Permissive => {
@@ -418,7 +418,7 @@ fn queue_ready(lfd: RawFd, r: Ready) {
     notify(lfd);
 }
 
-fn protect_it(fd: RawFd, ident: &Identity, rule: &InboundRule, local: SocketAddr, peer: SocketAddr) -> Option<Arc<Protected>> {
+fn protect_it(fd: RawFd, ident: &Arc<Identity>, rule: &InboundRule, local: SocketAddr, peer: SocketAddr) -> Option<Arc<Protected>> {
     match protect::protect(fd, Direction::Inbound, ident, &rule.allow, local, peer) {
         Ok(p) => Some(p),
         Err(f) => {

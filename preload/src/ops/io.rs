@@ -117,7 +117,7 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
     let rekey = p.as_ref().and_then(|p| p.rekey.get());
     for _ in 0..MAX_SKIPPED {
         let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-        let mut control = ktls::handle_control_record(fd);
+        let mut control = ktls::handle_control_record_with(fd, keys.as_deref_mut());
         if let Ok(Control::KeyUpdate { requested }) = control {
             control = Ok(
                 match follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested) {

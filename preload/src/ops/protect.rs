@@ -115,7 +115,7 @@ fn plan(fd: RawFd, rotates: bool) -> Result<Plan, Failure> {
 pub(crate) fn protect(
     fd: RawFd,
     direction: Direction,
-    ident: &Identity,
+    ident: &Arc<Identity>,
     allow: &[IdPattern],
     local: SocketAddr,
     remote: SocketAddr,
@@ -130,7 +130,7 @@ pub(crate) fn protect(
 fn protect_inner(
     fd: RawFd,
     direction: Direction,
-    ident: &Identity,
+    ident: &Arc<Identity>,
     allow: &[IdPattern],
     local: SocketAddr,
     remote: SocketAddr,
@@ -140,11 +140,7 @@ fn protect_inner(
         Direction::Inbound => ident.policy.inbound_rule(local.port()).and_then(|r| r.key_update_after),
     };
     let plan = plan(fd, rotate.is_some())?;
-    let flags = net::status_flags(fd);
-    let toggle = flags & libc::O_NONBLOCK == 0;
-    if toggle {
-        net::set_status_flags(fd, flags | libc::O_NONBLOCK);
-    }
+    // The handshake's I/O is MSG_DONTWAIT: the fd's flags are neither read nor changed.
     let deadline = Instant::now() + settings::get().handshake_timeout;
     let mut io = DeadlineIo { fd, deadline };
     let target = match plan {
@@ -152,21 +148,18 @@ fn protect_inner(
         Plan::Userspace { .. } => handshake::Target::Relay,
     };
     let est = match direction {
-        Direction::Outbound => handshake::client(&mut io, &ident.creds, allow, remote, target),
-        Direction::Inbound => handshake::server(&mut io, &ident.creds, allow, target),
+        Direction::Outbound => handshake::client(&mut io, ident, allow, remote, target),
+        Direction::Inbound => handshake::server(&mut io, ident, allow, target),
     };
-    if toggle {
-        net::set_status_flags(fd, flags);
-    }
     let est = est.map_err(Failure::Handshake)?;
     let (path, detail, rekey, no_pad) = match (plan, est.conn) {
         (Plan::Ktls, handshake::Session::Kernel(h)) => {
-            let (cipher, rekey) = tls::danger::install_ktls(fd, h).map_err(Failure::Ktls)?;
+            let (cipher, rekey) = tls::danger::install_ktls(fd, *h).map_err(Failure::Ktls)?;
             let no_pad = expect_no_pad(fd, &est.peer, ident);
             (DataPath::Ktls, cipher, Some(rekey), Some(no_pad))
         }
         (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
-            let link = fallback::adopt(fd, conn, rotate).map_err(Failure::Relay)?;
+            let link = fallback::adopt(fd, *conn, rotate).map_err(Failure::Relay)?;
             (DataPath::Userspace(link), why, None, None)
         }
         _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),
@@ -193,7 +186,8 @@ fn protect_inner(
         .kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default())
         .kv("local", local)
         .kv("peer", remote)
-        .kv("detail", detail);
+        .kv("detail", detail)
+        .kv("handshake", if est.resumed { "resumed" } else { "full" });
     if let Some(no_pad) = no_pad {
         line = line.kv("rx_no_pad", no_pad);
     }

@@ -372,6 +372,15 @@ pub(crate) fn set_key(
 /// read failed with EIO on a kTLS socket. The record type is peeked first, so application
 /// data is never taken from under the program.
 pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
+    handle_control_record_with(fd, None)
+}
+
+/// [`handle_control_record`], giving any NewSessionTicket in the record to the connection's key
+/// schedule (`keys`), which stores it for resumption (`tls::resumption`).
+pub(crate) fn handle_control_record_with(
+    fd: RawFd,
+    keys: Option<&mut crate::tls::danger::KeySchedule>,
+) -> io::Result<Control> {
     let mut buf = vec![0u8; MAX_RECORD];
     let (ty, n) = recv_record(fd, &mut buf[..1], libc::MSG_PEEK | libc::MSG_DONTWAIT)?;
     if ty == CONTENT_APPLICATION_DATA {
@@ -381,6 +390,9 @@ pub(crate) fn handle_control_record(fd: RawFd) -> io::Result<Control> {
     let (ty, n) = recv_record(fd, &mut buf, libc::MSG_DONTWAIT)?;
     let body = &buf[..n];
     let r = classify(ty, body);
+    if let (Some(k), CONTENT_HANDSHAKE, Control::Retry) = (keys, ty, &r) {
+        crate::tls::resumption::store_tickets(k, body);
+    }
     buf.zeroize();
     Ok(r)
 }

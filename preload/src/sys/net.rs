@@ -209,18 +209,19 @@ pub(crate) fn kill(fd: RawFd) {
     unsafe { crate::real::shutdown(fd, libc::SHUT_RDWR) };
 }
 
-/// Blocking-with-deadline I/O on a socket that has been set O_NONBLOCK for the handshake.
+/// Blocking-with-deadline I/O on a socket, whatever its O_NONBLOCK flag: every call is
+/// `MSG_DONTWAIT` and waits in poll, so the handshake never reads or toggles the fd's flags.
 #[derive(Debug)]
 pub(crate) struct DeadlineIo {
     pub(crate) fd: RawFd,
     pub(crate) deadline: Instant,
 }
 
-impl io::Read for DeadlineIo {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+impl DeadlineIo {
+    fn recv(&mut self, buf: &mut [u8], flags: c_int) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is a valid writable buffer.
-            let n = unsafe { crate::real::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+            let n = unsafe { crate::real::recv(self.fd, buf.as_mut_ptr().cast(), buf.len(), flags | libc::MSG_DONTWAIT) };
             if n >= 0 {
                 return Ok(n as usize);
             }
@@ -232,13 +233,26 @@ impl io::Read for DeadlineIo {
             }
         }
     }
+
+    /// Copy what is queued (at least one byte, or 0 at EOF) without consuming it.
+    pub(crate) fn peek(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf, libc::MSG_PEEK)
+    }
+}
+
+impl io::Read for DeadlineIo {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.recv(buf, 0)
+    }
 }
 
 impl io::Write for DeadlineIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is a valid readable buffer.
-            let n = unsafe { libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::send(self.fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            };
             if n >= 0 {
                 return Ok(n as usize);
             }

@@ -1,8 +1,9 @@
 //! The mutual-TLS 1.3 handshake on a program's socket.
 //!
 //! rustls is the protocol state machine; this driver feeds it **one TLS record at a time**
-//! (5-byte header, then exactly that many bytes), so when the handshake completes nothing
-//! that followed it on the wire has been read out of the kernel. That is what makes handing
+//! from an [`Inbox`] (one peek per flight, then one read of exactly the records rustls took),
+//! so when the handshake completes nothing that followed it on the wire has been read out of
+//! the kernel. That is what makes handing
 //! the socket to kTLS safe: no application byte can be stranded in a userspace buffer.
 
 use std::fmt;
@@ -10,17 +11,17 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
-use rustls::client::ResolvesClientCert;
-use rustls::crypto::CryptoProvider;
-use rustls::pki_types::ServerName;
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use rustls::client::UnbufferedClientConnection;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::UnbufferedServerConnection;
-use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection, SignatureScheme};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConnection, Connection, ServerConnection};
 use tether_proto::IdPattern;
 
-use super::verify::{PeerCheck, Refusal, SpiffeVerifier, TrustStore, VerifiedPeer};
+use super::verify::{Refusal, TrustStore, VerifiedPeer};
+use crate::identity::Identity;
+use crate::settings;
 use crate::sys::net::DeadlineIo;
 
 /// TLS 1.3 ciphertext records are at most 2^14 + 256 bytes.
@@ -41,25 +42,6 @@ pub(crate) struct Credentials {
 impl fmt::Debug for Credentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Credentials(<redacted>)")
-    }
-}
-
-#[derive(Debug)]
-struct Fixed(Arc<CertifiedKey>);
-
-impl ResolvesClientCert for Fixed {
-    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-impl ResolvesServerCert for Fixed {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
     }
 }
 
@@ -114,8 +96,8 @@ pub(crate) enum Target {
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant, reason = "one per handshake, moved once into its data path; boxing buys nothing")]
 pub(crate) enum Session {
-    Kernel(super::danger::HandOff),
-    Relay(Connection),
+    Kernel(Box<super::danger::HandOff>),
+    Relay(Box<Connection>),
 }
 
 /// A completed handshake: the session and the peer it proved.
@@ -123,122 +105,136 @@ pub(crate) enum Session {
 pub(crate) struct Established {
     pub(crate) conn: Session,
     pub(crate) peer: VerifiedPeer,
-}
-
-fn verifier(creds: &Credentials, allow: &[IdPattern]) -> (Arc<SpiffeVerifier>, Arc<PeerCheck>) {
-    let check = Arc::new(PeerCheck::default());
-    let v = SpiffeVerifier::new(creds.trust.clone(), allow.to_vec(), check.clone());
-    (Arc::new(v), check)
+    /// TLS 1.3 resumption: no certificates were exchanged.
+    pub(crate) resumed: bool,
 }
 
 /// Client side: we connected to `dest`, which must prove an ID in `allow`.
 pub(crate) fn client(
     io: &mut DeadlineIo,
-    creds: &Credentials,
+    ident: &Arc<Identity>,
     allow: &[IdPattern],
     dest: SocketAddr,
     target: Target,
 ) -> Result<Established, HandshakeError> {
-    let (v, check) = verifier(creds, allow);
-    let mut cfg = ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(HandshakeError::Tls)?
-        .dangerous()
-        .with_custom_certificate_verifier(v)
-        .with_client_cert_resolver(Arc::new(Fixed(creds.key.clone())));
-    cfg.enable_secret_extraction = true;
-    cfg.resumption = rustls::client::Resumption::disabled();
-    cfg.enable_sni = false;
-    let name = ServerName::IpAddress(dest.ip().into());
-    let cfg = Arc::new(cfg);
+    // On the kTLS path the ticket reaches the kernel as a control record after the hand-over;
+    // the read slow path gives it to the key schedule (`resumption::store_tickets`).
+    let resume = settings::get().resumption;
+    let side = super::configs::client(&provider(), ident, allow, resume).map_err(HandshakeError::Tls)?;
+    let name = super::resumption::destination_name(dest);
+    let mut inbox = Inbox::new();
     let r = match target {
         Target::Kernel => {
-            let conn = UnbufferedClientConnection::new(cfg, name).map_err(HandshakeError::Tls)?;
-            super::unbuffered::drive(conn, io, false).map(kernel_session)
+            let conn = UnbufferedClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
+            super::unbuffered::drive(conn, io, &mut inbox, false)
+                .map(|(k, peer)| (kernel_session(k), peer))
         }
         Target::Relay => {
-            let mut conn = Connection::Client(ClientConnection::new(cfg, name).map_err(HandshakeError::Tls)?);
-            drive(&mut conn, io, false).map(|()| Session::Relay(conn))
+            let mut conn = ClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
+            drive(&mut conn, io, &mut inbox, false).map(|()| {
+                let peer = PeerChain::of(&conn);
+                (Session::Relay(Box::new(Connection::Client(conn))), peer)
+            })
         }
     };
-    finish(r, &check)
+    let est = finish(r, allow)?;
+    // Only a server holding an SVID of our own trust domain (issued by tetherd) gets to give
+    // us tickets, and only it is offered them.
+    side.sessions.mark(&name, est.peer.id().trust_domain() == ident.id.trust_domain());
+    Ok(est)
 }
 
 /// Server side: a client connected to us and must prove an ID in `allow`.
 pub(crate) fn server(
     io: &mut DeadlineIo,
-    creds: &Credentials,
+    ident: &Arc<Identity>,
     allow: &[IdPattern],
     target: Target,
 ) -> Result<Established, HandshakeError> {
-    let (v, check) = verifier(creds, allow);
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(HandshakeError::Tls)?
-        .with_client_cert_verifier(v)
-        .with_cert_resolver(Arc::new(Fixed(creds.key.clone())));
-    cfg.enable_secret_extraction = true;
-    // Tickets would arrive at the client after the handshake as control records; we never
-    // resume, so send none.
-    cfg.send_tls13_tickets = 0;
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    let cfg = Arc::new(cfg);
+    let cfg = super::configs::server(&provider(), ident, allow, settings::get().resumption).map_err(HandshakeError::Tls)?;
+    let mut inbox = Inbox::new();
     let r = match target {
         Target::Kernel => {
             let conn = UnbufferedServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
-            super::unbuffered::drive(conn, io, true).map(kernel_session)
+            super::unbuffered::drive(conn, io, &mut inbox, true).map(|(k, peer)| (kernel_session(k), peer))
         }
         Target::Relay => {
-            let mut conn = Connection::Server(ServerConnection::new(cfg).map_err(HandshakeError::Tls)?);
-            drive(&mut conn, io, true).map(|()| Session::Relay(conn))
+            let mut conn = ServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
+            drive(&mut conn, io, &mut inbox, true).map(|()| {
+                let peer = PeerChain::of(&conn);
+                (Session::Relay(Box::new(Connection::Server(conn))), peer)
+            })
         }
     };
-    finish(r, &check)
+    finish(r, allow)
+}
+
+/// What a completed handshake knows of its peer, taken before the connection is handed over.
+#[derive(Debug)]
+pub(crate) struct PeerChain {
+    chain: Option<Vec<CertificateDer<'static>>>,
+    resumed: bool,
+}
+
+impl PeerChain {
+    pub(crate) fn of(c: &rustls::CommonState) -> Self {
+        Self {
+            chain: c.peer_certificates().map(<[_]>::to_vec),
+            resumed: c.handshake_kind() == Some(rustls::HandshakeKind::Resumed),
+        }
+    }
 }
 
 fn kernel_session((secrets, keys): (rustls::ExtractedSecrets, super::danger::KeySchedule)) -> Session {
-    Session::Kernel(super::danger::HandOff { secrets, keys })
+    Session::Kernel(Box::new(super::danger::HandOff { secrets, keys }))
 }
 
-fn finish(r: Result<Session, HandshakeError>, check: &PeerCheck) -> Result<Established, HandshakeError> {
-    if let Some(refusal) = check.refusal() {
-        return Err(HandshakeError::Refused(refusal));
-    }
-    let conn = r?;
-    let peer = check.verified().ok_or(HandshakeError::Refused(Refusal::BadCertificate(
-        "peer presented no certificate".into(),
-    )))?;
-    Ok(Established { conn, peer })
+fn finish(r: Result<(Session, PeerChain), HandshakeError>, allow: &[IdPattern]) -> Result<Established, HandshakeError> {
+    let (conn, chain) = r.map_err(|e| match &e {
+        HandshakeError::Tls(t) => super::verify::refusal_of(t).map_or(e, HandshakeError::Refused),
+        _ => e,
+    })?;
+    // A resumed handshake ran no verifier: this is where its peer is checked against the
+    // policy in force and its certificates' expiry (for a full one it repeats the verifier's
+    // allow and validity checks).
+    let peer = super::verify::verified_peer(chain.chain.as_deref(), allow, UnixTime::now())
+        .map_err(HandshakeError::Refused)?;
+    Ok(Established { conn, peer, resumed: chain.resumed })
 }
 
 /// Run the handshake to completion, one record at a time, flushing everything we owe.
-fn drive(conn: &mut Connection, io: &mut DeadlineIo, quickack: bool) -> Result<(), HandshakeError> {
-    let mut record = Vec::with_capacity(MAX_CIPHERTEXT + 5);
+fn drive<D>(
+    conn: &mut rustls::ConnectionCommon<D>,
+    io: &mut DeadlineIo,
+    inbox: &mut Inbox,
+    quickack: bool,
+) -> Result<(), HandshakeError> {
     let mut flight = Vec::with_capacity(4096);
     loop {
-        // Send a whole flight in one write: several small writes would meet Nagle's algorithm
-        // and the peer's delayed ACK (a 40 ms stall per handshake, seen as the p99).
-        flight.clear();
         while conn.wants_write() {
             conn.write_tls(&mut flight)?;
         }
-        io.write_all(&flight)?;
         if !conn.is_handshaking() {
-            return Ok(());
+            finish_flight(io, &flight, quickack)?;
+            // What rustls was given is taken out of the kernel; nothing after it is.
+            return inbox.commit(io);
         }
-        read_record(io, &mut record)?;
-        if quickack {
-            // A server that sends no tickets has nothing to piggyback its ACK of the client's
-            // last flight on; a delayed ACK (~40 ms) would then hold the client's first request
-            // behind Nagle. Ack each handshake record at once instead.
-            crate::sys::ktls::quickack(io.fd);
+        // Send a whole flight in one write, and only when the peer's next one is needed (the
+        // records of one peeked flight can each make rustls queue output: the client's CCS
+        // after the ServerHello, the rest after the server's Finished). Several small writes
+        // would meet Nagle's algorithm and the peer's delayed ACK (a 40 ms stall per handshake,
+        // seen as the p99), and cost the peer a read each.
+        if inbox.needs_read() && !flight.is_empty() {
+            io.write_all(&flight)?;
+            flight.clear();
+            // The peer's answer cannot be there yet: wait for it before peeking.
+            inbox.expect_wait();
         }
-        let mut rest = &record[..];
+        let mut rest = inbox.next_record(io)?;
         while !rest.is_empty() {
             let n = conn.read_tls(&mut rest)?;
             if let Err(e) = conn.process_new_packets() {
                 // Tell the peer why (the alert is queued), best effort.
-                flight.clear();
                 let _ = conn.write_tls(&mut flight);
                 let _ = io.write_all(&flight);
                 return Err(HandshakeError::Tls(e));
@@ -248,6 +244,18 @@ fn drive(conn: &mut Connection, io: &mut DeadlineIo, quickack: bool) -> Result<(
             }
         }
     }
+}
+
+/// The handshake's last write, if any. A server that sends nothing after the client's last
+/// flight (no ticket) has nothing to piggyback its ACK on; a delayed ACK (~40 ms) would then hold
+/// the client's first request behind Nagle, so it acks at once (`quickack`).
+pub(crate) fn finish_flight(io: &mut DeadlineIo, flight: &[u8], quickack: bool) -> Result<(), HandshakeError> {
+    if !flight.is_empty() {
+        io.write_all(flight)?;
+    } else if quickack {
+        crate::sys::ktls::quickack(io.fd);
+    }
+    Ok(())
 }
 
 /// Validate a TLS record header; returns the body length.
@@ -263,14 +271,105 @@ pub(crate) fn record_len(h: &[u8; 5]) -> Result<usize, HandshakeError> {
     Ok(len)
 }
 
-pub(crate) fn read_record(io: &mut DeadlineIo, out: &mut Vec<u8>) -> Result<(), HandshakeError> {
-    let mut h = [0u8; 5];
-    read_exact(io, &mut h)?;
-    let len = record_len(&h)?;
-    out.clear();
-    out.extend_from_slice(&h);
-    out.resize(5 + len, 0);
-    read_exact(io, &mut out[5..])
+/// Peeked bytes this large hold any flight (a whole record is at most 16 KiB + 261).
+const PEEK: usize = 2 * (MAX_CIPHERTEXT + 5);
+
+/// The handshake's view of the socket's receive queue: **one peek and one consuming read per
+/// flight**, whole records only. A flight is peeked, its whole records are handed to rustls one
+/// at a time, and only the records rustls was given are then taken out of the kernel
+/// ([`Inbox::commit`]): whatever follows the handshake's last record (the client's first
+/// request, a ticket) stays queued for kTLS or the relay. A record that has not fully arrived
+/// is read exactly (header, then its length), never past its end.
+pub(crate) struct Inbox {
+    buf: Vec<u8>,
+    /// Start of the next record to hand out.
+    pos: usize,
+    /// End of the whole records in `buf`.
+    whole: usize,
+    /// `buf` is a peek: the records before `pos` are still in the kernel until committed.
+    peeked: bool,
+    /// We just sent a flight: the next fill waits for readability before it peeks.
+    wait_first: bool,
+}
+
+impl Inbox {
+    pub(crate) fn new() -> Self {
+        Self { buf: Vec::new(), pos: 0, whole: 0, peeked: false, wait_first: false }
+    }
+
+    /// Will the next record need a read from the socket?
+    pub(crate) fn needs_read(&self) -> bool {
+        self.pos >= self.whole
+    }
+
+    /// A flight was just sent: the peer's answer is at least a round trip away, so the next read
+    /// polls first instead of trying a peek that would fail with EAGAIN.
+    pub(crate) fn expect_wait(&mut self) {
+        self.wait_first = true;
+    }
+
+    /// The next whole record (header included).
+    pub(crate) fn next_record(&mut self, io: &mut DeadlineIo) -> Result<&[u8], HandshakeError> {
+        if self.pos >= self.whole {
+            self.commit(io)?;
+            self.fill(io)?;
+        }
+        let h: [u8; 5] = self.buf[self.pos..self.pos + 5].try_into().expect("five bytes");
+        let len = 5 + record_len(&h)?;
+        let at = self.pos;
+        self.pos += len;
+        Ok(&self.buf[at..at + len])
+    }
+
+    /// Take the records handed out so far out of the kernel (one read).
+    /// The bytes read must be the ones peeked (nobody else reads the socket during the
+    /// handshake; if something did, fail closed rather than hand over a desynchronised stream).
+    pub(crate) fn commit(&mut self, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
+        if self.peeked && self.pos > 0 {
+            let mut got = vec![0u8; self.pos];
+            read_exact(io, &mut got)?;
+            if got[..] != self.buf[..self.pos] {
+                return Err(HandshakeError::Io(io::Error::from_raw_os_error(libc::EPROTO)));
+            }
+        }
+        self.pos = 0;
+        self.whole = 0;
+        self.peeked = false;
+        Ok(())
+    }
+
+    fn fill(&mut self, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
+        self.buf.resize(PEEK, 0);
+        if std::mem::take(&mut self.wait_first) {
+            crate::sys::net::wait(io.fd, libc::POLLIN, io.deadline)?;
+        }
+        let n = io.peek(&mut self.buf)?;
+        if n == 0 {
+            return Err(HandshakeError::PeerClosed);
+        }
+        let mut end = 0;
+        while let Some(h) = self.buf[..n].get(end..end + 5) {
+            let len = 5 + record_len(h.try_into().expect("five bytes"))?;
+            if end + len > n {
+                break;
+            }
+            end += len;
+        }
+        if end > 0 {
+            self.whole = end;
+            self.peeked = true;
+            return Ok(());
+        }
+        // The first record is still arriving: read it exactly, consuming it.
+        let mut h = [0u8; 5];
+        read_exact(io, &mut h)?;
+        let len = record_len(&h)?;
+        self.buf[..5].copy_from_slice(&h);
+        read_exact(io, &mut self.buf[5..5 + len])?;
+        self.whole = 5 + len;
+        self.peeked = false;
+        Ok(())
+    }
 }
 
 fn read_exact(io: &mut DeadlineIo, buf: &mut [u8]) -> Result<(), HandshakeError> {
@@ -285,6 +384,7 @@ fn read_exact(io: &mut DeadlineIo, buf: &mut [u8]) -> Result<(), HandshakeError>
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
 mod tests {
     use super::*;
 

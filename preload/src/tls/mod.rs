@@ -1,8 +1,10 @@
 //! TLS: the handshake drivers and the SPIFFE verifier. Key export into the kernel lives in
 //! [`danger`], the one place that touches traffic secrets.
 
+pub(crate) mod configs;
 pub(crate) mod handshake;
 pub(crate) mod remote_key;
+pub(crate) mod resumption;
 pub(crate) mod unbuffered;
 pub(crate) mod verify;
 
@@ -38,6 +40,14 @@ pub(crate) mod danger {
             match self {
                 Self::Client(k) => k.update_rx_secret(),
                 Self::Server(k) => k.update_rx_secret(),
+            }
+        }
+
+        /// A NewSessionTicket's body, read on a kTLS socket: a client's rustls stores it (in
+        /// the config's session store); a server ignores it. Errors drop the ticket.
+        pub(crate) fn new_session_ticket(&mut self, body: &[u8]) {
+            if let Self::Client(k) = self {
+                let _ = k.handle_new_session_ticket(body);
             }
         }
 

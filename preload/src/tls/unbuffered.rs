@@ -1,9 +1,9 @@
 //! The kTLS path's handshake driver: rustls's unbuffered API, which is the only one that hands
 //! over a [`KernelConnection`] (the key schedule that follows KeyUpdates after the hand-over).
 //!
-//! Same discipline as the buffered driver: **one TLS record at a time** is read from the
-//! socket (5-byte header, then exactly that many bytes), so nothing that follows the handshake
-//! is ever read out of the kernel. Bytes rustls has not yet consumed (a handshake message
+//! Same discipline as the buffered driver: **one TLS record at a time** is given to rustls
+//! from the [`Inbox`] (one peek per flight, one read of exactly the records consumed), so
+//! nothing that follows the handshake is ever read out of the kernel. Bytes rustls has not yet consumed (a handshake message
 //! split across records) stay at the head of our buffer and the next record is appended.
 
 use rustls::client::{ClientConnectionData, UnbufferedClientConnection};
@@ -14,7 +14,7 @@ use rustls::ExtractedSecrets;
 use zeroize::Zeroize;
 
 use super::danger::KeySchedule;
-use super::handshake::{read_record, HandshakeError};
+use super::handshake::{HandshakeError, Inbox, PeerChain};
 use crate::sys::net::DeadlineIo;
 use std::io::Write;
 
@@ -26,6 +26,7 @@ pub(crate) trait Unbuffered {
         incoming: &'i mut [u8],
     ) -> UnbufferedStatus<'c, 'i, Self::Data>;
     fn handshaking(&self) -> bool;
+    fn common(&self) -> &rustls::CommonState;
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error>;
 }
 
@@ -39,6 +40,9 @@ impl Unbuffered for UnbufferedClientConnection {
     }
     fn handshaking(&self) -> bool {
         self.is_handshaking()
+    }
+    fn common(&self) -> &rustls::CommonState {
+        self
     }
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
         let (s, k): (_, KernelConnection<ClientConnectionData>) =
@@ -58,6 +62,9 @@ impl Unbuffered for UnbufferedServerConnection {
     fn handshaking(&self) -> bool {
         self.is_handshaking()
     }
+    fn common(&self) -> &rustls::CommonState {
+        self
+    }
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
         let (s, k): (_, KernelConnection<ServerConnectionData>) =
             self.dangerous_into_kernel_connection()?;
@@ -65,14 +72,14 @@ impl Unbuffered for UnbufferedServerConnection {
     }
 }
 
-/// Run the handshake to completion and hand over the keys and the key schedule.
+/// Run the handshake to completion and hand over the keys, the key schedule and the peer.
 pub(crate) fn drive<C: Unbuffered>(
     mut conn: C,
     io: &mut DeadlineIo,
+    inbox: &mut Inbox,
     quickack: bool,
-) -> Result<(ExtractedSecrets, KeySchedule), HandshakeError> {
+) -> Result<((ExtractedSecrets, KeySchedule), PeerChain), HandshakeError> {
     let mut incoming: Vec<u8> = Vec::with_capacity(2 * 16_640);
-    let mut record = Vec::with_capacity(16_640);
     let mut flight: Vec<u8> = Vec::with_capacity(4096);
     let mut out = vec![0u8; 16_640];
     loop {
@@ -102,14 +109,13 @@ pub(crate) fn drive<C: Unbuffered>(
                         return Err(HandshakeError::Tls(rustls::Error::General(e.to_string())))
                     }
                 };
-                // Gather a whole flight, sent in one write at TransmitTlsData (Nagle and
-                // delayed ACKs would otherwise stall each handshake by ~40 ms).
+                // Gather a whole flight, sent in one write when the peer's next flight is
+                // needed (see the buffered driver: Nagle and delayed ACKs would otherwise stall
+                // each handshake by ~40 ms, and each extra write costs the peer a read).
                 flight.extend_from_slice(&out[..n]);
                 Some(false)
             }
             Ok(ConnectionState::TransmitTlsData(t)) => {
-                io.write_all(&flight)?;
-                flight.clear();
                 t.done();
                 Some(false)
             }
@@ -138,16 +144,17 @@ pub(crate) fn drive<C: Unbuffered>(
                 )));
             }
         }
-        read_record(io, &mut record)?;
-        if quickack {
-            // See the buffered driver: the server acks each handshake record at once.
-            crate::sys::ktls::quickack(io.fd);
+        if inbox.needs_read() && !flight.is_empty() {
+            io.write_all(&flight)?;
+            flight.clear();
+            inbox.expect_wait();
         }
-        incoming.extend_from_slice(&record);
+        incoming.extend_from_slice(inbox.next_record(io)?);
     }
-    if !flight.is_empty() {
-        io.write_all(&flight)?;
-    }
+    super::handshake::finish_flight(io, &flight, quickack)?;
     out.zeroize();
-    conn.into_kernel().map_err(HandshakeError::Tls)
+    // Exactly the records rustls consumed leave the kernel's queue; kTLS decrypts the rest.
+    inbox.commit(io)?;
+    let peer = PeerChain::of(conn.common());
+    Ok((conn.into_kernel().map_err(HandshakeError::Tls)?, peer))
 }

@@ -2,18 +2,21 @@
 //!
 //! A peer is accepted only if: its leaf carries exactly one URI SAN, which is a valid SPIFFE
 //! ID; the chain verifies (webpki) to a root of *that ID's* trust domain, with the right EKU
-//! for its role; and the ID matches the rule's `allow` list. The outcome is recorded in a
-//! [`PeerCheck`] and the only way to obtain a [`VerifiedPeer`] is from a check that passed.
+//! for its role; and the ID matches the rule's `allow` list. The verifier is shared by every
+//! connection of one config (see `configs`): a refusal travels back inside the rustls error
+//! ([`refusal_of`]), and the only way to obtain a [`VerifiedPeer`] is [`verified_peer`] on the
+//! chain of a handshake that completed: that chain passed this verifier, in this handshake or
+//! (TLS 1.3 resumption) in the one that issued the ticket, under the same config.
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::WebPkiSupportedAlgorithms;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme};
 use tether_proto::{IdPattern, SpiffeId, TrustDomain};
 use webpki::{EndEntityCert, KeyUsage};
 use x509_parser::extensions::GeneralName;
@@ -51,8 +54,8 @@ impl TrustStore {
     }
 }
 
-/// The SPIFFE ID of a peer whose certificate chain and `allow` entry were checked during
-/// this handshake. Only [`PeerCheck::verified`] constructs one.
+/// The SPIFFE ID of a peer whose certificate chain and `allow` entry were checked for this
+/// connection. Only [`verified_peer`] constructs one.
 #[derive(Clone, PartialEq, Eq)]
 pub(crate) struct VerifiedPeer(SpiffeId);
 
@@ -86,33 +89,51 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The result of verifying one connection's peer, shared between the rustls verifier and the
-/// handshake driver.
-#[derive(Debug, Default)]
-pub(crate) struct PeerCheck(Mutex<Option<Result<SpiffeId, Refusal>>>);
+/// A refusal carried inside the rustls error that aborts the handshake.
+#[derive(Debug)]
+struct Refused(Refusal);
 
-impl PeerCheck {
-    fn record(&self, r: Result<SpiffeId, Refusal>) {
-        if let Ok(mut g) = self.0.lock() {
-            *g = Some(r);
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The refusal our verifier put in `e`, if it is one of ours.
+pub(crate) fn refusal_of(e: &Error) -> Option<Refusal> {
+    match e {
+        Error::InvalidCertificate(CertificateError::Other(OtherError(o))) => {
+            o.downcast_ref::<Refused>().map(|r| r.0.clone())
+        }
+        _ => None,
+    }
+}
+
+/// The peer of a completed handshake, from the chain rustls holds for it: re-checked against
+/// `allow` (the policy in force now) and the validity of every certificate in it at `now`.
+/// For a full handshake this repeats what the verifier just did; for a resumed one it is the
+/// check that the ticket's peer is still allowed and its SVID not expired.
+pub(crate) fn verified_peer(
+    chain: Option<&[CertificateDer<'_>]>,
+    allow: &[IdPattern],
+    now: UnixTime,
+) -> Result<VerifiedPeer, Refusal> {
+    let chain = chain.filter(|c| !c.is_empty()).ok_or(Refusal::BadCertificate("peer presented no certificate".into()))?;
+    for cert in chain {
+        let (_, x) = x509_parser::parse_x509_certificate(cert)
+            .map_err(|e| Refusal::BadCertificate(format!("unparseable certificate: {e}")))?;
+        let t = now.as_secs() as i64;
+        if t >= x.validity().not_after.timestamp() || t < x.validity().not_before.timestamp() {
+            return Err(Refusal::BadCertificate("certificate expired or not yet valid".into()));
         }
     }
-
-    /// The verified peer, if the check ran and passed.
-    pub(crate) fn verified(&self) -> Option<VerifiedPeer> {
-        match self.0.lock().ok()?.as_ref()? {
-            Ok(id) => Some(VerifiedPeer(id.clone())),
-            Err(_) => None,
-        }
+    let id = spiffe_id_of(&chain[0]).map_err(Refusal::BadCertificate)?;
+    if !allow.iter().any(|p| p.matches(&id)) {
+        return Err(Refusal::NotAllowed(id));
     }
-
-    /// Why the peer was refused, if it was.
-    pub(crate) fn refusal(&self) -> Option<Refusal> {
-        match self.0.lock().ok()?.as_ref()? {
-            Err(r) => Some(r.clone()),
-            Ok(_) => None,
-        }
-    }
+    Ok(VerifiedPeer(id))
 }
 
 /// Extract the single SPIFFE ID from a leaf certificate.
@@ -139,7 +160,6 @@ pub(crate) struct SpiffeVerifier {
     trust: Arc<TrustStore>,
     allow: Vec<IdPattern>,
     algs: WebPkiSupportedAlgorithms,
-    check: Arc<PeerCheck>,
 }
 
 impl fmt::Debug for SpiffeVerifier {
@@ -149,9 +169,9 @@ impl fmt::Debug for SpiffeVerifier {
 }
 
 impl SpiffeVerifier {
-    pub(crate) fn new(trust: Arc<TrustStore>, allow: Vec<IdPattern>, check: Arc<PeerCheck>) -> Self {
+    pub(crate) fn new(trust: Arc<TrustStore>, allow: Vec<IdPattern>) -> Self {
         let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms;
-        Self { trust, allow, algs, check }
+        Self { trust, allow, algs }
     }
 
     fn verify(
@@ -161,16 +181,10 @@ impl SpiffeVerifier {
         now: UnixTime,
         usage: KeyUsage,
     ) -> Result<(), Error> {
-        let r = self.check_chain(end_entity, intermediates, now, usage);
-        let out = match &r {
+        match self.check_chain(end_entity, intermediates, now, usage) {
             Ok(_) => Ok(()),
-            Err(Refusal::NotAllowed(_)) => {
-                Err(Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure))
-            }
-            Err(Refusal::BadCertificate(_)) => Err(Error::InvalidCertificate(CertificateError::BadEncoding)),
-        };
-        self.check.record(r);
-        out
+            Err(r) => Err(Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(r)))))),
+        }
     }
 
     fn check_chain(
@@ -287,5 +301,55 @@ impl ClientCertVerifier for SpiffeVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algs.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // reason: tests
+mod tests {
+    use super::*;
+
+    /// A leaf naming `id`, valid from `from` to `to` seconds relative to [`now`].
+    fn leaf(id: &str, from: i64, to: i64) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        let at = |d: i64| {
+            let base = rcgen::date_time_ymd(2027, 1, 15);
+            let s = std::time::Duration::from_secs(d.unsigned_abs());
+            if d < 0 { base - s } else { base + s }
+        };
+        p.not_before = at(from);
+        p.not_after = at(to);
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn allow(p: &str) -> Vec<IdPattern> {
+        vec![p.parse().unwrap()]
+    }
+
+    /// What a resumed handshake's peer is checked against: the current allow list and the
+    /// validity of the certificate the ticket was issued to.
+    #[test]
+    fn a_resumed_peer_is_rechecked_for_allow_and_expiry() {
+        let now = rcgen::date_time_ymd(2027, 1, 15).unix_timestamp() as u64;
+        let t = UnixTime::since_unix_epoch(std::time::Duration::from_secs(now));
+        let ok = [leaf("spiffe://td.test/a", -60, 3600)];
+        assert_eq!(verified_peer(Some(&ok), &allow("spiffe://td.test/*"), t).unwrap().id().to_string(), "spiffe://td.test/a");
+        assert!(matches!(verified_peer(Some(&ok), &allow("spiffe://td.test/b"), t), Err(Refusal::NotAllowed(_))));
+        let expired = [leaf("spiffe://td.test/a", -3600, -1)];
+        assert!(matches!(verified_peer(Some(&expired), &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+        let early = [leaf("spiffe://td.test/a", 60, 3600)];
+        assert!(matches!(verified_peer(Some(&early), &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+        assert!(matches!(verified_peer(None, &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+    }
+
+    #[test]
+    fn a_refusal_survives_the_trip_through_rustls_errors() {
+        let e = Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(Refused(Refusal::BadCertificate(
+            "x".into(),
+        ))))));
+        assert_eq!(refusal_of(&e), Some(Refusal::BadCertificate("x".into())));
+        assert_eq!(refusal_of(&Error::General("y".into())), None);
     }
 }
