@@ -77,6 +77,9 @@ impl From<io::Error> for HandshakeError {
     fn from(e: io::Error) -> Self {
         match e.raw_os_error() {
             Some(libc::ETIMEDOUT) => Self::Timeout,
+            // The peer closed or reset the connection mid-handshake (a write then sees EPIPE):
+            // one errno for it however the close is noticed.
+            Some(libc::EPIPE | libc::ECONNRESET) => Self::PeerClosed,
             _ if e.kind() == io::ErrorKind::UnexpectedEof => Self::PeerClosed,
             _ => Self::Io(e),
         }
