@@ -66,9 +66,10 @@ pub(crate) fn after_short_read(fd: RawFd) {
     if ktls::head_record_type(fd) != Some(crate::sys::control::CONTENT_HANDSHAKE) {
         return;
     }
-    let mut keys = rekey
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(mut keys) = danger::lock_keys(rekey) else {
+        reset(fd, Some(&p), danger::KEYS_STUCK);
+        return;
+    };
     let why = match ktls::handle_control_record(fd) {
         Ok(Control::KeyUpdate { requested }) => {
             follow_key_update(fd, Some(&p), Some(&mut keys), requested).err()
@@ -116,7 +117,11 @@ pub(crate) fn after_read_error(fd: RawFd, first: isize, again: &mut dyn FnMut() 
     }
     let rekey = p.as_ref().and_then(|p| p.rekey.get());
     for _ in 0..MAX_SKIPPED {
-        let mut keys = rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let mut keys = match rekey.map(danger::lock_keys) {
+            Some(None) => return reset(fd, p.as_deref(), danger::KEYS_STUCK),
+            Some(g) => g,
+            None => None,
+        };
         let mut control = ktls::handle_control_record_with(fd, keys.as_deref_mut());
         if let Ok(Control::KeyUpdate { requested }) = control {
             control = Ok(
@@ -173,11 +178,10 @@ fn after_key_expired(
         );
     };
     for _ in 0..KEY_EXPIRED_WAIT_MS {
-        drop(
-            rekey
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+        // Wait out a rekey another thread is doing (bounded).
+        if danger::lock_keys(rekey).is_none() {
+            return reset(fd, p, danger::KEYS_STUCK);
+        }
         let r = again();
         match (r, guard::errno()) {
             (r, _) if r >= 0 => return r,
@@ -282,8 +286,11 @@ pub(crate) unsafe fn control_in_program_buffer(
             }
             Ok(Control::KeyUpdate { requested }) => {
                 let rekey = p.as_ref().and_then(|p| p.rekey.get());
-                let mut keys =
-                    rekey.map(|m| m.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+                let mut keys = match rekey.map(danger::lock_keys) {
+                    Some(None) => return reset(fd, p.as_deref(), danger::KEYS_STUCK),
+                    Some(g) => g,
+                    None => None,
+                };
                 if let Err(why) =
                     follow_key_update(fd, p.as_deref(), keys.as_deref_mut(), requested)
                 {

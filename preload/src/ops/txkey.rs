@@ -177,7 +177,9 @@ fn rotate(fd: RawFd, p: &Protected, request_update: bool, dontwait: bool) -> Res
     }
     // The key schedule's lock is also the read path's; it is held only for the derivation
     // and the setsockopt, never across a wait.
-    let mut keys = keys.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let Some(mut keys) = danger::lock_keys(keys) else {
+        return Err(Rotate::Broken(danger::KEYS_STUCK.into()));
+    };
     danger::move_tx(fd, &mut keys)
         .map_err(|e: io::Error| Rotate::Broken(format!("TX rekey failed: {e}")))?;
     drop(keys);

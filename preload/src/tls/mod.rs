@@ -16,7 +16,8 @@ pub(crate) mod danger {
     use std::fmt;
     use std::io;
     use std::os::fd::RawFd;
-    use std::sync::Mutex;
+    use std::sync::{Mutex, MutexGuard, TryLockError};
+    use std::time::{Duration, Instant};
 
     use rustls::client::ClientConnectionData;
     use rustls::kernel::KernelConnection;
@@ -74,6 +75,32 @@ pub(crate) mod danger {
     /// The per-connection key schedule, behind the lock that the read slow path (and only it)
     /// takes while it follows a KeyUpdate.
     pub(crate) type Rekey = Mutex<KeySchedule>;
+
+    /// How long [`lock_keys`] waits. Every holder keeps the lock for one control-record read, a
+    /// derivation and a setsockopt, never across the program's I/O; a longer wait means this is
+    /// a fork child that inherited it held by a parent thread that does not exist here.
+    const KEYS_WAIT: Duration = Duration::from_secs(2);
+
+    /// Why a connection fails closed when [`lock_keys`] gives up.
+    pub(crate) const KEYS_STUCK: &str =
+        "kTLS key schedule still locked after 2 s (inherited across fork while a parent thread rekeyed)";
+
+    /// The connection's key schedule, waited for at most [`KEYS_WAIT`]; `None` then, and the
+    /// caller fails the connection closed rather than hang its program (a poisoned lock is
+    /// taken over: the schedule is consistent between its two setsockopts' callers).
+    pub(crate) fn lock_keys(m: &Rekey) -> Option<MutexGuard<'_, KeySchedule>> {
+        let deadline = Instant::now() + KEYS_WAIT;
+        loop {
+            match m.try_lock() {
+                Ok(g) => return Some(g),
+                Err(TryLockError::Poisoned(p)) => return Some(p.into_inner()),
+                Err(TryLockError::WouldBlock) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_micros(200))
+                }
+                Err(TryLockError::WouldBlock) => return None,
+            }
+        }
+    }
 
     /// Move the handshake's keys into the kernel on `fd`. After this there is no way back to
     /// userspace TLS, which is why kTLS is probed before the handshake.
