@@ -30,47 +30,34 @@ pub(crate) trait Unbuffered {
     fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error>;
 }
 
-impl Unbuffered for UnbufferedClientConnection {
-    type Data = ClientConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
-        let (s, k): (_, KernelConnection<ClientConnectionData>) =
-            self.dangerous_into_kernel_connection()?;
-        Ok((s, KeySchedule::Client(k)))
-    }
+/// The two impls are the same but for the connection type, its data and which side of the key
+/// schedule it becomes; one macro writes both so they cannot drift apart.
+macro_rules! unbuffered_impl {
+    ($conn:ty, $data:ty, $side:path) => {
+        impl Unbuffered for $conn {
+            type Data = $data;
+            fn process<'c, 'i>(
+                &'c mut self,
+                incoming: &'i mut [u8],
+            ) -> UnbufferedStatus<'c, 'i, Self::Data> {
+                self.process_tls_records(incoming)
+            }
+            fn handshaking(&self) -> bool {
+                self.is_handshaking()
+            }
+            fn common(&self) -> &rustls::CommonState {
+                self
+            }
+            fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
+                let (s, k): (_, KernelConnection<$data>) = self.dangerous_into_kernel_connection()?;
+                Ok((s, $side(k)))
+            }
+        }
+    };
 }
 
-impl Unbuffered for UnbufferedServerConnection {
-    type Data = ServerConnectionData;
-    fn process<'c, 'i>(
-        &'c mut self,
-        incoming: &'i mut [u8],
-    ) -> UnbufferedStatus<'c, 'i, Self::Data> {
-        self.process_tls_records(incoming)
-    }
-    fn handshaking(&self) -> bool {
-        self.is_handshaking()
-    }
-    fn common(&self) -> &rustls::CommonState {
-        self
-    }
-    fn into_kernel(self) -> Result<(ExtractedSecrets, KeySchedule), rustls::Error> {
-        let (s, k): (_, KernelConnection<ServerConnectionData>) =
-            self.dangerous_into_kernel_connection()?;
-        Ok((s, KeySchedule::Server(k)))
-    }
-}
+unbuffered_impl!(UnbufferedClientConnection, ClientConnectionData, KeySchedule::Client);
+unbuffered_impl!(UnbufferedServerConnection, ServerConnectionData, KeySchedule::Server);
 
 /// Run the handshake to completion and hand over the keys, the key schedule and the peer.
 pub(crate) fn drive<C: Unbuffered>(
