@@ -407,23 +407,30 @@ fn status(socket: &Path, json: bool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Each client holds one connection and fetches in a loop. Whether each fetch is a fresh
-/// issuance depends on tetherd: run it with `--no-cache` to measure issuance.
-/// Signatures per second: one SVID (its key held by tetherd), then each client thread signs a
-/// CertificateVerify-sized message in a loop on its own connection, each request attested.
-fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Result<(), Error> {
-    let svid = Client::connect(socket, DEFAULT_TIMEOUT)?.fetch_svid()?;
-    let key_id = svid
-        .key_id
-        .ok_or_else(|| Error::Cli("tetherd runs key_custody = \"process\": it holds no key to sign with".to_owned()))?;
+/// What [`load`] measured: requests that succeeded and failed, the seconds it ran, and how long
+/// each successful request took (connecting included, where it connected).
+struct Load {
+    ok: u64,
+    failed: u64,
+    secs: f64,
+    took: Vec<Duration>,
+}
+
+/// One thread per client until `dur` is over, each running `request(&mut client)` in a loop on
+/// its own connection to tetherd: a new connection per request when `fresh`, else one kept
+/// until a request fails. A failed connect counts as a failure and is retried after 10 ms.
+/// `per_thread` makes each thread's request (which returns whether it succeeded).
+fn load<R>(socket: &Path, clients: usize, dur: Duration, fresh: bool, per_thread: impl Fn() -> R) -> Load
+where
+    R: FnMut(&mut Client) -> bool + Send + 'static,
+{
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + dur;
-    let message = [0x20u8; 161];
     let mut threads = Vec::new();
     for _ in 0..clients {
-        let (ok, failed, socket) = (ok.clone(), failed.clone(), socket.to_owned());
+        let (ok, failed, socket, mut request) = (ok.clone(), failed.clone(), socket.to_owned(), per_thread());
         threads.push(std::thread::spawn(move || {
             let mut client = None;
             let mut took = Vec::new();
@@ -440,28 +447,40 @@ fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Resu
                     std::thread::sleep(Duration::from_millis(10));
                     continue;
                 };
-                match c.sign(key_id, 0x0403, &message) {
-                    Ok(Ok(_)) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        took.push(t0.elapsed());
-                    }
-                    _ => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        client = None;
-                    }
+                if request(c) {
+                    ok.fetch_add(1, Ordering::Relaxed);
+                    took.push(t0.elapsed());
+                } else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    client = None;
                 }
             }
             took
         }));
     }
-    let mut took: Vec<Duration> = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    let took = threads.into_iter().flat_map(|t| t.join().unwrap_or_default()).collect();
+    Load {
+        ok: ok.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        secs: start.elapsed().as_secs_f64(),
+        took,
+    }
+}
+
+/// Signatures per second: one SVID (its key held by tetherd), then each client thread signs a
+/// CertificateVerify-sized message in a loop on its own connection, each request attested.
+fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Result<(), Error> {
+    let svid = Client::connect(socket, DEFAULT_TIMEOUT)?.fetch_svid()?;
+    let key_id = svid
+        .key_id
+        .ok_or_else(|| Error::Cli("tetherd runs key_custody = \"process\": it holds no key to sign with".to_owned()))?;
+    let message = [0x20u8; 161];
+    let sign = || move |c: &mut Client| matches!(c.sign(key_id, 0x0403, &message), Ok(Ok(_)));
+    let Load { ok: n, failed, secs, mut took } = load(socket, clients, dur, fresh, sign);
     took.sort_unstable();
     let pct = |p: usize| took.get(took.len() * p / 100).map_or(0, |d| d.as_micros());
-    let secs = start.elapsed().as_secs_f64();
-    let n = ok.load(Ordering::Relaxed);
     println!(
-        "clients={clients} fresh_connection={fresh} seconds={secs:.2} signatures={n} errors={} rate={:.0}/s p50={}us p99={}us",
-        failed.load(Ordering::Relaxed),
+        "clients={clients} fresh_connection={fresh} seconds={secs:.2} signatures={n} errors={failed} rate={:.0}/s p50={}us p99={}us",
         n as f64 / secs,
         pct(50),
         pct(99)
@@ -469,52 +488,27 @@ fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Resu
     Ok(())
 }
 
+/// Each client holds one connection and fetches in a loop. Whether each fetch is a fresh
+/// issuance depends on tetherd: run it with `--no-cache` to measure issuance.
 fn bench(socket: &Path, clients: usize, dur: Duration) -> Result<(), Error> {
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
     let serials_distinct = Arc::new(AtomicU64::new(0));
-    let start = Instant::now();
-    let deadline = start + dur;
-    let mut threads = Vec::new();
-    for _ in 0..clients {
-        let (ok, failed, distinct, socket) = (ok.clone(), failed.clone(), serials_distinct.clone(), socket.to_owned());
-        threads.push(std::thread::spawn(move || {
-            let mut client = None;
-            let mut last = String::new();
-            while Instant::now() < deadline {
-                if client.is_none() {
-                    client = Client::connect(&socket, DEFAULT_TIMEOUT).ok();
+    let per_thread = || {
+        let (distinct, mut last) = (serials_distinct.clone(), String::new());
+        move |c: &mut Client| match c.fetch_svid() {
+            Ok(s) => {
+                if s.serial != last {
+                    distinct.fetch_add(1, Ordering::Relaxed);
+                    last = s.serial;
                 }
-                let Some(c) = client.as_mut() else {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                match c.fetch_svid() {
-                    Ok(s) => {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                        if s.serial != last {
-                            distinct.fetch_add(1, Ordering::Relaxed);
-                            last = s.serial;
-                        }
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        client = None;
-                    }
-                }
+                true
             }
-        }));
-    }
-    for t in threads {
-        let _ = t.join();
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let n = ok.load(Ordering::Relaxed);
+            Err(_) => false,
+        }
+    };
+    let Load { ok: n, failed, secs, .. } = load(socket, clients, dur, false, per_thread);
     println!(
-        "clients={clients} seconds={secs:.2} svids={n} fresh_serials={} errors={} rate={:.0}/s",
+        "clients={clients} seconds={secs:.2} svids={n} fresh_serials={} errors={failed} rate={:.0}/s",
         serials_distinct.load(Ordering::Relaxed),
-        failed.load(Ordering::Relaxed),
         n as f64 / secs
     );
     Ok(())
