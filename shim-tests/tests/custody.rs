@@ -14,35 +14,12 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine as _;
 use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tether_shim_tests::{expect_line, free_port, memscan, show, Harness, Policy, ANY_ID, PYTHON};
-
-/// `openssl s_server -www` presenting the exported SVID and requiring a client certificate.
-fn s_server(svid: &(PathBuf, PathBuf, PathBuf), port: u16) -> Command {
-    let (cert, key, bundle) = svid;
-    let mut c = Command::new("openssl");
-    c.args([
-        "s_server",
-        "-Verify",
-        "1",
-        "-verify_return_error",
-        "-tls1_3",
-        "-www",
-        "-CAfile",
-    ])
-    .arg(bundle)
-    .arg("-cert")
-    .arg(cert)
-    .arg("-key")
-    .arg(key)
-    .args(["-accept", &port.to_string()]);
-    c
-}
+use tether_shim_tests::{expect_line, free_port, memscan, openssl_s_server, show, Harness, Policy, ANY_ID, PYTHON};
 
 /// Connects to each port in argv (one connection each, kept open), prints `connected PORT` or
 /// `connect_errno=NAME PORT`; on "get" sends a GET on the first connection and prints the
@@ -76,6 +53,23 @@ for line in sys.stdin:
         print(data.decode("latin1"), flush=True)
         print("done", flush=True)
 "#;
+
+/// Starts the shimmed [`CLIENT`] and has it connect to `port`; returns its stdin and its stdout
+/// so far (which holds its pid, see [`pid_of`]).
+fn start_client(h: &mut Harness, port: u16) -> (std::process::ChildStdin, String) {
+    let mut py = h.python("client.py", CLIENT);
+    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
+    writeln!(stdin, "connect {port}").unwrap();
+    let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("connected"));
+    assert!(out.contains(&format!("connected {port}")), "{out}
+{}", show(&h.log_lines("client")));
+    (stdin, out)
+}
+
+/// The pid [`CLIENT`] printed first.
+fn pid_of(out: &str) -> u32 {
+    out.lines().find_map(|l| l.strip_prefix("pid ")).unwrap().trim().parse().unwrap()
+}
 
 /// The first PEM certificate after "Client certificate" in an s_server -www page.
 fn client_cert(page: &str) -> Vec<u8> {
@@ -115,28 +109,16 @@ fn scalar_copies_in_workload(custody: &'static str) -> usize {
         &format!("custody-{custody}"),
         Policy::new().outbound(port, &[ANY_ID]).key_custody(custody),
     );
-    let mut server = s_server(&h.svid_files(), port);
+    let mut server = openssl_s_server(&h.svid_files(), port, &["-www"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
-    let mut py = Command::new(PYTHON);
-    py.args(["-c", CLIENT]);
-    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
-    writeln!(stdin, "connect {port}\nget").unwrap();
+    let (mut stdin, _) = start_client(&mut h, port);
+    writeln!(stdin, "get").unwrap();
     let out = h.wait_stdout("client", Duration::from_secs(30), |o| o.contains("done"));
-    assert!(
-        out.contains(&format!("connected {port}")) && out.contains("done"),
-        "{out}\n{}",
-        show(&h.log_lines("client"))
-    );
+    assert!(out.contains("done"), "{out}\n{}", show(&h.log_lines("client")));
     let cert = client_cert(&out);
     let broker = h.broker_pid().unwrap();
     let scalar = held_scalar_for(broker, &cert).expect("tetherd holds the workload's key");
-    let pid: u32 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("pid "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = pid_of(&out);
     let regions = memscan::regions(pid);
     let counts: Vec<usize> = memscan::scalar_encodings(&scalar)
         .iter()
@@ -183,21 +165,10 @@ fn connected_client(name: &str, extra: &str) -> (Harness, std::process::ChildStd
     let mut h = Harness::new(name, policy);
     let svid = h.svid_files();
     for (n, p) in [("s1", p1), ("s2", p2)] {
-        let mut s = s_server(&svid, p);
+        let mut s = openssl_s_server(&svid, p, &["-www"]);
         h.spawn_server(n, h.plain(&mut s), p);
     }
-    let mut py = Command::new(PYTHON);
-    py.args(["-c", CLIENT]);
-    let mut stdin = h.spawn_with_stdin("client", h.shim(&mut py, "client"));
-    writeln!(stdin, "connect {p1}").unwrap();
-    let out = h.wait_stdout("client", Duration::from_secs(30), |o| {
-        o.contains("connected")
-    });
-    assert!(
-        out.contains(&format!("connected {p1}")),
-        "{out}\n{}",
-        show(&h.log_lines("client"))
-    );
+    let (stdin, out) = start_client(&mut h, p1);
     (h, stdin, out, p2)
 }
 
@@ -241,13 +212,7 @@ fn a_tracer_attached_after_the_first_handshake_stops_the_next_one() {
         python.display()
     );
     let (h, mut stdin, out, p2) = connected_client("custody-traced", &entry);
-    let pid: u32 = out
-        .lines()
-        .find_map(|l| l.strip_prefix("pid "))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let pid = pid_of(&out);
     let mut tracer = Command::new("strace")
         .args(["-qq", "-e", "trace=none", "-p", &pid.to_string()])
         .stderr(std::process::Stdio::null())
