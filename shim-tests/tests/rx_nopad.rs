@@ -10,8 +10,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    bin_dir, derived_id, in_uml, scaled_bytes, show, DataPathCheck, Harness, LogLine, Policy,
-    TlsStat,
+    bin_dir, derived_id, in_uml, openssl_s_server, scaled_bytes, show, DataPathCheck, Harness, LogLine,
+    Policy, TlsStat,
 };
 
 /// bench-server (sink) and bench-client (bulk write) under the shim on `port`, `bytes` bytes;
@@ -67,6 +67,17 @@ fn allow_lines(lines: &[LogLine]) -> Vec<&LogLine> {
         .collect()
 }
 
+/// One connect and one accept were allowed, each logging `rx_no_pad=IN_UML` under kTLS (UML) and
+/// no `rx_no_pad` on the relay (host).
+fn assert_both_sides_log_rx_no_pad(lines: &[LogLine], in_uml_want: &str) {
+    let allowed = allow_lines(lines);
+    assert_eq!(allowed.len(), 2, "expected one connect and one accept:\n{}", show(lines));
+    for l in &allowed {
+        let want = if in_uml() { in_uml_want } else { "" };
+        assert_eq!(l.get("rx_no_pad"), want, "{}", l.raw);
+    }
+}
+
 /// Between two tether programs the receiving kTLS socket expects no padding, and the kernel
 /// never found any: TlsRxNoPadViolation stays where it was while the bulk data arrives over
 /// kTLS (TlsRxSw rose; the wire carried only TLS records).
@@ -78,17 +89,7 @@ fn tether_peers_set_no_pad_and_the_kernel_never_sees_padding() {
     let before = TlsStat::read();
     let lines = bulk_between_tether_peers(&mut h, port, scaled_bytes(8), None);
     let after = TlsStat::read();
-    let allowed = allow_lines(&lines);
-    assert_eq!(
-        allowed.len(),
-        2,
-        "expected one connect and one accept:\n{}",
-        show(&lines)
-    );
-    for l in &allowed {
-        let want = if in_uml() { "on" } else { "" };
-        assert_eq!(l.get("rx_no_pad"), want, "{}", l.raw);
-    }
+    assert_both_sides_log_rx_no_pad(&lines, "on");
     if in_uml() {
         assert_eq!(
             after.get("TlsRxNoPadViolation"),
@@ -106,17 +107,7 @@ fn no_pad_can_be_turned_off() {
     let mut h = Harness::new("nopad-off", Policy::new().both(port));
     let check = DataPathCheck::begin(&h, port);
     let lines = bulk_between_tether_peers(&mut h, port, scaled_bytes(2), Some("0"));
-    let allowed = allow_lines(&lines);
-    assert_eq!(
-        allowed.len(),
-        2,
-        "expected one connect and one accept:\n{}",
-        show(&lines)
-    );
-    for l in &allowed {
-        let want = if in_uml() { "off" } else { "" };
-        assert_eq!(l.get("rx_no_pad"), want, "{}", l.raw);
-    }
+    assert_both_sides_log_rx_no_pad(&lines, "off");
     check.finish(&lines);
 }
 
@@ -132,26 +123,7 @@ fn a_padding_peer_still_decrypts_correctly_with_no_pad_set() {
         "nopad-padded",
         Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]),
     );
-    let (cert, key, bundle) = h.svid_files();
-    let mut server = Command::new("openssl");
-    server
-        .args([
-            "s_server",
-            "-Verify",
-            "1",
-            "-verify_return_error",
-            "-tls1_3",
-            "-www",
-            "-record_padding",
-            "4096",
-        ])
-        .arg("-CAfile")
-        .arg(&bundle)
-        .arg("-cert")
-        .arg(&cert)
-        .arg("-key")
-        .arg(&key)
-        .args(["-accept", &port.to_string()]);
+    let mut server = openssl_s_server(&h.svid_files(), port, &["-www", "-record_padding", "4096"]);
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin(&h, port);
     let before = TlsStat::read();
