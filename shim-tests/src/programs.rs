@@ -106,6 +106,6 @@ pub fn openssl_s_client(h: &Harness, svid: &SvidFiles, port: u16, extra: &[&str]
 }
 
 /// openssl's `-CAfile BUNDLE -cert CERT -key KEY` for `svid`.
-fn presenting<'c>(c: &'c mut Command, (cert, key, bundle): &SvidFiles) -> &'c mut Command {
+pub fn presenting<'c>(c: &'c mut Command, (cert, key, bundle): &SvidFiles) -> &'c mut Command {
     c.arg("-CAfile").arg(bundle).arg("-cert").arg(cert).arg("-key").arg(key)
 }

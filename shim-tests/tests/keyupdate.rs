@@ -8,12 +8,12 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tether_shim_tests::programs::presenting;
 use tether_shim_tests::{
-    free_port, scaled_bytes, show, DataPathCheck, Harness, Policy, TlsStat, ANY_ID, PYTHON,
+    free_port, scaled_bytes, show, DataPathCheck, Harness, Policy, SvidFiles, TlsStat, ANY_ID, PYTHON,
 };
 
 /// KeyUpdates per transfer (alternating `K` and `k`).
@@ -121,6 +121,16 @@ fn sink_at(out: &std::path::Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// The rest of the first line of the sink's output `out` that starts with `key` (`(none)`).
+fn field(out: &str, key: &str) -> String {
+    out.lines().find_map(|l| l.strip_prefix(key)).unwrap_or("(none)").to_string()
+}
+
+/// The sink's output without its `at=N` progress lines (for a failure message).
+fn without_progress(out: &str) -> String {
+    out.lines().filter(|l| !l.starts_with("at=")).collect::<Vec<_>>().join("\n")
+}
+
 /// Kernel-side state for a failure message: TCP queues and the kTLS counters.
 fn diagnose(port: u16) -> String {
     let ss = Command::new("ss")
@@ -154,8 +164,7 @@ fn sha256_hex(data: &[u8], h: &Harness) -> String {
     tether_shim_tests::sha256(&p)
 }
 
-fn openssl(svid: &(PathBuf, PathBuf, PathBuf), role: &str, port: u16) -> Command {
-    let (cert, key, bundle) = svid;
+fn openssl(svid: &SvidFiles, role: &str, port: u16) -> Command {
     let mut c = Command::new("openssl");
     c.arg(role).args(["-verify_return_error", "-tls1_3"]);
     if role == "s_server" {
@@ -163,12 +172,7 @@ fn openssl(svid: &(PathBuf, PathBuf, PathBuf), role: &str, port: u16) -> Command
     } else {
         c.args(["-connect", &format!("127.0.0.1:{port}")]);
     }
-    c.arg("-CAfile")
-        .arg(bundle)
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key);
+    presenting(&mut c, svid);
     c
 }
 
@@ -291,13 +295,7 @@ fn transfer_with_key_updates(name: &str, openssl_role: &str, mb: u64, duplex_mb:
         Ok(Err("feeder still running".into()))
     };
     let after = TlsStat::read();
-    let field = |k: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or("(none)")
-            .to_string()
-    };
-    let end = field("end=");
+    let end = field(&out, "end=");
     let lines = h.log_lines("sink");
     let rx_ok = after.get("TlsRxRekeyOk") - before.get("TlsRxRekeyOk");
     let tx_ok = after.get("TlsTxRekeyOk") - before.get("TlsTxRekeyOk");
@@ -321,22 +319,16 @@ fn transfer_with_key_updates(name: &str, openssl_role: &str, mb: u64, duplex_mb:
         );
         return;
     }
-    let tail = |t: &str| {
-        t.lines()
-            .filter(|l| !l.starts_with("at="))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     assert_eq!(
         end,
         "complete",
         "{}\n{diag}\n{}\n{}",
-        tail(&out),
+        without_progress(&out),
         h.output("openssl").chars().take(6000).collect::<String>(),
         show(&lines)
     );
     assert_eq!(
-        field("sha="),
+        field(&out, "sha="),
         want_sha,
         "stream corrupted across KeyUpdates"
     );
@@ -348,7 +340,7 @@ fn transfer_with_key_updates(name: &str, openssl_role: &str, mb: u64, duplex_mb:
         "OpenSSL did not get the reply after our TX rekey\n{diag}"
     );
     if duplex > 0 {
-        assert_eq!(field("wrote="), "complete", "{}", tail(&out));
+        assert_eq!(field(&out, "wrote="), "complete", "{}", without_progress(&out));
         // s_server's own status lines, printed between the data it received.
         let text = ["KEYUPDATE\n", "SSL_do_handshake -> 1\n", "Read BLOCK\n"]
             .iter()
@@ -357,7 +349,7 @@ fn transfer_with_key_updates(name: &str, openssl_role: &str, mb: u64, duplex_mb:
             panic!("OpenSSL's output lacks the writer thread's stream");
         };
         let got = &text.as_bytes()[a + "TETHER-BEGIN\n".len()..b];
-        let wrote: u64 = field("wrote_bytes=").parse().unwrap_or(0);
+        let wrote: u64 = field(&out, "wrote_bytes=").parse().unwrap_or(0);
         assert!(
             got == &duplex_payload(wrote)[..],
             "the writer thread's stream was corrupted ({} bytes, want {wrote})",
@@ -478,33 +470,21 @@ fn key_update_after_rotates_keys_on_both_sides_of_a_tether_transfer() {
     let (sink_tx, sender_tx) = (tx(&sink_lines), tx(&sender_lines));
     let rx_ok = after.get("TlsRxRekeyOk") - before.get("TlsRxRekeyOk");
     let tx_ok = after.get("TlsTxRekeyOk") - before.get("TlsTxRekeyOk");
-    let field = |k: &str| {
-        out.lines()
-            .find_map(|l| l.strip_prefix(k))
-            .unwrap_or("(none)")
-            .to_string()
-    };
     eprintln!(
         "ku-after: {len} bytes, end={}, sender TX rekeys {sender_tx}, sink TX rekeys {sink_tx}, TlsTxRekeyOk +{tx_ok}, TlsRxRekeyOk +{rx_ok} (mode {})",
-        field("end="),
+        field(&out, "end="),
         tether_shim_tests::expected_mode()
     );
-    let tail = |t: &str| {
-        t.lines()
-            .filter(|l| !l.starts_with("at="))
-            .collect::<Vec<_>>()
-            .join("\n")
-    };
     assert_eq!(
-        field("end="),
+        field(&out, "end="),
         "complete",
         "{}\n{diag}\n{}\n{}",
-        tail(&out),
+        without_progress(&out),
         show(&sink_lines),
         show(&sender_lines)
     );
     assert_eq!(
-        field("sha="),
+        field(&out, "sha="),
         want_sha,
         "stream corrupted across key rotations"
     );
