@@ -11,9 +11,10 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tether_shim_tests::programs::presenting;
 use tether_shim_tests::wire::Capture;
 use tether_shim_tests::{
-    derived_id, expected_mode, free_port, show, tether_cli_path, Harness, Policy, ANY_ID, PYTHON,
+    derived_id, echo_server, expected_mode, free_port, show, tether_cli_path, Harness, Policy, SvidFiles, ANY_ID,
 };
 
 /// Sequential connections, one line echoed on each: argv[2] of them, or one per line on stdin.
@@ -41,19 +42,13 @@ for i, _ in enumerate(lines, 1):
 
 /// Run PY_CONN for `n` connections; how many echoed.
 fn connections(h: &Harness, name: &str, port: u16, n: u32, env: &[(&str, &str)]) -> usize {
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("conn.py", PY_CONN)).args([port.to_string(), n.to_string()]);
+    let mut c = h.python("conn.py", PY_CONN);
+    c.args([port.to_string(), n.to_string()]);
     for (k, v) in env {
         c.env(k, v);
     }
     let run = h.run(name, h.shim(&mut c, name), Duration::from_secs(60));
     run.stdout.lines().filter(|l| l.ends_with(" echo")).count()
-}
-
-fn echo_server(port: u16) -> Command {
-    let mut c = Command::new(PYTHON);
-    c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/py/echo_server.py")).arg(port.to_string());
-    c
 }
 
 /// Does this server-to-client stream start with a ServerHello that accepted a PSK
@@ -130,19 +125,10 @@ fn resumption_off_makes_every_handshake_full() {
 }
 
 /// `openssl s_client` with the exported SVID, saving or offering a session.
-fn s_client(svid: &(PathBuf, PathBuf, PathBuf), port: u16, sess: &str, path: &PathBuf) -> Command {
-    let (cert, key, bundle) = svid;
+fn s_client(svid: &SvidFiles, port: u16, sess: &str, path: &PathBuf) -> Command {
     let mut c = Command::new("openssl");
-    c.args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}")])
-        .arg("-cert")
-        .arg(cert)
-        .arg("-key")
-        .arg(key)
-        .arg("-CAfile")
-        .arg(bundle)
-        .arg(sess)
-        .arg(path)
-        .stdin(Stdio::piped());
+    c.args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}")]);
+    presenting(&mut c, svid).arg(sess).arg(path).stdin(Stdio::piped());
     c
 }
 
@@ -191,8 +177,8 @@ fn reload_invalidates_tickets_and_a_removed_id_is_refused() {
     let port = free_port();
     let mut h = Harness::new("resume-reload", Policy::new().both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("conn.py", PY_CONN)).arg(port.to_string());
+    let mut c = h.python("conn.py", PY_CONN);
+    c.arg(port.to_string());
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
     assert!(step(&h, &mut stdin, 1).ends_with(" echo"));
     assert!(step(&h, &mut stdin, 2).ends_with(" echo"));
@@ -229,8 +215,8 @@ fn server_svid_renewal_invalidates_tickets() {
     assert_eq!(connections(&h, "warm", port, 1, &[]), 1, "{}", h.output("warm"));
     std::thread::sleep(Duration::from_millis(700));
     // The client's SVID: from t0 + 0.7 s, renewed at t0 + 2.7 s.
-    let mut c = Command::new(PYTHON);
-    c.arg(h.script("conn.py", PY_CONN)).arg(port.to_string());
+    let mut c = h.python("conn.py", PY_CONN);
+    c.arg(port.to_string());
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
     assert!(step(&h, &mut stdin, 1).ends_with(" echo"));
     assert!(step(&h, &mut stdin, 2).ends_with(" echo"));
