@@ -137,27 +137,37 @@ enum Command {
     /// Load generator: N clients fetch SVIDs for S seconds (see scripts/bench-broker).
     #[command(hide = true)]
     BenchSvid {
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
+        #[command(flatten)]
+        load: LoadArgs,
     },
     /// Load generator: N clients ask tetherd for CertificateVerify signatures (broker custody)
     /// for S seconds (see scripts/bench-broker).
     #[command(hide = true)]
     BenchSign {
-        #[arg(long, value_name = "PATH")]
-        socket: Option<PathBuf>,
-        #[arg(long, default_value_t = 1)]
-        clients: usize,
-        #[arg(long, default_value_t = 3.0)]
-        seconds: f64,
+        #[command(flatten)]
+        load: LoadArgs,
         /// A new connection for every signature, as the shim does (the per-handshake cost).
         #[arg(long)]
         fresh: bool,
     },
+}
+
+/// The options of both load generators (`bench-svid`, `bench-sign`).
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    clients: usize,
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+}
+
+impl LoadArgs {
+    /// The socket, at least one client, and at least 0.1 s.
+    fn resolve(self) -> (PathBuf, usize, Duration) {
+        (socket_path(self.socket, &ProcessEnv), self.clients.max(1), Duration::from_secs_f64(self.seconds.max(0.1)))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -216,15 +226,14 @@ fn main() -> ExitCode {
                 .map(|s| print!("{s}"))
         }
         Command::Ca { command } => tether_broker::fleet::cli::command(command).map(|s| print!("{s}")),
-        Command::BenchSvid { socket, clients, seconds } => {
-            bench(&socket_path(socket, &ProcessEnv), clients.max(1), Duration::from_secs_f64(seconds.max(0.1)))
+        Command::BenchSvid { load } => {
+            let (socket, clients, dur) = load.resolve();
+            bench(&socket, clients, dur)
         }
-        Command::BenchSign { socket, clients, seconds, fresh } => bench_sign(
-            &socket_path(socket, &ProcessEnv),
-            clients.max(1),
-            Duration::from_secs_f64(seconds.max(0.1)),
-            fresh,
-        ),
+        Command::BenchSign { load, fresh } => {
+            let (socket, clients, dur) = load.resolve();
+            bench_sign(&socket, clients, dur, fresh)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
