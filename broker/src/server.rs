@@ -291,7 +291,7 @@ impl Broker {
         self.metrics.svid_issued();
         let got = UpstreamSvid { spiffe_id: id, issued, bundle: self.ca.bundle().to_vec(), federated: self.ca.federated().clone() };
         let owner = custody::Owner { process: key, facts: facts.clone(), checks: checked.map(|e| e.path().map(Path::to_path_buf)) };
-        let svid = self.serve(got, &snap, peer, owner, broker_custody, "issued", "SVID issued")?;
+        let svid = self.serve(got, &snap, peer, owner, broker_custody, ("issued", "SVID issued"))?;
         if self.opts.cache && !export {
             self.cache.insert(key, svid.clone(), config.svid_ttl);
         }
@@ -318,7 +318,7 @@ impl Broker {
         // SPIRE hands the delegate the key; under broker custody it stays here like our own.
         let broker_custody = snap.config.key_custody == KeyCustody::Broker && !export;
         let owner = custody::Owner { process: key, facts: facts.clone(), checks: None };
-        self.serve(got, snap, peer, owner, broker_custody, "upstream", "SVID from the SPIRE agent")
+        self.serve(got, snap, peer, owner, broker_custody, ("upstream", "SVID from the SPIRE agent"))
     }
 
     /// A process whose impersonation re-check failed after issuance keeps no identity.
@@ -344,8 +344,7 @@ impl Broker {
         peer: &Peer,
         owner: custody::Owner,
         broker_custody: bool,
-        event: &'static str,
-        what: &'static str,
+        (event, what): (&'static str, &'static str),
     ) -> Result<SvidResponse, Error> {
         let UpstreamSvid { spiffe_id, issued, bundle, federated } = got;
         let not_after = unix(issued.not_after);

@@ -184,7 +184,7 @@ fn broker_restart_keeps_established_connections_and_recovers_within_a_second() {
     // Broker key custody (the default): tetherd signs every handshake, so a new connection
     // fails closed while it is down, even in a process that holds a certificate. The server
     // (also under tether) signs first in TLS 1.3, fails and closes: the client sees
-    // ECONNREFUSED; against a peer that is not tether it is EACCES (tests/custody.rs).
+    // ECONNREFUSED; against a peer that is not tether it is EACCES (tests/key_custody.rs).
     assert!(
         [libc::EACCES, libc::ECONNREFUSED].iter().any(|e| held.contains(&format!("new_in_old_process_errno {e}"))),
         "a new handshake without tetherd to sign it must fail closed: {held}"
