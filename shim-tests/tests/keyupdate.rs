@@ -83,6 +83,16 @@ if end == "complete":
         s.sendall(b"sink-sha=" + h.hexdigest().encode() + b"\n")
     except OSError as e:
         end = "reply_errno_" + errno.errorcode.get(e.errno, str(e.errno))
+    # A graceful close: end our side, then wait (bounded) for the peer to close after it read
+    # the reply. Exiting straight after the write races the userspace relay's flush of the
+    # reply and close_notify (README, Limits: write-then-exit).
+    try:
+        s.shutdown(socket.SHUT_WR)
+        s.settimeout(5)
+        while s.recv(65536):
+            pass
+    except OSError:
+        pass
 print("got=%d" % got)
 print("sha=" + h.hexdigest())
 print("end=" + end)
