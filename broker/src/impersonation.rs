@@ -61,34 +61,12 @@ impl std::error::Error for Impersonation {}
 /// the entry's path selector, if it has one. Call [`crate::attest::Peer::recheck`] afterwards:
 /// everything here is read from /proc by pid.
 pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impersonation> {
-    let pid = facts.pid;
-    let unreadable = |what: String| Impersonation::Unreadable { pid, what };
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| unreadable(format!("status: {e}")))?;
-    let tracer = tracer_pid(&status).ok_or_else(|| unreadable("no TracerPid: line in status".to_owned()))?;
-    if tracer != 0 {
-        return Err(Impersonation::Traced { pid, tracer });
-    }
-    if let Some(path) = registered {
-        let running = fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| unreadable(format!("exe: {e}")))?;
-        let genuine = fs::metadata(path).map_err(|e| unreadable(format!("{}: {e}", path.display())))?;
-        if (running.dev(), running.ino()) != (genuine.dev(), genuine.ino()) {
-            return Err(Impersonation::NotTheRegisteredFile { pid, registered: path.to_owned() });
-        }
-    }
+    traced_or_replaced(facts, registered)?;
     // root can write every file; the check would refuse every root process and stop nothing.
     if facts.uid == 0 {
         return Ok(());
     }
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| unreadable(format!("maps: {e}")))?;
-    for m in executable_file_mappings(&maps) {
-        // map_files/ names the mapped file itself, in whatever mount namespace it came from.
-        let meta = fs::metadata(format!("/proc/{pid}/map_files/{}", m.range))
-            .map_err(|e| unreadable(format!("map_files/{}: {e}", m.range)))?;
-        if writable_by(&meta, facts) {
-            return Err(Impersonation::WritableCode { pid, file: PathBuf::from(m.path) });
-        }
-    }
-    Ok(())
+    writable_code(facts, &read_maps(facts.pid)?)
 }
 
 /// [`check`] again, before a signature made with a key tetherd holds (broker custody): code
@@ -98,15 +76,28 @@ pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impe
 /// (`clean_maps`, a fingerprint of the maps lines of executable file mappings), which is what
 /// keeps a signature cheap: two small /proc reads and two stats.
 pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, clean_maps: &mut u64) -> Result<(), Impersonation> {
+    traced_or_replaced(facts, registered)?;
+    if facts.uid == 0 {
+        return Ok(());
+    }
+    let maps = read_maps(facts.pid)?;
+    let fp = fingerprint(&maps);
+    if fp == *clean_maps {
+        return Ok(());
+    }
+    writable_code(facts, &maps)?;
+    *clean_maps = fp;
+    Ok(())
+}
+
+/// A tracer attached (TracerPid), or a running executable that is not the registered file.
+fn traced_or_replaced(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impersonation> {
     let pid = facts.pid;
     let unreadable = |what: String| Impersonation::Unreadable { pid, what };
     let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| unreadable(format!("status: {e}")))?;
     let tracer = tracer_pid(&status).ok_or_else(|| unreadable("no TracerPid: line in status".to_owned()))?;
     if tracer != 0 {
         return Err(Impersonation::Traced { pid, tracer });
-    }
-    if facts.uid == 0 && registered.is_none() {
-        return Ok(());
     }
     if let Some(path) = registered {
         let running = fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| unreadable(format!("exe: {e}")))?;
@@ -115,16 +106,25 @@ pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, clean_maps: &mut
             return Err(Impersonation::NotTheRegisteredFile { pid, registered: path.to_owned() });
         }
     }
-    if facts.uid == 0 {
-        return Ok(());
+    Ok(())
+}
+
+fn read_maps(pid: i32) -> Result<String, Impersonation> {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| Impersonation::Unreadable { pid, what: format!("maps: {e}") })
+}
+
+/// An executable file mapping the process's uid or groups can write.
+fn writable_code(facts: &ProcessFacts, maps: &str) -> Result<(), Impersonation> {
+    let pid = facts.pid;
+    for m in executable_file_mappings(maps) {
+        // map_files/ names the mapped file itself, in whatever mount namespace it came from.
+        let meta = fs::metadata(format!("/proc/{pid}/map_files/{}", m.range))
+            .map_err(|e| Impersonation::Unreadable { pid, what: format!("map_files/{}: {e}", m.range) })?;
+        if writable_by(&meta, facts) {
+            return Err(Impersonation::WritableCode { pid, file: PathBuf::from(m.path) });
+        }
     }
-    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).map_err(|e| unreadable(format!("maps: {e}")))?;
-    let fp = fingerprint(&maps);
-    if fp == *clean_maps {
-        return Ok(());
-    }
-    check(facts, registered)?;
-    *clean_maps = fp;
     Ok(())
 }
 
