@@ -962,6 +962,13 @@ pub fn curl_get(url: &str, out: &Path) -> Command {
     c
 }
 
+/// `curl -i` (headers, then body, on stdout) getting `url`, giving up after `max_secs` seconds.
+pub fn curl_with_headers(url: &str, max_secs: u32) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-i", "--max-time", &max_secs.to_string(), url]);
+    c
+}
+
 /// An nginx command (epoll, one worker, `sendfile on`, everything under `PREFIX = h.path("nginx")`)
 /// serving `PREFIX/www` on 127.0.0.1:`port`. Returns the command and the prefix.
 pub fn nginx(h: &Harness, port: u16) -> (Command, PathBuf) {
