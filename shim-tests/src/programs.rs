@@ -53,8 +53,16 @@ pub fn echo_server(port: u16) -> Command {
 }
 
 /// `e2e.py`, the helpers test scripts share: [`Harness::script`] writes it next to every script,
-/// so a script can `from e2e import http_get`.
+/// so a script can `from e2e import listener, http_get`.
 pub const PY_E2E_MODULE: &str = r#"
+import socket
+def listener(port, backlog):
+    """A socket listening on 127.0.0.1:PORT with `backlog`, SO_REUSEADDR set."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(backlog)
+    return ls
 def read_to_eof(s):
     """Everything `s` receives (65536 bytes a recv) until the peer ends the stream."""
     data = b""

@@ -97,11 +97,9 @@ fn forked_child_fetches_its_own_svid_and_both_connect() {
 /// A threaded echo server with a deep backlog: one line in, `echo:` + line out.
 const PY_ECHO_SERVER: &str = r#"
 import socket, sys, threading
+from e2e import listener
 port = int(sys.argv[1])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(1024)
+ls = listener(port, 1024)
 def serve(c):
     try:
         buf = b""

@@ -17,11 +17,9 @@ use tether_shim_tests::{
 /// `key=value` per line (sha256, byte count, its getpeername and getsockname), and closes.
 const PY_SINK_SERVER: &str = r#"
 import hashlib, socket, sys, threading
+from e2e import listener
 port = int(sys.argv[1])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(64)
+ls = listener(port, 64)
 def serve(c):
     try:
         h, n, buf = hashlib.sha256(), 0, bytearray(1 << 16)
@@ -217,11 +215,9 @@ fn bash_dev_tcp_with_cat_reads_response_to_eof() {
 /// Server: accept one connection, send 2 MiB, then die by SIGKILL (no close_notify).
 const PY_DYING_SERVER: &str = r#"
 import os, signal, socket, sys, time
+from e2e import listener
 port = int(sys.argv[1])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(8)
+ls = listener(port, 8)
 c, _ = ls.accept()
 c.sendall(b"x" * (2 << 20))
 time.sleep(0.3)
