@@ -17,7 +17,8 @@
 //! lengths, a panic after connect) and `integrity.rs` (truncation, close_notify, control records
 //! in a program's cmsg buffer). [`wire`] proves protection on the wire.
 //! [`programs`] holds the scripts and commands several tests run the same way (an echo server,
-//! a marker client, a read-to-end reader, `openssl s_server`/`s_client` with the test's SVID).
+//! a marker client, a read-to-end reader, `openssl s_server`/`s_client` with the test's SVID,
+//! [`Harness::run_python`], and `e2e.py`, the Python helpers every test script can import).
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
@@ -571,8 +572,10 @@ impl Harness {
         read_log(&self.log_path(name))
     }
 
-    /// Write a helper script into the scratch directory and return its path.
+    /// Write a helper script into the scratch directory and return its path. The shared
+    /// [`PY_E2E_MODULE`](programs::PY_E2E_MODULE) goes next to it as `e2e.py`.
     pub fn script(&self, file: &str, body: &str) -> PathBuf {
+        fs::write(self.dir.join("e2e.py"), programs::PY_E2E_MODULE).unwrap();
         let p = self.dir.join(file);
         fs::write(&p, body).unwrap();
         p
@@ -959,6 +962,13 @@ pub fn curl_get(url: &str, out: &Path) -> Command {
     c.args(["-sS", "--fail", "--max-time", "120", "-o"])
         .arg(out)
         .arg(url);
+    c
+}
+
+/// `curl -i` (headers, then body, on stdout) getting `url`, giving up after `max_secs` seconds.
+pub fn curl_with_headers(url: &str, max_secs: u32) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "-i", "--max-time", &max_secs.to_string(), url]);
     c
 }
 

@@ -2,6 +2,7 @@
 //! them, and `openssl s_server`/`s_client` with the test's exported SVID. A script that only
 //! one test needs stays in that test, next to the assertions that read its output.
 
+use std::ffi::OsStr;
 use std::fs;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -18,6 +19,14 @@ impl Harness {
         let mut c = Command::new(PYTHON);
         c.arg(self.script(file, body));
         c
+    }
+
+    /// Runs a shimmed `python3 FILE ARGS...` named `name` to completion (killed after `timeout`),
+    /// with `body` written as FILE.
+    pub fn run_python(&self, name: &str, file: &str, body: &str, args: &[&dyn AsRef<OsStr>], timeout: Duration) -> Run {
+        let mut c = self.python(file, body);
+        c.args(args);
+        self.run(name, self.shim(&mut c, name), timeout)
     }
 
     /// A shimmed `python3 -m http.server` named `name` on `port` serving `www/index.html` with
@@ -42,6 +51,35 @@ pub fn echo_server(port: u16) -> Command {
     c.arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/py/echo_server.py")).arg(port.to_string());
     c
 }
+
+/// `e2e.py`, the helpers test scripts share: [`Harness::script`] writes it next to every script,
+/// so a script can `from e2e import listener, http_get`.
+pub const PY_E2E_MODULE: &str = r#"
+import socket
+def listener(port, backlog):
+    """A socket listening on 127.0.0.1:PORT with `backlog`, SO_REUSEADDR set."""
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(backlog)
+    return ls
+def read_to_eof(s):
+    """Everything `s` receives (65536 bytes a recv) until the peer ends the stream."""
+    data = b""
+    while True:
+        d = s.recv(65536)
+        if not d:
+            return data
+        data += d
+def http_get(s, path="/", headers=""):
+    """Sends `GET PATH HTTP/1.0` with `Host: t` and `headers` ("Name: value\r\n" lines) in one
+    sendall, and returns the whole response (read to EOF)."""
+    s.sendall(("GET %s HTTP/1.0\r\nHost: t\r\n%s\r\n" % (path, headers)).encode())
+    return read_to_eof(s)
+def status_line(response):
+    """The first line of an HTTP response, as text."""
+    return response.split(b"\r\n", 1)[0].decode("latin1")
+"#;
 
 /// `marker_client.py PORT MARKER`: connects, sends MARKER, reads as many bytes back (an echo
 /// server's answer) and prints `served_in_ms=N echo_ok`, or `echo_bad` and what came back.

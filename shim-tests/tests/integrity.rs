@@ -16,11 +16,9 @@ use tether_shim_tests::{
 /// `close` (a plain close(), no shutdown).
 const PY_ENDING_SERVER: &str = r#"
 import os, socket, sys, time
+from e2e import listener
 port, how = int(sys.argv[1]), sys.argv[2]
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(8)
+ls = listener(port, 8)
 while True:
     c, _ = ls.accept()
     f = c.makefile("rb")
@@ -189,10 +187,8 @@ fn recvmsg_with_tiny_buffer_and_cmsg_consumes_control_records_whole() {
 /// first), and closes with a plain close().
 const PY_FORKING_SERVER: &str = r#"
 import os, socket, sys, time
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", int(sys.argv[1])))
-ls.listen(8)
+from e2e import listener
+ls = listener(int(sys.argv[1]), 8)
 while True:
     c, _ = ls.accept()
     if os.fork() == 0:

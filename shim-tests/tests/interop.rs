@@ -3,12 +3,11 @@
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
-use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    derived_id, expect_line, free_port, openssl_s_client, openssl_s_server, show, tether_cli_path, DataPathCheck,
-    Harness, Policy,
+    curl_with_headers, derived_id, expect_line, free_port, openssl_s_client, openssl_s_server, show, tether_cli_path,
+    DataPathCheck, Harness, Policy,
 };
 
 /// `openssl s_server -Verify 1` (client certificate required, the bundle as CA) accepts curl
@@ -25,14 +24,7 @@ fn openssl_s_server_requiring_client_cert_accepts_tether_client() {
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin(&h, port);
 
-    let mut curl = Command::new("curl");
-    curl.args([
-        "-sS",
-        "-i",
-        "--max-time",
-        "30",
-        &format!("http://127.0.0.1:{port}/tether-was-here"),
-    ]);
+    let mut curl = curl_with_headers(&format!("http://127.0.0.1:{port}/tether-was-here"), 30);
     let run = h.run("curl", h.shim(&mut curl, "curl"), Duration::from_secs(40));
     let lines = h.log_lines("curl");
     assert!(

@@ -26,6 +26,7 @@ use tether_shim_tests::{expect_line, free_port, memscan, openssl_s_server, show,
 /// page, then `done`; stays alive until stdin closes.
 const CLIENT: &str = r#"
 import errno, os, socket, sys
+from e2e import http_get
 print("pid %d" % os.getpid(), flush=True)
 conns = []
 def connect(port):
@@ -43,13 +44,7 @@ for line in sys.stdin:
     elif cmd[0] == "get":
         s = conns[0]
         s.settimeout(30)
-        s.sendall(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
-        data = b""
-        while True:
-            d = s.recv(65536)
-            if not d:
-                break
-            data += d
+        data = http_get(s)
         print(data.decode("latin1"), flush=True)
         print("done", flush=True)
 "#;

@@ -125,6 +125,7 @@ fn stale_fd_after_closefrom_is_not_a_pass_through() {
 /// or `send_errno=NAME` when refused, `sent=N` when the payload went out.
 const PY_WAYS_IN: &str = r#"
 import ctypes, errno, socket, struct, sys
+from e2e import read_to_eof
 way, port, payload = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode()
 read = "--read" in sys.argv
 libc = ctypes.CDLL(None, use_errno=True)
@@ -206,12 +207,7 @@ except OSError as e:
     sys.exit(0)
 print("sent=%d" % n, flush=True)
 if read:
-    data = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
+    data = read_to_eof(s)
     print("status=" + data.split(b"\r\n", 1)[0].decode("latin1"), flush=True)
     print("body=" + data.split(b"\r\n\r\n", 1)[-1].decode("latin1").strip(), flush=True)
 "#;
@@ -247,9 +243,13 @@ fn protected_way(way: &str) {
     h.serve_http("server", port, "served-through-the-side-door\n");
     let check = tether_shim_tests::DataPathCheck::begin(&h, port);
     let request = "GET /index.html HTTP/1.0\r\nX-Secret: SECRET-request\r\n\r\n";
-    let mut c = h.python("ways.py", PY_WAYS_IN);
-    c.args([way, &port.to_string(), request, "--read"]);
-    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(40));
+    let run = h.run_python(
+        "client",
+        "ways.py",
+        PY_WAYS_IN,
+        &[&way, &port.to_string(), &request, &"--read"],
+        Duration::from_secs(40),
+    );
     let out = kv(&run.stdout);
     assert!(
         run.success() && out.get("status").is_some_and(|s| s.contains(" 200 ")),

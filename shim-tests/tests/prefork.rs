@@ -31,19 +31,14 @@ def app(environ, start_response):
 /// every answer.
 const CLIENT: &str = r#"
 import socket, sys, threading, time
+from e2e import http_get
 port, clients, n = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 start = threading.Barrier(clients)
 out, errors, waits = [], [], []
 def one():
     t = time.monotonic()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(b"GET / HTTP/1.0\r\nHost: t\r\nX-Marker: PREFORK-REQUEST-MARKER\r\n\r\n")
-    data = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
+    data = http_get(s, headers="X-Marker: PREFORK-REQUEST-MARKER\r\n")
     s.close()
     waits.append(time.monotonic() - t)
     head, _, body = data.partition(b"\r\n\r\n")

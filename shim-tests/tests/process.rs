@@ -11,17 +11,12 @@ use tether_shim_tests::{free_port, kv, show, DataPathCheck, Harness, Policy};
 /// connection; then the parent uses its pre-fork connection and a new one.
 const PY_FORK: &str = r#"
 import os, socket, sys
+from e2e import http_get, status_line
 port = int(sys.argv[1])
 def request(s):
-    s.sendall(b"GET / HTTP/1.0\r\nHost: t\r\n\r\n")
-    data = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
+    data = http_get(s)
     s.close()
-    return data.split(b"\r\n", 1)[0].decode("latin1")
+    return status_line(data)
 def connect():
     return socket.create_connection(("127.0.0.1", port), timeout=30)
 print("parent_pid=%d" % os.getpid(), flush=True)
@@ -67,9 +62,7 @@ fn forked_child_fetches_its_own_svid_and_both_connect() {
     h.serve_http("server", port, "fork test\n");
     let check = DataPathCheck::begin(&h, port);
 
-    let mut cmd = h.python("fork.py", PY_FORK);
-    cmd.arg(port.to_string());
-    let run = h.run("fork", h.shim(&mut cmd, "fork"), Duration::from_secs(60));
+    let run = h.run_python("fork", "fork.py", PY_FORK, &[&port.to_string()], Duration::from_secs(60));
     let lines = h.log_lines("fork");
     let out = kv(&run.stdout);
     let ok = |k: &str| out.get(k).is_some_and(|v| v.starts_with("HTTP/1.0 200"));
@@ -104,11 +97,9 @@ fn forked_child_fetches_its_own_svid_and_both_connect() {
 /// A threaded echo server with a deep backlog: one line in, `echo:` + line out.
 const PY_ECHO_SERVER: &str = r#"
 import socket, sys, threading
+from e2e import listener
 port = int(sys.argv[1])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(1024)
+ls = listener(port, 1024)
 def serve(c):
     try:
         buf = b""
@@ -200,11 +191,11 @@ fn two_hundred_concurrent_connections_succeed_without_fd_leaks() {
     h.serve_python("server", port, "echo_server.py", PY_ECHO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
 
-    let mut client = h.python("threaded_client.py", PY_THREADED_CLIENT);
-    client.arg(port.to_string()).arg(n.to_string());
-    let run = h.run(
+    let run = h.run_python(
         "client",
-        h.shim(&mut client, "client"),
+        "threaded_client.py",
+        PY_THREADED_CLIENT,
+        &[&port.to_string(), &n.to_string()],
         Duration::from_secs(180),
     );
     let out = kv(&run.stdout);

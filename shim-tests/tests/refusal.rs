@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    curl_get, derived_id, expect_line, free_port, http_server, in_uml, show, DataPathCheck,
+    curl_get, curl_with_headers, derived_id, expect_line, free_port, http_server, in_uml, show, DataPathCheck,
     Harness, Policy, PYTHON, PY_CLIENT,
 };
 
@@ -88,14 +88,7 @@ fn plain_client_gets_no_http_response_from_protected_server() {
         port,
     );
 
-    let mut plain = Command::new("curl");
-    plain.args([
-        "-sS",
-        "-i",
-        "--max-time",
-        "10",
-        &format!("http://127.0.0.1:{port}/index.html"),
-    ]);
+    let mut plain = curl_with_headers(&format!("http://127.0.0.1:{port}/index.html"), 10);
     let run = h.run("plain-curl", h.plain(&mut plain), Duration::from_secs(20));
     assert!(!run.success(), "plain curl succeeded: {run}");
     assert!(

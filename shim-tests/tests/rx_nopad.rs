@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use tether_shim_tests::{
-    bin_dir, derived_id, in_uml, openssl_s_server, scaled_bytes, show, DataPathCheck, Harness, LogLine,
+    bin_dir, curl_with_headers, derived_id, in_uml, openssl_s_server, scaled_bytes, show, DataPathCheck, Harness, LogLine,
     Policy, TlsStat,
 };
 
@@ -127,14 +127,7 @@ fn a_padding_peer_still_decrypts_correctly_with_no_pad_set() {
     h.spawn_server("s_server", h.plain(&mut server), port);
     let check = DataPathCheck::begin(&h, port);
     let before = TlsStat::read();
-    let mut curl = Command::new("curl");
-    curl.args([
-        "-sS",
-        "-i",
-        "--max-time",
-        "30",
-        &format!("http://127.0.0.1:{port}/padded"),
-    ]);
+    let mut curl = curl_with_headers(&format!("http://127.0.0.1:{port}/padded"), 30);
     let run = h.run("curl", h.shim(&mut curl, "curl"), Duration::from_secs(40));
     let after = TlsStat::read();
     let lines = h.log_lines("curl");

@@ -17,11 +17,9 @@ use tether_shim_tests::{
 /// `key=value` per line (sha256, byte count, its getpeername and getsockname), and closes.
 const PY_SINK_SERVER: &str = r#"
 import hashlib, socket, sys, threading
+from e2e import listener
 port = int(sys.argv[1])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(64)
+ls = listener(port, 64)
 def serve(c):
     try:
         h, n, buf = hashlib.sha256(), 0, bytearray(1 << 16)
@@ -84,11 +82,11 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
     let file = h.path("upload.bin");
     write_random_file(&file, scaled_bytes(20));
     let check = DataPathCheck::begin(&h, port);
-    let mut client = h.python("sink_client.py", PY_SINK_CLIENT);
-    client.arg(port.to_string()).arg(&file);
-    let run = h.run(
+    let run = h.run_python(
         "client",
-        h.shim(&mut client, "client"),
+        "sink_client.py",
+        PY_SINK_CLIENT,
+        &[&port.to_string(), &file],
         Duration::from_secs(150),
     );
     let lines = h.log_lines("client");
@@ -126,13 +124,7 @@ fn sendfile_upload_then_half_close_arrives_intact_and_reply_returns() {
 fn getpeername_and_getsockname_report_the_real_endpoints() {
     let (h, port) = sink("addrs");
     let check = DataPathCheck::begin(&h, port);
-    let mut client = h.python("sink_client.py", PY_SINK_CLIENT);
-    client.arg(port.to_string());
-    let run = h.run(
-        "client",
-        h.shim(&mut client, "client"),
-        Duration::from_secs(30),
-    );
+    let run = h.run_python("client", "sink_client.py", PY_SINK_CLIENT, &[&port.to_string()], Duration::from_secs(30));
     let out = kv(&run.stdout);
     assert!(
         run.success() && out.contains_key("server_peer"),
@@ -189,9 +181,7 @@ fn protected_fd_inherited_across_exec_keeps_working() {
     let mut h = Harness::new("exec", Policy::new().both(port));
     h.serve_http("server", port, "after exec\n");
     let check = DataPathCheck::begin(&h, port);
-    let mut cmd = h.python("exec.py", PY_EXEC);
-    cmd.arg(port.to_string());
-    let run = h.run("exec", h.shim(&mut cmd, "exec"), Duration::from_secs(20));
+    let run = h.run_python("exec", "exec.py", PY_EXEC, &[&port.to_string()], Duration::from_secs(20));
     assert!(
         run.success() && run.stdout.contains("HTTP/1.0 200") && run.stdout.contains("after exec"),
         "the exec'd program could not use the inherited protected connection: {run}\n{}",
@@ -225,11 +215,9 @@ fn bash_dev_tcp_with_cat_reads_response_to_eof() {
 /// Server: accept one connection, send 2 MiB, then die by SIGKILL (no close_notify).
 const PY_DYING_SERVER: &str = r#"
 import os, signal, socket, sys, time
+from e2e import listener
 port = int(sys.argv[1])
-ls = socket.socket()
-ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-ls.bind(("127.0.0.1", port))
-ls.listen(8)
+ls = listener(port, 8)
 c, _ = ls.accept()
 c.sendall(b"x" * (2 << 20))
 time.sleep(0.3)
@@ -244,13 +232,7 @@ fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
     let mut h = Harness::new("peer-killed", Policy::new().both(port));
     h.serve_python("server", port, "dying.py", PY_DYING_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
-    let mut client = h.python("reader.py", PY_READ_TO_END);
-    client.arg(port.to_string());
-    let run = h.run(
-        "client",
-        h.shim(&mut client, "client"),
-        Duration::from_secs(40),
-    );
+    let run = h.run_python("client", "reader.py", PY_READ_TO_END, &[&port.to_string()], Duration::from_secs(40));
     let out = kv(&run.stdout);
     let end = out.get("end").map(String::as_str).unwrap_or("");
     assert!(
@@ -318,15 +300,11 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
     let mut h = Harness::new("asyncio", Policy::new().both(port));
     h.serve_python("server", port, "aserver.py", PY_ASYNCIO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
-    let mut client = h.python("aclient.py", PY_ASYNCIO_CLIENT);
-    client.args([
-        port.to_string(),
-        n.to_string(),
-        size.to_string(),
-    ]);
-    let run = h.run(
+    let run = h.run_python(
         "client",
-        h.shim(&mut client, "client"),
+        "aclient.py",
+        PY_ASYNCIO_CLIENT,
+        &[&port.to_string(), &n.to_string(), &size.to_string()],
         Duration::from_secs(150),
     );
     let lines = h.log_lines("client");
@@ -417,6 +395,7 @@ fn connection_log_only_when_tether_log_is_set() {
 /// (fcntl F_DUPFD_CLOEXEC, then dup2 onto a fixed number).
 const PY_SOCKOPTS: &str = r#"
 import fcntl, os, socket, sys
+from e2e import http_get, status_line
 port = int(sys.argv[1])
 s = socket.create_connection(("127.0.0.1", port), timeout=30)
 fd = s.fileno()
@@ -441,14 +420,8 @@ os.close(d1)
 s.close()
 t = socket.socket(fileno=50)
 t.settimeout(30)
-t.sendall(b"GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n")
-data = b""
-while True:
-    x = t.recv(65536)
-    if not x:
-        break
-    data += x
-print("status=" + data.split(b"\r\n", 1)[0].decode("latin1"))
+data = http_get(t, "/index.html")
+print("status=" + status_line(data))
 print("body_ok=%s" % data.endswith(b"sockopts\n"))
 "#;
 
@@ -458,13 +431,7 @@ fn socket_options_and_dups_on_a_protected_fd_behave_like_tcp() {
     let mut h = Harness::new("sockopts", Policy::new().both(port));
     h.serve_http("server", port, "sockopts\n");
     let check = DataPathCheck::begin(&h, port);
-    let mut cmd = h.python("sockopts.py", PY_SOCKOPTS);
-    cmd.arg(port.to_string());
-    let run = h.run(
-        "client",
-        h.shim(&mut cmd, "client"),
-        Duration::from_secs(30),
-    );
+    let run = h.run_python("client", "sockopts.py", PY_SOCKOPTS, &[&port.to_string()], Duration::from_secs(30));
     let out = kv(&run.stdout);
     let want = [
         ("set_nodelay", "ok"),
@@ -493,16 +460,11 @@ fn socket_options_and_dups_on_a_protected_fd_behave_like_tcp() {
 /// baseline (nothing per connection is left behind in the shim).
 const PY_SEQUENTIAL: &str = r#"
 import os, socket, sys, time
+from e2e import http_get
 port, n = int(sys.argv[1]), int(sys.argv[2])
 def one():
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(b"GET /index.html HTTP/1.0\r\nHost: t\r\n\r\n")
-    data = b""
-    while True:
-        d = s.recv(65536)
-        if not d:
-            break
-        data += d
+    data = http_get(s, "/index.html")
     s.close()
     return data.startswith(b"HTTP/1.0 200")
 def counts():
@@ -531,11 +493,11 @@ fn sequential_connections_leave_no_fds_or_threads_behind() {
     let port = free_port();
     let mut h = Harness::new("sequential", Policy::new().both(port));
     h.serve_http("server", port, "seq\n");
-    let mut cmd = h.python("seq.py", PY_SEQUENTIAL);
-    cmd.args([port.to_string(), n.to_string()]);
-    let run = h.run(
+    let run = h.run_python(
         "client",
-        h.shim(&mut cmd, "client"),
+        "seq.py",
+        PY_SEQUENTIAL,
+        &[&port.to_string(), &n.to_string()],
         Duration::from_secs(240),
     );
     let out = kv(&run.stdout);

@@ -15,13 +15,17 @@
 //! Exit status: 0 = PASS, 1 = a step failed (the step and errno are printed), 2 = the kernel has no
 //! kTLS (`TCP_ULP "tls"` gives ENOENT), which is the normal result outside `scripts/ktls-vm`.
 //!
-//! All FFI lives in the `sys` module below; every unsafe block there states why it is sound.
+//! All FFI lives in `tether_shim_tests::fixed_ktls` (`sys` here); every unsafe block there states
+//! why it is sound.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::process::ExitCode;
+
+// The kTLS socket options and `sendfile` (the only unsafe code this program runs).
+use tether_shim_tests::fixed_ktls as sys;
 
 /// A failed step: what was being done and the OS error, if any.
 #[derive(Debug)]
@@ -318,119 +322,3 @@ fn print_counters(before: &TlsStat, after: &TlsStat) {
 
 #[path = "ktls-selfcheck/abilities.rs"]
 mod abilities;
-
-/// The kTLS socket options and `sendfile`. This is the only module with unsafe code.
-mod sys {
-    use std::io;
-    use std::os::fd::RawFd;
-
-    /// `TCP_ULP` from linux/tcp.h (libc may not export it on every target).
-    const TCP_ULP: libc::c_int = 31;
-    /// `SOL_TLS` from linux/socket.h.
-    const SOL_TLS: libc::c_int = 282;
-    /// `TLS_TX` / `TLS_RX` from linux/tls.h.
-    pub(crate) const TLS_TX: libc::c_int = 1;
-    pub(crate) const TLS_RX: libc::c_int = 2;
-    /// `TLS_RX_EXPECT_NO_PAD` from linux/tls.h (Linux 6.0+, TLS 1.3 only).
-    pub(crate) const TLS_RX_EXPECT_NO_PAD: libc::c_int = 4;
-    pub(crate) const TLS_1_3_VERSION: u16 = 0x0304;
-    const TLS_CIPHER_AES_GCM_128: u16 = 51;
-
-    /// `struct tls12_crypto_info_aes_gcm_128` from linux/tls.h (40 bytes, no padding).
-    #[repr(C)]
-    #[derive(Debug, Clone, Copy)]
-    pub(crate) struct Tls13AesGcm128 {
-        version: u16,
-        cipher_type: u16,
-        iv: [u8; 8],
-        key: [u8; 16],
-        salt: [u8; 4],
-        rec_seq: [u8; 8],
-    }
-
-    const _: () = assert!(std::mem::size_of::<Tls13AesGcm128>() == 40);
-
-    impl Tls13AesGcm128 {
-        pub(crate) const fn new(key: [u8; 16], iv: [u8; 8], salt: [u8; 4]) -> Self {
-            Self {
-                version: TLS_1_3_VERSION,
-                cipher_type: TLS_CIPHER_AES_GCM_128,
-                iv,
-                key,
-                salt,
-                rec_seq: [0; 8],
-            }
-        }
-    }
-
-    fn check(ret: libc::c_int) -> io::Result<()> {
-        if ret == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
-    pub(crate) fn attach_tls_ulp(fd: RawFd) -> io::Result<()> {
-        let name = b"tls";
-        let len = libc::socklen_t::try_from(name.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `name` is a live 3-byte buffer and `len` is its exact length; the kernel only
-        // reads it. An invalid fd makes the call fail with EBADF, not misbehave.
-        check(unsafe { libc::setsockopt(fd, libc::SOL_TCP, TCP_ULP, name.as_ptr().cast(), len) })
-    }
-
-    pub(crate) fn set_crypto(
-        fd: RawFd,
-        direction: libc::c_int,
-        info: &Tls13AesGcm128,
-    ) -> io::Result<()> {
-        let len = libc::socklen_t::try_from(std::mem::size_of::<Tls13AesGcm128>())
-            .map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `info` points to a fully initialised #[repr(C)] struct laid out as the kernel's
-        // `tls12_crypto_info_aes_gcm_128` (size asserted above); `len` is its size and the kernel
-        // copies it in without keeping the pointer.
-        check(unsafe {
-            libc::setsockopt(fd, SOL_TLS, direction, std::ptr::from_ref(info).cast(), len)
-        })
-    }
-
-    /// `setsockopt(SOL_TLS, opt, bytes)`: a crypto_info of any cipher, or an int option.
-    pub(crate) fn set_tls_raw(fd: RawFd, opt: libc::c_int, bytes: &[u8]) -> io::Result<()> {
-        let len =
-            libc::socklen_t::try_from(bytes.len()).map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `bytes` is a live buffer of exactly `len` bytes that the kernel only reads during
-        // the call; an unknown option or wrong size makes the call fail, not misbehave.
-        check(unsafe { libc::setsockopt(fd, SOL_TLS, opt, bytes.as_ptr().cast(), len) })
-    }
-
-    /// `getsockopt(SOL_TLS, opt)` for an int-valued option.
-    pub(crate) fn get_tls_u32(fd: RawFd, opt: libc::c_int) -> io::Result<u32> {
-        let mut val: u32 = 0;
-        let mut len = libc::socklen_t::try_from(std::mem::size_of::<u32>())
-            .map_err(|_| io::ErrorKind::InvalidInput)?;
-        // SAFETY: `val` is a live, writable u32 and `len` holds its size, so the kernel writes at
-        // most that many bytes; both pointers are valid for the duration of the call.
-        check(unsafe {
-            libc::getsockopt(
-                fd,
-                SOL_TLS,
-                opt,
-                std::ptr::from_mut(&mut val).cast(),
-                &mut len,
-            )
-        })?;
-        Ok(val)
-    }
-
-    pub(crate) fn sendfile(
-        out: RawFd,
-        input: RawFd,
-        offset: &mut libc::off_t,
-        count: usize,
-    ) -> io::Result<usize> {
-        // SAFETY: `offset` is a valid, exclusive pointer to an off_t for the duration of the call;
-        // the fds are plain integers the kernel validates.
-        let n = unsafe { libc::sendfile(out, input, offset, count) };
-        usize::try_from(n).map_err(|_| io::Error::last_os_error())
-    }
-}
