@@ -235,3 +235,15 @@ impl io::Write for SocketWriter {
         Ok(())
     }
 }
+
+/// `poll` `fds` up to `timeout` ms. EINTR and errors count as a timeout (every `revents` is
+/// left 0): the caller re-checks its own deadline.
+pub(super) fn poll(fds: &mut [libc::pollfd], timeout: libc::c_int) {
+    let n = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    // SAFETY: `fds` is valid for reads and writes of `n` pollfds for the whole call.
+    if unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) } <= 0 {
+        for pfd in fds {
+            pfd.revents = 0;
+        }
+    }
+}
