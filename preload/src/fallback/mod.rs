@@ -300,7 +300,7 @@ pub(crate) fn at_exit() {
     }
     // The relay thread publishes its state when it first runs: right after a first adopt it
     // may not have yet (the connections are all in `pending`). `relay::run` keeps this one.
-    if !state.as_ref().is_some_and(|r| r.generation() == reg.generation) {
+    if state.as_ref().is_none_or(|r| r.generation() != reg.generation) {
         let Some(fds) = reg.relay else { return };
         *state = Some(relay::Relay::new(fds, reg.generation));
     }

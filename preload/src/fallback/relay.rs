@@ -83,7 +83,7 @@ fn run(fds: RelayFds, generation: u64) {
         {
             // An exit flush may have set our state up before we ran (`fallback::at_exit`).
             let mut state = lock_state();
-            if !state.as_ref().is_some_and(|r| r.generation == generation) {
+            if state.as_ref().is_none_or(|r| r.generation != generation) {
                 *state = Some(Relay::new(fds, generation));
             }
         }
