@@ -526,18 +526,19 @@ fn swap(app_fd: RawFd) -> io::Result<Swapped> {
     let nonblocking = sys::status_flags(app_fd)? & libc::O_NONBLOCK != 0;
     let cloexec = sys::is_cloexec(app_fd)?;
     let tcp = Fresh::new(sys::dup_cloexec(app_fd)?);
-    let (app_end, relay_end) = sys::stream_pair()?;
+    // O_NONBLOCK lives on the open file description, so the program's end keeps it through dup3.
+    let (app_end, relay_end) = sys::stream_pair(nonblocking)?;
     let app_end = Fresh::new(app_end);
     let relay_end = Fresh::new(relay_end);
     for fd in [app_end.0, relay_end.0] {
         sys::set_int_sockopt(fd, libc::SO_SNDBUF, PAIR_BUFFER);
         sys::set_int_sockopt(fd, libc::SO_RCVBUF, PAIR_BUFFER);
     }
-    sys::set_nonblocking(relay_end.0, true)?;
-    // O_NONBLOCK lives on the open file description, so it carries through dup3.
-    sys::set_nonblocking(app_end.0, nonblocking)?;
-    // Same for the TCP socket: from here `app_fd` shares it, so undo on any later failure.
-    sys::set_nonblocking(tcp.0, true)?;
+    if !nonblocking {
+        sys::set_nonblocking(relay_end.0, true)?;
+        // The TCP socket's file is shared with `app_fd` from here: undo on any later failure.
+        sys::set_nonblocking(tcp.0, true)?;
+    }
     if let Err(error) = sys::dup3(app_end.0, app_fd, cloexec) {
         let _ = sys::set_nonblocking(tcp.0, nonblocking);
         return Err(error);
