@@ -58,3 +58,20 @@ static CONSTRUCTOR: extern "C" fn() = {
     }
     init
 };
+
+/// The ELF destructor, run by `exit()` (from any thread) after the program's atexit handlers:
+/// lets the userspace relay deliver what the program wrote before the process dies
+/// ([`fallback::at_exit`], bounded).
+#[cfg(not(test))]
+#[used]
+#[link_section = ".fini_array"]
+static DESTRUCTOR: extern "C" fn() = {
+    extern "C" fn fini() {
+        let saved = guard::errno();
+        guard::internal(|| {
+            let _ = std::panic::catch_unwind(fallback::at_exit);
+        });
+        guard::set_errno(saved);
+    }
+    fini
+};

@@ -18,6 +18,7 @@ pub(crate) mod env {
     /// `0`/`off`: never set `TLS_RX_EXPECT_NO_PAD` (the bench's "NO_PAD off" rows).
     pub(crate) const KTLS_RX_NO_PAD: &str = "TETHER_KTLS_RX_NO_PAD";
     pub(crate) const RESUMPTION: &str = "TETHER_RESUMPTION";
+    pub(crate) const EXIT_FLUSH_MS: &str = "TETHER_EXIT_FLUSH_MS";
     /// Debug builds only: a named fault to inject (see [`super::Settings::fault`]).
     pub(crate) const TEST_FAULT: &str = "TETHER_TEST_FAULT";
 }
@@ -57,6 +58,9 @@ pub(crate) struct Settings {
     pub(crate) rx_no_pad: bool,
     /// TLS 1.3 resumption between tether peers (`TETHER_RESUMPTION=0` turns it off).
     pub(crate) resumption: bool,
+    /// At process exit, how long the relay may take to deliver what the program wrote and its
+    /// `close_notify` (`TETHER_EXIT_FLUSH_MS`, 0 turns it off; see `fallback::at_exit`).
+    pub(crate) exit_flush: Duration,
     /// `TETHER_TEST_FAULT`, honoured by debug builds only (release builds never read it): the
     /// e2e tests use it to reach failure paths a healthy peer cannot trigger, such as a panic
     /// after the real connect.
@@ -77,6 +81,7 @@ impl Source for ProcessEnv {
 }
 
 pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_EXIT_FLUSH: Duration = Duration::from_secs(2);
 
 impl Settings {
     pub(crate) fn from_source(src: &dyn Source, secure: bool) -> Self {
@@ -89,6 +94,7 @@ impl Settings {
             disabled: false,
             rx_no_pad: true,
             resumption: true,
+            exit_flush: DEFAULT_EXIT_FLUSH,
             test_fault: None,
         };
         if secure {
@@ -110,6 +116,9 @@ impl Settings {
         }
         if let Some(ms) = src.var(env::HANDSHAKE_TIMEOUT_MS).and_then(|v| v.parse::<u64>().ok()) {
             s.handshake_timeout = Duration::from_millis(ms.clamp(50, 120_000));
+        }
+        if let Some(ms) = src.var(env::EXIT_FLUSH_MS).and_then(|v| v.parse::<u64>().ok()) {
+            s.exit_flush = Duration::from_millis(ms.min(30_000));
         }
         s.disabled = matches!(src.var(env::DISABLE).as_deref(), Some("1") | Some("true"));
         s.rx_no_pad = !matches!(

@@ -49,6 +49,9 @@ struct Stats {
     received: AtomicU64,
     /// The peer ended the TCP stream without `close_notify` (truncation; delivered as EOF).
     truncated: AtomicBool,
+    /// This process forked while the connection was relayed: a child may hold the program's
+    /// end, so the exit flush does not end the stream for it ([`at_exit`]).
+    shared: AtomicBool,
 }
 
 /// Per-connection handle kept by the fd table: the internal TCP fd and plaintext counters.
@@ -267,6 +270,46 @@ fn become_keeper() -> ! {
     relay::keep(relay, epoll)
 }
 
+/// Process exit (the shim's ELF destructor, run by `exit()` on whichever thread called it, after
+/// the program's atexit handlers and its own destructors): the relay thread dies with the
+/// process, so whatever the program wrote into its socketpair and the relay has not sent yet
+/// would be lost, and so would the `close_notify` its exit implies. Drain them on this thread,
+/// for at most `TETHER_EXIT_FLUSH_MS` (default 2 s) in all, then return.
+///
+/// Each connection's bytes are read from the socketpair until it is empty and sealed; then,
+/// unless this process forked while it was relayed (a child may still hold it, and ends it
+/// itself), `close_notify` and a TCP FIN follow, as the kernel's close of the program's last
+/// copy would have told the relay. A connection the program already closed ends on its own.
+/// A fork child has no relay (its parent's serves its copies): nothing to do. Not covered:
+/// `_exit`/`_Exit`, a fatal signal, and stdio buffers that `exit` flushes after this runs.
+pub(crate) fn at_exit() {
+    if !has_internal_fds() || crate::fork::in_vfork_child() {
+        return;
+    }
+    let bound = crate::settings::get().exit_flush;
+    if bound.is_zero() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + bound;
+    // The relay thread holds STATE only while it works on a batch (bounded, non-blocking), so
+    // this waits for at most one batch; from here the relay thread is parked on the lock.
+    let mut state = relay::lock_state();
+    let reg = lock_registry();
+    if reg.links.is_empty() {
+        return;
+    }
+    // The relay thread publishes its state when it first runs: right after a first adopt it
+    // may not have yet (the connections are all in `pending`). `relay::run` keeps this one.
+    if state.as_ref().is_none_or(|r| r.generation() != reg.generation) {
+        let Some(fds) = reg.relay else { return };
+        *state = Some(relay::Relay::new(fds, reg.generation));
+    }
+    drop(reg);
+    if let Some(relay) = state.as_mut() {
+        relay.flush_at_exit(deadline);
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ForkMode {
     /// An ordinary fork: the child resets.
@@ -316,6 +359,10 @@ pub(crate) fn atfork_parent() {
         return;
     };
     if fork_mode() != ForkMode::HandOff {
+        // A child now holds copies of every program end: our exit must not end those streams.
+        for registered in reg.links.values() {
+            registered.link.stats.shared.store(true, Ordering::Relaxed);
+        }
         return;
     }
     if let Some(relay) = state.as_mut() {
@@ -479,18 +526,19 @@ fn swap(app_fd: RawFd) -> io::Result<Swapped> {
     let nonblocking = sys::status_flags(app_fd)? & libc::O_NONBLOCK != 0;
     let cloexec = sys::is_cloexec(app_fd)?;
     let tcp = Fresh::new(sys::dup_cloexec(app_fd)?);
-    let (app_end, relay_end) = sys::stream_pair()?;
+    // O_NONBLOCK lives on the open file description, so the program's end keeps it through dup3.
+    let (app_end, relay_end) = sys::stream_pair(nonblocking)?;
     let app_end = Fresh::new(app_end);
     let relay_end = Fresh::new(relay_end);
     for fd in [app_end.0, relay_end.0] {
         sys::set_int_sockopt(fd, libc::SO_SNDBUF, PAIR_BUFFER);
         sys::set_int_sockopt(fd, libc::SO_RCVBUF, PAIR_BUFFER);
     }
-    sys::set_nonblocking(relay_end.0, true)?;
-    // O_NONBLOCK lives on the open file description, so it carries through dup3.
-    sys::set_nonblocking(app_end.0, nonblocking)?;
-    // Same for the TCP socket: from here `app_fd` shares it, so undo on any later failure.
-    sys::set_nonblocking(tcp.0, true)?;
+    if !nonblocking {
+        sys::set_nonblocking(relay_end.0, true)?;
+        // The TCP socket's file is shared with `app_fd` from here: undo on any later failure.
+        sys::set_nonblocking(tcp.0, true)?;
+    }
     if let Err(error) = sys::dup3(app_end.0, app_fd, cloexec) {
         let _ = sys::set_nonblocking(tcp.0, nonblocking);
         return Err(error);

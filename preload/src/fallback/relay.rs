@@ -20,6 +20,7 @@ use rustls::Connection;
 use super::sys::{self, SocketWriter};
 use super::{RelayFds, Stats};
 
+mod exit;
 mod rx;
 
 /// The epoll token of the eventfd that announces new connections.
@@ -36,6 +37,9 @@ const CHUNK: usize = 64 * 1024;
 const BUDGET: u32 = 16;
 
 const MAX_EVENTS: usize = 64;
+
+/// How often lingering connections (`LinkState::linger_until`) are looked at without events.
+const LINGER_TICK_MS: libc::c_int = 100;
 
 /// A connection handed over by `adopt`, waiting for the relay thread.
 pub(super) struct Pending {
@@ -76,7 +80,13 @@ fn run(fds: RelayFds, generation: u64) {
     #[cfg(test)]
     drop(START_GATE.lock().unwrap_or_else(PoisonError::into_inner));
     let _ = catch_unwind(AssertUnwindSafe(|| {
-        *lock_state() = Some(Relay::new(fds, generation));
+        {
+            // An exit flush may have set our state up before we ran (`fallback::at_exit`).
+            let mut state = lock_state();
+            if state.as_ref().is_none_or(|r| r.generation != generation) {
+                *state = Some(Relay::new(fds, generation));
+            }
+        }
         serve_thread(fds.epoll, generation)
     }));
     // Only an unrecoverable epoll failure or a panic outside a connection gets here.
@@ -86,9 +96,9 @@ fn run(fds: RelayFds, generation: u64) {
 /// The relay thread's loop: wait without the lock, work with it.
 fn serve_thread(epoll: RawFd, generation: u64) -> io::Result<()> {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
-    let mut busy = false;
+    let mut timeout = -1;
     loop {
-        let n = match sys::epoll_wait(epoll, &mut events, if busy { 0 } else { -1 }) {
+        let n = match sys::epoll_wait(epoll, &mut events, timeout) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
@@ -97,7 +107,7 @@ fn serve_thread(epoll: RawFd, generation: u64) -> io::Result<()> {
         let Some(relay) = state.as_mut().filter(|r| r.generation == generation) else {
             return Ok(()); // our state was taken away (fork reset): nothing left to serve
         };
-        busy = relay.turn(events.get(..n).unwrap_or_default());
+        timeout = relay.turn(events.get(..n).unwrap_or_default());
     }
 }
 
@@ -124,17 +134,17 @@ pub(super) fn keep(mut relay: Relay, epoll: RawFd) -> ! {
     }
     relay.welcome();
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS];
+    let mut timeout = 0;
     let _ = catch_unwind(AssertUnwindSafe(|| loop {
         if relay.links.is_empty() {
             break;
         }
-        let busy = !relay.busy.is_empty();
-        let n = match sys::epoll_wait(epoll, &mut events, if busy { 0 } else { -1 }) {
+        let n = match sys::epoll_wait(epoll, &mut events, timeout) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
-        relay.turn(events.get(..n).unwrap_or_default());
+        timeout = relay.turn(events.get(..n).unwrap_or_default());
     }));
     // Whatever is left (only after an internal failure) fails closed.
     let ids: Vec<u64> = relay.links.keys().copied().collect();
@@ -156,6 +166,9 @@ pub(super) struct Relay {
     plain: Vec<u8>,
     /// Connections that ran out of budget in the last turn: driven again in the next.
     busy: Vec<u64>,
+    /// Connections whose program is gone, reading TCP until the peer's end or their linger
+    /// deadline (checked every [`LINGER_TICK_MS`] while there are any).
+    lingering: Vec<u64>,
 }
 
 impl Relay {
@@ -167,12 +180,22 @@ impl Relay {
             scratch: vec![0; CHUNK],
             plain: Vec::with_capacity(rx::BATCH),
             busy: Vec::new(),
+            lingering: Vec::new(),
         }
     }
 
-    /// Handle one batch of epoll events; `true` if some connection wants another turn at once.
-    fn turn(&mut self, events: &[libc::epoll_event]) -> bool {
+    /// Handle one batch of epoll events; returns the timeout for the next wait: 0 if some
+    /// connection wants another turn at once, a tick while some linger, else none (-1).
+    fn turn(&mut self, events: &[libc::epoll_event]) -> libc::c_int {
         let mut ready = std::mem::take(&mut self.busy);
+        if !self.lingering.is_empty() {
+            // Their deadline may pass without an event: look at them on every turn.
+            for &id in &self.lingering {
+                if !ready.contains(&id) {
+                    ready.push(id);
+                }
+            }
+        }
         for event in events {
             let (bits, token) = (event.events, event.u64);
             if token == WAKE_TOKEN {
@@ -193,7 +216,13 @@ impl Relay {
                 self.busy.push(id);
             }
         }
-        !self.busy.is_empty()
+        if !self.busy.is_empty() {
+            0
+        } else if !self.lingering.is_empty() {
+            LINGER_TICK_MS
+        } else {
+            -1
+        }
     }
 
     pub(super) fn generation(&self) -> u64 {
@@ -208,6 +237,7 @@ impl Relay {
             sys::epoll_del(self.fds.epoll, state.app);
         }
         self.busy.clear();
+        self.lingering.clear();
     }
 
     /// Pick up connections that `adopt` queued and register them; they are driven in this turn
@@ -236,8 +266,16 @@ impl Relay {
         let (scratch, plain) = (&mut self.scratch, &mut self.plain);
         let step = catch_unwind(AssertUnwindSafe(|| state.drive(scratch, plain)));
         match step {
-            Ok(Ok(Step::Open { busy: true })) => Turn::Busy,
-            Ok(Ok(Step::Open { busy: false })) => Turn::Idle,
+            Ok(Ok(Step::Open { busy })) => {
+                if state.linger_until.is_some() && !self.lingering.contains(&id) {
+                    self.lingering.push(id);
+                }
+                if busy {
+                    Turn::Busy
+                } else {
+                    Turn::Idle
+                }
+            }
             Ok(Ok(Step::Finished)) => {
                 self.retire(id, false);
                 Turn::Idle
@@ -255,13 +293,18 @@ impl Relay {
         let Some(state) = self.links.remove(&id) else {
             return;
         };
+        self.lingering.retain(|&l| l != id);
         // Explicit DEL: a forked child's copy would keep the registration alive past close().
         sys::epoll_del(self.fds.epoll, state.tcp);
         sys::epoll_del(self.fds.epoll, state.app);
         if failed {
             // A reset or a TLS error is not a clean end: the program's EOF reads as
-            // ECONNRESET (the read hooks check this flag).
-            state.stats.truncated.store(true, Ordering::Release);
+            // ECONNRESET (the read hooks check this flag). Unless the peer's close_notify
+            // came first and its EOF is already delivered: then the stream did end cleanly
+            // (a peer that exits with bytes of ours unread resets a connection it closed).
+            if !(state.peer_ended && state.rx_done) {
+                state.stats.truncated.store(true, Ordering::Release);
+            }
             sys::shutdown(state.app, libc::SHUT_RDWR);
         }
         sys::shutdown(state.tcp, libc::SHUT_RDWR);
@@ -298,6 +341,9 @@ struct LinkState {
     app_writable: bool,
     /// Both directions of the program's end are shut (it closed its last copy).
     app_hup: bool,
+    /// The program is gone and the peer's end has not come yet: TCP is read (and dropped)
+    /// until it comes or this passes (`rx::LINGER`).
+    linger_until: Option<std::time::Instant>,
     /// Ciphertext read from TCP that rustls did not take yet (the plaintext batch was full).
     leftover: Vec<u8>,
     /// Decrypted plaintext the program's socket did not take yet (at most one batch).
@@ -329,6 +375,7 @@ impl LinkState {
             app_readable: true,
             app_writable: true,
             app_hup: false,
+            linger_until: None,
             leftover: Vec::new(),
             outbox: Vec::new(),
             peer_ended: false,

@@ -57,18 +57,13 @@ pub(super) fn dup_cloexec(fd: RawFd) -> io::Result<RawFd> {
     cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })
 }
 
-/// `socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)`.
-pub(super) fn stream_pair() -> io::Result<(RawFd, RawFd)> {
+/// `socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC)`, both ends `O_NONBLOCK` if `nonblocking`
+/// (one syscall instead of a get and a set of the flags per end).
+pub(super) fn stream_pair(nonblocking: bool) -> io::Result<(RawFd, RawFd)> {
     let mut fds = [-1 as libc::c_int; 2];
+    let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC | if nonblocking { libc::SOCK_NONBLOCK } else { 0 };
     // SAFETY: `fds` is a valid, writable array of two ints, as socketpair requires.
-    cvt(unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            fds.as_mut_ptr(),
-        )
-    })?;
+    cvt(unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) })?;
     Ok((fds[0], fds[1]))
 }
 
@@ -78,19 +73,12 @@ pub(super) fn status_flags(fd: RawFd) -> io::Result<libc::c_int> {
     cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
 }
 
-/// Set or clear `O_NONBLOCK` on the open file description behind `fd`.
+/// Set or clear `O_NONBLOCK` on the open file description behind `fd` (`FIONBIO`: one
+/// syscall, no read of the other flags).
 pub(super) fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
-    let flags = status_flags(fd)?;
-    let new = if on {
-        flags | libc::O_NONBLOCK
-    } else {
-        flags & !libc::O_NONBLOCK
-    };
-    if new != flags {
-        // SAFETY: F_SETFL takes an int argument and touches no memory.
-        cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, new) })?;
-    }
-    Ok(())
+    let mut value = libc::c_int::from(on);
+    // SAFETY: FIONBIO reads one int from `value`, which lives for the call.
+    cvt(unsafe { libc::ioctl(fd, libc::FIONBIO, &mut value) }).map(drop)
 }
 
 /// Is `FD_CLOEXEC` set on `fd` (`F_GETFD`)?
@@ -233,5 +221,17 @@ impl io::Write for SocketWriter {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// `poll` `fds` up to `timeout` ms. EINTR and errors count as a timeout (every `revents` is
+/// left 0): the caller re-checks its own deadline.
+pub(super) fn poll(fds: &mut [libc::pollfd], timeout: libc::c_int) {
+    let n = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
+    // SAFETY: `fds` is valid for reads and writes of `n` pollfds for the whole call.
+    if unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) } <= 0 {
+        for pfd in fds {
+            pfd.revents = 0;
+        }
     }
 }

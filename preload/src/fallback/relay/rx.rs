@@ -13,12 +13,16 @@
 
 use std::io::{self, BufRead};
 use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
 
 use super::super::sys;
 use super::{Fatal, LinkState};
 
 /// Most plaintext handed to the program in one `send`.
 pub(super) const BATCH: usize = 128 * 1024;
+
+/// How long a connection whose program is gone keeps reading TCP for the peer's end.
+pub(super) const LINGER: Duration = Duration::from_secs(2);
 
 /// What taking plaintext out of rustls found.
 enum Taken {
@@ -54,9 +58,7 @@ impl LinkState {
             return Ok(false);
         }
         if self.app_hup {
-            // Nobody can read what we would decrypt: stop reading TCP.
-            self.rx_done = true;
-            return Ok(true);
+            return self.linger(scratch, plain, budget);
         }
         let mut progress = false;
         loop {
@@ -73,7 +75,7 @@ impl LinkState {
                         self.outbox.drain(..n);
                         return Ok(progress);
                     }
-                    Sent::Gone => return Ok(self.program_gone()),
+                    Sent::Gone => return self.gone_mid_stream(scratch, plain, budget),
                 }
             }
             if self.peer_ended {
@@ -98,9 +100,40 @@ impl LinkState {
                     self.outbox.extend_from_slice(plain.get(n..).ok_or(Fatal)?);
                     return Ok(true);
                 }
-                Sent::Gone => return Ok(self.program_gone()),
+                Sent::Gone => return self.gone_mid_stream(scratch, plain, budget),
             }
         }
+    }
+
+    /// The program is gone, so nobody reads what we would decrypt; but a socket closed now
+    /// would answer the peer's next bytes (a TLS 1.3 server's session tickets, often sent
+    /// after the client's first data; its reply; its close_notify) with a reset, and a reset
+    /// makes the peer's kernel drop what its program has not read yet. So read and drop
+    /// until the peer's end, for at most [`LINGER`].
+    fn linger(&mut self, scratch: &mut [u8], plain: &mut Vec<u8>, budget: &mut u32) -> Result<bool, Fatal> {
+        let until = *self.linger_until.get_or_insert_with(|| Instant::now() + LINGER);
+        let mut progress = false;
+        loop {
+            if self.peer_ended || self.tcp_eof || Instant::now() >= until {
+                return Ok(self.program_gone());
+            }
+            plain.clear();
+            let before = *budget;
+            self.peer_ended = self.collect(scratch, plain, budget)?;
+            let moved = !plain.is_empty() || *budget != before;
+            plain.clear();
+            if !moved && !self.peer_ended {
+                return Ok(progress);
+            }
+            progress = true;
+        }
+    }
+
+    /// EPIPE: the program closed its end with our plaintext unread (drop it), then linger.
+    fn gone_mid_stream(&mut self, scratch: &mut [u8], plain: &mut Vec<u8>, budget: &mut u32) -> Result<bool, Fatal> {
+        self.app_hup = true;
+        self.outbox = Vec::new();
+        self.linger(scratch, plain, budget).map(|_| true)
     }
 
     fn program_gone(&mut self) -> bool {
