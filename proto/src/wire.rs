@@ -566,6 +566,48 @@ pub mod sign {
         HEADER_LEN + 1 + n
     }
 
+    /// Read one answer to a signing request into `buf` in as few reads as the stream allows:
+    /// one `read` of up to a whole response frame (tetherd writes it in one piece), more only
+    /// if it comes short. Returns the frame's kind, its body length and how many of its bytes
+    /// are in `buf`: the whole frame for a signing answer; for a message frame (an error from
+    /// tetherd, or a signing answer too long to be one) only its start, the rest unread.
+    pub fn read_response<R: std::io::Read>(
+        r: &mut R,
+        buf: &mut ResponseBuf,
+    ) -> Result<(super::FrameKind, usize, usize), WireError> {
+        let mut got = 0;
+        let mut want = HEADER_LEN;
+        let mut parsed = None;
+        loop {
+            while got < want {
+                match r.read(&mut buf[got..]) {
+                    Ok(0) => return Err(WireError::Truncated),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(WireError::Io(e)),
+                }
+            }
+            let (kind, len) = match parsed {
+                Some(p) => p,
+                None => {
+                    let mut h = [0u8; HEADER_LEN];
+                    h.copy_from_slice(&buf[..HEADER_LEN]);
+                    *parsed.insert(super::parse_any_header(&h)?)
+                }
+            };
+            if kind != super::FrameKind::Sign || len > MAX_RESPONSE_BODY {
+                return Ok((kind, len, got.min(HEADER_LEN + len)));
+            }
+            if got > HEADER_LEN + len {
+                return Err(WireError::Malformed("bytes after a signing answer".into()));
+            }
+            if got == HEADER_LEN + len {
+                return Ok((kind, len, got));
+            }
+            want = HEADER_LEN + len;
+        }
+    }
+
     pub fn parse_response(body: &[u8]) -> Result<(Status, &[u8]), WireError> {
         let (&first, rest) = body.split_first().ok_or_else(|| WireError::Malformed("empty signing response".into()))?;
         let status = Status::from_u8(first).ok_or_else(|| WireError::Malformed(format!("signing status {first}")))?;
