@@ -676,6 +676,40 @@ mod tests {
 
     use super::*;
 
+    /// Hands out at most `step` bytes per read, to exercise short reads.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.1).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_signing_answer_is_read_whole_in_one_read_or_in_pieces() {
+        let mut frame: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+        let n = sign::encode_response(sign::Status::Ok, &[7u8; 71], &mut frame);
+        for step in [usize::MAX, 1, 5, HEADER_LEN] {
+            let mut buf: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+            let (kind, len, got) = sign::read_response(&mut Trickle(&frame[..n], step), &mut buf).unwrap();
+            assert_eq!((kind, len, got), (FrameKind::Sign, 72, n), "step {step}");
+            let (status, sig) = sign::parse_response(&buf[HEADER_LEN..got]).unwrap();
+            assert_eq!((status, sig), (sign::Status::Ok, &[7u8; 71][..]));
+        }
+        let mut buf: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+        assert!(matches!(sign::read_response(&mut Trickle(&frame[..n - 1], 64), &mut buf), Err(WireError::Truncated)));
+        let mut two = frame[..n].to_vec();
+        two.push(0);
+        assert!(matches!(sign::read_response(&mut Trickle(&two, 1024), &mut buf), Err(WireError::Malformed(_))));
+        // A message frame (tetherd's error answer): its start, the rest left to the caller.
+        let msg = encode(&Request::Status {}).unwrap();
+        let (kind, len, got) = sign::read_response(&mut Trickle(&msg, 1024), &mut buf).unwrap();
+        assert_eq!((kind, len, got), (FrameKind::Message, msg.len() - HEADER_LEN, msg.len()));
+    }
+
     #[test]
     fn requests_round_trip() {
         for req in [Request::FetchSvid {}, Request::Status {}] {
