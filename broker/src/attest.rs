@@ -113,7 +113,7 @@ impl Peer {
         let cred = sys::peer_cred(stream).map_err(AttestError::Socket)?;
         let pidfd = sys::peer_pidfd(stream).map_err(AttestError::Socket)?;
         let start_time = start_time(cred.pid)?;
-        let pidfd_ino = pidfd.as_ref().map(fd_inode).transpose().map_err(AttestError::Socket)?;
+        let pidfd_ino = pidfd.as_ref().map(sys::fd_inode).transpose().map_err(AttestError::Socket)?;
         let peer = Self { cred, start_time, pidfd, pidfd_ino };
         // The start time must belong to the process the pidfd pins, not to a successor.
         peer.check_pidfd()?;
@@ -139,7 +139,7 @@ impl Peer {
             return Err(foreign());
         }
         if let (Some(want), Some(fd)) = (self.pidfd_ino, &s.pidfd) {
-            if fd_inode(fd).map_err(AttestError::Socket)? != want {
+            if sys::fd_inode(fd).map_err(AttestError::Socket)? != want {
                 return Err(foreign());
             }
         }
@@ -212,10 +212,24 @@ impl Peer {
         Ok(AttestedPeer { facts, start_time: self.start_time })
     }
 
-    /// The cheap half of [`Peer::attest`]: the pid still names the process that connected
-    /// (start time, and the pidfd when there is one). For repeated requests on a connection
-    /// that was already attested, such as connection reports.
+    /// The cheap half of [`Peer::attest`]: the pid still names the process that connected.
+    /// For repeated requests on a connection that was already attested (connection reports,
+    /// every signature under broker custody) and after /proc reads by pid.
+    ///
+    /// With a pidfd this is one `poll` and no /proc read: the pidfd names the connecting
+    /// process (its start time was matched to it in [`Peer::from_stream`]), and while it does
+    /// not poll readable that process has not exited, so it has not been reaped and its pid
+    /// cannot name anyone else. A zombie is refused (it polls readable). Without a pidfd (Linux
+    /// before 6.5) the start time is re-read from `/proc/<pid>/stat`.
     pub fn recheck(&self) -> Result<(), AttestError> {
+        if let Some(fd) = &self.pidfd {
+            let pid = self.cred.pid;
+            return match sys::pidfd_exited(fd) {
+                Ok(false) => Ok(()),
+                Ok(true) => Err(AttestError::Vanished { pid }),
+                Err(e) => Err(AttestError::Proc { pid, what: format!("poll on the pidfd: {e}") }),
+            };
+        }
         if start_time(self.cred.pid)? != self.start_time {
             return Err(AttestError::PidReused { pid: self.cred.pid });
         }
@@ -238,10 +252,6 @@ impl Peer {
             _ => Err(AttestError::PidReused { pid }),
         }
     }
-}
-
-fn fd_inode(fd: &OwnedFd) -> io::Result<u64> {
-    Ok(File::from(fd.try_clone()?).metadata()?.ino())
 }
 
 fn proc_err(pid: i32, file: &str, e: io::Error) -> AttestError {
@@ -499,6 +509,33 @@ mod tests {
         // The pid is now free (or already reused by someone else): either way, refused.
         let r = Peer::for_test(pid, 0, 0, recorded).attest(None);
         assert!(matches!(r, Err(AttestError::Vanished { .. } | AttestError::PidReused { .. })), "{r:?}");
+    }
+
+    /// The per-signature re-check is one poll on the pidfd: a peer that exited (not reaped
+    /// yet, so its /proc stat and pidfd fdinfo still read as before) must fail it at once.
+    #[test]
+    fn an_exited_unreaped_peer_fails_the_recheck() {
+        let dir = std::env::temp_dir().join(format!("tether-recheck-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let script = "import socket,sys,time\ns=socket.socket(socket.AF_UNIX)\ns.connect(sys.argv[1])\ntime.sleep(60)";
+        let mut child = Command::new("python3").args(["-c", script]).arg(&path).spawn().unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let peer = Peer::from_stream(&stream).unwrap();
+        assert_eq!(peer.pid(), child.id() as i32);
+        assert!(peer.has_pidfd(), "kernel 6.5+ should offer SO_PEERPIDFD");
+        peer.recheck().unwrap();
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while is_running(peer.pid(), peer.process().1) {
+            assert!(std::time::Instant::now() < deadline, "child never became a zombie");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(matches!(peer.recheck(), Err(AttestError::Vanished { .. })), "a zombie passed the recheck");
+        child.wait().unwrap();
+        assert!(matches!(peer.recheck(), Err(AttestError::Vanished { .. })), "a reaped peer passed the recheck");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -53,23 +53,21 @@ impl Client {
         let mut frame: sign::RequestBuf = [0; wire::HEADER_LEN + sign::MAX_BODY];
         let n = sign::encode_request(&sign::Request { key_id, scheme, message }, &mut frame)?;
         write_frame(&mut self.stream, &frame[..n])?;
-        let mut header = [0u8; wire::HEADER_LEN];
-        if !wire::io::read_header(&mut self.stream, &mut header)? {
-            return Err(wire::WireError::Truncated.into());
-        }
-        let (kind, len) = wire::parse_any_header(&header)?;
+        // One read for the whole answer (tetherd writes it in one piece).
+        let mut answer: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
+        let (kind, len, got) = sign::read_response(&mut self.stream, &mut answer)?;
         if kind != wire::FrameKind::Sign || len > sign::MAX_RESPONSE_BODY {
             // An error message frame (e.g. a broker that does not know signing frames).
             let mut body = vec![0u8; len];
-            wire::io::read_body(&mut self.stream, &mut body)?;
+            let have = got - wire::HEADER_LEN;
+            body[..have].copy_from_slice(&answer[wire::HEADER_LEN..got]);
+            wire::io::read_body(&mut self.stream, &mut body[have..])?;
             return match wire::decode::<Response>(&body)? {
                 Response::Error(e) => Err(Error::Refused(e)),
                 _ => Err(Error::UnexpectedResponse("signature")),
             };
         }
-        let mut body = [0u8; sign::MAX_RESPONSE_BODY];
-        wire::io::read_body(&mut self.stream, &mut body[..len])?;
-        let (status, payload) = sign::parse_response(&body[..len])?;
+        let (status, payload) = sign::parse_response(&answer[wire::HEADER_LEN..got])?;
         Ok(match status {
             sign::Status::Ok => Ok(payload.to_vec()),
             s => Err((s, String::from_utf8_lossy(payload).into_owned())),

@@ -155,13 +155,21 @@ impl HeldKey {
 }
 
 struct Held {
-    owner: Owner,
     token: u64,
     keys: Vec<Arc<HeldKey>>,
     /// Kept open so the epoll set watches it; closing it removes it from the set.
     _pidfd: Option<OwnedFd>,
+    /// The impersonation checks every signature re-runs, if the issuing entry has them. Shared
+    /// with signatures in flight, so that the signing path clones one `Arc`, nothing else.
+    checks: Option<Arc<Checks>>,
+}
+
+/// What [`impersonation::recheck`] needs for one owner.
+struct Checks {
+    facts: ProcessFacts,
+    registered: Option<PathBuf>,
     /// Fingerprint of the executable mappings last found clean (0: none yet).
-    clean_maps: Arc<Mutex<u64>>,
+    clean_maps: Mutex<u64>,
 }
 
 #[derive(Default)]
@@ -288,11 +296,12 @@ impl KeyStore {
         t.owners.insert(
             process,
             Held {
-                owner,
                 token,
                 keys: vec![Arc::new(key)],
                 _pidfd: pidfd,
-                clean_maps: Arc::default(),
+                checks: owner.checks.map(|registered| {
+                    Arc::new(Checks { facts: owner.facts, registered, clean_maps: Mutex::new(0) })
+                }),
             },
         );
         Ok(id)
@@ -332,7 +341,7 @@ impl KeyStore {
                 "tetherd's keys sign ecdsa_secp256r1_sha256 only",
             ));
         }
-        let (key, owner, clean_maps) = {
+        let (key, checks) = {
             let t = self.lock();
             let owner = *t.keys.get(&key_id).ok_or(Refusal::UnknownKey)?;
             if owner != caller {
@@ -345,19 +354,14 @@ impl KeyStore {
                 .find(|k| k.id == key_id)
                 .ok_or(Refusal::UnknownKey)?
                 .clone();
-            let checks = h
-                .owner
-                .checks
-                .clone()
-                .map(|reg| (h.owner.facts.clone(), reg));
-            (key, checks, Arc::clone(&h.clean_maps))
+            (key, h.checks.clone())
         };
         if now_unix() >= key.not_after {
             return Err(Refusal::Expired);
         }
-        if let Some((facts, registered)) = owner {
-            let mut clean = clean_maps.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = impersonation::recheck(&facts, registered.as_deref(), &mut clean) {
+        if let Some(c) = checks {
+            let mut clean = c.clean_maps.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = impersonation::recheck(&c.facts, c.registered.as_deref(), &mut clean) {
                 drop(clean);
                 self.lock().revoked.insert(caller);
                 self.destroy(caller);

@@ -538,34 +538,74 @@ impl Drop for Held {
     }
 }
 
-fn busy(mut stream: UnixStream, message: String) {
+fn busy(stream: UnixStream, message: String) {
     let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
-    reply_error(&mut stream, ErrorCode::Busy, message);
+    reply_error(&stream, ErrorCode::Busy, message);
 }
 
-/// Reads that fail with `TimedOut` once `deadline` passes, however the bytes trickle in, and
-/// that check the sender of every chunk (`SCM_CREDENTIALS`, `SCM_PIDFD`) against the process
-/// that connected. A chunk from anyone else fails with `PermissionDenied`, with the reason
-/// left in `foreign`.
+/// Reads that fail with `TimedOut` once the frame's deadline passes, however the bytes trickle
+/// in, and that check the sender of every chunk (`SCM_CREDENTIALS`, `SCM_PIDFD`) against the
+/// process that connected. A chunk from anyone else fails with `PermissionDenied`, with the
+/// reason left in `foreign`.
+///
+/// One per connection, so that a request costs one `recvmsg` (plus the `fstat` and `close` of
+/// its `SCM_PIDFD`): a chunk is received into `buf` whole (a signing frame always fits) and the
+/// frame is parsed from there. Every buffered byte was checked when it was received (the kernel
+/// never merges two senders' bytes into one `recvmsg`). SO_RCVTIMEO stays at the frame
+/// timeout between frames, which bounds a frame's first wait; only a frame that needs a second
+/// `recvmsg` sets it to what is left of its deadline (and the next frame sets it back).
 struct AttestedReader<'a> {
     stream: &'a UnixStream,
-    deadline: Instant,
     peer: Option<&'a Peer>,
-    foreign: &'a mut Option<attest::AttestError>,
+    frame_timeout: Duration,
+    deadline: Instant,
+    /// SO_RCVTIMEO is `frame_timeout` (false before the first read, and after a shortened one).
+    standing: bool,
+    /// Nothing of the current frame has been taken from the socket yet.
+    fresh: bool,
+    buf: [u8; READ_BUF],
+    start: usize,
+    end: usize,
+    foreign: Option<attest::AttestError>,
 }
 
-impl Read for AttestedReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
+/// Room for a whole signing frame and a small message frame.
+const READ_BUF: usize = 1024;
+
+impl<'a> AttestedReader<'a> {
+    fn new(stream: &'a UnixStream, peer: Option<&'a Peer>, frame_timeout: Duration) -> Self {
+        let deadline = Instant::now() + frame_timeout;
+        Self {
+            stream,
+            peer,
+            frame_timeout,
+            deadline,
+            standing: false,
+            fresh: true,
+            buf: [0; READ_BUF],
+            start: 0,
+            end: 0,
+            foreign: None,
         }
-        self.stream.set_read_timeout(Some(left))?;
+    }
+
+    /// The next frame starts now: its deadline is one frame timeout away.
+    fn begin_frame(&mut self) {
+        self.deadline = Instant::now() + self.frame_timeout;
+        self.fresh = true;
+    }
+
+    /// One `recvmsg` into `into`, its sender checked.
+    fn recv(&mut self, into: Dest<'_>) -> io::Result<usize> {
+        let buf = match into {
+            Dest::Caller(b) => b,
+            Dest::Own => &mut self.buf[..],
+        };
         let (n, sender) = sys::recv_with_sender(self.stream, buf)?;
         if n > 0 {
             if let Some(p) = self.peer {
                 if let Err(e) = p.check_sender(sender.as_ref()) {
-                    *self.foreign = Some(e);
+                    self.foreign = Some(e);
                     return Err(io::ErrorKind::PermissionDenied.into());
                 }
             }
@@ -574,9 +614,53 @@ impl Read for AttestedReader<'_> {
     }
 }
 
-fn reply(stream: &mut UnixStream, response: &Response) -> bool {
+/// Where [`AttestedReader::recv`] puts the bytes: the caller's buffer (large reads) or its own.
+enum Dest<'b> {
+    Caller(&'b mut [u8]),
+    Own,
+}
+
+impl Read for AttestedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.start < self.end {
+            let n = buf.len().min(self.end - self.start);
+            buf[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
+            self.start += n;
+            self.fresh = false;
+            return Ok(n);
+        }
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::ErrorKind::TimedOut.into());
+        }
+        if !self.fresh {
+            self.stream.set_read_timeout(Some(left))?;
+            self.standing = false;
+        } else if !self.standing {
+            self.stream.set_read_timeout(Some(self.frame_timeout))?;
+            self.standing = true;
+        }
+        self.fresh = false;
+        if buf.len() >= READ_BUF {
+            return self.recv(Dest::Caller(buf));
+        }
+        let got = self.recv(Dest::Own)?;
+        let n = buf.len().min(got);
+        buf[..n].copy_from_slice(&self.buf[..n]);
+        (self.start, self.end) = (n, got);
+        Ok(n)
+    }
+}
+
+impl Drop for AttestedReader<'_> {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.buf);
+    }
+}
+
+fn reply(mut stream: &UnixStream, response: &Response) -> bool {
     match wire::encode(response) {
-        Ok(frame) => write_frame(stream, &frame).is_ok(),
+        Ok(frame) => write_frame(&mut stream, &frame).is_ok(),
         Err(e) => {
             warn!(error = %e, "cannot encode a response");
             false
@@ -584,7 +668,7 @@ fn reply(stream: &mut UnixStream, response: &Response) -> bool {
     }
 }
 
-fn reply_error(stream: &mut UnixStream, code: ErrorCode, message: String) -> bool {
+fn reply_error(stream: &UnixStream, code: ErrorCode, message: String) -> bool {
     reply(stream, &Response::Error(ErrorResponse { code, message }))
 }
 
@@ -598,29 +682,29 @@ fn is_unknown_type(body: &[u8]) -> bool {
     matches!(wire::decode::<Request>(probe.as_bytes()), Err(WireError::Malformed(m)) if m.starts_with("unknown variant"))
 }
 
-fn handle_connection(broker: &Broker, mut stream: UnixStream) {
+fn handle_connection(broker: &Broker, stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(broker.opts.client_timeout));
     // Recorded now, so that a pid recycled later cannot inherit this connection's identity.
     let peer = Peer::from_stream(&stream);
     // Attested on the first report or policy fetch; later ones only re-check the pid.
     let mut reporter: Option<AttestedPeer> = None;
+    let mut reader = AttestedReader::new(&stream, peer.as_ref().ok(), broker.opts.client_timeout);
+    let stream = &stream;
     loop {
-        let deadline = Instant::now() + broker.opts.client_timeout;
-        let mut foreign = None;
-        let mut reader = AttestedReader { stream: &stream, deadline, peer: peer.as_ref().ok(), foreign: &mut foreign };
+        reader.begin_frame();
         let read = read_any_frame(&mut reader);
-        if let Some(e) = foreign {
+        if let Some(e) = reader.foreign.take() {
             // Someone other than the connecting process wrote on this connection: nothing
             // more on it can be trusted, whoever sends it.
             broker.metrics.attestation_failed();
             warn!(target: AUDIT, event = "refused", reason = %e, "request refused: foreign sender on the connection");
-            reply_error(&mut stream, ErrorCode::AttestationFailed, e.to_string());
+            reply_error(stream, ErrorCode::AttestationFailed, e.to_string());
             return;
         }
         let body = match read {
             Ok(Some(Frame::Message(body))) => body,
             Ok(Some(Frame::Sign(buf, len))) => {
-                if !sign_request(broker, &peer, &buf[..len], &mut stream) {
+                if !sign_request(broker, &peer, &buf[..len], stream) {
                     return;
                 }
                 continue;
@@ -637,20 +721,20 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
             Err(e) => {
                 debug!(error = %e, "bad frame; closing");
                 let code = e.code();
-                reply_error(&mut stream, code, e.to_string());
+                reply_error(stream, code, e.to_string());
                 return;
             }
         };
         let request = match wire::decode::<Request>(&body) {
             Ok(r) => r,
             Err(e) if is_unknown_type(&body) => {
-                if !reply_error(&mut stream, ErrorCode::UnknownRequest, format!("unknown request type: {e}")) {
+                if !reply_error(stream, ErrorCode::UnknownRequest, format!("unknown request type: {e}")) {
                     return;
                 }
                 continue;
             }
             Err(e) => {
-                reply_error(&mut stream, ErrorCode::BadRequest, e.to_string());
+                reply_error(stream, ErrorCode::BadRequest, e.to_string());
                 return;
             }
         };
@@ -658,7 +742,7 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
         let Some(_in_flight) = broker.in_flight.acquire(uid, is_admin(uid)) else {
             let limit = broker.opts.max_in_flight_per_uid;
             let message = format!("uid {uid} already has {limit} requests in flight, the per-user limit; retry");
-            if !reply_error(&mut stream, ErrorCode::Busy, message) {
+            if !reply_error(stream, ErrorCode::Busy, message) {
                 return;
             }
             continue;
@@ -715,7 +799,7 @@ fn handle_connection(broker: &Broker, mut stream: UnixStream) {
                 message: "request type not handled by this broker".to_owned(),
             }),
         };
-        if !reply(&mut stream, &response) {
+        if !reply(stream, &response) {
             return;
         }
     }
@@ -750,7 +834,7 @@ fn read_any_frame(r: &mut AttestedReader<'_>) -> Result<Option<Frame>, WireError
 /// Answer one signing request (broker custody). The bytes were sent by the connecting process
 /// (checked per message by [`AttestedReader`]); that process must still be running and must
 /// own the key. Returns false when the connection is done.
-fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body: &[u8], stream: &mut UnixStream) -> bool {
+fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body: &[u8], mut stream: &UnixStream) -> bool {
     use wire::sign::{self, Status};
     let mut out: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
     let mut sig = [0u8; 128];
@@ -772,7 +856,7 @@ fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body:
             sign::encode_response(status, reason.as_bytes(), &mut out)
         }
     };
-    write_frame(stream, &out[..n]).is_ok()
+    write_frame(&mut stream, &out[..n]).is_ok()
 }
 
 impl Broker {

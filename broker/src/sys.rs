@@ -360,6 +360,18 @@ pub fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
 }
 
+/// The inode number of the file `fd` refers to: one `fstat`, no duplicate descriptor. For a
+/// pidfd on pidfs (Linux 6.9+) it names one process for the boot's lifetime.
+pub fn fd_inode(fd: &impl AsRawFd) -> io::Result<u64> {
+    // SAFETY: an all-zero `stat` is a valid value for the kernel to overwrite.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `st` is a live, writable stat; the fd is borrowed from an open descriptor.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
+}
+
 /// Has the process behind `pidfd` exited? A pidfd polls readable once its process has
 /// terminated (a zombie counts), so this is the "before its pid can be reused" signal.
 pub fn pidfd_exited(pidfd: &impl AsRawFd) -> io::Result<bool> {

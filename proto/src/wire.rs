@@ -566,6 +566,48 @@ pub mod sign {
         HEADER_LEN + 1 + n
     }
 
+    /// Read one answer to a signing request into `buf` in as few reads as the stream allows:
+    /// one `read` of up to a whole response frame (tetherd writes it in one piece), more only
+    /// if it comes short. Returns the frame's kind, its body length and how many of its bytes
+    /// are in `buf`: the whole frame for a signing answer; for a message frame (an error from
+    /// tetherd, or a signing answer too long to be one) only its start, the rest unread.
+    pub fn read_response<R: std::io::Read>(
+        r: &mut R,
+        buf: &mut ResponseBuf,
+    ) -> Result<(super::FrameKind, usize, usize), WireError> {
+        let mut got = 0;
+        let mut want = HEADER_LEN;
+        let mut parsed = None;
+        loop {
+            while got < want {
+                match r.read(&mut buf[got..]) {
+                    Ok(0) => return Err(WireError::Truncated),
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(WireError::Io(e)),
+                }
+            }
+            let (kind, len) = match parsed {
+                Some(p) => p,
+                None => {
+                    let mut h = [0u8; HEADER_LEN];
+                    h.copy_from_slice(&buf[..HEADER_LEN]);
+                    *parsed.insert(super::parse_any_header(&h)?)
+                }
+            };
+            if kind != super::FrameKind::Sign || len > MAX_RESPONSE_BODY {
+                return Ok((kind, len, got.min(HEADER_LEN + len)));
+            }
+            if got > HEADER_LEN + len {
+                return Err(WireError::Malformed("bytes after a signing answer".into()));
+            }
+            if got == HEADER_LEN + len {
+                return Ok((kind, len, got));
+            }
+            want = HEADER_LEN + len;
+        }
+    }
+
     pub fn parse_response(body: &[u8]) -> Result<(Status, &[u8]), WireError> {
         let (&first, rest) = body.split_first().ok_or_else(|| WireError::Malformed("empty signing response".into()))?;
         let status = Status::from_u8(first).ok_or_else(|| WireError::Malformed(format!("signing status {first}")))?;
@@ -633,6 +675,40 @@ mod tests {
     #![allow(clippy::unwrap_used)] // reason: tests
 
     use super::*;
+
+    /// Hands out at most `step` bytes per read, to exercise short reads.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl std::io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            let n = buf.len().min(self.1).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_signing_answer_is_read_whole_in_one_read_or_in_pieces() {
+        let mut frame: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+        let n = sign::encode_response(sign::Status::Ok, &[7u8; 71], &mut frame);
+        for step in [usize::MAX, 1, 5, HEADER_LEN] {
+            let mut buf: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+            let (kind, len, got) = sign::read_response(&mut Trickle(&frame[..n], step), &mut buf).unwrap();
+            assert_eq!((kind, len, got), (FrameKind::Sign, 72, n), "step {step}");
+            let (status, sig) = sign::parse_response(&buf[HEADER_LEN..got]).unwrap();
+            assert_eq!((status, sig), (sign::Status::Ok, &[7u8; 71][..]));
+        }
+        let mut buf: sign::ResponseBuf = [0; HEADER_LEN + sign::MAX_RESPONSE_BODY];
+        assert!(matches!(sign::read_response(&mut Trickle(&frame[..n - 1], 64), &mut buf), Err(WireError::Truncated)));
+        let mut two = frame[..n].to_vec();
+        two.push(0);
+        assert!(matches!(sign::read_response(&mut Trickle(&two, 1024), &mut buf), Err(WireError::Malformed(_))));
+        // A message frame (tetherd's error answer): its start, the rest left to the caller.
+        let msg = encode(&Request::Status {}).unwrap();
+        let (kind, len, got) = sign::read_response(&mut Trickle(&msg, 1024), &mut buf).unwrap();
+        assert_eq!((kind, len, got), (FrameKind::Message, msg.len() - HEADER_LEN, msg.len()));
+    }
 
     #[test]
     fn requests_round_trip() {

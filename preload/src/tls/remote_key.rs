@@ -14,7 +14,7 @@
 //! `EACCES` (no identity), like an unreachable tetherd at fetch time.
 
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -193,15 +193,17 @@ fn keep(slot: &mut Option<(UnixStream, Instant)>, s: UnixStream) {
 fn exchange(s: &mut UnixStream, frame: &[u8]) -> io::Result<Option<Answer>> {
     let bad = |e: wire::WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     send_all(s, frame)?;
-    let mut header = [0u8; wire::HEADER_LEN];
-    s.read_exact(&mut header)?;
-    let (kind, len) = wire::parse_any_header(&header).map_err(bad)?;
+    // One blocking read for the whole answer (tetherd writes it in one piece), bounded by the
+    // SO_RCVTIMEO set when the connection was opened.
+    let mut answer: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
+    let (kind, len, got) = sign::read_response(s, &mut answer).map_err(|e| match e {
+        wire::WireError::Io(e) => e,
+        other => bad(other),
+    })?;
     if kind != wire::FrameKind::Sign || len > sign::MAX_RESPONSE_BODY {
         return Ok(None);
     }
-    let mut body = [0u8; sign::MAX_RESPONSE_BODY];
-    s.read_exact(&mut body[..len])?;
-    let (status, payload) = sign::parse_response(&body[..len]).map_err(bad)?;
+    let (status, payload) = sign::parse_response(&answer[wire::HEADER_LEN..got]).map_err(bad)?;
     Ok(Some(match status {
         sign::Status::Ok => Ok(payload.to_vec()),
         other => Err((other, String::from_utf8_lossy(payload).into_owned())),
