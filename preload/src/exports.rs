@@ -415,8 +415,19 @@ fn read_slow(fd: c_int, first: ssize_t, again: &mut dyn FnMut() -> ssize_t) -> s
 }
 
 /// A short read on a kTLS socket, on a kernel that rekeys: look for a KeyUpdate the kernel
-/// decrypted ahead of the data it returned (`ops::io::after_short_read`).
+/// decrypted ahead of the data it returned (`ops::io::after_short_read`). The look (one peek
+/// that changes nothing: `ops::io::handshake_record_queued`) comes before the guard, whose
+/// vfork check would cost a getpid on every short read; it is panic- and errno-safe itself.
 fn short_read(fd: c_int) {
+    if guard::inside() {
+        return;
+    }
+    let saved = guard::errno();
+    let queued = std::panic::catch_unwind(|| ops::io::handshake_record_queued(fd)).unwrap_or(false);
+    guard::set_errno(saved);
+    if !queued {
+        return;
+    }
     hook(
         || {
             ops::io::after_short_read(fd);

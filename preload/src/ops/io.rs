@@ -51,21 +51,23 @@ pub(crate) fn short_reads_watched() -> bool {
 /// kernel may then have decrypted the *next* record too (it keeps going while a whole record is
 /// queued) and, if that was a KeyUpdate, it hides the socket's POLLIN until the new RX key is
 /// set (`tls_sk_poll`: `key_update_pending`): a program that polls before reading would wait
-/// forever for a record it never gets to read. So here (never on a read that filled the buffer:
-/// the kernel stops at a full buffer without looking ahead) one non-blocking `MSG_PEEK` looks at
-/// the head of the queue; a handshake record there is consumed and followed now, exactly as the
+/// forever for a record it never gets to read. So (never on a read that filled the buffer: the
+/// kernel stops at a full buffer without looking ahead) one non-blocking `MSG_PEEK` looks at the
+/// head of the queue: this function, the whole cost of the common case. It changes nothing
+/// (the fd's entry is looked at without its cookie check, a peek consumes nothing even on a
+/// number that now names another socket), so the export runs it before the guard's vfork check
+/// (a getpid). Only when it finds a handshake record does [`after_short_read`] run.
+pub(crate) fn handshake_record_queued(fd: RawFd) -> bool {
+    fd_table::peek(fd, |p| matches!(p.path, DataPath::Ktls) && p.rekey.get().is_some())
+        && ktls::head_record_type(fd) == Some(crate::sys::control::CONTENT_HANDSHAKE)
+}
+
+/// [`handshake_record_queued`] said yes: consume that record and follow it now, exactly as the
 /// EIO path would. Application data is never consumed here.
 pub(crate) fn after_short_read(fd: RawFd) {
-    if !fd_table::peek(fd, |p| {
-        matches!(p.path, DataPath::Ktls) && p.rekey.get().is_some()
-    }) {
-        return;
-    }
+    // The cookie check (one getsockopt), now that there is something to act on.
     let Some(p) = fd_table::get(fd) else { return };
     let Some(rekey) = p.rekey.get() else { return };
-    if ktls::head_record_type(fd) != Some(crate::sys::control::CONTENT_HANDSHAKE) {
-        return;
-    }
     let Some(mut keys) = danger::lock_keys(rekey) else {
         reset(fd, Some(&p), danger::KEYS_STUCK);
         return;
