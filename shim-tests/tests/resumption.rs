@@ -204,31 +204,49 @@ fn reload_invalidates_tickets_and_a_removed_id_is_refused() {
 
 /// The server's SVID renewal invalidates its tickets: a client still on its own first SVID
 /// offers its ticket and gets a full handshake.
+///
+/// The timing is exact in whole seconds, not sleeps: SVIDs are backdated 60 s and renewed at
+/// half-life, and the shim compares whole wall-clock seconds, so a 66 s TTL issued in second S
+/// is renewed by the first use in second S + 3 or later. The server's SVID is issued during the
+/// warm-up connection (second <= s0, read after it); the client starts in a later second, so
+/// the server renews at s0 + 3 at the latest and the client not before s0 + 4. (It used to
+/// sleep from a time taken *before* the warm-up, and a slow warm-up under load left the
+/// server unrenewed at connection 3.)
 #[test]
 fn server_svid_renewal_invalidates_tickets() {
     let port = free_port();
-    // SVIDs are backdated 60 s and renewed at half-life: a 64 s TTL renews 2 s after issue.
-    let mut h = Harness::new("resume-renew", Policy::new().raw("svid_ttl = \"64s\"\n").both(port));
+    let mut h = Harness::new("resume-renew", Policy::new().raw("svid_ttl = \"66s\"\n").both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
-    // The server fetches its SVID at this first accept (t0); it renews at t0 + 2 s.
-    let t0 = std::time::Instant::now();
     assert_eq!(connections(&h, "warm", port, 1, &[]), 1, "{}", h.output("warm"));
-    std::thread::sleep(Duration::from_millis(700));
-    // The client's SVID: from t0 + 0.7 s, renewed at t0 + 2.7 s.
+    let s0 = wall_secs().floor();
+    // Start the client in the next second: its SVID is issued in a later second than the server's.
+    sleep_until_wall(s0 + 1.05);
     let mut c = h.python("conn.py", PY_CONN);
     c.arg(port.to_string());
     let mut stdin = h.spawn_with_stdin("client", h.shim(&mut c, "client"));
     assert!(step(&h, &mut stdin, 1).ends_with(" echo"));
     assert!(step(&h, &mut stdin, 2).ends_with(" echo"));
-    let at = t0 + Duration::from_millis(2300);
-    std::thread::sleep(at.saturating_duration_since(std::time::Instant::now()));
+    let early = wall_secs() < s0 + 2.0;
+    // The server renews by second s0 + 3; the client not before s0 + 4.
+    sleep_until_wall(s0 + 3.2);
     assert!(step(&h, &mut stdin, 3).ends_with(" echo"));
     let client = kinds(&h, "client", "connect");
-    if t0.elapsed() < Duration::from_millis(2650) {
+    if early && wall_secs() < s0 + 4.0 {
         assert_eq!(client, ["full", "resumed", "full"], "{}", show(&h.log_lines("client")));
     } else {
         eprintln!("server_svid_renewal_invalidates_tickets: too slow to check the timing, kinds {client:?}");
         assert_eq!(client[2], "full");
+    }
+}
+
+fn wall_secs() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+fn sleep_until_wall(t: f64) {
+    let now = wall_secs();
+    if t > now {
+        std::thread::sleep(Duration::from_secs_f64(t - now));
     }
 }
 
