@@ -7,7 +7,7 @@
 
 use libc::{c_char, c_int, c_uint, c_void, iovec, mmsghdr, msghdr, off64_t, off_t, size_t, sockaddr, socklen_t, ssize_t};
 
-use crate::guard::{self, hook, Outcome};
+use crate::guard::{self, hook, hook_if, Outcome};
 use crate::{fd_table, ops, real};
 
 /// A panic while handling a call that may involve a protected connection fails closed.
@@ -28,8 +28,19 @@ fn aborted<T: From<i8>>(fd: c_int) -> (T, c_int) {
 // ---- connection setup -------------------------------------------------------------------
 
 /// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
+/// The getpid comes first: `family` may be a syscall (a listener's getsockname).
 fn vfork_refused(family: impl FnOnce() -> Option<c_int>) -> bool {
     crate::fork::in_vfork_child() && family().is_some_and(crate::fork::vfork_refuses_family)
+}
+
+/// As [`vfork_refused`] for a connect address, whose family is a memory read: checked first, so
+/// only an inet connect pays the getpid.
+///
+/// # Safety
+/// `addr` points to `len` readable bytes, or is null.
+unsafe fn vfork_refused_connect(addr: *const sockaddr, len: socklen_t) -> bool {
+    // SAFETY: per the contract.
+    unsafe { ops::vfork::family_of(addr, len) }.is_some_and(crate::fork::vfork_refuses_family) && crate::fork::in_vfork_child()
 }
 
 fn refuse<T: From<i8>>() -> T {
@@ -40,12 +51,14 @@ fn refuse<T: From<i8>>() -> T {
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the caller's address of `len` bytes; only the family is read.
-    if vfork_refused(|| unsafe { ops::vfork::family_of(addr, len) }) {
+    if unsafe { vfork_refused_connect(addr, len) } {
         return refuse();
     }
     crate::ensure_init();
+    // No second vfork check: an inet connect was checked above, and the logic passes any other
+    // address straight through without touching state.
     // SAFETY: arguments forwarded unchanged from the caller of connect(2).
-    hook(|| unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, || aborted(fd))
+    hook_if(|| false, || unsafe { ops::connect::connect(fd, addr, len) }, || unsafe { real::connect(fd, addr, len) }, || aborted(fd))
 }
 
 // ---- the write family: kTLS TX rekeys are done by the program's own next write ----------
@@ -100,8 +113,9 @@ pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags:
         return refuse();
     }
     crate::ensure_init();
-    // SAFETY: forwarded, sendto(2) with MSG_FASTOPEN.
-    hook(
+    // SAFETY: forwarded, sendto(2) with MSG_FASTOPEN. (Checked for vfork just above.)
+    hook_if(
+        || false,
         || unsafe { ops::send::sendto(fd, buf, n, flags, addr, len) },
         || unsafe { real::sendto(fd, buf, n, flags, addr, len) },
         || aborted(fd),
@@ -123,7 +137,7 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
     }
     crate::ensure_init();
     // SAFETY: forwarded, sendmsg(2) with MSG_FASTOPEN.
-    hook(|| unsafe { ops::send::sendmsg(fd, msg, flags) }, || unsafe { real::sendmsg(fd, msg, flags) }, || aborted(fd))
+    hook_if(|| false, || unsafe { ops::send::sendmsg(fd, msg, flags) }, || unsafe { real::sendmsg(fd, msg, flags) }, || aborted(fd))
 }
 
 #[no_mangle]
@@ -140,8 +154,9 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, f
         return refuse();
     }
     crate::ensure_init();
-    // SAFETY: forwarded, sendmmsg(2) with MSG_FASTOPEN.
-    hook(
+    // SAFETY: forwarded, sendmmsg(2) with MSG_FASTOPEN. (Checked for vfork just above.)
+    hook_if(
+        || false,
         || unsafe { ops::send::sendmmsg(fd, msgs, vlen, flags) },
         || unsafe { real::sendmmsg(fd, msgs, vlen, flags) },
         || aborted(fd),
@@ -200,7 +215,7 @@ pub unsafe extern "C" fn sendfile64(out: c_int, inp: c_int, off: *mut off64_t, c
 #[no_mangle]
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // SAFETY: forwarded, close(2).
-    hook(|| ops::fds::close(fd), || unsafe { real::close(fd) }, || (unsafe { real::close(fd) }, guard::errno()))
+    hook_if(|| ops::fds::touches(fd), || ops::fds::close(fd), || unsafe { real::close(fd) }, || (unsafe { real::close(fd) }, guard::errno()))
 }
 
 #[no_mangle]
@@ -234,13 +249,21 @@ pub unsafe extern "C" fn closefrom(low: c_int) {
 #[no_mangle]
 pub unsafe extern "C" fn shutdown(fd: c_int, how: c_int) -> c_int {
     // SAFETY: forwarded, shutdown(2).
-    hook(|| ops::fds::shutdown(fd, how), || unsafe { real::shutdown(fd, how) }, || (unsafe { real::shutdown(fd, how) }, guard::errno()))
+    hook_if(
+        || fd_table::contains(fd),
+        || ops::fds::shutdown(fd, how),
+        || unsafe { real::shutdown(fd, how) },
+        || (unsafe { real::shutdown(fd, how) }, guard::errno()),
+    )
 }
 
 /// Run a dup-family call and mirror its effect in the fd table. Re-entrant calls (our own
-/// code) go straight to `call` through the guard, like every other hook.
+/// code) go straight to `call` through the guard, like every other hook. The vfork check is
+/// made only where state could change: onto one of our fds here, on the table in
+/// `ops::fds::duplicated`.
 fn dup_like(old: c_int, new: Option<c_int>, call: impl Fn() -> c_int) -> c_int {
-    hook(
+    hook_if(
+        || ops::fds::dup_touches(new),
         || {
             if let Some(n) = new {
                 if let Err(e) = ops::fds::check_dup_target(n) {
@@ -305,6 +328,8 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 }
 
 // ---- socket identity of relayed fds -----------------------------------------------------
+// Their logic only reads the table (`fd_table::get` leaves a stale entry alone in a vfork
+// child), so they make no vfork check: no getpid on a program's per-connection setsockopt.
 
 #[no_mangle]
 pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
@@ -313,7 +338,7 @@ pub unsafe extern "C" fn getpeername(fd: c_int, addr: *mut sockaddr, len: *mut s
         return unsafe { real::getpeername(fd, addr, len) };
     }
     // SAFETY: forwarded, getpeername(2).
-    hook(|| unsafe { ops::fds::name(fd, addr, len, true) }, || unsafe { real::getpeername(fd, addr, len) }, || (-1, libc::EBADF))
+    hook_if(|| false, || unsafe { ops::fds::name(fd, addr, len, true) }, || unsafe { real::getpeername(fd, addr, len) }, || (-1, libc::EBADF))
 }
 
 #[no_mangle]
@@ -323,7 +348,7 @@ pub unsafe extern "C" fn getsockname(fd: c_int, addr: *mut sockaddr, len: *mut s
         return unsafe { real::getsockname(fd, addr, len) };
     }
     // SAFETY: forwarded, getsockname(2).
-    hook(|| unsafe { ops::fds::name(fd, addr, len, false) }, || unsafe { real::getsockname(fd, addr, len) }, || (-1, libc::EBADF))
+    hook_if(|| false, || unsafe { ops::fds::name(fd, addr, len, false) }, || unsafe { real::getsockname(fd, addr, len) }, || (-1, libc::EBADF))
 }
 
 #[no_mangle]
@@ -333,7 +358,8 @@ pub unsafe extern "C" fn getsockopt(fd: c_int, level: c_int, name: c_int, val: *
         return unsafe { real::getsockopt(fd, level, name, val, len) };
     }
     // SAFETY: forwarded, getsockopt(2).
-    hook(
+    hook_if(
+        || false,
         || unsafe { ops::fds::getsockopt(fd, level, name, val, len) },
         || unsafe { real::getsockopt(fd, level, name, val, len) },
         || (-1, libc::EBADF),
@@ -347,7 +373,8 @@ pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *
         return unsafe { real::setsockopt(fd, level, name, val, len) };
     }
     // SAFETY: forwarded, setsockopt(2).
-    hook(
+    hook_if(
+        || false,
         || unsafe { ops::fds::setsockopt(fd, level, name, val, len) },
         || unsafe { real::setsockopt(fd, level, name, val, len) },
         || (-1, libc::EBADF),

@@ -119,7 +119,8 @@ impl Protected {
             decision,
             conn_id: report::next_conn_id(),
             opened_at: report::now_secs(),
-            owner: crate::fork::raw_pid(),
+            // Made only by hook logic, never in a vfork child: the owner is this process.
+            owner: crate::fork::owner(),
         });
         report::send(p.report(ConnectionEvent::Open));
         p
@@ -149,7 +150,8 @@ impl Protected {
 /// The last fd referring to the connection in its own process is gone: report the close.
 impl Drop for Protected {
     fn drop(&mut self) {
-        if crate::fork::raw_pid() == self.owner {
+        // A fork child's copy: the child handler made the child the owner (no syscall here).
+        if crate::fork::owner() == self.owner {
             report::send(self.report(ConnectionEvent::Close));
         }
     }
@@ -194,7 +196,8 @@ pub(crate) fn is_empty() -> bool {
 }
 
 /// The connection `fd` refers to, if the socket behind the number is still the one the entry
-/// was made for (one getsockopt). A stale entry is removed and `None` returned.
+/// was made for (one getsockopt). A stale entry is removed (not in a vfork child) and `None`
+/// returned. Otherwise read-only, so callers need no vfork check of their own.
 pub(crate) fn get(fd: RawFd) -> Option<Arc<Protected>> {
     if is_empty() {
         return None;
@@ -202,6 +205,11 @@ pub(crate) fn get(fd: RawFd) -> Option<Arc<Protected>> {
     let e = TABLE.read().get(&fd).cloned()?;
     if net::socket_cookie(fd) == Some(e.cookie) {
         return Some(e.conn);
+    }
+    // A vfork child (the only time this runs there: `getsockopt` and the like check no pid up
+    // front) leaves the parent's table alone; the fd is new to it either way.
+    if crate::fork::in_vfork_child() {
+        return None;
     }
     let stale = {
         let mut t = TABLE.write();
@@ -230,6 +238,12 @@ pub(crate) fn peek(fd: RawFd, f: impl FnOnce(&Protected) -> bool) -> bool {
         return false;
     }
     TABLE.read().get(&fd).is_some_and(|e| f(&e.conn))
+}
+
+/// Has `fd` an entry (stale or not)? No syscall: for deciding whether a call can change the
+/// table at all.
+pub(crate) fn contains(fd: RawFd) -> bool {
+    !is_empty() && TABLE.read().contains_key(&fd)
 }
 
 /// Record that `fd` (a socket) now refers to `p`.

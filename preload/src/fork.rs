@@ -24,7 +24,9 @@
 //! parent's state (empty its fd table on `close_range`, start a report thread, hand the
 //! parent's relayed connections to a keeper on `exec`). So a hook compares
 //! `syscall(SYS_getpid)` with the pid of the address space's owner (set at load and in the fork
-//! child) whenever the shim has state it could change ([`shim_has_state`]); in a vfork child the
+//! child) whenever this call could change shim state (`guard::hook_if`: for most hooks
+//! [`shim_has_state`]; `close`, the dup family and the socket-option hooks ask the fd table
+//! first, without a syscall; re-entrant calls never check); in a vfork child the
 //! hooks pass straight to libc, touching nothing, and a TCP connect, accept or Fast Open send
 //! (which could only be carried out in plaintext) is refused with `EACCES`.
 
@@ -44,6 +46,13 @@ pub(crate) fn raw_pid() -> i32 {
 /// Record the current process as the owner of this address space (load time, fork child).
 pub(crate) fn set_owner() {
     OWNER.store(raw_pid(), Ordering::Release);
+}
+
+/// The process that owns this address space, as recorded (no syscall). Hook logic only runs
+/// outside vfork children (every state-changing path checks [`in_vfork_child`] first), so there
+/// it is the calling process's pid.
+pub(crate) fn owner() -> i32 {
+    OWNER.load(Ordering::Acquire)
 }
 
 /// Is this a vfork child (or a `clone` child sharing our memory) running in its parent's
@@ -103,6 +112,7 @@ extern "C" fn child() {
         sync::release_fork_locks();
         identity::atfork_child();
         tls::configs::atfork_child();
+        tls::random::after_fork_child();
         // Single-threaded from here; no lock is held, and nothing below writes to a socket.
         report::after_fork_child();
         ops::inbound::after_fork_child();

@@ -33,14 +33,32 @@ pub(crate) fn hook<T>(
     real: impl FnOnce() -> T,
     on_panic: impl FnOnce() -> (T, i32),
 ) -> T {
+    hook_if(crate::fork::shim_has_state, logic, real, on_panic)
+}
+
+/// [`hook`] for a call whose logic can change shim state only when `touches` says so (no
+/// syscall: a table or atomic lookup, such as "is this fd in the table or one of ours"). The
+/// vfork check (one getpid) is made only then; otherwise the logic changes nothing, so running
+/// it in a vfork child is harmless.
+#[inline]
+pub(crate) fn hook_if<T>(
+    touches: impl FnOnce() -> bool,
+    logic: impl FnOnce() -> Outcome<T>,
+    real: impl FnOnce() -> T,
+    on_panic: impl FnOnce() -> (T, i32),
+) -> T {
+    if inside() {
+        // Re-entered from our own code, or thread-locals are gone: be invisible. (No vfork check
+        // needed: either way the call goes straight to libc and nothing is changed.)
+        return real();
+    }
     // A vfork child runs in its parent's memory (these thread-locals included): it must change
     // nothing, so it does not even set the flag (see `crate::fork`).
-    if crate::fork::shim_has_state() && crate::fork::in_vfork_child() {
+    if touches() && crate::fork::in_vfork_child() {
         return real();
     }
     let entered = INSIDE.try_with(|f| !f.replace(true)).unwrap_or(false);
     if !entered {
-        // Re-entered from our own code, or thread-locals are gone: be invisible.
         return real();
     }
     let saved = errno();

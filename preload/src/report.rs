@@ -69,7 +69,8 @@ pub(crate) fn send(r: ConnectionReport) {
     if settings::get().disabled {
         return;
     }
-    let pid = std::process::id();
+    // This process (hook logic never runs in a vfork child): no getpid per report.
+    let pid = crate::fork::owner() as u32;
     let mut g = REPORTER.lock();
     if g.as_ref().map(|r| r.pid) != Some(pid) {
         *g = start(pid);

@@ -120,6 +120,58 @@ fn stale_fd_after_closefrom_is_not_a_pass_through() {
     stale_fd_case("closefrom");
 }
 
+/// Client: one protected connection (the shim logs it, and keeps its log file open), then the
+/// log file's fd is closed where no hook sees (`syscall(SYS_close)`), the number is reused by
+/// a file of the program's own, and a second protected connection is made. Prints what the
+/// program's file holds.
+const PY_LOG_FD_REUSE: &str = r#"
+import ctypes, os, socket, sys, time
+port, log, mine = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+libc = ctypes.CDLL(None, use_errno=True)
+def get():
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    while s.recv(65536):
+        pass
+    s.close()
+get()
+fds = [int(f) for f in os.listdir("/proc/self/fd") if os.path.realpath("/proc/self/fd/" + f) == os.path.realpath(log)]
+print("log_fds=%s" % fds, flush=True)
+if not fds:
+    sys.exit(0)
+sys_close = {"x86_64": 3, "aarch64": 57}[os.uname().machine]
+assert libc.syscall(sys_close, fds[0]) == 0, "syscall(SYS_close) failed"
+spare = []
+f = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+while f != fds[0] and len(spare) < 20:
+    spare.append(f)
+    f = os.open(mine, os.O_WRONLY)
+print("reused=%d" % (f == fds[0]), flush=True)
+get()
+time.sleep(0.2)
+print("mine=%r" % open(mine, "rb").read(), flush=True)
+"#;
+
+/// The shim keeps its log file open; a close no hook sees must never make it write log lines
+/// into the program's file that reused the number (it checks the file behind the number).
+#[test]
+fn log_lines_never_land_in_a_file_that_reused_the_log_fd_number() {
+    let port = free_port();
+    let mut h = Harness::new("log-fd-reuse", Policy::new().both(port));
+    h.serve_http("server", port, "good\n");
+    let mine = h.path("mine.txt");
+    let mut c = h.python("logreuse.py", PY_LOG_FD_REUSE);
+    c.arg(port.to_string()).arg(h.log_path("client")).arg(&mine);
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(40));
+    let out = kv(&run.stdout);
+    assert!(run.success(), "client failed: {run}\n{}", show(&h.log_lines("client")));
+    assert!(out.get("log_fds").is_some_and(|v| v != "[]"), "the shim keeps no log fd open: {run}");
+    assert_eq!(out.get("reused").map(String::as_str), Some("1"), "the number was not reused, this proves nothing: {run}");
+    assert_eq!(out.get("mine").map(String::as_str), Some("b''"), "log lines went into the program's file: {run}");
+    let connects = h.log_lines("client").iter().filter(|l| l.get("event") == "connect").count();
+    assert_eq!(connects, 2, "the second connection's line is missing from the log:\n{}", show(&h.log_lines("client")));
+}
+
 /// Client: start a TCP connection to 127.0.0.1:PORT one of the ways that bypassed the shim,
 /// send PAYLOAD, and with `--read` print the first response line. Prints `connect_errno=NAME`
 /// or `send_errno=NAME` when refused, `sent=N` when the payload went out.

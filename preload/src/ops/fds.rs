@@ -11,13 +11,27 @@ use crate::fd_table::{self, DataPath};
 use crate::guard::Outcome;
 use crate::sys::{ktls, net};
 
+/// Could a call on `fd` change shim state (so that in a vfork child it must pass straight to
+/// libc)? No syscall: the fd has a table entry, is one of ours, or the inbound pool holds
+/// something (a listener's close ends its pending connections).
+pub(crate) fn touches(fd: RawFd) -> bool {
+    fd_table::contains(fd) || super::inbound::holds_fds() || is_ours(fd)
+}
+
+/// Is a dup-family call onto `new` one that [`check_dup_target`] may refuse? (The table is
+/// checked after the call, by [`duplicated`], once the new number is known.)
+pub(crate) fn dup_touches(new: Option<RawFd>) -> bool {
+    new.is_some_and(is_ours)
+}
+
 /// One of tether's own fds (relay sockets, pending inbound handshakes, the reporter's broker
-/// connection)?
+/// connection, the log file)?
 fn is_ours(fd: RawFd) -> bool {
     fallback::is_internal(fd)
         || super::inbound::is_internal(fd)
         || crate::report::broker_fd() == Some(fd)
         || crate::tls::remote_key::connection_fd() == Some(fd)
+        || crate::log::file_fd() == Some(fd)
 }
 
 pub(crate) fn close(fd: RawFd) -> Outcome<c_int> {
@@ -47,6 +61,7 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
     ours.extend(super::inbound::internal_fds());
     ours.extend(crate::report::broker_fd());
     ours.extend(crate::tls::remote_key::connection_fd());
+    ours.extend(crate::log::file_fd());
     ours.retain(|fd| (lo..=hi).contains(fd));
     ours.sort_unstable();
     ours.dedup();
@@ -85,9 +100,10 @@ pub(crate) fn check_dup_target(new: RawFd) -> Result<(), i32> {
     }
 }
 
-/// After a successful dup-family call that made `new` refer to `old`.
+/// After a successful dup-family call that made `new` refer to `old`. Only a table that has
+/// either number changes, and then not in a vfork child (one getpid, only then).
 pub(crate) fn duplicated(old: RawFd, new: RawFd) {
-    if old != new {
+    if old != new && (fd_table::contains(old) || fd_table::contains(new)) && !crate::fork::in_vfork_child() {
         fd_table::duplicate(old, new);
     }
 }

@@ -27,10 +27,13 @@ use crate::sys::net::DeadlineIo;
 /// TLS 1.3 ciphertext records are at most 2^14 + 256 bytes.
 const MAX_CIPHERTEXT: usize = 16384 + 256;
 
-/// The one crypto provider, chosen explicitly; never installed process-wide.
+/// The one crypto provider, chosen explicitly; never installed process-wide. ring's, with its
+/// hello randoms from a per-thread buffer ([`super::random`]; key generation is ring's own).
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     static P: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
-    P.get_or_init(|| Arc::new(rustls::crypto::ring::default_provider())).clone()
+    static RANDOM: super::random::Buffered = super::random::Buffered;
+    P.get_or_init(|| Arc::new(CryptoProvider { secure_random: &RANDOM, ..rustls::crypto::ring::default_provider() }))
+        .clone()
 }
 
 /// What the handshake needs from our identity.

@@ -3,6 +3,7 @@
 
 pub(crate) mod configs;
 pub(crate) mod handshake;
+pub(crate) mod random;
 pub(crate) mod remote_key;
 pub(crate) mod resumption;
 pub(crate) mod unbuffered;
