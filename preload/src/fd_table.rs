@@ -260,6 +260,32 @@ pub(crate) fn insert(fd: RawFd, p: Arc<Protected>) {
     drop(old);
 }
 
+/// Every kTLS connection in the table, once each (at its lowest fd number whose socket is still
+/// the entry's), with the pid that forked while holding it: for the exit linger
+/// ([`crate::ops::ending::at_exit`]).
+pub(crate) fn ktls_connections() -> Vec<(RawFd, Option<libc::pid_t>)> {
+    if is_empty() {
+        return Vec::new();
+    }
+    let mut all: Vec<(RawFd, Entry)> = TABLE
+        .read()
+        .iter()
+        .filter(|(_, e)| matches!(e.conn.path, DataPath::Ktls))
+        .map(|(fd, e)| (*fd, e.clone()))
+        .collect();
+    all.sort_by_key(|(fd, _)| *fd);
+    let mut seen: Vec<*const Protected> = Vec::new();
+    let mut out = Vec::new();
+    for (fd, e) in all {
+        let p = Arc::as_ptr(&e.conn);
+        if !seen.contains(&p) && net::socket_cookie(fd) == Some(e.cookie) {
+            seen.push(p);
+            out.push((fd, e.forked_by));
+        }
+    }
+    out
+}
+
 /// Remove `fd`'s entry because the program closes it. A stale entry (the number names another
 /// socket now) is removed without a [`Closing`]: there is nothing of ours to end.
 pub(crate) fn remove(fd: RawFd) -> Option<Closing> {

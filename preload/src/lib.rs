@@ -61,7 +61,7 @@ static CONSTRUCTOR: extern "C" fn() = {
 
 /// The ELF destructor, run by `exit()` (from any thread) after the program's atexit handlers:
 /// lets the userspace relay deliver what the program wrote before the process dies
-/// ([`fallback::at_exit`], bounded).
+/// ([`fallback::at_exit`], bounded), and ends kTLS connections cleanly ([`ops::ending::at_exit`]).
 #[cfg(not(test))]
 #[used]
 #[link_section = ".fini_array"]
@@ -70,6 +70,7 @@ static DESTRUCTOR: extern "C" fn() = {
         let saved = guard::errno();
         guard::internal(|| {
             let _ = std::panic::catch_unwind(fallback::at_exit);
+            let _ = std::panic::catch_unwind(ops::ending::at_exit);
         });
         guard::set_errno(saved);
     }

@@ -118,5 +118,12 @@ fn write_then_exit_delivers_every_byte_and_close_notify() {
 /// stream; the parent's own write-then-exit still ends it cleanly.
 #[test]
 fn forked_child_exit_leaves_parents_stream_open() {
+    // On kTLS a parent that forked while holding a connection never sends close_notify (its
+    // child may be the one serving it: ARCHITECTURE "How a stream ends"), so the peer reads a
+    // truncation by design; the relay knows when every holder has closed.
+    if tether_shim_tests::expected_mode() == "ktls" {
+        eprintln!("forked_child_exit_leaves_parents_stream_open: relay only (kTLS: a forking parent never sends close_notify)");
+        return;
+    }
     run_writers("exit-flush-fork", &["fork"], 10, 768 << 10);
 }

@@ -445,6 +445,21 @@ pub(crate) fn finish_control_record(fd: RawFd, ty: u8, buf: &mut [u8]) -> io::Re
     Ok(())
 }
 
+/// Read and drop what is queued on `fd`, records of any type, without blocking. Returns whether
+/// to keep waiting for more: `false` at the peer's end (EOF) or on an error.
+pub(crate) fn discard_incoming(fd: RawFd) -> bool {
+    let mut buf = [0u8; 16 * 1024];
+    for _ in 0..64 {
+        match recv_record(fd, &mut buf, libc::MSG_DONTWAIT) {
+            Ok((_, 0)) => return false,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return e.raw_os_error() == Some(libc::EAGAIN),
+        }
+    }
+    true
+}
+
 fn recv_record(fd: RawFd, buf: &mut [u8], flags: c_int) -> io::Result<(u8, usize)> {
     let mut cbuf = [0u64; 8]; // aligned cmsg space
     let mut iov = libc::iovec {
