@@ -195,7 +195,12 @@ run_spire() {
     local tetherd_a=${TETHERD_PID[a]} slow=$T/a/slow.out
     shimmed a curl-slow curl -sS --fail --max-time 120 --limit-rate 2M -o "$slow" "http://${IP[b]}:8080/$MARKER.bin" 2>"$T/logs/a-curl-slow.err" &
     local slow_pid=$!
-    sleep 1
+    # Established means body bytes arrived: under load curl's first SVID (a SPIRE delegate
+    # fetch) can take longer than any fixed sleep, and the agent must stop only after it.
+    slow_started() { [[ -s $slow ]] || ! kill -0 "$slow_pid" 2>/dev/null; }
+    if ! until_ok 60 slow_started || ! [[ -s $slow ]]; then
+        fail "$L: the slow transfer never started: $(cat "$T/logs/a-curl-slow.err")"
+    fi
     stop_pid "${AGENT_PID[a]}"
     if curl_refused down; then
         pass "$L: with a's agent down, a new curl connection is refused (fails closed)"
