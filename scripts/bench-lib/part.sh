@@ -102,6 +102,12 @@ TOML
     for ((r = 1; r <= reps; r++)); do
         count_cpu "$env" "$r" $((conns * 4))
     done
+    # tetherd's signing rate is a property of the host's cores (issue 11 budget: >= 20,000/s on 2).
+    if [[ $env == host ]]; then
+        for ((r = 1; r <= (reps < 3 ? reps : 3); r++)); do
+            count_signing "$env" "$r" $((quick ? 2 : 5))
+        done
+    fi
     write_meta "$env" "$quick" "$reps" "$bulk_bytes" "$conns" "$redis_n" "$file_mib"
 }
 
@@ -397,6 +403,22 @@ count_cpu() { # ENV REP N
         stop_pid "$spid"
         while listening "$port" 1; do sleep 0.1; done
         emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":$rep,\"workload\":\"cpu\",\"n\":$n,$(awk -v n="$n" '{printf "\"client_cpu_us\":%.1f", ($1 + $2) * 1e6 / n}' <<<"$ct"),\"server_cpu_us\":$(( (s1 - s0) * 1000000 / tick / n ))"
+    done
+}
+
+# Broker key custody: CertificateVerify signatures per second from the part's tetherd (one
+# `tether bench-sign` process, 1/8/64 threads each on its own connection, every request attested),
+# and with a new connection per signature as the shim makes them (1 client).
+count_signing() { # ENV REP SECONDS
+    local env=$1 rep=$2 secs=$3 n fresh line
+    for n in 1 8 64 fresh; do
+        fresh=()
+        if [[ $n == fresh ]]; then fresh=(--fresh) n=1; fi
+        say "$env rep $rep: tetherd signatures, $n client(s)${fresh[0]:+, a new connection each}"
+        line=$("$REL/tether" bench-sign --socket "$SOCK" --clients "$n" --seconds "$secs" "${fresh[@]}" 2>>"$OUT/logs/stderr.log") ||
+            { say "bench-sign failed (see $OUT/logs/stderr.log); skipped"; return 0; }
+        echo "$line" >>"$OUT/logs/bench-sign.txt"
+        emit "\"env\":\"$env\",\"config\":\"tetherd\",\"rep\":$rep,\"workload\":\"signing\",\"clients\":$n,\"fresh\":$([[ ${#fresh[@]} -gt 0 ]] && echo true || echo false),$(sed -n 's/.*signatures=\([0-9]*\) errors=\([0-9]*\) rate=\([0-9]*\)\/s p50=\([0-9]*\)us p99=\([0-9]*\)us.*/"signatures":\1,"errors":\2,"rate":\3,"p50_us":\4,"p99_us":\5/p' <<<"$line")"
     done
 }
 

@@ -14,6 +14,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", required=True)
 ap.add_argument("--elapsed", type=int, default=0)
 ap.add_argument("--loadavg", default="")
+ap.add_argument("--loadavg-start", default="")
 ap.add_argument("--rev", default="")
 ap.add_argument("parts", nargs="+")
 args = ap.parse_args()
@@ -117,8 +118,9 @@ for m in metas:
     w(f"  - stunnel {st['version']}: {st['new_sessions']} full handshakes, {st['resumed']} resumed (sessionResume = no; checked on {st.get('verify_conns', '?')} extra connections at log level info), "
       f"cipher {st['cipher']}")
 w(f"- Code under test: {args.rev or '?'} (release build of the work tree).")
-w(f"- Background load: other agents were building and testing on the same 2-core machine during this run "
-  f"(load average at the end: {args.loadavg}); treat small differences as noise. Whole run: {args.elapsed} s.")
+w(f"- Load average (1, 5, 15 min) at the start of the run: {args.loadavg_start or '?'}; at the end: {args.loadavg} "
+  f"(on {metas[0]['nproc']} cores: above ~0.5 means other work shared the machine, and latencies include its scheduling "
+  f"delays). Whole run: {args.elapsed} s.")
 w("")
 
 for env in envs:
@@ -179,6 +181,21 @@ for env in envs:
             w(f"| {LABEL[b].split(',')[0]} | {cell(env, b, 'connrate', 'conns_s')} | {cell(env, pc, 'connrate', 'conns_s')} "
               f"| {cell(env, b, 'connrate', 'p50_us')} | {cell(env, pc, 'connrate', 'p50_us')} | {fmt(added[b] - added[pc])} |")
         w("")
+    sig = [r for r in records if r["env"] == env and r["workload"] == "signing" and "rate" in r]
+    if sig:
+        w("### tetherd signing rate (broker key custody: CertificateVerify signatures/s, ECDSA P-256)")
+        w("")
+        w("One `tether bench-sign` process, each thread on its own connection to tetherd; every request is attested "
+          "(SCM_CREDENTIALS/SCM_PIDFD, pidfd re-check) and signed for its owner only. Client and tetherd share the "
+          f"machine's {next(m['nproc'] for m in metas if m['env'] == env)} cores. \"new connection each\" is the shim's pattern (one connection per handshake).")
+        w("")
+        w("| clients | signatures/s | p50 µs | p99 µs | errors |")
+        w("|---|---|---|---|---|")
+        for n, fresh in sorted({(r["clients"], r["fresh"]) for r in sig}, key=lambda k: (k[1], k[0])):
+            rs = [r for r in sig if r["clients"] == n and r["fresh"] == fresh]
+            st = lambda k: f"{fmt(statistics.median([r[k] for r in rs]))} ({fmt(min(r[k] for r in rs))}–{fmt(max(r[k] for r in rs))})"
+            w(f"| {n}{', a new connection each' if fresh else ''} | {st('rate')} | {st('p50_us')} | {st('p99_us')} | {sum(r['errors'] for r in rs)} |")
+        w("")
     sc = [c for c in cfgs if values(env, c, "syscalls", "client_per_conn")]
     if sc:
         r0 = next(r for r in records if r["env"] == env and r["workload"] == "syscalls")
@@ -238,7 +255,7 @@ for env in envs:
     w("")
 
 # ---- targets --------------------------------------------------------------------------------
-w("## Targets (issue 5)")
+w("## Targets")
 w("")
 w("| target | measured | met? |")
 w("|---|---|---|")
@@ -302,6 +319,22 @@ for env in envs:
     a, b = med(env, "tether-resumed", "connrate", "conns_s"), med(env, full, "connrate", "conns_s")
     if a and b:
         target(f"resumed conns/s ≥ 1.5× full handshakes' ({LABEL[full]}, {env}, issue 14)", f"{a:,.0f} vs {b:,.0f} = {a / b:.2f}×", a / b >= 1.5)
+for env in envs:
+    # Issue 11 (key custody): the broker's signature costs at most 60 µs of setup p50, and tetherd
+    # signs at least 20,000/s on 2 cores. Judged on the host: in UML every syscall is a ptrace round
+    # trip, so the custody table there is reported, not held to a budget in µs.
+    for b in (("tether-user",) if env == "host" else ()):
+        a, pc = med(env, b, "connrate", "p50_us"), med(env, b + "-pc", "connrate", "p50_us")
+        if a is not None and pc is not None:
+            target(f"broker custody adds ≤ 60 µs setup p50 over process custody ({LABEL[b].split(',')[0]}, {env}, issue 11)",
+                   f"{a:,.0f} − {pc:,.0f} = {a - pc:,.0f} µs", a - pc <= 60)
+    rates = [r["rate"] for r in records if r["env"] == env and r["workload"] == "signing" and not r["fresh"] and "rate" in r]
+    if rates:
+        best = max(statistics.median([r["rate"] for r in records if r["env"] == env and r["workload"] == "signing"
+                                      and not r["fresh"] and r["clients"] == n and "rate" in r])
+                   for n in {r["clients"] for r in records if r["env"] == env and r["workload"] == "signing" and not r["fresh"]})
+        target(f"tetherd ≥ 20,000 signatures/s on {next(m['nproc'] for m in metas if m['env'] == env)} cores (best of 1/8/64 clients, {env}, issue 11)",
+               f"{best:,.0f}/s", best >= 20000)
 if "uml" in envs:
     for wl in ("redis_get", "redis_set"):
         for k in ("p50_ms", "p99_ms"):
