@@ -103,24 +103,21 @@ fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
 
 /// Is `fd` a connection we hold (pending or ready, not yet the program's)?
 pub(crate) fn is_internal(fd: RawFd) -> bool {
-    if fd == WAKE.load(Ordering::Relaxed) {
+    if fd == WAKE.load(Ordering::Relaxed) || silent::own_fds().contains(&fd) {
         return true;
     }
     HELD.load(Ordering::Acquire) != 0 && with_pool(|p| p.held.contains(&fd))
 }
 
-/// Does the pool hold any fd (or the eventfd)? (Atomic loads only.)
+/// Does the pool hold any fd (or the eventfd, or the silent watcher's)? (Atomic loads only.)
 pub(crate) fn holds_fds() -> bool {
-    HELD.load(Ordering::Acquire) != 0 || WAKE.load(Ordering::Relaxed) >= 0
+    HELD.load(Ordering::Acquire) != 0 || WAKE.load(Ordering::Relaxed) >= 0 || silent::own_fds()[0] >= 0
 }
 
 /// Fds we hold, for `close_range`.
 pub(crate) fn internal_fds() -> Vec<RawFd> {
     let mut v: Vec<RawFd> = with_pool(|p| p.held.iter().copied().collect());
-    let w = WAKE.load(Ordering::Relaxed);
-    if w >= 0 {
-        v.push(w);
-    }
+    v.extend([WAKE.load(Ordering::Relaxed)].into_iter().chain(silent::own_fds()).filter(|&w| w >= 0));
     v.sort_unstable();
     v
 }
