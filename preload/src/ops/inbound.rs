@@ -28,13 +28,15 @@ use std::time::{Duration, Instant};
 
 use tether_proto::{InboundRule, Mode};
 
+mod inline;
 mod silent;
 
-use super::protect;
+use super::protect::{self, InlineInbound};
 use crate::fd_table::{Direction, Protected};
 use crate::identity::Identity;
 use crate::sync::Lock as Mutex;
 use crate::sys::net;
+use crate::tls::handshake::Pause;
 use crate::{guard, log, settings};
 
 /// First byte of a TLS handshake record.
@@ -183,7 +185,9 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
             close_fd(fd);
             continue;
         }
-        admit(lfd, fd, peer, ident, rule);
+        if let Some(r) = admit(lfd, fd, peer, ident, rule) {
+            return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
+        }
     }
     match take_ready(lfd) {
         Some(r) => Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn },
@@ -225,10 +229,14 @@ fn claimed(lfd: RawFd) -> usize {
     with_pool(|p| p.claimed.get(&lfd).copied().unwrap_or(0))
 }
 
-/// A connection just taken from the backlog: a worker if it has spoken, else parked.
-fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
+/// A connection just taken from the backlog: finished inline if its handshake can be (returned
+/// for the program), else a worker if it has spoken, else parked.
+fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) -> Option<Ready> {
     match silent::peek(fd) {
-        silent::FirstByte::Data => start(lfd, fd, peer, ident.clone(), rule.clone()),
+        silent::FirstByte::Data => match inline::bound(lfd, fd, rule) {
+            Some(bound) => return inline(lfd, fd, peer, ident, rule, bound),
+            None => start(lfd, fd, peer, ident.clone(), rule.clone()),
+        },
         silent::FirstByte::Gone => close_fd(fd),
         silent::FirstByte::Silent => {
             let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
@@ -240,6 +248,43 @@ fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &
                 net::kill(e);
                 close_fd(e);
             }
+        }
+    }
+    None
+}
+
+/// Run the server handshake of `fd` on the accepting thread, waiting at most `bound` for the
+/// client; a handshake the client does not keep up with goes on on a worker.
+fn inline(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule, bound: Duration) -> Option<Ready> {
+    let Some(local) = net::local_addr(fd) else {
+        close_fd(fd);
+        return None;
+    };
+    let mut pause = Pause { bound, yield_to: lfd, ..Pause::default() };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        protect::protect_inbound_inline(fd, ident, &rule.allow, local, peer, &mut pause)
+    }));
+    match r {
+        Ok(InlineInbound::Done(Ok(conn))) => {
+            inline::finished(true, pause.waited);
+            Some(Ready { fd, peer, conn: Some(conn), at: Instant::now() })
+        }
+        Ok(InlineInbound::Done(Err(f))) => {
+            inline::finished(false, pause.waited);
+            protect::log_failure(Direction::Inbound, Some(ident), peer, &f);
+            close_fd(fd);
+            None
+        }
+        Ok(InlineInbound::Paused(half)) => {
+            inline::finished(false, pause.waited);
+            start_job(Job { lfd, fd, peer, ident: ident.clone(), rule: rule.clone(), half: Some(half) });
+            None
+        }
+        Err(_) => {
+            inline::finished(false, pause.waited);
+            net::kill(fd);
+            close_fd(fd);
+            None
         }
     }
 }
@@ -261,6 +306,12 @@ fn take_ready(lfd: RawFd) -> Option<Ready> {
 }
 
 fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: InboundRule) {
+    start_job(Job { lfd, fd, peer, ident, rule, half: None });
+}
+
+/// Give `job` to a handshake worker (a new one if none is idle), or refuse it at [`MAX_PENDING`].
+fn start_job(job: Job) {
+    let (lfd, fd, peer) = (job.lfd, job.fd, job.peer);
     if PENDING.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING {
         PENDING.fetch_sub(1, Ordering::AcqRel);
         log::Line::new("accept")
@@ -276,7 +327,6 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
         p.held.insert(fd);
         *p.claimed.entry(lfd).or_insert(0) += 1;
     });
-    let job = Job { lfd, fd, peer, ident, rule };
     let spawn = {
         let mut w = WORKERS.lock();
         w.jobs.push_back(job);
@@ -319,6 +369,8 @@ struct Job {
     peer: SocketAddr,
     ident: Arc<Identity>,
     rule: InboundRule,
+    /// A handshake begun inline at accept, to be finished here.
+    half: Option<protect::HalfInbound>,
 }
 
 /// Handshake workers are reused: spawning a thread (and a malloc arena) per connection cost
@@ -355,12 +407,14 @@ fn worker() {
                 }
             }
         };
-        let Some(Job { lfd, fd, peer, ident, rule }) = job else { return };
-        // The identity captured when a (blocking) accept began may have been replaced since: a
-        // refresh, or a restarted tetherd that holds none of the old keys (broker custody).
-        let ident = crate::identity::latest(&ident);
-        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
-            .unwrap_or(false);
+        let Some(Job { lfd, fd, peer, ident, rule, half }) = job else { return };
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match half {
+            Some(h) => resume(lfd, fd, peer, h, &ident, &rule),
+            // The identity captured when a (blocking) accept began may have been replaced
+            // since: a refresh, or a restarted tetherd that holds none of the old keys.
+            None => handshake(lfd, fd, peer, &crate::identity::latest(&ident), &rule),
+        }))
+        .unwrap_or(false);
         if !ok {
             with_pool(|p| {
                 p.held.remove(&fd);
@@ -404,6 +458,21 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rul
     let Some(conn) = conn else { return false };
     queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
     true
+}
+
+/// Runs on a handshake thread: finish a handshake begun inline (its identity is the one its
+/// server flight already proved). Returns whether `fd` was queued for the program.
+fn resume(lfd: RawFd, fd: RawFd, peer: SocketAddr, half: protect::HalfInbound, ident: &Arc<Identity>, rule: &InboundRule) -> bool {
+    match protect::resume_inbound(half, ident, &rule.allow) {
+        Ok(conn) => {
+            queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+            true
+        }
+        Err(f) => {
+            protect::log_failure(Direction::Inbound, Some(ident), peer, &f);
+            false
+        }
+    }
 }
 
 /// `r` (an fd in `held`) is ready for the program: queue it and wake whoever accepts.
