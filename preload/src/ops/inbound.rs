@@ -232,35 +232,74 @@ fn claimed(lfd: RawFd) -> usize {
 /// A connection just taken from the backlog: finished inline if its handshake can be (returned
 /// for the program), else a worker if it has spoken, else parked.
 fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) -> Option<Ready> {
-    match silent::peek(fd) {
-        silent::FirstByte::Data => match inline::bound(lfd, fd, rule) {
-            Some(bound) => return inline(lfd, fd, peer, ident, rule, bound),
-            None => start(lfd, fd, peer, ident.clone(), rule.clone()),
-        },
-        silent::FirstByte::Gone => close_fd(fd),
-        silent::FirstByte::Silent => {
-            let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
-            let evicted = with_pool(|p| {
-                p.held.insert(fd);
-                silent::park(p, c)
-            });
-            for e in evicted {
-                net::kill(e);
-                close_fd(e);
-            }
+    let first = silent::peek(fd);
+    if matches!(first, silent::FirstByte::Gone) {
+        close_fd(fd);
+        return None;
+    }
+    let spoken = matches!(first, silent::FirstByte::Data);
+    match inline::bound(lfd, fd, rule) {
+        Some(bound) => inline(lfd, fd, peer, ident, rule, bound, spoken),
+        None if spoken => {
+            start(lfd, fd, peer, ident.clone(), rule.clone());
+            None
+        }
+        None => {
+            park(lfd, fd, peer, ident, rule);
+            None
         }
     }
-    None
+}
+
+/// `fd` has not spoken: it waits for its first byte with the silent watcher, costing no thread.
+fn park(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
+    let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
+    let evicted = with_pool(|p| {
+        p.held.insert(fd);
+        silent::park(p, c)
+    });
+    for e in evicted {
+        net::kill(e);
+        close_fd(e);
+    }
 }
 
 /// Run the server handshake of `fd` on the accepting thread, waiting at most `bound` for the
-/// client; a handshake the client does not keep up with goes on on a worker.
-fn inline(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule, bound: Duration) -> Option<Ready> {
+/// client (for its ClientHello too, unless it has `spoken`); a handshake the client does not
+/// keep up with goes on on a worker, a client still silent is parked.
+fn inline(
+    lfd: RawFd,
+    fd: RawFd,
+    peer: SocketAddr,
+    ident: &Arc<Identity>,
+    rule: &InboundRule,
+    bound: Duration,
+    spoken: bool,
+) -> Option<Ready> {
+    let mut pause = Pause { bound, yield_to: lfd, ..Pause::default() };
+    if !spoken {
+        // TLS clients send their ClientHello right after connect returns: usually just after
+        // our accept took the connection.
+        let _ = pause.wait(fd);
+        match silent::peek(fd) {
+            silent::FirstByte::Data => {}
+            silent::FirstByte::Gone => {
+                inline::finished(false, pause.waited);
+                close_fd(fd);
+                return None;
+            }
+            silent::FirstByte::Silent => {
+                inline::finished(false, pause.waited);
+                park(lfd, fd, peer, ident, rule);
+                return None;
+            }
+        }
+    }
     let Some(local) = net::local_addr(fd) else {
+        inline::finished(false, pause.waited);
         close_fd(fd);
         return None;
     };
-    let mut pause = Pause { bound, yield_to: lfd, ..Pause::default() };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         protect::protect_inbound_inline(fd, ident, &rule.allow, local, peer, &mut pause)
     }));

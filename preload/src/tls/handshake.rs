@@ -282,7 +282,7 @@ impl Pause {
 
     /// Wait until `fd` is readable; [`HandshakeError::Paused`] when the bound is spent or
     /// `yield_to` is readable first.
-    fn wait(&mut self, fd: RawFd) -> Result<(), HandshakeError> {
+    pub(crate) fn wait(&mut self, fd: RawFd) -> Result<(), HandshakeError> {
         loop {
             let left = self.bound.saturating_sub(self.waited);
             if left.is_zero() {
