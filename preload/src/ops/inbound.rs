@@ -1,11 +1,13 @@
-//! Inbound handshakes off the program's accept path.
+//! Inbound handshakes, bounded on the program's accept path.
 //!
 //! A server handshake can take as long as the client likes (up to the timeout), so running it
-//! inside the program's `accept` would let one silent TCP client stall an event-loop server for
-//! the whole timeout, and a trickle of them stall it forever. Instead the accept hook drains
-//! the kernel backlog without blocking and hands each new connection to a handshake thread;
-//! `accept` returns only connections whose handshake has finished (kTLS installed or relay
-//! adopted), or that permissive mode lets through in plaintext.
+//! to the end inside the program's `accept` would let one silent TCP client stall an event-loop
+//! server for the whole timeout, and a trickle of them stall it forever. Instead the accept hook
+//! drains the kernel backlog without blocking; a connection whose client keeps up is finished
+//! on the accepting thread, every wait for the client bounded ([`inline`]), and the rest go to
+//! handshake threads (a half-done inline one resumes there). `accept` returns only connections
+//! whose handshake has finished (kTLS installed or relay adopted), or that permissive mode lets
+//! through in plaintext.
 //!
 //! How the program learns that one is ready:
 //! - a **blocking** accept waits on the listener *and* our eventfd;
@@ -276,6 +278,14 @@ fn inline(
     bound: Duration,
     spoken: bool,
 ) -> Option<Ready> {
+    // As on a worker: a blocking accept may have begun before a refresh or a tetherd restart.
+    let ident = &crate::identity::latest(ident);
+    // Ours while the handshake runs: a fork child closes its copy, the program cannot close it.
+    with_pool(|p| p.held.insert(fd));
+    let drop_it = |fd| {
+        with_pool(|p| p.held.remove(&fd));
+        close_fd(fd);
+    };
     let mut pause = Pause { bound, yield_to: lfd, ..Pause::default() };
     if !spoken {
         // TLS clients send their ClientHello right after connect returns: usually just after
@@ -285,7 +295,7 @@ fn inline(
             silent::FirstByte::Data => {}
             silent::FirstByte::Gone => {
                 inline::finished(false, pause.waited);
-                close_fd(fd);
+                drop_it(fd);
                 return None;
             }
             silent::FirstByte::Silent => {
@@ -297,7 +307,7 @@ fn inline(
     }
     let Some(local) = net::local_addr(fd) else {
         inline::finished(false, pause.waited);
-        close_fd(fd);
+        drop_it(fd);
         return None;
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -306,12 +316,13 @@ fn inline(
     match r {
         Ok(InlineInbound::Done(Ok(conn))) => {
             inline::finished(true, pause.waited);
+            with_pool(|p| p.held.remove(&fd));
             Some(Ready { fd, peer, conn: Some(conn), at: Instant::now() })
         }
         Ok(InlineInbound::Done(Err(f))) => {
             inline::finished(false, pause.waited);
             protect::log_failure(Direction::Inbound, Some(ident), peer, &f);
-            close_fd(fd);
+            drop_it(fd);
             None
         }
         Ok(InlineInbound::Paused(half)) => {
@@ -322,7 +333,7 @@ fn inline(
         Err(_) => {
             inline::finished(false, pause.waited);
             net::kill(fd);
-            close_fd(fd);
+            drop_it(fd);
             None
         }
     }
@@ -359,6 +370,8 @@ fn start_job(job: Job) {
             .kv("reason", format!("more than {MAX_PENDING} handshakes in flight"))
             .emit();
         net::kill(fd);
+        // Held already when it began inline.
+        with_pool(|p| p.held.remove(&fd));
         close_fd(fd);
         return;
     }
