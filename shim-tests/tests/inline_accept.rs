@@ -10,7 +10,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tether_shim_tests::{echo_server, free_port, show, DataPathCheck, Harness, LogLine, Policy, PYTHON, PY_MARKER_CLIENT};
+use tether_shim_tests::{
+    echo_server, free_port, show, DataPathCheck, Harness, LogLine, Policy, PYTHON, PY_ASYNCIO_ECHO_SERVER, PY_MARKER_CLIENT,
+};
 
 /// A real TLS 1.3 ClientHello, made by rustls (no certificates needed: the stall comes first).
 fn client_hello() -> Vec<u8> {
@@ -46,21 +48,38 @@ fn accepted(lines: &[LogLine]) -> Vec<&LogLine> {
     lines.iter().filter(|l| l.is("accept", "allow")).collect()
 }
 
+/// `ROUNDS` sequential connections from one process (its SVID fetched once), each echoing MARKER.
+const PY_SEQUENTIAL_CLIENT: &str = r#"
+import socket, sys
+port, rounds, m = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
+ok = 0
+for _ in range(rounds):
+    s = socket.create_connection(("127.0.0.1", port), timeout=20)
+    s.sendall(m)
+    got = b""
+    while len(got) < len(m):
+        d = s.recv(65536)
+        if not d:
+            break
+        got += d
+    ok += got == m
+    s.close()
+print("echo_ok=%d" % ok, flush=True)
+"#;
+
 #[test]
 fn server_handshake_finishes_inline_at_accept_when_the_client_keeps_up() {
+    const ROUNDS: usize = 20;
     let port = free_port();
     let mut h = Harness::new("inline-accept", Policy::new().both(port));
     h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
-    let client = h.script("timed_client.py", PY_MARKER_CLIENT);
+    let client = h.script("sequential_client.py", PY_SEQUENTIAL_CLIENT);
     let check = DataPathCheck::begin(&h, port);
-    const ROUNDS: usize = 10;
     let marker = "INLINE-ACCEPT-MARKER-4711";
-    for i in 0..ROUNDS {
-        let mut c = Command::new(PYTHON);
-        c.arg(&client).arg(port.to_string()).arg(marker);
-        let run = h.run(&format!("client{i}"), h.shim(&mut c, "client"), Duration::from_secs(30));
-        assert!(run.success() && run.stdout.contains("echo_ok"), "client {i}: {run}");
-    }
+    let mut c = Command::new(PYTHON);
+    c.arg(&client).arg(port.to_string()).arg(ROUNDS.to_string()).arg(marker);
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(60));
+    assert!(run.success() && run.stdout.contains(&format!("echo_ok={ROUNDS}")), "{run}");
     let lines = h.wait_log("server", Duration::from_secs(3), |l| accepted(l).len() >= ROUNDS);
     let ok = accepted(&lines);
     assert_eq!(ok.len(), ROUNDS, "{}", show(&lines));
@@ -118,22 +137,6 @@ fn client_hello_then_silence_does_not_delay_a_good_client() {
 /// keeps its latency while clients send a ClientHello and stall.
 #[test]
 fn stalled_client_hellos_do_not_stall_an_event_loop_beyond_the_bound() {
-    const LOOP_SERVER: &str = r#"
-import asyncio, sys
-async def echo(r, w):
-    while True:
-        d = await r.read(65536)
-        if not d:
-            break
-        w.write(d)
-        await w.drain()
-    w.close()
-async def main():
-    s = await asyncio.start_server(echo, "127.0.0.1", int(sys.argv[1]))
-    async with s:
-        await s.serve_forever()
-asyncio.run(main())
-"#;
     // One connection; each line it sends is echoed; prints the worst round trip.
     const PINGER: &str = r#"
 import socket, sys, time
@@ -154,10 +157,7 @@ print("pings=%d worst_ms=%.1f" % (n, worst * 1000), flush=True)
 "#;
     let port = free_port();
     let mut h = Harness::new("inline-loop", Policy::new().both(port));
-    let server = h.script("loop_server.py", LOOP_SERVER);
-    let mut s = Command::new(PYTHON);
-    s.arg(&server).arg(port.to_string());
-    h.spawn_server("server", h.shim(&mut s, "server"), port);
+    h.serve_python("server", port, "aserver.py", PY_ASYNCIO_ECHO_SERVER, &[]);
     let pinger = h.script("pinger.py", PINGER);
     let mut p = Command::new(PYTHON);
     p.arg(&pinger).arg(port.to_string()).arg("3");

@@ -144,7 +144,8 @@ fn protect_inner(
         Direction::Inbound => handshake::server(&mut io, ident, allow, setup.target()),
     };
     let est = est.map_err(Failure::Handshake)?;
-    setup.finish(est, ident, local, remote, None)
+    let at = (direction == Direction::Inbound).then_some("worker");
+    setup.finish(est, ident, local, remote, at)
 }
 
 /// An inbound handshake that stopped inline at accept, waiting for the client: [`resume_inbound`]

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use tether_proto::{InboundRule, Mode};
 
 use super::{with_pool, HELD};
+use crate::settings;
 use crate::sys::net;
 
 /// The client's own work between our server flight and its second flight.
@@ -54,7 +55,7 @@ fn now_ns() -> u64 {
 /// `None` to hand it to a worker as before.
 pub(super) fn bound(lfd: RawFd, fd: RawFd, rule: &InboundRule) -> Option<Duration> {
     // A permissive port's client may not speak TLS at all: the worker tells.
-    if rule.mode != Mode::Mutual {
+    if rule.mode != Mode::Mutual || !settings::get().inline_accept {
         return None;
     }
     let left = budget();
