@@ -139,8 +139,9 @@ pub(crate) enum Next {
     Error(i32),
 }
 
-/// One step of a pooled accept on `lfd`: take a ready connection, else drain the backlog into
-/// handshake threads and try again.
+/// One step of a pooled accept on `lfd`: take a ready connection, else drain the backlog (a
+/// connection whose client keeps up is finished here and returned at once, the rest go to
+/// handshake threads or are parked) and try again.
 pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Next {
     if let Some(r) = take_ready(lfd) {
         return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
