@@ -18,6 +18,8 @@ pub(crate) mod env {
     /// `0`/`off`: never set `TLS_RX_EXPECT_NO_PAD` (the bench's "NO_PAD off" rows).
     pub(crate) const KTLS_RX_NO_PAD: &str = "TETHER_KTLS_RX_NO_PAD";
     pub(crate) const RESUMPTION: &str = "TETHER_RESUMPTION";
+    /// `0`/`off`: accept never finishes a handshake inline; every one goes to a worker.
+    pub(crate) const INLINE_ACCEPT: &str = "TETHER_INLINE_ACCEPT";
     pub(crate) const EXIT_FLUSH_MS: &str = "TETHER_EXIT_FLUSH_MS";
     /// Debug builds only: a named fault to inject (see [`super::Settings::fault`]).
     pub(crate) const TEST_FAULT: &str = "TETHER_TEST_FAULT";
@@ -58,6 +60,9 @@ pub(crate) struct Settings {
     pub(crate) rx_no_pad: bool,
     /// TLS 1.3 resumption between tether peers (`TETHER_RESUMPTION=0` turns it off).
     pub(crate) resumption: bool,
+    /// Accept finishes the handshake of a client that keeps up on its own thread (default on;
+    /// `TETHER_INLINE_ACCEPT=0` turns it off).
+    pub(crate) inline_accept: bool,
     /// At process exit, how long the relay may take to deliver what the program wrote and its
     /// `close_notify` (`TETHER_EXIT_FLUSH_MS`, 0 turns it off; see `fallback::at_exit`).
     pub(crate) exit_flush: Duration,
@@ -94,6 +99,7 @@ impl Settings {
             disabled: false,
             rx_no_pad: true,
             resumption: true,
+            inline_accept: true,
             exit_flush: DEFAULT_EXIT_FLUSH,
             test_fault: None,
         };
@@ -126,6 +132,7 @@ impl Settings {
             Some("0") | Some("off") | Some("false")
         );
         s.resumption = !matches!(src.var(env::RESUMPTION).as_deref(), Some("0") | Some("off") | Some("false"));
+        s.inline_accept = !matches!(src.var(env::INLINE_ACCEPT).as_deref(), Some("0") | Some("off") | Some("false"));
         if cfg!(debug_assertions) {
             s.test_fault = src.var(env::TEST_FAULT).filter(|v| !v.is_empty());
         }

@@ -36,7 +36,8 @@ pub mod svid_dir;
 pub mod wire;
 
 pub use programs::{
-    echo_server, openssl_s_client, openssl_s_server, SvidFiles, PY_MARKER_CLIENT, PY_READ_TO_END,
+    echo_server, openssl_s_client, openssl_s_server, SvidFiles, PY_ASYNCIO_ECHO_SERVER, PY_MARKER_CLIENT,
+    PY_READ_TO_END,
 };
 
 use std::collections::{BTreeMap, HashSet};

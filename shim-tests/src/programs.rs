@@ -52,6 +52,27 @@ pub fn echo_server(port: u16) -> Command {
     c
 }
 
+/// `aserver.py PORT`: an asyncio echo server on 127.0.0.1 (non-blocking accept, epoll
+/// readiness), backlog 256.
+pub const PY_ASYNCIO_ECHO_SERVER: &str = r#"
+import asyncio, sys
+async def handle(r, w):
+    try:
+        while True:
+            d = await r.read(65536)
+            if not d:
+                break
+            w.write(d)
+            await w.drain()
+    finally:
+        w.close()
+async def main():
+    srv = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=256)
+    async with srv:
+        await srv.serve_forever()
+asyncio.run(main())
+"#;
+
 /// `e2e.py`, the helpers test scripts share: [`Harness::script`] writes it next to every script,
 /// so a script can `from e2e import listener, http_get`.
 pub const PY_E2E_MODULE: &str = r#"

@@ -73,6 +73,9 @@ fn fork_with_a_finished_inbound_handshake_waiting_does_not_hang_the_child() {
     let mut h = Harness::new("fork-ready", Policy::new().both(port));
     let mut server = h.python("fork_server.py", PY_FORK_SERVER);
     server.arg(port.to_string()).arg(h.socket());
+    // The state under test is a finished handshake waiting in the pool for the program: with
+    // inline handshakes the server's accept would finish this fast client itself instead.
+    server.env("TETHER_INLINE_ACCEPT", "0");
     h.spawn_server("server", h.shim(&mut server, "server"), port);
     let check = DataPathCheck::begin(&h, port);
     let marker = "FORK-READY-MARKER-4711";

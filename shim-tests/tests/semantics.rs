@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tether_shim_tests::{
     curl_get, free_port, kv, scaled_bytes, sha256, show, write_random_file, DataPathCheck, Harness,
-    Policy, PY_READ_TO_END, PYTHON,
+    Policy, PY_ASYNCIO_ECHO_SERVER, PY_READ_TO_END, PYTHON,
 };
 
 /// Threaded server: reads each connection to EOF, then replies with what it saw, one
@@ -248,25 +248,6 @@ fn peer_killed_mid_stream_ends_the_read_without_eio_or_hang() {
 
 /// asyncio on both sides (non-blocking connect and accept, epoll readiness): 50 concurrent
 /// connections each echo 256 KiB.
-const PY_ASYNCIO_SERVER: &str = r#"
-import asyncio, sys
-async def handle(r, w):
-    try:
-        while True:
-            d = await r.read(65536)
-            if not d:
-                break
-            w.write(d)
-            await w.drain()
-    finally:
-        w.close()
-async def main():
-    srv = await asyncio.start_server(handle, "127.0.0.1", int(sys.argv[1]), backlog=256)
-    async with srv:
-        await srv.serve_forever()
-asyncio.run(main())
-"#;
-
 const PY_ASYNCIO_CLIENT: &str = r#"
 import asyncio, os, sys
 port, n, size = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -298,7 +279,7 @@ fn asyncio_echo_with_fifty_concurrent_connections_both_shimmed() {
     let (n, size) = (50, 256 * 1024);
     let port = free_port();
     let mut h = Harness::new("asyncio", Policy::new().both(port));
-    h.serve_python("server", port, "aserver.py", PY_ASYNCIO_SERVER, &[]);
+    h.serve_python("server", port, "aserver.py", PY_ASYNCIO_ECHO_SERVER, &[]);
     let check = DataPathCheck::begin(&h, port);
     let run = h.run_python(
         "client",

@@ -1,10 +1,11 @@
 //! Inbound: accept(2)/accept4(2).
 //!
 //! Unprotected ports pass straight through. On a protected port (a `mutual` or `permissive`
-//! inbound rule) the handshake runs on a tether thread, never inside the program's accept (see
-//! [`super::inbound`]): the program only ever receives connections whose handshake finished,
-//! and a client that fails (garbage, a truncated hello, silence, a bad or unlisted SVID) is
-//! logged and closed without the program seeing it or waiting for it.
+//! inbound rule) the program only ever receives connections whose handshake finished (see
+//! [`super::inbound`]): on the accepting thread when the client keeps up, within a short bound,
+//! else on a tether thread. A client that fails (garbage, a truncated hello, silence, a bad or
+//! unlisted SVID) is logged and closed without the program seeing it or waiting for it beyond
+//! that bound.
 
 use std::os::fd::RawFd;
 

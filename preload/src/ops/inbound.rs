@@ -1,11 +1,13 @@
-//! Inbound handshakes off the program's accept path.
+//! Inbound handshakes, bounded on the program's accept path.
 //!
 //! A server handshake can take as long as the client likes (up to the timeout), so running it
-//! inside the program's `accept` would let one silent TCP client stall an event-loop server for
-//! the whole timeout, and a trickle of them stall it forever. Instead the accept hook drains
-//! the kernel backlog without blocking and hands each new connection to a handshake thread;
-//! `accept` returns only connections whose handshake has finished (kTLS installed or relay
-//! adopted), or that permissive mode lets through in plaintext.
+//! to the end inside the program's `accept` would let one silent TCP client stall an event-loop
+//! server for the whole timeout, and a trickle of them stall it forever. Instead the accept hook
+//! drains the kernel backlog without blocking; a connection whose client keeps up is finished
+//! on the accepting thread, every wait for the client bounded ([`inline`]), and the rest go to
+//! handshake threads (a half-done inline one resumes there). `accept` returns only connections
+//! whose handshake has finished (kTLS installed or relay adopted), or that permissive mode lets
+//! through in plaintext.
 //!
 //! How the program learns that one is ready:
 //! - a **blocking** accept waits on the listener *and* our eventfd;
@@ -28,13 +30,15 @@ use std::time::{Duration, Instant};
 
 use tether_proto::{InboundRule, Mode};
 
+mod inline;
 mod silent;
 
-use super::protect;
+use super::protect::{self, InlineInbound};
 use crate::fd_table::{Direction, Protected};
 use crate::identity::Identity;
 use crate::sync::Lock as Mutex;
 use crate::sys::net;
+use crate::tls::handshake::Pause;
 use crate::{guard, log, settings};
 
 /// First byte of a TLS handshake record.
@@ -103,24 +107,21 @@ fn with_pool<R>(f: impl FnOnce(&mut Pool) -> R) -> R {
 
 /// Is `fd` a connection we hold (pending or ready, not yet the program's)?
 pub(crate) fn is_internal(fd: RawFd) -> bool {
-    if fd == WAKE.load(Ordering::Relaxed) {
+    if fd == WAKE.load(Ordering::Relaxed) || silent::own_fds().contains(&fd) {
         return true;
     }
     HELD.load(Ordering::Acquire) != 0 && with_pool(|p| p.held.contains(&fd))
 }
 
-/// Does the pool hold any fd (or the eventfd)? (Atomic loads only.)
+/// Does the pool hold any fd (or the eventfd, or the silent watcher's)? (Atomic loads only.)
 pub(crate) fn holds_fds() -> bool {
-    HELD.load(Ordering::Acquire) != 0 || WAKE.load(Ordering::Relaxed) >= 0
+    HELD.load(Ordering::Acquire) != 0 || WAKE.load(Ordering::Relaxed) >= 0 || silent::own_fds()[0] >= 0
 }
 
 /// Fds we hold, for `close_range`.
 pub(crate) fn internal_fds() -> Vec<RawFd> {
     let mut v: Vec<RawFd> = with_pool(|p| p.held.iter().copied().collect());
-    let w = WAKE.load(Ordering::Relaxed);
-    if w >= 0 {
-        v.push(w);
-    }
+    v.extend([WAKE.load(Ordering::Relaxed)].into_iter().chain(silent::own_fds()).filter(|&w| w >= 0));
     v.sort_unstable();
     v
 }
@@ -138,8 +139,9 @@ pub(crate) enum Next {
     Error(i32),
 }
 
-/// One step of a pooled accept on `lfd`: take a ready connection, else drain the backlog into
-/// handshake threads and try again.
+/// One step of a pooled accept on `lfd`: take a ready connection, else drain the backlog (a
+/// connection whose client keeps up is finished here and returned at once, the rest go to
+/// handshake threads or are parked) and try again.
 pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Next {
     if let Some(r) = take_ready(lfd) {
         return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
@@ -186,7 +188,9 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
             close_fd(fd);
             continue;
         }
-        admit(lfd, fd, peer, ident, rule);
+        if let Some(r) = admit(lfd, fd, peer, ident, rule) {
+            return Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn };
+        }
     }
     match take_ready(lfd) {
         Some(r) => Next::Deliver { fd: r.fd, peer: r.peer, conn: r.conn },
@@ -228,21 +232,110 @@ fn claimed(lfd: RawFd) -> usize {
     with_pool(|p| p.claimed.get(&lfd).copied().unwrap_or(0))
 }
 
-/// A connection just taken from the backlog: a worker if it has spoken, else parked.
-fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
-    match silent::peek(fd) {
-        silent::FirstByte::Data => start(lfd, fd, peer, ident.clone(), rule.clone()),
-        silent::FirstByte::Gone => close_fd(fd),
-        silent::FirstByte::Silent => {
-            let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
-            let evicted = with_pool(|p| {
-                p.held.insert(fd);
-                silent::park(p, c)
-            });
-            for e in evicted {
-                net::kill(e);
-                close_fd(e);
+/// A connection just taken from the backlog: finished inline if its handshake can be (returned
+/// for the program), else a worker if it has spoken, else parked.
+fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) -> Option<Ready> {
+    let first = silent::peek(fd);
+    if matches!(first, silent::FirstByte::Gone) {
+        close_fd(fd);
+        return None;
+    }
+    let spoken = matches!(first, silent::FirstByte::Data);
+    match inline::bound(lfd, fd, rule) {
+        Some(bound) => inline(lfd, fd, peer, ident, rule, bound, spoken),
+        None if spoken => {
+            start(lfd, fd, peer, ident.clone(), rule.clone());
+            None
+        }
+        None => {
+            park(lfd, fd, peer, ident, rule);
+            None
+        }
+    }
+}
+
+/// `fd` has not spoken: it waits for its first byte with the silent watcher, costing no thread.
+fn park(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
+    let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
+    let evicted = with_pool(|p| {
+        p.held.insert(fd);
+        silent::park(p, c)
+    });
+    for e in evicted {
+        net::kill(e);
+        close_fd(e);
+    }
+}
+
+/// Run the server handshake of `fd` on the accepting thread, waiting at most `bound` for the
+/// client (for its ClientHello too, unless it has `spoken`); a handshake the client does not
+/// keep up with goes on on a worker, a client still silent is parked.
+fn inline(
+    lfd: RawFd,
+    fd: RawFd,
+    peer: SocketAddr,
+    ident: &Arc<Identity>,
+    rule: &InboundRule,
+    bound: Duration,
+    spoken: bool,
+) -> Option<Ready> {
+    // As on a worker: a blocking accept may have begun before a refresh or a tetherd restart.
+    let ident = &crate::identity::latest(ident);
+    // Ours while the handshake runs: a fork child closes its copy, the program cannot close it.
+    with_pool(|p| p.held.insert(fd));
+    let drop_it = |fd| {
+        with_pool(|p| p.held.remove(&fd));
+        close_fd(fd);
+    };
+    let mut pause = Pause { bound, yield_to: lfd, ..Pause::default() };
+    if !spoken {
+        // TLS clients send their ClientHello right after connect returns: usually just after
+        // our accept took the connection.
+        let _ = pause.wait(fd);
+        match silent::peek(fd) {
+            silent::FirstByte::Data => {}
+            silent::FirstByte::Gone => {
+                inline::finished(false, pause.waited);
+                drop_it(fd);
+                return None;
             }
+            silent::FirstByte::Silent => {
+                inline::finished(false, pause.waited);
+                park(lfd, fd, peer, ident, rule);
+                return None;
+            }
+        }
+    }
+    let Some(local) = net::local_addr(fd) else {
+        inline::finished(false, pause.waited);
+        drop_it(fd);
+        return None;
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        protect::protect_inbound_inline(fd, ident, &rule.allow, local, peer, &mut pause)
+    }));
+    match r {
+        Ok(InlineInbound::Done(Ok(conn))) => {
+            inline::finished(true, pause.waited);
+            with_pool(|p| p.held.remove(&fd));
+            Some(Ready { fd, peer, conn: Some(conn), at: Instant::now() })
+        }
+        Ok(InlineInbound::Done(Err(f))) => {
+            inline::finished(false, pause.waited);
+            protect::log_failure(Direction::Inbound, Some(ident), peer, &f);
+            drop_it(fd);
+            None
+        }
+        Ok(InlineInbound::Paused(half)) => {
+            inline::finished(false, pause.waited);
+            start_job(Job { lfd, fd, peer, ident: ident.clone(), rule: rule.clone(), half: Some(half) });
+            None
+        }
+        Err(_) => {
+            inline::finished(false, pause.waited);
+            net::kill(fd);
+            drop_it(fd);
+            None
         }
     }
 }
@@ -264,6 +357,12 @@ fn take_ready(lfd: RawFd) -> Option<Ready> {
 }
 
 fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: InboundRule) {
+    start_job(Job { lfd, fd, peer, ident, rule, half: None });
+}
+
+/// Give `job` to a handshake worker (a new one if none is idle), or refuse it at [`MAX_PENDING`].
+fn start_job(job: Job) {
+    let (lfd, fd, peer) = (job.lfd, job.fd, job.peer);
     if PENDING.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING {
         PENDING.fetch_sub(1, Ordering::AcqRel);
         log::Line::new("accept")
@@ -272,6 +371,8 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
             .kv("reason", format!("more than {MAX_PENDING} handshakes in flight"))
             .emit();
         net::kill(fd);
+        // Held already when it began inline.
+        with_pool(|p| p.held.remove(&fd));
         close_fd(fd);
         return;
     }
@@ -279,7 +380,6 @@ fn start(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: Arc<Identity>, rule: In
         p.held.insert(fd);
         *p.claimed.entry(lfd).or_insert(0) += 1;
     });
-    let job = Job { lfd, fd, peer, ident, rule };
     let spawn = {
         let mut w = WORKERS.lock();
         w.jobs.push_back(job);
@@ -322,6 +422,8 @@ struct Job {
     peer: SocketAddr,
     ident: Arc<Identity>,
     rule: InboundRule,
+    /// A handshake begun inline at accept, to be finished here.
+    half: Option<protect::HalfInbound>,
 }
 
 /// Handshake workers are reused: spawning a thread (and a malloc arena) per connection cost
@@ -358,12 +460,14 @@ fn worker() {
                 }
             }
         };
-        let Some(Job { lfd, fd, peer, ident, rule }) = job else { return };
-        // The identity captured when a (blocking) accept began may have been replaced since: a
-        // refresh, or a restarted tetherd that holds none of the old keys (broker custody).
-        let ident = crate::identity::latest(&ident);
-        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handshake(lfd, fd, peer, &ident, &rule)))
-            .unwrap_or(false);
+        let Some(Job { lfd, fd, peer, ident, rule, half }) = job else { return };
+        let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match half {
+            Some(h) => resume(lfd, fd, peer, h, &ident, &rule),
+            // The identity captured when a (blocking) accept began may have been replaced
+            // since: a refresh, or a restarted tetherd that holds none of the old keys.
+            None => handshake(lfd, fd, peer, &crate::identity::latest(&ident), &rule),
+        }))
+        .unwrap_or(false);
         if !ok {
             with_pool(|p| {
                 p.held.remove(&fd);
@@ -407,6 +511,21 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rul
     let Some(conn) = conn else { return false };
     queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
     true
+}
+
+/// Runs on a handshake thread: finish a handshake begun inline (its identity is the one its
+/// server flight already proved). Returns whether `fd` was queued for the program.
+fn resume(lfd: RawFd, fd: RawFd, peer: SocketAddr, half: protect::HalfInbound, ident: &Arc<Identity>, rule: &InboundRule) -> bool {
+    match protect::resume_inbound(half, ident, &rule.allow) {
+        Ok(conn) => {
+            queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+            true
+        }
+        Err(f) => {
+            protect::log_failure(Direction::Inbound, Some(ident), peer, &f);
+            false
+        }
+    }
 }
 
 /// `r` (an fd in `held`) is ready for the program: queue it and wake whoever accepts.

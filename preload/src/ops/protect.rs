@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tether_proto::wire::{ConnectionEvent, ConnectionReport};
-use tether_proto::IdPattern;
+use tether_proto::{IdPattern, KeyUpdateAfter};
 
 use crate::fd_table::{DataPath, Direction, Protected};
 use crate::identity::{Identity, IdentityError};
 use crate::settings::{self, DataPathMode};
 use crate::sys::ktls::{self, AttachError};
 use crate::sys::net::{self, DeadlineIo};
-use crate::tls::handshake::{self, HandshakeError};
+use crate::tls::handshake::{self, HandshakeError, Inline, Pause, ServerHandshake};
 use crate::tls::verify::Refusal;
 use crate::{fallback, log, tls};
 
@@ -74,6 +74,8 @@ impl Failure {
                 HandshakeError::Tls(e) if tls::remote_key::is_sign_failure(e) => libc::EACCES,
                 HandshakeError::Tls(_) => libc::ECONNRESET,
                 HandshakeError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+                // Never leaves the shim: a paused handshake is resumed, not failed.
+                HandshakeError::Paused => libc::ETIMEDOUT,
             },
         }
     }
@@ -135,64 +137,168 @@ fn protect_inner(
     local: SocketAddr,
     remote: SocketAddr,
 ) -> Result<Arc<Protected>, Failure> {
-    let rotate = match direction {
-        Direction::Outbound => ident.policy.outbound_rule(remote).and_then(|r| r.key_update_after),
-        Direction::Inbound => ident.policy.inbound_rule(local.port()).and_then(|r| r.key_update_after),
-    };
-    let plan = plan(fd, rotate.is_some())?;
-    // The handshake's I/O is MSG_DONTWAIT: the fd's flags are neither read nor changed.
-    let deadline = Instant::now() + settings::get().handshake_timeout;
-    let mut io = DeadlineIo { fd, deadline };
-    let target = match plan {
-        Plan::Ktls => handshake::Target::Kernel,
-        Plan::Userspace { .. } => handshake::Target::Relay,
-    };
+    let setup = Setup::new(fd, direction, ident, local, remote)?;
+    let mut io = setup.io();
     let est = match direction {
-        Direction::Outbound => handshake::client(&mut io, ident, allow, remote, target),
-        Direction::Inbound => handshake::server(&mut io, ident, allow, target),
+        Direction::Outbound => handshake::client(&mut io, ident, allow, remote, setup.target()),
+        Direction::Inbound => handshake::server(&mut io, ident, allow, setup.target()),
     };
     let est = est.map_err(Failure::Handshake)?;
-    let (path, detail, rekey, no_pad) = match (plan, est.conn) {
-        (Plan::Ktls, handshake::Session::Kernel(h)) => {
-            let (cipher, rekey) = tls::danger::install_ktls(fd, *h).map_err(Failure::Ktls)?;
-            let no_pad = expect_no_pad(fd, &est.peer, ident);
-            (DataPath::Ktls, cipher, Some(rekey), Some(no_pad))
+    let at = (direction == Direction::Inbound).then_some("worker");
+    setup.finish(est, ident, local, remote, at)
+}
+
+/// An inbound handshake that stopped inline at accept, waiting for the client: [`resume_inbound`]
+/// finishes it (on a handshake worker).
+pub(crate) struct HalfInbound {
+    setup: Setup,
+    hs: Box<ServerHandshake>,
+    local: SocketAddr,
+    remote: SocketAddr,
+}
+
+/// Where [`protect_inbound_inline`] got to.
+pub(crate) enum InlineInbound {
+    /// Finished (the connection is protected, or it failed and was shut down).
+    Done(Result<Arc<Protected>, Failure>),
+    Paused(HalfInbound),
+}
+
+/// [`protect`] for an accepted connection, run on the accepting thread: every wait for the
+/// client is bounded by `pause` (ARCHITECTURE.md "Inbound (accept)"). A handshake that would
+/// wait longer stops between records, nothing lost, and is handed back to be resumed.
+pub(crate) fn protect_inbound_inline(
+    fd: RawFd,
+    ident: &Arc<Identity>,
+    allow: &[IdPattern],
+    local: SocketAddr,
+    remote: SocketAddr,
+    pause: &mut Pause,
+) -> InlineInbound {
+    let r = Setup::new(fd, Direction::Inbound, ident, local, remote).and_then(|setup| {
+        let hs = ServerHandshake::new(ident, allow, setup.target()).map_err(Failure::Handshake)?;
+        match hs.run_inline(&mut setup.io(), allow, pause) {
+            Inline::Paused(hs) => Ok(InlineInbound::Paused(HalfInbound { setup, hs, local, remote })),
+            Inline::Done(est) => {
+                let est = est.map_err(Failure::Handshake)?;
+                Ok(InlineInbound::Done(Ok(setup.finish(est, ident, local, remote, Some("inline"))?)))
+            }
         }
-        (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
-            let link = fallback::adopt(fd, *conn, rotate).map_err(Failure::Relay)?;
-            (DataPath::Userspace(link), why, None, None)
-        }
-        _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),
-    };
-    let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
-    if let Some(r) = rekey {
-        let _ = p.rekey.set(r);
-        if ktls::can_rekey() {
-            let _ = p.short_read_watch.set(super::io::ShortReadWatch::new());
-        }
-        if let Some(limit) = rotate {
-            super::rotation::watch(fd, &p, limit);
+    });
+    r.unwrap_or_else(|f| {
+        net::kill(fd);
+        InlineInbound::Done(Err(f))
+    })
+}
+
+/// Finish a handshake [`protect_inbound_inline`] stopped, under its original deadline.
+pub(crate) fn resume_inbound(half: HalfInbound, ident: &Arc<Identity>, allow: &[IdPattern]) -> Result<Arc<Protected>, Failure> {
+    let HalfInbound { setup, hs, local, remote } = half;
+    let fd = setup.fd;
+    let r = hs
+        .run(&mut setup.io(), allow)
+        .map_err(Failure::Handshake)
+        .and_then(|est| setup.finish(est, ident, local, remote, Some("worker")));
+    if r.is_err() {
+        net::kill(fd);
+    }
+    r
+}
+
+/// What is decided before a handshake and needed after it.
+struct Setup {
+    fd: RawFd,
+    direction: Direction,
+    plan: Plan,
+    rotate: Option<KeyUpdateAfter>,
+    deadline: Instant,
+}
+
+impl Setup {
+    fn new(
+        fd: RawFd,
+        direction: Direction,
+        ident: &Identity,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<Self, Failure> {
+        let rotate = match direction {
+            Direction::Outbound => ident.policy.outbound_rule(remote).and_then(|r| r.key_update_after),
+            Direction::Inbound => ident.policy.inbound_rule(local.port()).and_then(|r| r.key_update_after),
+        };
+        let plan = plan(fd, rotate.is_some())?;
+        let deadline = Instant::now() + settings::get().handshake_timeout;
+        Ok(Self { fd, direction, plan, rotate, deadline })
+    }
+
+    /// The handshake's I/O is MSG_DONTWAIT: the fd's flags are neither read nor changed.
+    fn io(&self) -> DeadlineIo {
+        DeadlineIo { fd: self.fd, deadline: self.deadline }
+    }
+
+    fn target(&self) -> handshake::Target {
+        match self.plan {
+            Plan::Ktls => handshake::Target::Kernel,
+            Plan::Userspace { .. } => handshake::Target::Relay,
         }
     }
-    let allow_truncation = match direction {
-        Direction::Outbound => ident.policy.outbound_rule(remote).is_some_and(|r| r.allow_truncation),
-        Direction::Inbound => ident.policy.inbound_rule(local.port()).is_some_and(|r| r.allow_truncation),
-    };
-    p.allow_truncation.store(allow_truncation, std::sync::atomic::Ordering::Relaxed);
-    let mut line = log::Line::new(event_name(direction))
-        .kv("decision", "allow")
-        .kv("mode", p.path.name())
-        .kv("local_id", &p.local_id)
-        .kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default())
-        .kv("local", local)
-        .kv("peer", remote)
-        .kv("detail", detail)
-        .kv("handshake", if est.resumed { "resumed" } else { "full" });
-    if let Some(no_pad) = no_pad {
-        line = line.kv("rx_no_pad", no_pad);
+
+    /// Install the handshake's keys on the chosen path. `at` says, for the log, where an
+    /// inbound handshake finished: on the accepting thread (`inline`) or a worker.
+    fn finish(
+        self,
+        est: handshake::Established,
+        ident: &Arc<Identity>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        at: Option<&'static str>,
+    ) -> Result<Arc<Protected>, Failure> {
+        let Self { fd, direction, plan, rotate, .. } = self;
+        let (path, detail, rekey, no_pad) = match (plan, est.conn) {
+            (Plan::Ktls, handshake::Session::Kernel(h)) => {
+                let (cipher, rekey) = tls::danger::install_ktls(fd, *h).map_err(Failure::Ktls)?;
+                let no_pad = expect_no_pad(fd, &est.peer, ident);
+                (DataPath::Ktls, cipher, Some(rekey), Some(no_pad))
+            }
+            (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
+                let link = fallback::adopt(fd, *conn, rotate).map_err(Failure::Relay)?;
+                (DataPath::Userspace(link), why, None, None)
+            }
+            _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),
+        };
+        let p = Protected::new(path, direction, ident.id.clone(), Some(est.peer), local, remote, "allow");
+        if let Some(r) = rekey {
+            let _ = p.rekey.set(r);
+            if ktls::can_rekey() {
+                let _ = p.short_read_watch.set(super::io::ShortReadWatch::new());
+            }
+            if let Some(limit) = rotate {
+                super::rotation::watch(fd, &p, limit);
+            }
+        }
+        let allow_truncation = match direction {
+            Direction::Outbound => ident.policy.outbound_rule(remote).is_some_and(|r| r.allow_truncation),
+            Direction::Inbound => ident.policy.inbound_rule(local.port()).is_some_and(|r| r.allow_truncation),
+        };
+        p.allow_truncation.store(allow_truncation, std::sync::atomic::Ordering::Relaxed);
+        let mut line = log::Line::new(event_name(direction))
+            .kv("decision", "allow")
+            .kv("mode", p.path.name())
+            .kv("local_id", &p.local_id)
+            .kv("peer_id", p.peer.as_ref().map(|v| v.id().to_string()).unwrap_or_default())
+            .kv("local", local)
+            .kv("peer", remote)
+            .kv("detail", detail)
+            .kv("handshake", if est.resumed { "resumed" } else { "full" });
+        if let Some(no_pad) = no_pad {
+            line = line.kv("rx_no_pad", no_pad);
+        }
+        if let Some(at) = at {
+            line = line.kv("at", at);
+        }
+        line.emit();
+        Ok(p)
     }
-    line.emit();
-    Ok(p)
 }
 
 /// `TLS_RX_EXPECT_NO_PAD` for a peer whose SVID is in our own trust domain: a tether peer

@@ -22,6 +22,7 @@ use tether_proto::KeyUpdateAfter;
 
 use crate::fd_table::{self, Protected};
 use crate::sync::Lock;
+use crate::sys::net;
 
 /// How often the thread looks at its connections.
 const TICK: Duration = Duration::from_millis(50);
@@ -100,23 +101,7 @@ fn run() {
 
 /// Bytes acknowledged by the peer plus bytes received, from the kernel.
 fn tcp_bytes(fd: RawFd) -> Option<u64> {
-    // SAFETY: tcp_info is plain data; zeroed is a valid value.
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: out-buffer and its length.
-    let rc = unsafe {
-        crate::real::getsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0).then(|| {
-        info.tcpi_bytes_acked
-            .saturating_add(info.tcpi_bytes_received)
-    })
+    net::tcp_info(fd).map(|info| info.tcpi_bytes_acked.saturating_add(info.tcpi_bytes_received))
 }
 
 /// Fork order 12: the inbox, after the relay's locks.

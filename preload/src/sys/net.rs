@@ -180,6 +180,18 @@ pub(crate) fn set_status_flags(fd: RawFd, flags: c_int) {
     unsafe { crate::real::fcntl(fd, libc::F_SETFL, flags as usize) };
 }
 
+/// The kernel's `TCP_INFO` for a TCP socket.
+pub(crate) fn tcp_info(fd: RawFd) -> Option<libc::tcp_info> {
+    // SAFETY: tcp_info is plain data; zeroed is a valid value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::tcp_info>() as socklen_t;
+    // SAFETY: out-buffer and its length.
+    let rc = unsafe {
+        crate::real::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut libc::tcp_info).cast(), &mut len)
+    };
+    (rc == 0).then_some(info)
+}
+
 /// Wait until `fd` is ready for `events`, or the deadline passes (ETIMEDOUT).
 pub(crate) fn wait(fd: RawFd, events: i16, deadline: Instant) -> io::Result<()> {
     loop {

@@ -9,7 +9,9 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::crypto::CryptoProvider;
@@ -61,6 +63,9 @@ pub(crate) enum HandshakeError {
     NotTls,
     Tls(rustls::Error),
     Io(io::Error),
+    /// Inline at accept only: the peer's next records were not there within the [`Pause`]'s
+    /// bound. Nothing unread was consumed; the [`ServerHandshake`] goes on from here elsewhere.
+    Paused,
 }
 
 impl fmt::Display for HandshakeError {
@@ -72,6 +77,7 @@ impl fmt::Display for HandshakeError {
             Self::NotTls => f.write_str("peer is not speaking TLS"),
             Self::Tls(e) => write!(f, "TLS error: {e}"),
             Self::Io(e) => write!(f, "i/o error during handshake: {e}"),
+            Self::Paused => f.write_str("handshake paused to finish on a worker"),
         }
     }
 }
@@ -131,8 +137,10 @@ pub(crate) fn client(
     let mut inbox = Inbox::new();
     let r = match target {
         Target::Kernel => {
-            let conn = UnbufferedClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
-            super::unbuffered::drive(conn, io, &mut inbox, false)
+            let mut conn = UnbufferedClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
+            super::unbuffered::Driver::new()
+                .drive(&mut conn, io, &mut inbox, false)
+                .and_then(|()| super::unbuffered::into_kernel(conn))
                 .map(|(k, peer)| (kernel_session(k), peer))
         }
         Target::Relay => {
@@ -157,22 +165,153 @@ pub(crate) fn server(
     allow: &[IdPattern],
     target: Target,
 ) -> Result<Established, HandshakeError> {
-    let cfg = super::configs::server(&provider(), ident, allow, settings::get().resumption).map_err(HandshakeError::Tls)?;
-    let mut inbox = Inbox::new();
-    let r = match target {
-        Target::Kernel => {
-            let conn = UnbufferedServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
-            super::unbuffered::drive(conn, io, &mut inbox, true).map(|(k, peer)| (kernel_session(k), peer))
+    ServerHandshake::new(ident, allow, target)?.run(io, allow)
+}
+
+/// A server handshake that can stop between two records and go on later, on another thread:
+/// accept starts it inline and hands it to a worker when the client's next flight is late
+/// (`ops::inbound`). All its state is here (rustls's connection, the records not yet given to
+/// it, what the socket's queue still holds for it), so nothing is lost at the hand-over.
+pub(crate) struct ServerHandshake {
+    side: ServerSide,
+    inbox: Inbox,
+}
+
+enum ServerSide {
+    Kernel(Box<UnbufferedServerConnection>, super::unbuffered::Driver),
+    Relay(Box<ServerConnection>),
+}
+
+impl ServerHandshake {
+    pub(crate) fn new(ident: &Arc<Identity>, allow: &[IdPattern], target: Target) -> Result<Self, HandshakeError> {
+        let cfg = super::configs::server(&provider(), ident, allow, settings::get().resumption).map_err(HandshakeError::Tls)?;
+        let side = match target {
+            Target::Kernel => ServerSide::Kernel(
+                Box::new(UnbufferedServerConnection::new(cfg).map_err(HandshakeError::Tls)?),
+                super::unbuffered::Driver::new(),
+            ),
+            Target::Relay => ServerSide::Relay(Box::new(ServerConnection::new(cfg).map_err(HandshakeError::Tls)?)),
+        };
+        Ok(Self { side, inbox: Inbox::new() })
+    }
+
+    /// Drive the handshake to its end (the deadline is `io`'s).
+    pub(crate) fn run(mut self, io: &mut DeadlineIo, allow: &[IdPattern]) -> Result<Established, HandshakeError> {
+        self.inbox.pause = None;
+        let r = self.drive(io);
+        self.finish(r, allow)
+    }
+
+    /// Drive the handshake while the peer keeps up: every wait for its records is bounded by
+    /// `pause`, and when one runs out (or `pause` yields) the handshake stops, resumable.
+    pub(crate) fn run_inline(mut self, io: &mut DeadlineIo, allow: &[IdPattern], pause: &mut Pause) -> Inline {
+        self.inbox.pause = Some(std::mem::take(pause));
+        let r = self.drive(io);
+        *pause = self.inbox.pause.take().unwrap_or_default();
+        match r {
+            Err(HandshakeError::Paused) => Inline::Paused(Box::new(self)),
+            r => Inline::Done(self.finish(r, allow)),
         }
-        Target::Relay => {
-            let mut conn = ServerConnection::new(cfg).map_err(HandshakeError::Tls)?;
-            drive(&mut conn, io, &mut inbox, true).map(|()| {
+    }
+
+    fn drive(&mut self, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
+        match &mut self.side {
+            ServerSide::Kernel(conn, d) => d.drive(&mut **conn, io, &mut self.inbox, true),
+            ServerSide::Relay(conn) => drive(conn, io, &mut self.inbox, true),
+        }
+    }
+
+    fn finish(self, r: Result<(), HandshakeError>, allow: &[IdPattern]) -> Result<Established, HandshakeError> {
+        let r = r.and_then(|()| match self.side {
+            ServerSide::Kernel(conn, _) => super::unbuffered::into_kernel(*conn).map(|(k, peer)| (kernel_session(k), peer)),
+            ServerSide::Relay(conn) => {
                 let peer = PeerChain::of(&conn);
-                (Session::Relay(Box::new(Connection::Server(conn))), peer)
-            })
+                Ok((Session::Relay(Box::new(Connection::Server(*conn))), peer))
+            }
+        });
+        finish(r, allow)
+    }
+}
+
+/// Where [`ServerHandshake::run_inline`] got to.
+pub(crate) enum Inline {
+    Done(Result<Established, HandshakeError>),
+    /// Stopped before a record of the peer's that is not here yet; go on with `run`.
+    Paused(Box<ServerHandshake>),
+}
+
+/// How long an inline handshake may wait for its peer, and what else cuts the wait short.
+#[derive(Debug)]
+pub(crate) struct Pause {
+    /// The most the handshake may wait for the peer's records, all waits together.
+    pub(crate) bound: Duration,
+    /// A descriptor (the listener) whose readiness ends a wait at once: other work is queued.
+    pub(crate) yield_to: RawFd,
+    /// Time spent waiting so far.
+    pub(crate) waited: Duration,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Self { bound: Duration::ZERO, yield_to: -1, waited: Duration::ZERO }
+    }
+}
+
+impl Pause {
+    /// Peek what is queued on `fd`, first waiting (within the bound) if `wait_first` or if
+    /// nothing is.
+    fn peek(&mut self, fd: RawFd, buf: &mut [u8], mut wait_first: bool) -> Result<usize, HandshakeError> {
+        loop {
+            if wait_first {
+                self.wait(fd)?;
+            }
+            // SAFETY: `buf` is a valid writable buffer; never blocks.
+            let n = unsafe {
+                crate::real::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            match crate::guard::errno() {
+                libc::EAGAIN => wait_first = true,
+                libc::EINTR => {}
+                e => return Err(HandshakeError::from(io::Error::from_raw_os_error(e))),
+            }
         }
-    };
-    finish(r, allow)
+    }
+
+    /// Wait until `fd` is readable; [`HandshakeError::Paused`] when the bound is spent or
+    /// `yield_to` is readable first.
+    pub(crate) fn wait(&mut self, fd: RawFd) -> Result<(), HandshakeError> {
+        loop {
+            let left = self.bound.saturating_sub(self.waited);
+            if left.is_zero() {
+                return Err(HandshakeError::Paused);
+            }
+            let mut fds = [
+                libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.yield_to, events: libc::POLLIN, revents: 0 },
+            ];
+            let ts = libc::timespec { tv_sec: left.as_secs() as libc::time_t, tv_nsec: left.subsec_nanos().into() };
+            let t0 = Instant::now();
+            // SAFETY: two valid pollfds (a negative fd is ignored), a valid timespec, no sigmask.
+            let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+            self.waited += t0.elapsed();
+            if rc < 0 {
+                match crate::guard::errno() {
+                    libc::EINTR => continue,
+                    e => return Err(HandshakeError::from(io::Error::from_raw_os_error(e))),
+                }
+            }
+            // The peer first: when its records are here, finishing costs no more waiting.
+            if fds[0].revents != 0 {
+                return Ok(());
+            }
+            if fds[1].revents & libc::POLLIN != 0 {
+                return Err(HandshakeError::Paused);
+            }
+        }
+    }
 }
 
 /// What a completed handshake knows of its peer, taken before the connection is handed over.
@@ -296,11 +435,14 @@ pub(crate) struct Inbox {
     peeked: bool,
     /// We just sent a flight: the next fill waits for readability before it peeks.
     wait_first: bool,
+    /// Inline at accept: every wait is bounded by this and ends in [`HandshakeError::Paused`],
+    /// which leaves the kernel's queue untouched.
+    pause: Option<Pause>,
 }
 
 impl Inbox {
     pub(crate) fn new() -> Self {
-        Self { buf: Vec::new(), pos: 0, whole: 0, peeked: false, wait_first: false }
+        Self { buf: Vec::new(), pos: 0, whole: 0, peeked: false, wait_first: false, pause: None }
     }
 
     /// Will the next record need a read from the socket?
@@ -346,10 +488,22 @@ impl Inbox {
 
     fn fill(&mut self, io: &mut DeadlineIo) -> Result<(), HandshakeError> {
         self.buf.resize(PEEK, 0);
-        if std::mem::take(&mut self.wait_first) {
-            crate::sys::net::wait(io.fd, libc::POLLIN, io.deadline)?;
-        }
-        let n = io.peek(&mut self.buf)?;
+        let wait_first = std::mem::take(&mut self.wait_first);
+        let n = match &mut self.pause {
+            Some(p) => match p.peek(io.fd, &mut self.buf, wait_first) {
+                Err(HandshakeError::Paused) => {
+                    self.wait_first = wait_first;
+                    return Err(HandshakeError::Paused);
+                }
+                r => r?,
+            },
+            None => {
+                if wait_first {
+                    crate::sys::net::wait(io.fd, libc::POLLIN, io.deadline)?;
+                }
+                io.peek(&mut self.buf)?
+            }
+        };
         if n == 0 {
             return Err(HandshakeError::PeerClosed);
         }
@@ -366,7 +520,11 @@ impl Inbox {
             self.peeked = true;
             return Ok(());
         }
-        // The first record is still arriving: read it exactly, consuming it.
+        // The first record is still arriving. Inline, leave it queued for the worker (reading
+        // it now could wait for the rest); elsewhere read it exactly, consuming it.
+        if self.pause.is_some() {
+            return Err(HandshakeError::Paused);
+        }
         let mut h = [0u8; 5];
         read_exact(io, &mut h)?;
         let len = record_len(&h)?;

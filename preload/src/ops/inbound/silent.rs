@@ -1,9 +1,12 @@
 //! Flood resistance: connections that have not sent their first byte yet.
 //!
 //! A TLS client sends its ClientHello as soon as TCP connects, so a connection that is still
-//! silent when accepted costs no thread: it is *parked* (an fd in a set watched by one
-//! "tether-silent" thread with `poll`) until its first byte arrives, then handed to a handshake
-//! worker. Parking is bounded three ways, so that silent connections can never lock anyone out:
+//! silent when accepted costs no thread: it is *parked* until its first byte arrives, then
+//! handed to a handshake worker. Parking adds the fd to an epoll set (one-shot, `EPOLLIN |
+//! EPOLLRDHUP`) that one "tether-silent" thread waits on; the registration takes effect at once,
+//! even while the watcher sleeps, so a first byte is seen when it arrives (no tick). The watcher
+//! sleeps until the oldest parked connection's deadline (or, with none parked, until an eventfd
+//! in the set says one was parked or evicted). Parking is bounded three ways, so that silent connections can never lock anyone out:
 //! - a **first-byte deadline** ([`FIRST_BYTE`], at most the handshake timeout): a connection
 //!   still silent then is closed (mutual) or handed out as plaintext (permissive: a protocol
 //!   where the server speaks first);
@@ -18,7 +21,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,12 +39,8 @@ pub(super) const FIRST_BYTE: Duration = Duration::from_secs(2);
 pub(super) const PER_SOURCE: usize = 128;
 /// Parked connections per process before the oldest is evicted.
 pub(super) const MAX_PARKED: usize = 1024;
-/// How often the watcher re-reads the parked set (new arrivals wait at most this long). Nearly
-/// every connection is accepted before its ClientHello arrives, so this is on the setup path:
-/// at 5 ms it was most of the host setup p50 (4.3 ms, against 1.9 ms at 1 ms, scripts/bench
-/// --quick 2026-12-02). The cost is a thread waking 1000 times a second while connections are
-/// parked and for up to 10 s after the last one (then it exits).
-const TICK_MS: i32 = 1;
+/// The watcher exits after this long with nothing parked (the next park starts a new one).
+const IDLE_EXIT: Duration = Duration::from_secs(10);
 /// Evictions and expiries are logged at most this often (summed up), the first one at once.
 const SUMMARY: Duration = Duration::from_secs(1);
 
@@ -115,6 +114,14 @@ impl Silent {
 static EVICTED: AtomicU64 = AtomicU64::new(0);
 static EXPIRED: AtomicU64 = AtomicU64::new(0);
 static WATCHER: AtomicBool = AtomicBool::new(false);
+/// The watcher's epoll set and the eventfd in it (-1 until the first park; created and changed
+/// under the POOL lock; the fork child closes its copies and forgets them).
+static EPOLL: AtomicI32 = AtomicI32::new(-1);
+static KICK: AtomicI32 = AtomicI32::new(-1);
+/// The watcher sleeps with nothing parked (no deadline to wake for): a park must kick it.
+static IDLE: AtomicBool = AtomicBool::new(false);
+/// epoll data of the eventfd (parked connections use their fd, never negative).
+const KICK_TOKEN: u64 = u64::MAX;
 
 /// What a non-blocking peek at a fresh connection found.
 pub(super) enum FirstByte {
@@ -155,7 +162,16 @@ pub(super) fn park(p: &mut Pool, c: Parked) -> Vec<RawFd> {
             evicted.extend(p.silent.remove_at(i));
         }
     }
+    let fd = c.fd;
     p.silent.parked.push_back(c);
+    if !register(fd) {
+        // No epoll set (fd or memory exhaustion): nobody would see its first byte.
+        evicted.extend(p.silent.parked.pop_back());
+        if let Some(n) = p.silent.per_source.get_mut(&src) {
+            *n -= 1;
+        }
+        p.silent.per_source.retain(|_, n| *n > 0);
+    }
     while p.silent.parked.len() > max_parked() {
         evicted.extend(p.silent.remove_at(0));
     }
@@ -164,8 +180,79 @@ pub(super) fn park(p: &mut Pool, c: Parked) -> Vec<RawFd> {
     for e in &evicted {
         p.held.remove(&e.fd);
     }
+    // A sleeping watcher with no deadline must learn of the new one; an eviction is due in the
+    // summary line.
+    if IDLE.swap(false, Ordering::AcqRel) || !evicted.is_empty() {
+        kick();
+    }
     ensure_watcher();
     fds
+}
+
+/// The epoll set and its eventfd, created on first use. Call under the POOL lock.
+fn sets() -> Option<(RawFd, RawFd)> {
+    let ep = EPOLL.load(Ordering::Acquire);
+    if ep >= 0 {
+        return Some((ep, KICK.load(Ordering::Acquire)));
+    }
+    // SAFETY: plain fd creation; both are closed on failure.
+    unsafe {
+        let ep = libc::epoll_create1(libc::EPOLL_CLOEXEC);
+        if ep < 0 {
+            return None;
+        }
+        let kick = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
+        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: KICK_TOKEN };
+        if kick < 0 || libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, kick, &mut ev) != 0 {
+            if kick >= 0 {
+                crate::real::close(kick);
+            }
+            crate::real::close(ep);
+            return None;
+        }
+        KICK.store(kick, Ordering::Release);
+        EPOLL.store(ep, Ordering::Release);
+        Some((ep, kick))
+    }
+}
+
+/// Arm a one-shot wait for `fd`'s first byte (or its close). A number seen before (re-parked,
+/// or reused after an eviction raced with its event) is re-armed.
+fn register(fd: RawFd) -> bool {
+    let Some((ep, _)) = sets() else { return false };
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+        u64: fd as u64,
+    };
+    // SAFETY: valid epoll fd and event.
+    unsafe {
+        libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) == 0
+            || (guard::errno() == libc::EEXIST && libc::epoll_ctl(ep, libc::EPOLL_CTL_MOD, fd, &mut ev) == 0)
+    }
+}
+
+/// Forget `fd` (it leaves the parked set for a worker or the program; closing does this too).
+fn unregister(fd: RawFd) {
+    let ep = EPOLL.load(Ordering::Acquire);
+    if ep >= 0 {
+        // SAFETY: valid epoll fd; a non-null event pointer for old kernels.
+        let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_DEL, fd, &mut ev) };
+    }
+}
+
+fn kick() {
+    let k = KICK.load(Ordering::Acquire);
+    if k >= 0 {
+        let one = 1u64;
+        // SAFETY: eventfd writes are 8 bytes.
+        unsafe { libc::write(k, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// The epoll set and eventfd, for `close`/`close_range` protection.
+pub(super) fn own_fds() -> [RawFd; 2] {
+    [EPOLL.load(Ordering::Relaxed), KICK.load(Ordering::Relaxed)]
 }
 
 fn ensure_watcher() {
@@ -184,36 +271,56 @@ fn ensure_watcher() {
 }
 
 /// The watcher: hand parked connections to a worker when their first byte comes, drop those
-/// that leave or stay silent past the deadline.
+/// that leave or stay silent past the deadline. It sleeps in `epoll_wait` until an event, the
+/// oldest parked connection's deadline, or a summary line that is due.
 fn watch() {
     let deadline = FIRST_BYTE.min(settings::get().handshake_timeout);
     let mut idle_since = Instant::now();
     let mut summary_at: Option<Instant> = None;
-    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
     loop {
-        pfds.clear();
-        let n = with_pool(|p| {
-            pfds.extend(p.silent.parked.iter().map(|c| libc::pollfd { fd: c.fd, events: libc::POLLIN, revents: 0 }));
-            if p.silent.parked.is_empty() && idle_since.elapsed() > Duration::from_secs(10) {
+        let wait = with_pool(|p| match p.silent.parked.front() {
+            Some(c) => {
+                IDLE.store(false, Ordering::Release);
+                idle_since = Instant::now();
+                Some(deadline.saturating_sub(c.at.elapsed()))
+            }
+            None if idle_since.elapsed() >= IDLE_EXIT => {
                 WATCHER.store(false, Ordering::Release);
+                None
             }
-            p.silent.parked.len()
+            None => {
+                IDLE.store(true, Ordering::Release);
+                Some(IDLE_EXIT.saturating_sub(idle_since.elapsed()))
+            }
         });
-        if summary_at.is_none_or(|t| t.elapsed() >= SUMMARY) && summarise(deadline) {
-            summary_at = Some(Instant::now());
-        }
-        if n == 0 {
-            if !WATCHER.load(Ordering::Acquire) {
-                return;
+        let Some(mut wait) = wait else { return };
+        if EXPIRED.load(Ordering::Relaxed) + EVICTED.load(Ordering::Relaxed) > 0 {
+            match summary_at.map(|t| SUMMARY.saturating_sub(t.elapsed())) {
+                Some(d) if !d.is_zero() => wait = wait.min(d),
+                _ => {
+                    summarise(deadline);
+                    summary_at = Some(Instant::now());
+                }
             }
-            std::thread::sleep(Duration::from_millis(TICK_MS as u64));
-            continue;
         }
-        idle_since = Instant::now();
-        // SAFETY: a valid array of `pfds.len()` pollfds. A number closed meanwhile (evicted)
-        // reports POLLNVAL or its new socket's state; either is re-checked under the lock.
-        unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, TICK_MS) };
-        let woke: Vec<RawFd> = pfds.iter().filter(|f| f.revents != 0).map(|f| f.fd).collect();
+        let ep = EPOLL.load(Ordering::Acquire);
+        // Round up: a deadline 0.3 ms away must not spin with a zero timeout.
+        let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+        // SAFETY: a valid epoll fd (created before the first park) and event array.
+        let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, ms) };
+        let mut woke: Vec<RawFd> = Vec::new();
+        for e in events.iter().take(n.max(0) as usize) {
+            if e.u64 == KICK_TOKEN {
+                let mut v = 0u64;
+                // SAFETY: eventfd reads are 8 bytes.
+                unsafe { libc::read(KICK.load(Ordering::Acquire), (&mut v as *mut u64).cast(), 8) };
+            } else {
+                woke.push(e.u64 as RawFd);
+            }
+        }
+        // An event for a number that was evicted and reused meanwhile finds the new connection
+        // (re-checked by the peek below, re-armed if still silent).
         let (spoke, expired) = with_pool(|p| {
             let mut spoke = Vec::new();
             let mut expired = Vec::new();
@@ -234,7 +341,10 @@ fn watch() {
         });
         for c in spoke {
             match peek(c.fd) {
-                FirstByte::Data => start(c.lfd, c.fd, c.peer, c.ident, c.rule),
+                FirstByte::Data => {
+                    unregister(c.fd);
+                    start(c.lfd, c.fd, c.peer, c.ident, c.rule)
+                }
                 FirstByte::Silent => {
                     let evicted = with_pool(|p| park(p, c));
                     evicted.into_iter().for_each(close_fd);
@@ -247,6 +357,7 @@ fn watch() {
         }
         for c in expired {
             if c.rule.mode == Mode::Permissive {
+                unregister(c.fd);
                 plaintext(c);
             } else {
                 EXPIRED.fetch_add(1, Ordering::Relaxed);
@@ -298,6 +409,15 @@ fn summarise(deadline: Duration) -> bool {
     expired + evicted > 0
 }
 
+/// In the fork child: no watcher runs, and the epoll set is the parent's (an epoll file is
+/// shared across fork): close the child's copies and forget them.
 pub(super) fn atfork_child() {
     WATCHER.store(false, Ordering::Release);
+    IDLE.store(false, Ordering::Release);
+    for a in [&EPOLL, &KICK] {
+        let fd = a.swap(-1, Ordering::AcqRel);
+        if fd >= 0 {
+            close_fd(fd);
+        }
+    }
 }
