@@ -44,6 +44,9 @@ pub(super) const FIRST_BYTE: Duration = Duration::from_secs(2);
 pub(super) const PER_SOURCE: usize = 128;
 /// Parked connections per process before the oldest is evicted.
 pub(super) const MAX_PARKED: usize = 1024;
+/// The global cap is never below this, whatever `RLIMIT_NOFILE` says, so a park with fewer
+/// parked makes no `getrlimit` call (parking is on the setup path of nearly every connection).
+const MIN_PARKED_CAP: usize = 16;
 /// The watcher exits after this long with nothing parked (the next park starts a new one).
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 /// Evictions and expiries are logged at most this often (summed up), the first one at once.
@@ -84,7 +87,9 @@ pub(super) struct Silent {
 }
 
 impl Silent {
-    /// Take out the `i`th parked connection, and its registration in the epoll set.
+    /// Take out the `i`th parked connection, and its registration in the epoll set (for a
+    /// connection that goes on, a spent one-shot registration would stay on its socket's wait
+    /// queue, called on every wake-up of the socket for its whole life).
     fn remove_at(&mut self, i: usize) -> Option<Parked> {
         let p = self.parked.remove(i)?;
         unregister(p.fd);
@@ -154,7 +159,7 @@ fn max_parked() -> usize {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer.
     let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 { r.rlim_cur as usize } else { 1024 };
-    MAX_PARKED.min(cur / 4).max(16)
+    MAX_PARKED.min(cur / 4).max(MIN_PARKED_CAP)
 }
 
 /// Park `c` (already in `held`), in the order of its `at` (a connection woken by a stale event
@@ -173,9 +178,11 @@ pub(super) fn park(p: &mut Pool, c: Parked) -> Vec<RawFd> {
         }
         let at = p.silent.parked.partition_point(|x| x.at <= c.at);
         p.silent.parked.insert(at, c);
-        let max = max_parked();
-        while p.silent.parked.len() > max {
-            evicted.extend(p.silent.remove_at(0));
+        if p.silent.parked.len() > MIN_PARKED_CAP {
+            let max = max_parked();
+            while p.silent.parked.len() > max {
+                evicted.extend(p.silent.remove_at(0));
+            }
         }
     } else {
         // No epoll set (fd or memory exhaustion): nobody would see its first byte.
