@@ -9,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
+use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -21,18 +22,24 @@ use tether_shim_tests::{
 
 const SILENT: usize = 1000;
 
-#[test]
-fn good_client_is_served_within_a_second_while_1000_silent_connections_are_held() {
+/// A protected echo server (its pid) that has served one tether client, so that its SVID fetch
+/// and first handshake are behind it, and the marker client script (connect, send the marker,
+/// read it back, print how long that took).
+fn warm_echo_server(name: &str) -> (Harness, u16, u32, PathBuf) {
     let port = free_port();
-    let mut h = Harness::new("flood", Policy::new().both(port));
+    let mut h = Harness::new(name, Policy::new().both(port));
     let pid = h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
-    // Connect, send the marker, read it back; print how long that took.
     let client = h.script("timed_client.py", PY_MARKER_CLIENT);
-    // Warm up: the server fetches its SVID on its first accept, not during the flood.
     let mut warm = Command::new(PYTHON);
     warm.arg(&client).arg(port.to_string()).arg("warm-up");
     let run = h.run("warm", h.shim(&mut warm, "warm"), Duration::from_secs(30));
     assert!(run.success() && run.stdout.contains("echo_ok"), "warm-up: {run}");
+    (h, port, pid, client)
+}
+
+#[test]
+fn good_client_is_served_within_a_second_while_1000_silent_connections_are_held() {
+    let (h, port, pid, client) = warm_echo_server("flood");
     let tcp_before = tcp_fds(pid);
 
     let t0 = Instant::now();
@@ -89,14 +96,7 @@ fn good_client_is_served_within_a_second_while_1000_silent_connections_are_held(
 /// the first-byte deadline (2 s), not before.
 #[test]
 fn late_first_byte_is_handed_over_at_once_and_the_watcher_does_not_tick() {
-    let port = free_port();
-    let mut h = Harness::new("late-byte", Policy::new().both(port));
-    let pid = h.spawn_server("server", h.shim(&mut echo_server(port), "server"), port);
-    let client = h.script("timed_client.py", PY_MARKER_CLIENT);
-    let mut warm = Command::new(PYTHON);
-    warm.arg(&client).arg(port.to_string()).arg("warm-up");
-    let run = h.run("warm", h.shim(&mut warm, "warm"), Duration::from_secs(30));
-    assert!(run.success() && run.stdout.contains("echo_ok"), "warm-up: {run}");
+    let (h, port, pid, _) = warm_echo_server("late-byte");
     let hello = real_client_hello();
 
     let t0 = Instant::now();
