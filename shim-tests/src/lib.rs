@@ -19,6 +19,8 @@
 //! [`programs`] holds the scripts and commands several tests run the same way (an echo server,
 //! a marker client, a read-to-end reader, `openssl s_server`/`s_client` with the test's SVID,
 //! [`Harness::run_python`], and `e2e.py`, the Python helpers every test script can import).
+//! [`procfs`] reads what the kernel says about a server under test (thread wake-ups, TCP fds,
+//! epoll registrations).
 //! Run them with `scripts/test-e2e [--host|--uml|--all]`.
 //!
 //! Environment knobs (all optional):
@@ -31,13 +33,14 @@
 
 pub mod fixed_ktls;
 pub mod memscan;
+pub mod procfs;
 pub mod programs;
 pub mod svid_dir;
 pub mod wire;
 
 pub use programs::{
-    echo_server, openssl_s_client, openssl_s_server, SvidFiles, PY_ASYNCIO_ECHO_SERVER, PY_MARKER_CLIENT,
-    PY_READ_TO_END,
+    echo_server, openssl_s_client, openssl_s_server, real_client_hello, wait_dropped, SvidFiles, PY_ASYNCIO_ECHO_SERVER,
+    PY_MARKER_CLIENT, PY_READ_TO_END,
 };
 
 use std::collections::{BTreeMap, HashSet};

@@ -4,6 +4,8 @@
 
 use std::ffi::OsStr;
 use std::fs;
+use std::io::{ErrorKind, Read};
+use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -167,4 +169,41 @@ pub fn openssl_s_client(h: &Harness, svid: &SvidFiles, port: u16, extra: &[&str]
 /// openssl's `-CAfile BUNDLE -cert CERT -key KEY` for `svid`.
 pub fn presenting<'c>(c: &'c mut Command, (cert, key, bundle): &SvidFiles) -> &'c mut Command {
     c.arg("-CAfile").arg(bundle).arg("-cert").arg(cert).arg("-key").arg(key)
+}
+
+/// The first TLS record a real client sends: a ClientHello from `openssl s_client`, to send by
+/// hand over a plain socket (a hostile or a late client).
+pub fn real_client_hello() -> Vec<u8> {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let mut client = Command::new("openssl")
+        .args(["s_client", "-tls1_3", "-connect", &format!("127.0.0.1:{port}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = vec![0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+    buf.resize(5 + len, 0);
+    s.read_exact(&mut buf[5..]).unwrap();
+    let _ = client.kill();
+    let _ = client.wait();
+    assert_eq!(buf[0], 0x16);
+    buf
+}
+
+/// The server dropped us: a read ends with EOF or a reset; data or a hang panics.
+pub fn wait_dropped(s: &mut TcpStream, what: &str, limit: Duration) {
+    s.set_read_timeout(Some(limit)).unwrap();
+    let mut buf = [0u8; 4096];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Ok(n) => panic!("{what}: the protected server sent {n} bytes to a hostile client"),
+        Err(e) if matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe) => {}
+        Err(e) => panic!("{what}: not dropped within {limit:?}: {e}"),
+    }
 }

@@ -1,17 +1,21 @@
 //! Issue 9 (fork, vfork): a fork with a finished inbound handshake waiting, the parent's broker
 //! connection in a fork child, CPython's vfork-based subprocess next to a protected
-//! connection, and postgres (fork per connection) under pgbench -C, all under tether.
+//! connection, and postgres (fork per connection) under pgbench -C, all under tether; issue 14:
+//! a fork between two parked silent connections (the silent watcher's epoll set is shared).
 
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::fs;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tether_shim_tests::{echo_server, free_port, in_uml, show, DataPathCheck, Harness, Policy, PY_MARKER_CLIENT};
+use tether_shim_tests::{
+    echo_server, free_port, in_uml, real_client_hello, show, DataPathCheck, Harness, Policy, PY_MARKER_CLIENT,
+};
 
 /// A server that forks while a protected connection whose handshake has finished waits in the
 /// shim's pool (the program has not accepted it yet). The child must not hang in the fork
@@ -88,6 +92,67 @@ fn fork_with_a_finished_inbound_handshake_waiting_does_not_hang_the_child() {
     assert!(out.contains("child_status=0") && out.contains("served"), "server:\n{}\n{}", h.output("server"), show(&h.log_lines("server")));
     assert!(out.contains("child_broker_sockets=0"), "the fork child kept the parent's broker connection:\n{out}");
     check.finish_with_markers(&h.log_lines("server"), &[marker.as_bytes()]);
+}
+
+/// A non-blocking server that parks a silent connection (its accept takes it from the backlog and
+/// says EAGAIN), forks on a line from stdin, and whose child parks another on the next line.
+const PY_PARK_FORK_SERVER: &str = r#"
+import os, socket, sys, time
+port = int(sys.argv[1])
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", port)); l.listen(16); l.setblocking(False)
+print("listening", flush=True)
+def park(who):
+    try:
+        l.accept(); print(who + ": a silent connection was handed out", flush=True); os._exit(2)
+    except BlockingIOError:
+        print(who + "-parked", flush=True)
+sys.stdin.readline(); park("parent")
+sys.stdin.readline()
+if os.fork() == 0:
+    print("child-ready", flush=True)
+    sys.stdin.readline(); park("child")
+time.sleep(60)
+"#;
+
+/// Issue 14: the silent watcher's epoll set is one file shared across fork, so a fork child that
+/// took an inherited parked fd out of it (`EPOLL_CTL_DEL`) would remove the parent's registration:
+/// the parent's parked connection would go unseen until its first-byte deadline. The parent parks
+/// one, forks, the child parks another (in a set of its own); each one's late ClientHello is
+/// answered at once, by the process that parked it.
+#[test]
+fn a_fork_child_leaves_the_parents_parked_connections_watched() {
+    let port = free_port();
+    let mut h = Harness::new("park-fork", Policy::new().both(port));
+    let mut server = h.python("park_fork_server.py", PY_PARK_FORK_SERVER);
+    server.arg(port.to_string());
+    let mut stdin = h.spawn_with_stdin("server", h.shim(&mut server, "server"));
+    h.wait_listening("server", port);
+    let hello = real_client_hello();
+    let mut step = |line: &str, want: &str| {
+        writeln!(stdin, "{line}").unwrap();
+        let out = h.wait_stdout("server", Duration::from_secs(20), |o| o.contains(want));
+        assert!(out.contains(want), "no {want:?} from the server\n{}", h.output("server"));
+    };
+    let mut parents = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    step("park", "parent-parked");
+    step("fork", "child-ready");
+    let mut childs = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    step("park", "child-parked");
+    for (s, whose) in [(&mut parents, "parent"), (&mut childs, "child")] {
+        let sent = Instant::now();
+        s.write_all(&hello).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut first = [0u8; 1];
+        s.read_exact(&mut first).unwrap_or_else(|e| {
+            panic!("the {whose}'s parked connection got no answer to its ClientHello: {e}\n{}", show(&h.log_lines("server")))
+        });
+        let took = sent.elapsed();
+        eprintln!("the {whose}'s parked connection: ClientHello answered in {took:?}");
+        assert_eq!(first[0], 0x16, "the {whose}'s answer is not a TLS handshake record");
+        assert!(took < Duration::from_secs(1), "the {whose}'s parked connection was answered after {took:?}");
+    }
 }
 
 /// A client holds a protected connection and spawns children with `subprocess` (CPython uses

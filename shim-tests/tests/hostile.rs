@@ -5,57 +5,13 @@
 #![allow(clippy::unwrap_used)] // reason: tests
 
 use std::fs;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::io::Write;
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tether_shim_tests::{curl_get, free_port, http_server, nginx, show, Harness, LogLine, Policy};
-
-/// The first TLS record a real client sends: a ClientHello from `openssl s_client`.
-fn real_client_hello() -> Vec<u8> {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = l.local_addr().unwrap().port();
-    let mut client = Command::new("openssl")
-        .args([
-            "s_client",
-            "-tls1_3",
-            "-connect",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (mut s, _) = l.accept().unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let mut buf = vec![0u8; 5];
-    s.read_exact(&mut buf).unwrap();
-    let len = usize::from(u16::from_be_bytes([buf[3], buf[4]]));
-    buf.resize(5 + len, 0);
-    s.read_exact(&mut buf[5..]).unwrap();
-    let _ = client.kill();
-    let _ = client.wait();
-    assert_eq!(buf[0], 0x16);
-    buf
-}
-
-/// The server dropped us: a read ends with EOF or a reset; data or a hang panics.
-fn wait_dropped(s: &mut TcpStream, what: &str, limit: Duration) {
-    s.set_read_timeout(Some(limit)).unwrap();
-    let mut buf = [0u8; 4096];
-    match s.read(&mut buf) {
-        Ok(0) => {}
-        Ok(n) => panic!("{what}: the protected server sent {n} bytes to a hostile client"),
-        Err(e)
-            if matches!(
-                e.kind(),
-                ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe
-            ) => {}
-        Err(e) => panic!("{what}: not dropped within {limit:?}: {e}"),
-    }
-}
+use tether_shim_tests::{
+    curl_get, free_port, http_server, nginx, real_client_hello, show, wait_dropped, Harness, LogLine, Policy,
+};
 
 fn count(lines: &[LogLine], reason: &str) -> usize {
     lines

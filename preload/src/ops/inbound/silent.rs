@@ -4,9 +4,14 @@
 //! silent when accepted costs no thread: it is *parked* until its first byte arrives, then
 //! handed to a handshake worker. Parking adds the fd to an epoll set (one-shot, `EPOLLIN |
 //! EPOLLRDHUP`) that one "tether-silent" thread waits on; the registration takes effect at once,
-//! even while the watcher sleeps, so a first byte is seen when it arrives (no tick). The watcher
-//! sleeps until the oldest parked connection's deadline (or, with none parked, until an eventfd
-//! in the set says one was parked or evicted). Parking is bounded three ways, so that silent connections can never lock anyone out:
+//! even while the watcher sleeps, and a byte that came before it is reported too, so a first
+//! byte is seen when it arrives (no tick). The watcher sleeps until an event, the oldest parked
+//! connection's deadline, or a due summary line, and never longer than a deadline: a connection
+//! parked during its sleep needs no wake-up (an eventfd in the set kicks it only to log a first
+//! eviction). A connection leaves the set (`EPOLL_CTL_DEL`) whenever it leaves the parked list,
+//! before anyone closes it: a socket file that outlives our close (a fork child not yet through
+//! its atfork handler) would otherwise keep a registration under a number the next connection
+//! gets. Parking is bounded three ways, so that silent connections can never lock anyone out:
 //! - a **first-byte deadline** ([`FIRST_BYTE`], at most the handshake timeout): a connection
 //!   still silent then is closed (mutual) or handed out as plaintext (permissive: a protocol
 //!   where the server speaks first);
@@ -39,6 +44,9 @@ pub(super) const FIRST_BYTE: Duration = Duration::from_secs(2);
 pub(super) const PER_SOURCE: usize = 128;
 /// Parked connections per process before the oldest is evicted.
 pub(super) const MAX_PARKED: usize = 1024;
+/// The global cap is never below this, whatever `RLIMIT_NOFILE` says, so a park with fewer
+/// parked makes no `getrlimit` call (parking is on the setup path of nearly every connection).
+const MIN_PARKED_CAP: usize = 16;
 /// The watcher exits after this long with nothing parked (the next park starts a new one).
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 /// Evictions and expiries are logged at most this often (summed up), the first one at once.
@@ -79,8 +87,12 @@ pub(super) struct Silent {
 }
 
 impl Silent {
+    /// Take out the `i`th parked connection, and its registration in the epoll set (for a
+    /// connection that goes on, a spent one-shot registration would stay on its socket's wait
+    /// queue, called on every wake-up of the socket for its whole life).
     fn remove_at(&mut self, i: usize) -> Option<Parked> {
         let p = self.parked.remove(i)?;
+        unregister(p.fd);
         let src = Source::of(p.peer);
         if let Some(n) = self.per_source.get_mut(&src) {
             *n -= 1;
@@ -91,6 +103,8 @@ impl Silent {
         Some(p)
     }
 
+    /// In the fork child: forget everything, and leave the epoll set alone (it is the parent's:
+    /// an `EPOLL_CTL_DEL` here would remove the parent's registration of the same socket).
     pub(super) fn clear(&mut self) -> Vec<Parked> {
         self.per_source.clear();
         self.parked.drain(..).collect()
@@ -118,8 +132,6 @@ static WATCHER: AtomicBool = AtomicBool::new(false);
 /// under the POOL lock; the fork child closes its copies and forgets them).
 static EPOLL: AtomicI32 = AtomicI32::new(-1);
 static KICK: AtomicI32 = AtomicI32::new(-1);
-/// The watcher sleeps with nothing parked (no deadline to wake for): a park must kick it.
-static IDLE: AtomicBool = AtomicBool::new(false);
 /// epoll data of the eventfd (parked connections use their fd, never negative).
 const KICK_TOKEN: u64 = u64::MAX;
 
@@ -147,42 +159,44 @@ fn max_parked() -> usize {
     let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid out-pointer.
     let cur = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } == 0 { r.rlim_cur as usize } else { 1024 };
-    MAX_PARKED.min(cur / 4).max(16)
+    MAX_PARKED.min(cur / 4).max(MIN_PARKED_CAP)
 }
 
-/// Park `c` (already in `held`). Returns the fds evicted to make room; the caller closes them
-/// outside the lock.
+/// Park `c` (already in `held`), in the order of its `at` (a connection woken by a stale event
+/// is parked again, behind younger ones otherwise). Returns the fds evicted to make room; the
+/// caller closes them outside the lock.
 pub(super) fn park(p: &mut Pool, c: Parked) -> Vec<RawFd> {
     let mut evicted = Vec::new();
-    let src = Source::of(c.peer);
-    let n = p.silent.per_source.entry(src).or_insert(0);
-    *n += 1;
-    if *n > PER_SOURCE {
-        if let Some(i) = p.silent.parked.iter().position(|x| Source::of(x.peer) == src) {
-            evicted.extend(p.silent.remove_at(i));
+    if register(c.fd) {
+        let src = Source::of(c.peer);
+        let n = p.silent.per_source.entry(src).or_insert(0);
+        *n += 1;
+        if *n > PER_SOURCE {
+            if let Some(i) = p.silent.parked.iter().position(|x| Source::of(x.peer) == src) {
+                evicted.extend(p.silent.remove_at(i));
+            }
         }
-    }
-    let fd = c.fd;
-    p.silent.parked.push_back(c);
-    if !register(fd) {
+        let at = p.silent.parked.partition_point(|x| x.at <= c.at);
+        p.silent.parked.insert(at, c);
+        if p.silent.parked.len() > MIN_PARKED_CAP {
+            let max = max_parked();
+            while p.silent.parked.len() > max {
+                evicted.extend(p.silent.remove_at(0));
+            }
+        }
+    } else {
         // No epoll set (fd or memory exhaustion): nobody would see its first byte.
-        evicted.extend(p.silent.parked.pop_back());
-        if let Some(n) = p.silent.per_source.get_mut(&src) {
-            *n -= 1;
-        }
-        p.silent.per_source.retain(|_, n| *n > 0);
+        evicted.push(c);
     }
-    while p.silent.parked.len() > max_parked() {
-        evicted.extend(p.silent.remove_at(0));
-    }
-    EVICTED.fetch_add(evicted.len() as u64, Ordering::Relaxed);
+    let before = EVICTED.fetch_add(evicted.len() as u64, Ordering::Relaxed);
     let fds = evicted.iter().map(|e| e.fd).collect();
     for e in &evicted {
         p.held.remove(&e.fd);
     }
-    // A sleeping watcher with no deadline must learn of the new one; an eviction is due in the
-    // summary line.
-    if IDLE.swap(false, Ordering::AcqRel) || !evicted.is_empty() {
+    // The first eviction since the last summary line must schedule the next (the watcher adds
+    // it to its sleep from then). A new deadline needs no kick: the watcher never sleeps longer
+    // than a deadline, so it wakes before the one of a connection parked during its sleep.
+    if before == 0 && !evicted.is_empty() {
         kick();
     }
     ensure_watcher();
@@ -216,8 +230,8 @@ fn sets() -> Option<(RawFd, RawFd)> {
     }
 }
 
-/// Arm a one-shot wait for `fd`'s first byte (or its close). A number seen before (re-parked,
-/// or reused after an eviction raced with its event) is re-armed.
+/// Arm a one-shot wait for `fd`'s first byte (or its close). Every parked fd left the set when
+/// it left the parked list, so this is always a new registration.
 fn register(fd: RawFd) -> bool {
     let Some((ep, _)) = sets() else { return false };
     let mut ev = libc::epoll_event {
@@ -225,13 +239,11 @@ fn register(fd: RawFd) -> bool {
         u64: fd as u64,
     };
     // SAFETY: valid epoll fd and event.
-    unsafe {
-        libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) == 0
-            || (guard::errno() == libc::EEXIST && libc::epoll_ctl(ep, libc::EPOLL_CTL_MOD, fd, &mut ev) == 0)
-    }
+    unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, fd, &mut ev) == 0 }
 }
 
-/// Forget `fd` (it leaves the parked set for a worker or the program; closing does this too).
+/// Take `fd` out of the epoll set (it leaves the parked list, for a worker, the program or a
+/// close).
 fn unregister(fd: RawFd) {
     let ep = EPOLL.load(Ordering::Acquire);
     if ep >= 0 {
@@ -272,7 +284,8 @@ fn ensure_watcher() {
 
 /// The watcher: hand parked connections to a worker when their first byte comes, drop those
 /// that leave or stay silent past the deadline. It sleeps in `epoll_wait` until an event, the
-/// oldest parked connection's deadline, or a summary line that is due.
+/// oldest parked connection's deadline, or a summary line that is due; with nothing parked, for
+/// one deadline at most (so the first connection parked meanwhile is never overslept).
 fn watch() {
     let deadline = FIRST_BYTE.min(settings::get().handshake_timeout);
     let mut idle_since = Instant::now();
@@ -281,7 +294,6 @@ fn watch() {
     loop {
         let wait = with_pool(|p| match p.silent.parked.front() {
             Some(c) => {
-                IDLE.store(false, Ordering::Release);
                 idle_since = Instant::now();
                 Some(deadline.saturating_sub(c.at.elapsed()))
             }
@@ -289,10 +301,7 @@ fn watch() {
                 WATCHER.store(false, Ordering::Release);
                 None
             }
-            None => {
-                IDLE.store(true, Ordering::Release);
-                Some(IDLE_EXIT.saturating_sub(idle_since.elapsed()))
-            }
+            None => Some(deadline.min(IDLE_EXIT.saturating_sub(idle_since.elapsed()))),
         });
         let Some(mut wait) = wait else { return };
         if EXPIRED.load(Ordering::Relaxed) + EVICTED.load(Ordering::Relaxed) > 0 {
@@ -307,8 +316,13 @@ fn watch() {
         let ep = EPOLL.load(Ordering::Acquire);
         // Round up: a deadline 0.3 ms away must not spin with a zero timeout.
         let ms = wait.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
-        // SAFETY: a valid epoll fd (created before the first park) and event array.
+        // SAFETY: an epoll fd (-1 only if the first park could not make one: EBADF) and a
+        // valid event array.
         let n = unsafe { libc::epoll_wait(ep, events.as_mut_ptr(), events.len() as i32, ms) };
+        if n < 0 && guard::errno() != libc::EINTR {
+            // No set to wait on: deadlines and the idle exit still come, without a spin.
+            std::thread::sleep(wait);
+        }
         let mut woke: Vec<RawFd> = Vec::new();
         for e in events.iter().take(n.max(0) as usize) {
             if e.u64 == KICK_TOKEN {
@@ -320,7 +334,7 @@ fn watch() {
             }
         }
         // An event for a number that was evicted and reused meanwhile finds the new connection
-        // (re-checked by the peek below, re-armed if still silent).
+        // (re-checked by the peek below, parked again in its place if still silent).
         let (spoke, expired) = with_pool(|p| {
             let mut spoke = Vec::new();
             let mut expired = Vec::new();
@@ -341,13 +355,12 @@ fn watch() {
         });
         for c in spoke {
             match peek(c.fd) {
-                FirstByte::Data => {
-                    unregister(c.fd);
-                    start(c.lfd, c.fd, c.peer, c.ident, c.rule)
-                }
+                FirstByte::Data => start(c.lfd, c.fd, c.peer, c.ident, c.rule),
                 FirstByte::Silent => {
-                    let evicted = with_pool(|p| park(p, c));
-                    evicted.into_iter().for_each(close_fd);
+                    for e in with_pool(|p| park(p, c)) {
+                        net::kill(e);
+                        close_fd(e);
+                    }
                 }
                 FirstByte::Gone => {
                     with_pool(|p| p.held.remove(&c.fd));
@@ -357,7 +370,6 @@ fn watch() {
         }
         for c in expired {
             if c.rule.mode == Mode::Permissive {
-                unregister(c.fd);
                 plaintext(c);
             } else {
                 EXPIRED.fetch_add(1, Ordering::Relaxed);
@@ -410,10 +422,12 @@ fn summarise(deadline: Duration) -> bool {
 }
 
 /// In the fork child: no watcher runs, and the epoll set is the parent's (an epoll file is
-/// shared across fork): close the child's copies and forget them.
+/// shared across fork): close the child's copies and forget them. The counts not yet logged are
+/// the parent's to log.
 pub(super) fn atfork_child() {
     WATCHER.store(false, Ordering::Release);
-    IDLE.store(false, Ordering::Release);
+    EVICTED.store(0, Ordering::Relaxed);
+    EXPIRED.store(0, Ordering::Relaxed);
     for a in [&EPOLL, &KICK] {
         let fd = a.swap(-1, Ordering::AcqRel);
         if fd >= 0 {
