@@ -14,6 +14,7 @@
 
 use std::fmt;
 use std::fs::{self, File};
+use std::io::{self, Read};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
@@ -66,7 +67,7 @@ pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impe
     if facts.uid == 0 {
         return Ok(());
     }
-    writable_code(facts, &read_maps(facts.pid)?)
+    writable_code(facts, &read_maps(facts.pid, 0)?)
 }
 
 /// What [`recheck`] keeps between the signatures of one process.
@@ -81,6 +82,8 @@ pub struct Watch {
     status: File,
     /// Fingerprint of the executable mappings last found clean (0: none yet).
     clean_maps: u64,
+    /// Length of the maps last read: the next read's buffer.
+    maps_len: usize,
 }
 
 impl Watch {
@@ -94,7 +97,7 @@ impl Watch {
         if !still_the_process() {
             return Err(unreadable("the process exited".to_owned()));
         }
-        Ok(Self { status, clean_maps: 0 })
+        Ok(Self { status, clean_maps: 0, maps_len: 0 })
     }
 
     /// `TracerPid` now, from the kept file.
@@ -130,7 +133,8 @@ pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, watch: &mut Watc
     if facts.uid == 0 {
         return Ok(());
     }
-    let maps = read_maps(pid)?;
+    let maps = read_maps(pid, watch.maps_len)?;
+    watch.maps_len = maps.len();
     let fp = fingerprint(&maps);
     if fp == watch.clean_maps {
         return Ok(());
@@ -166,9 +170,29 @@ fn replaced(pid: i32, registered: &Path) -> Result<(), Impersonation> {
     Ok(())
 }
 
-fn read_maps(pid: i32) -> Result<String, Impersonation> {
-    fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| Impersonation::Unreadable { pid, what: format!("maps: {e}") })
+/// `/proc/<pid>/maps`, whole. The kernel hands it out a page per `read` at most, so the buffer
+/// is sized from `hint` (the length read last time) and filled without the size probe that
+/// `fs::read_to_string` makes (a `statx`, then reads starting at 32 bytes and growing): 5 KiB
+/// of maps take 3 reads instead of 9.
+fn read_maps(pid: i32, hint: usize) -> Result<String, Impersonation> {
+    const PAGE: usize = 4096;
+    let unreadable = |e: io::Error| Impersonation::Unreadable { pid, what: format!("maps: {e}") };
+    let mut file = File::open(format!("/proc/{pid}/maps")).map_err(unreadable)?;
+    let mut buf = vec![0u8; hint + PAGE];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(unreadable(e)),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|_| unreadable(io::ErrorKind::InvalidData.into()))
 }
 
 /// An executable file mapping the process's uid or groups can write.
@@ -302,6 +326,40 @@ mod tests {
         let r = recheck(&facts, None, &mut watch);
         assert!(matches!(r, Err(Impersonation::Unreadable { .. })), "{r:?}");
         assert!(Watch::open(facts.pid, || false).is_err(), "a process that is gone is refused at open");
+    }
+
+    #[test]
+    fn code_mapped_after_many_rechecks_from_a_file_the_user_can_write_is_refused() {
+        use std::io::{BufRead, Write};
+        let lib = std::env::temp_dir().join(format!("tether-writable-code-{}", std::process::id()));
+        fs::write(&lib, [0u8; 4096]).unwrap();
+        std::os::unix::fs::chown(&lib, Some(65534), Some(65534)).unwrap();
+        // Run as root, seen as uid 65534: its own code is root's, the file is 65534's.
+        let script = "import mmap, sys\nf = open(sys.argv[1], 'rb')\nsys.stdin.readline()\n\
+                      m = mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)\n\
+                      print('mapped', flush=True)\nsys.stdin.readline()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&lib)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let facts = ProcessFacts { pid: child.id() as i32, uid: 65534, gid: 65534, ..Default::default() };
+        let mut watch = Watch::open(facts.pid, || true).unwrap();
+        for _ in 0..20 {
+            recheck(&facts, None, &mut watch).unwrap();
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "map").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "mapped");
+        let r = recheck(&facts, None, &mut watch);
+        drop(stdin);
+        let _ = child.wait();
+        let _ = fs::remove_file(&lib);
+        assert!(matches!(&r, Err(Impersonation::WritableCode { file, .. }) if file == &lib), "{r:?}");
     }
 
     #[test]
