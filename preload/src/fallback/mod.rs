@@ -516,7 +516,6 @@ struct Swapped {
     tcp: RawFd,
     relay_end: RawFd,
     cloexec: bool,
-    nonblocking: bool,
 }
 
 impl Swapped {
@@ -524,7 +523,6 @@ impl Swapped {
     /// (The TCP dup itself is closed by whoever owns it: the `Link`.)
     fn undo(self, app_fd: RawFd) {
         let _ = sys::dup3(self.tcp, app_fd, self.cloexec);
-        let _ = sys::set_nonblocking(self.tcp, self.nonblocking);
         drop(Fresh(self.relay_end));
     }
 }
@@ -546,21 +544,14 @@ fn swap(app_fd: RawFd, known: Option<FdFlags>) -> io::Result<Swapped> {
     for fd in [app_end.0, relay_end.0] {
         sys::set_int_sockopt(fd, libc::SO_SNDBUF, PAIR_BUFFER);
     }
-    if !nonblocking {
-        sys::set_nonblocking(relay_end.0, true)?;
-        // The TCP socket's file is shared with `app_fd` from here: undo on any later failure.
-        sys::set_nonblocking(tcp.0, true)?;
-    }
-    if let Err(error) = sys::dup3(app_end.0, app_fd, cloexec) {
-        let _ = sys::set_nonblocking(tcp.0, nonblocking);
-        return Err(error);
-    }
+    // The relay's ends (its socketpair end, the TCP socket) keep the program's O_NONBLOCK:
+    // every recv and send on them is MSG_DONTWAIT, so a blocking program costs no flag change.
+    sys::dup3(app_end.0, app_fd, cloexec)?;
     drop(app_end);
     Ok(Swapped {
         tcp: tcp.keep(),
         relay_end: relay_end.keep(),
         cloexec,
-        nonblocking,
     })
 }
 
