@@ -170,10 +170,10 @@ fn replaced(pid: i32, registered: &Path) -> Result<(), Impersonation> {
     Ok(())
 }
 
-/// `/proc/<pid>/maps`, whole. The kernel hands it out a page per `read` at most, so the buffer
-/// is sized from `hint` (the length read last time) and filled without the size probe that
-/// `fs::read_to_string` makes (a `statx`, then reads starting at 32 bytes and growing): 5 KiB
-/// of maps take 3 reads instead of 9.
+/// `/proc/<pid>/maps`, whole. The buffer is sized from `hint` (the length read last time, plus
+/// a page), so one `read` usually takes it all and a second sees the end, without the size
+/// probe that `fs::read_to_string` makes (a `statx`, then reads starting at 32 bytes and
+/// growing): 5 KiB of maps took 2 reads instead of 9 (`strace -c` of tetherd).
 fn read_maps(pid: i32, hint: usize) -> Result<String, Impersonation> {
     const PAGE: usize = 4096;
     let unreadable = |e: io::Error| Impersonation::Unreadable { pid, what: format!("maps: {e}") };
