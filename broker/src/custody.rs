@@ -164,12 +164,14 @@ struct Held {
     checks: Option<Arc<Checks>>,
 }
 
-/// What [`impersonation::recheck`] needs for one owner.
+/// What [`impersonation::recheck`] needs for one owner. Its status file is closed when the
+/// owner's keys are destroyed (at its exit at the latest) and the last signature in flight
+/// ends: at most one per owner, so at most [`MAX_OWNERS`] in all.
 struct Checks {
     facts: ProcessFacts,
     registered: Option<PathBuf>,
-    /// Fingerprint of the executable mappings last found clean (0: none yet).
-    clean_maps: Mutex<u64>,
+    /// Serialises the owner's re-checks.
+    watch: Mutex<impersonation::Watch>,
 }
 
 #[derive(Default)]
@@ -264,6 +266,18 @@ impl KeyStore {
         key.id = u64::from_ne_bytes(id_bytes) | 1;
         let id = key.id;
         let process = owner.process;
+        // Opened before the lock (a refresh of a known owner drops it unused), then proved to
+        // belong to the owner: its pidfd has not polled readable, or its start time is the same.
+        let watch = match &owner.checks {
+            Some(_) => Some(
+                impersonation::Watch::open(process.0, || match &pidfd {
+                    Some(fd) => matches!(sys::pidfd_exited(fd), Ok(false)),
+                    None => attest::is_running(process.0, process.1),
+                })
+                .map_err(|_| "cannot open the process's /proc status for its impersonation re-checks")?,
+            ),
+            None => None,
+        };
         let mut t = self.lock();
         if t.revoked.contains(&process) {
             return Err("this process's identity was revoked");
@@ -299,8 +313,8 @@ impl KeyStore {
                 token,
                 keys: vec![Arc::new(key)],
                 _pidfd: pidfd,
-                checks: owner.checks.map(|registered| {
-                    Arc::new(Checks { facts: owner.facts, registered, clean_maps: Mutex::new(0) })
+                checks: owner.checks.zip(watch).map(|(registered, watch)| {
+                    Arc::new(Checks { facts: owner.facts, registered, watch: Mutex::new(watch) })
                 }),
             },
         );
@@ -360,9 +374,9 @@ impl KeyStore {
             return Err(Refusal::Expired);
         }
         if let Some(c) = checks {
-            let mut clean = c.clean_maps.lock().unwrap_or_else(|p| p.into_inner());
-            if let Err(e) = impersonation::recheck(&c.facts, c.registered.as_deref(), &mut clean) {
-                drop(clean);
+            let mut watch = c.watch.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = impersonation::recheck(&c.facts, c.registered.as_deref(), &mut watch) {
+                drop(watch);
                 self.lock().revoked.insert(caller);
                 self.destroy(caller);
                 return Err(Refusal::Impersonation(e));

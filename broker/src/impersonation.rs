@@ -13,8 +13,9 @@
 //! fails closed). What it does not stop is written in the README's security model.
 
 use std::fmt;
-use std::fs;
-use std::os::unix::fs::MetadataExt;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use crate::config::ProcessFacts;
@@ -66,27 +67,80 @@ pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impe
     if facts.uid == 0 {
         return Ok(());
     }
-    writable_code(facts, &read_maps(facts.pid)?)
+    writable_code(facts, &read_maps(facts.pid, 0)?)
+}
+
+/// What [`recheck`] keeps between the signatures of one process.
+///
+/// `/proc/<pid>/status` stays open: the file is bound to the process it was opened on, not to
+/// its pid number, so each signature re-reads it with one `pread` at offset 0 (which makes the
+/// kernel generate it afresh) instead of an open, reads and a close; once the process is gone
+/// it reads `ESRCH`. `maps` is never kept open: its file is bound to the memory image it was
+/// opened on, and after an `exec` it would go on showing the old one.
+#[derive(Debug)]
+pub struct Watch {
+    status: File,
+    /// Fingerprint of the executable mappings last found clean (0: none yet).
+    clean_maps: u64,
+    /// Length of the maps last read: the next read's buffer.
+    maps_len: usize,
+}
+
+impl Watch {
+    /// Open `/proc/<pid>/status` for [`recheck`]. `still_the_process` must prove that `pid`
+    /// still names the process that was checked (its pidfd has not polled readable, or its
+    /// start time is unchanged); it runs after the open, so the file cannot belong to a
+    /// successor on a recycled pid.
+    pub fn open(pid: i32, still_the_process: impl FnOnce() -> bool) -> Result<Self, Impersonation> {
+        let unreadable = |what: String| Impersonation::Unreadable { pid, what };
+        let status = File::open(format!("/proc/{pid}/status")).map_err(|e| unreadable(format!("status: {e}")))?;
+        if !still_the_process() {
+            return Err(unreadable("the process exited".to_owned()));
+        }
+        Ok(Self { status, clean_maps: 0, maps_len: 0 })
+    }
+
+    /// `TracerPid` now, from the kept file.
+    fn tracer(&self, pid: i32) -> Result<i32, Impersonation> {
+        // TracerPid is the 8th line, after Name (at most 64 bytes escaped): well inside 1 KiB.
+        let mut buf = [0u8; 1024];
+        let n = self
+            .status
+            .read_at(&mut buf, 0)
+            .map_err(|e| Impersonation::Unreadable { pid, what: format!("status: {e}") })?;
+        // Only whole lines: a number cut at the end of the buffer must not parse.
+        let text = buf.get(..n).unwrap_or_default();
+        let whole = &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)];
+        tracer_pid(&String::from_utf8_lossy(whole))
+            .ok_or_else(|| Impersonation::Unreadable { pid, what: "no TracerPid: line in status".to_owned() })
+    }
 }
 
 /// [`check`] again, before a signature made with a key tetherd holds (broker custody): code
 /// injected after issuance (a tracer attached, a writable library mapped) must not sign.
-/// TracerPid and the registered file are read every time; the executable mappings are
-/// re-verified through `map_files/` only when they changed since the last clean pass
-/// (`clean_maps`, a fingerprint of the maps lines of executable file mappings), which is what
-/// keeps a signature cheap: two small /proc reads and two stats.
-pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, clean_maps: &mut u64) -> Result<(), Impersonation> {
-    traced_or_replaced(facts, registered)?;
+/// TracerPid (from the kept status file) and the registered file are read every time; the
+/// executable mappings are re-read every time too, but verified again through `map_files/`
+/// only when they changed since the last clean pass (a fingerprint of their maps lines).
+pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, watch: &mut Watch) -> Result<(), Impersonation> {
+    let pid = facts.pid;
+    let tracer = watch.tracer(pid)?;
+    if tracer != 0 {
+        return Err(Impersonation::Traced { pid, tracer });
+    }
+    if let Some(path) = registered {
+        replaced(pid, path)?;
+    }
     if facts.uid == 0 {
         return Ok(());
     }
-    let maps = read_maps(facts.pid)?;
+    let maps = read_maps(pid, watch.maps_len)?;
+    watch.maps_len = maps.len();
     let fp = fingerprint(&maps);
-    if fp == *clean_maps {
+    if fp == watch.clean_maps {
         return Ok(());
     }
     writable_code(facts, &maps)?;
-    *clean_maps = fp;
+    watch.clean_maps = fp;
     Ok(())
 }
 
@@ -99,19 +153,46 @@ fn traced_or_replaced(facts: &ProcessFacts, registered: Option<&Path>) -> Result
     if tracer != 0 {
         return Err(Impersonation::Traced { pid, tracer });
     }
-    if let Some(path) = registered {
-        let running = fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| unreadable(format!("exe: {e}")))?;
-        let genuine = fs::metadata(path).map_err(|e| unreadable(format!("{}: {e}", path.display())))?;
-        if (running.dev(), running.ino()) != (genuine.dev(), genuine.ino()) {
-            return Err(Impersonation::NotTheRegisteredFile { pid, registered: path.to_owned() });
-        }
+    match registered {
+        Some(path) => replaced(pid, path),
+        None => Ok(()),
+    }
+}
+
+/// The running executable is not the file `registered` names in tetherd's mount namespace.
+fn replaced(pid: i32, registered: &Path) -> Result<(), Impersonation> {
+    let unreadable = |what: String| Impersonation::Unreadable { pid, what };
+    let running = fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| unreadable(format!("exe: {e}")))?;
+    let genuine = fs::metadata(registered).map_err(|e| unreadable(format!("{}: {e}", registered.display())))?;
+    if (running.dev(), running.ino()) != (genuine.dev(), genuine.ino()) {
+        return Err(Impersonation::NotTheRegisteredFile { pid, registered: registered.to_owned() });
     }
     Ok(())
 }
 
-fn read_maps(pid: i32) -> Result<String, Impersonation> {
-    fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| Impersonation::Unreadable { pid, what: format!("maps: {e}") })
+/// `/proc/<pid>/maps`, whole. The buffer is sized from `hint` (the length read last time, plus
+/// a page), so one `read` usually takes it all and a second sees the end, without the size
+/// probe that `fs::read_to_string` makes (a `statx`, then reads starting at 32 bytes and
+/// growing): 5 KiB of maps took 2 reads instead of 9 (`strace -c` of tetherd).
+fn read_maps(pid: i32, hint: usize) -> Result<String, Impersonation> {
+    const PAGE: usize = 4096;
+    let unreadable = |e: io::Error| Impersonation::Unreadable { pid, what: format!("maps: {e}") };
+    let mut file = File::open(format!("/proc/{pid}/maps")).map_err(unreadable)?;
+    let mut buf = vec![0u8; hint + PAGE];
+    let mut len = 0;
+    loop {
+        if len == buf.len() {
+            buf.resize(len * 2, 0);
+        }
+        match file.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(unreadable(e)),
+        }
+    }
+    buf.truncate(len);
+    String::from_utf8(buf).map_err(|_| unreadable(io::ErrorKind::InvalidData.into()))
 }
 
 /// An executable file mapping the process's uid or groups can write.
@@ -199,6 +280,86 @@ mod tests {
         assert_eq!(tracer_pid("Name:\tx\nTracerPid:\t0\n"), Some(0));
         assert_eq!(tracer_pid("TracerPid:\t4242\n"), Some(4242));
         assert_eq!(tracer_pid("Name:\tx\n"), None);
+    }
+
+    fn child() -> (std::process::Child, ProcessFacts) {
+        let child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let facts = ProcessFacts { pid: child.id() as i32, ..Default::default() };
+        (child, facts)
+    }
+
+    #[test]
+    fn a_kept_status_file_sees_a_tracer_attached_after_many_rechecks() {
+        let (mut child, facts) = child();
+        let mut watch = Watch::open(facts.pid, || true).unwrap();
+        for _ in 0..50 {
+            recheck(&facts, None, &mut watch).unwrap();
+        }
+        let mut tracer = std::process::Command::new("strace")
+            .args(["-qq", "-e", "trace=none", "-p", &facts.pid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let r = loop {
+            match recheck(&facts, None, &mut watch) {
+                Ok(()) if start.elapsed() < std::time::Duration::from_secs(5) => std::thread::yield_now(),
+                r => break r,
+            }
+        };
+        let strace = tracer.id() as i32;
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(r, Err(Impersonation::Traced { tracer, .. }) if tracer == strace), "{r:?}");
+    }
+
+    #[test]
+    fn a_kept_status_file_answers_for_its_process_only() {
+        let (mut child, facts) = child();
+        let mut watch = Watch::open(facts.pid, || true).unwrap();
+        recheck(&facts, None, &mut watch).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Reaped: whoever gets the pid next, the kept file reads ESRCH.
+        let r = recheck(&facts, None, &mut watch);
+        assert!(matches!(r, Err(Impersonation::Unreadable { .. })), "{r:?}");
+        assert!(Watch::open(facts.pid, || false).is_err(), "a process that is gone is refused at open");
+    }
+
+    #[test]
+    fn code_mapped_after_many_rechecks_from_a_file_the_user_can_write_is_refused() {
+        use std::io::{BufRead, Write};
+        let lib = std::env::temp_dir().join(format!("tether-writable-code-{}", std::process::id()));
+        fs::write(&lib, [0u8; 4096]).unwrap();
+        std::os::unix::fs::chown(&lib, Some(65534), Some(65534)).unwrap();
+        // Run as root, seen as uid 65534: its own code is root's, the file is 65534's.
+        let script = "import mmap, sys\nf = open(sys.argv[1], 'rb')\nsys.stdin.readline()\n\
+                      m = mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)\n\
+                      print('mapped', flush=True)\nsys.stdin.readline()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&lib)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let facts = ProcessFacts { pid: child.id() as i32, uid: 65534, gid: 65534, ..Default::default() };
+        let mut watch = Watch::open(facts.pid, || true).unwrap();
+        for _ in 0..20 {
+            recheck(&facts, None, &mut watch).unwrap();
+        }
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "map").unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "mapped");
+        let r = recheck(&facts, None, &mut watch);
+        drop(stdin);
+        let _ = child.wait();
+        let _ = fs::remove_file(&lib);
+        assert!(matches!(&r, Err(Impersonation::WritableCode { file, .. }) if file == &lib), "{r:?}");
     }
 
     #[test]

@@ -241,6 +241,20 @@ fn intruder_role() {
 /// refused and the identity revoked, for an entry naming the binary.
 #[test]
 fn a_tracer_attached_after_issuance_stops_the_next_signature() {
+    tracer_attached_after(1);
+}
+
+/// tetherd keeps the owner's /proc status open and re-reads it per signature: after many
+/// signatures through the kept file, a tracer attached now still stops the next one (a
+/// file read once, or read on from where the last read ended, would miss it).
+#[test]
+fn a_tracer_attached_after_many_signatures_stops_the_next_one() {
+    tracer_attached_after(20);
+}
+
+/// An owner under an entry naming this test binary signs `signatures` times, then strace
+/// attaches to it: its next signature is refused, and so is every later one.
+fn tracer_attached_after(signatures: usize) {
     let exe = std::env::current_exe().unwrap();
     let config = format!(
         "trust_domain = \"tether.internal\"\nunmatched = \"derive\"\n\
@@ -249,7 +263,10 @@ fn a_tracer_attached_after_issuance_stops_the_next_signature() {
     );
     let d = Daemon::start_with(Some(&config), &[]);
     let mut owner = Owner::spawn(&d);
-    assert!(owner.sign().starts_with("signed"), "untraced: signs");
+    for n in 0..signatures {
+        let r = owner.sign();
+        assert!(r.starts_with("signed"), "untraced: signature {n} signs: {r}");
+    }
     let mut tracer = Command::new("strace")
         .args([
             "-qq",

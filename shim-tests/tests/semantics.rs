@@ -550,3 +550,45 @@ fn first_request_after_handshake_is_not_delayed() {
          {plain_first:.2} ms plain: the first request after the handshake is delayed (Nagle + delayed ACK?)"
     );
 }
+
+/// Server: accept4 (through ctypes, so the flags reach the hook as given) with no flags, with
+/// SOCK_NONBLOCK and with SOCK_CLOEXEC, and report what each accepted fd has.
+const PY_ACCEPT4_FLAGS: &str = r#"
+import ctypes, fcntl, os, socket, sys
+from e2e import listener
+libc = ctypes.CDLL(None, use_errno=True)
+ls = listener(int(sys.argv[1]), 8)
+for flags in (0, socket.SOCK_NONBLOCK, socket.SOCK_CLOEXEC):
+    fd = libc.accept4(ls.fileno(), None, None, flags)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    nonblock = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK != 0
+    cloexec = fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC != 0
+    os.write(fd, b"flags=%d nonblock=%d cloexec=%d\n" % (flags, nonblock, cloexec))
+    os.close(fd)
+"#;
+
+const PY_ACCEPT4_CLIENT: &str = r#"
+import socket, sys
+from e2e import read_to_eof
+for _ in range(3):
+    s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+    sys.stdout.write(read_to_eof(s).decode())
+    s.close()
+"#;
+
+/// A protected connection the program accepts has exactly its accept4 flags: the shim accepts
+/// and handshakes with its own (non-blocking, close-on-exec) and applies the program's at
+/// delivery, on the relay's socketpair end as on a TCP socket, without reading them back.
+#[test]
+fn accepted_connections_have_the_accept4_flags_the_program_asked_for() {
+    let port = free_port();
+    let mut h = Harness::new("accept4_flags", Policy::new().both(port));
+    h.serve_python("server", port, "accept4_server.py", PY_ACCEPT4_FLAGS, &[]);
+    let run = h.run_python("client", "accept4_client.py", PY_ACCEPT4_CLIENT, &[&port.to_string()], Duration::from_secs(30));
+    let want = format!(
+        "flags=0 nonblock=0 cloexec=0\nflags={} nonblock=1 cloexec=0\nflags={} nonblock=0 cloexec=1\n",
+        libc::SOCK_NONBLOCK,
+        libc::SOCK_CLOEXEC
+    );
+    assert_eq!(run.stdout, want, "{run}\n{}", show(&h.log_lines("server")));
+}

@@ -122,9 +122,12 @@ fn main() -> ExitCode {
         svid_ttl_secs = config.svid_ttl.as_secs(),
         "tetherd listening"
     );
-    // One descriptor per live connection, plus the CA, logs and pidfds in flight.
+    // One descriptor per live connection, plus the CA, logs and pidfds in flight; and, as far
+    // as the hard limit allows, per process with held keys its pidfd and, under impersonation
+    // checks, its /proc status (without one, issuance to a new process is refused).
     let want = args.max_connections as u64 * 2 + 64;
-    match tether_broker::sys::raise_fd_limit(want) {
+    let held = tether_broker::custody::MAX_OWNERS as u64 * 2;
+    match tether_broker::sys::raise_fd_limit(want + held) {
         Ok(n) if n < want => tracing::warn!(limit = n, want, "open-file limit is below what the connection cap needs"),
         Ok(_) => {}
         Err(e) => tracing::warn!(error = %e, "cannot read or raise the open-file limit"),

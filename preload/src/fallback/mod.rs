@@ -37,8 +37,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use rustls::Connection;
 
-/// Socket buffer size asked for on both ends of the pair (the kernel caps it at
-/// `net.core.wmem_max`/`rmem_max`): room for a few 64 KiB relay chunks in flight.
+use crate::sys::net::FdFlags;
+
+/// Send buffer asked for on both ends of the pair (the kernel caps it at `net.core.wmem_max`
+/// and doubles it): room for a few 128 KiB relay batches or program writes in flight. Only the
+/// sender's buffer bounds an `AF_UNIX` stream (measured: 227 KiB queue by default, the same
+/// with the receiver's SO_RCVBUF at 4 KiB or 1 MiB, 2 MiB with the sender's SO_SNDBUF at
+/// 1 MiB), so SO_RCVBUF is not set.
 const PAIR_BUFFER: libc::c_int = 1 << 20;
 
 /// Plaintext counters, shared by a [`Link`] and the relay's state for it. It holds no fd, so a
@@ -108,14 +113,16 @@ impl Drop for Link {
 /// Take over a protected connection whose handshake completed in userspace.
 ///
 /// `app_fd` is the fd number the program holds; right now it is the connected TCP socket.
-/// `conn` has finished its handshake; `rotate` is its rule's `key_update_after`. On success the program's fd number refers to one end of
-/// an `AF_UNIX` stream socketpair (with the original `O_NONBLOCK` and `FD_CLOEXEC`), and the
-/// relay thread carries the traffic; plaintext rustls had already buffered is delivered first.
-/// On error nothing has changed on `app_fd`.
+/// `conn` has finished its handshake; `rotate` is its rule's `key_update_after`; `known` is
+/// `app_fd`'s flags if the caller knows them (else they are read). On success the program's fd
+/// number refers to one end of an `AF_UNIX` stream socketpair (with the original `O_NONBLOCK`
+/// and `FD_CLOEXEC`), and the relay thread carries the traffic; plaintext rustls had already
+/// buffered is delivered first. On error nothing has changed on `app_fd`.
 pub(crate) fn adopt(
     app_fd: RawFd,
     mut conn: Connection,
     rotate: Option<tether_proto::KeyUpdateAfter>,
+    known: Option<FdFlags>,
 ) -> io::Result<Arc<Link>> {
     if conn.is_handshaking() {
         return Err(io::Error::new(
@@ -127,7 +134,7 @@ pub(crate) fn adopt(
     // flushed its TLS output), so its buffer limit must never turn a write into a short one.
     conn.set_buffer_limit(None);
 
-    let swapped = swap(app_fd)?;
+    let swapped = swap(app_fd, known)?;
     let stats = Arc::new(Stats::default());
     let link = Arc::new(Link {
         tcp: swapped.tcp,
@@ -509,7 +516,6 @@ struct Swapped {
     tcp: RawFd,
     relay_end: RawFd,
     cloexec: bool,
-    nonblocking: bool,
 }
 
 impl Swapped {
@@ -517,38 +523,35 @@ impl Swapped {
     /// (The TCP dup itself is closed by whoever owns it: the `Link`.)
     fn undo(self, app_fd: RawFd) {
         let _ = sys::dup3(self.tcp, app_fd, self.cloexec);
-        let _ = sys::set_nonblocking(self.tcp, self.nonblocking);
         drop(Fresh(self.relay_end));
     }
 }
 
-fn swap(app_fd: RawFd) -> io::Result<Swapped> {
-    let nonblocking = sys::status_flags(app_fd)? & libc::O_NONBLOCK != 0;
-    let cloexec = sys::is_cloexec(app_fd)?;
+fn swap(app_fd: RawFd, known: Option<FdFlags>) -> io::Result<Swapped> {
+    let FdFlags { nonblocking, cloexec } = match known {
+        Some(flags) => flags,
+        None => FdFlags {
+            nonblocking: sys::status_flags(app_fd)? & libc::O_NONBLOCK != 0,
+            cloexec: sys::is_cloexec(app_fd)?,
+        },
+    };
     let tcp = Fresh::new(sys::dup_cloexec(app_fd)?);
     // O_NONBLOCK lives on the open file description, so the program's end keeps it through dup3.
     let (app_end, relay_end) = sys::stream_pair(nonblocking)?;
     let app_end = Fresh::new(app_end);
     let relay_end = Fresh::new(relay_end);
+    // Each end is the sending side of one direction (program → relay, relay → program).
     for fd in [app_end.0, relay_end.0] {
         sys::set_int_sockopt(fd, libc::SO_SNDBUF, PAIR_BUFFER);
-        sys::set_int_sockopt(fd, libc::SO_RCVBUF, PAIR_BUFFER);
     }
-    if !nonblocking {
-        sys::set_nonblocking(relay_end.0, true)?;
-        // The TCP socket's file is shared with `app_fd` from here: undo on any later failure.
-        sys::set_nonblocking(tcp.0, true)?;
-    }
-    if let Err(error) = sys::dup3(app_end.0, app_fd, cloexec) {
-        let _ = sys::set_nonblocking(tcp.0, nonblocking);
-        return Err(error);
-    }
+    // The relay's ends (its socketpair end, the TCP socket) keep the program's O_NONBLOCK:
+    // every recv and send on them is MSG_DONTWAIT, so a blocking program costs no flag change.
+    sys::dup3(app_end.0, app_fd, cloexec)?;
     drop(app_end);
     Ok(Swapped {
         tcp: tcp.keep(),
         relay_end: relay_end.keep(),
         cloexec,
-        nonblocking,
     })
 }
 

@@ -73,14 +73,6 @@ pub(super) fn status_flags(fd: RawFd) -> io::Result<libc::c_int> {
     cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })
 }
 
-/// Set or clear `O_NONBLOCK` on the open file description behind `fd` (`FIONBIO`: one
-/// syscall, no read of the other flags).
-pub(super) fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
-    let mut value = libc::c_int::from(on);
-    // SAFETY: FIONBIO reads one int from `value`, which lives for the call.
-    cvt(unsafe { libc::ioctl(fd, libc::FIONBIO, &mut value) }).map(drop)
-}
-
 /// Is `FD_CLOEXEC` set on `fd` (`F_GETFD`)?
 pub(super) fn is_cloexec(fd: RawFd) -> io::Result<bool> {
     // SAFETY: F_GETFD takes no argument and touches no memory.
@@ -117,10 +109,11 @@ pub(super) fn shutdown(fd: RawFd, how: libc::c_int) {
     }
 }
 
-/// `recv(fd, buf, 0)` on a non-blocking socket.
+/// `recv(fd, buf, MSG_DONTWAIT)`: never blocks, whatever `fd`'s `O_NONBLOCK` (the relay's
+/// fds keep the program's).
 pub(super) fn recv(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for writes of `buf.len()` bytes for the whole call.
-    cvt_size(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) })
+    cvt_size(unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })
 }
 
 /// `send(fd, buf, MSG_NOSIGNAL | MSG_DONTWAIT)`: a vanished peer is EPIPE, never SIGPIPE.

@@ -128,7 +128,7 @@ fn handshake() -> Handshaken {
 /// Handshake, then adopt the client side: the returned stream is the program's fd.
 fn adopted() -> (TcpStream, Arc<Link>, StreamOwned<ServerConnection, TcpStream>) {
     let hs = handshake();
-    let link = adopt(hs.program.as_raw_fd(), Connection::Client(hs.client), None).unwrap();
+    let link = adopt(hs.program.as_raw_fd(), Connection::Client(hs.client), None, None).unwrap();
     hs.program.set_read_timeout(Some(TIMEOUT)).unwrap();
     hs.program.set_write_timeout(Some(TIMEOUT)).unwrap();
     (hs.program, link, hs.server)
@@ -246,7 +246,7 @@ fn nonblocking_and_cloexec_are_preserved_and_poll_works() {
     let hs = handshake();
     hs.program.set_nonblocking(true).unwrap();
     let fd = hs.program.as_raw_fd();
-    let link = adopt(fd, Connection::Client(hs.client), None).unwrap();
+    let link = adopt(fd, Connection::Client(hs.client), None, None).unwrap();
     let (mut program, mut server) = (hs.program, hs.server);
     assert_eq!(fd_flags(fd), (true, true));
     assert_eq!(socket_family(fd), libc::AF_UNIX);
@@ -278,7 +278,7 @@ fn nonblocking_and_cloexec_are_preserved_and_poll_works() {
     let fd = hs.program.as_raw_fd();
     // SAFETY: clears FD_CLOEXEC on an fd we own.
     assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
-    let link = adopt(fd, Connection::Client(hs.client), None).unwrap();
+    let link = adopt(fd, Connection::Client(hs.client), None, None).unwrap();
     assert_eq!(fd_flags(fd), (false, false));
     assert!(fd_flags(link.tcp_fd()).1);
     let (program, mut server) = (hs.program, hs.server);
@@ -422,7 +422,7 @@ fn plaintext_buffered_before_adoption_is_delivered_first() {
         hs.client.read_tls(&mut hs.program).unwrap();
         hs.client.process_new_packets().unwrap();
     }
-    let link = adopt(hs.program.as_raw_fd(), Connection::Client(hs.client), None).unwrap();
+    let link = adopt(hs.program.as_raw_fd(), Connection::Client(hs.client), None, None).unwrap();
     let (mut program, mut server) = (hs.program, hs.server);
     server.write_all(b"+late").unwrap();
     server.flush().unwrap();
@@ -530,7 +530,7 @@ fn before_exec_right_after_the_first_adopt_still_hands_the_connection_over() {
     if pid == 0 {
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let gate = super::relay::START_GATE.lock().unwrap_or_else(PoisonError::into_inner);
-            let link = adopt(program_fd, Connection::Client(client), None).unwrap();
+            let link = adopt(program_fd, Connection::Client(client), None, None).unwrap();
             assert!(super::relay::lock_state().is_none(), "relay started despite the gate");
             before_exec();
             drop(gate);

@@ -119,12 +119,15 @@ unsafe fn real_accept(lfd: RawFd, addr: *mut sockaddr, len: *mut socklen_t, flag
     }
 }
 
+/// Give a delivered connection the program's accept4 flags. It has [`inbound::ACCEPTED`]
+/// (non-blocking, close-on-exec), so only what differs is changed and nothing is read: its
+/// one status flag is `O_NONBLOCK`, so clearing that is `F_SETFL` 0.
 fn set_flags(fd: RawFd, nonblock: bool, cloexec: bool) {
-    let fl = net::status_flags(fd);
-    let want = if nonblock { fl | libc::O_NONBLOCK } else { fl & !libc::O_NONBLOCK };
-    if want != fl {
-        net::set_status_flags(fd, want);
+    if nonblock != inbound::ACCEPTED.nonblocking {
+        net::set_status_flags(fd, if nonblock { libc::O_NONBLOCK } else { 0 });
     }
-    // SAFETY: F_SETFD with an int argument.
-    unsafe { crate::real::fcntl(fd, libc::F_SETFD, if cloexec { libc::FD_CLOEXEC as usize } else { 0 }) };
+    if cloexec != inbound::ACCEPTED.cloexec {
+        // SAFETY: F_SETFD with an int argument.
+        unsafe { crate::real::fcntl(fd, libc::F_SETFD, if cloexec { libc::FD_CLOEXEC as usize } else { 0 }) };
+    }
 }

@@ -37,7 +37,7 @@ use super::protect::{self, InlineInbound};
 use crate::fd_table::{Direction, Protected};
 use crate::identity::Identity;
 use crate::sync::Lock as Mutex;
-use crate::sys::net;
+use crate::sys::net::{self, FdFlags};
 use crate::tls::handshake::Pause;
 use crate::{guard, log, settings};
 
@@ -126,6 +126,13 @@ pub(crate) fn internal_fds() -> Vec<RawFd> {
     v
 }
 
+/// How the pool accepts every connection; the program's own accept4 flags are applied only at
+/// delivery (`accept::set_flags`).
+const ACCEPT4_FLAGS: libc::c_int = libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+/// The flags of every connection the pool holds until it is delivered, as [`ACCEPT4_FLAGS`]
+/// made them (adoption by the relay keeps them on the socketpair end): nobody reads them.
+pub(crate) const ACCEPTED: FdFlags = FdFlags { nonblocking: true, cloexec: true };
+
 /// What accept should do for this listener.
 pub(crate) enum Next {
     /// Hand this connection to the program.
@@ -163,12 +170,7 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
         let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
         // SAFETY: out-buffers of the declared size.
         let fd = unsafe {
-            crate::real::accept4(
-                lfd,
-                (&mut st as *mut libc::sockaddr_storage).cast(),
-                &mut len,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
+            crate::real::accept4(lfd, (&mut st as *mut libc::sockaddr_storage).cast(), &mut len, ACCEPT4_FLAGS)
         };
         if fd < 0 {
             let e = guard::errno();

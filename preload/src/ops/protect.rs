@@ -261,7 +261,10 @@ impl Setup {
                 (DataPath::Ktls, cipher, Some(rekey), Some(no_pad))
             }
             (Plan::Userspace { why }, handshake::Session::Relay(conn)) => {
-                let link = fallback::adopt(fd, *conn, rotate).map_err(Failure::Relay)?;
+                // An inbound socket is the shim's own accept4, not handed out yet; an outbound
+                // one is the program's, whose flags it may have changed at any time.
+                let known = (direction == Direction::Inbound).then_some(super::inbound::ACCEPTED);
+                let link = fallback::adopt(fd, *conn, rotate, known).map_err(Failure::Relay)?;
                 (DataPath::Userspace(link), why, None, None)
             }
             _ => return Err(Failure::Ktls(std::io::Error::other("handshake made for the other data path"))),

@@ -170,6 +170,15 @@ pub(crate) fn so_error(fd: RawFd) -> c_int {
     int_opt(fd, libc::SOL_SOCKET, libc::SO_ERROR).unwrap_or(libc::EIO)
 }
 
+/// An fd's `O_NONBLOCK` (on its open file description) and `FD_CLOEXEC` (on the number), when
+/// the shim knows them without asking the kernel: a socket it created itself and has not
+/// handed to the program yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FdFlags {
+    pub(crate) nonblocking: bool,
+    pub(crate) cloexec: bool,
+}
+
 pub(crate) fn status_flags(fd: RawFd) -> c_int {
     // SAFETY: F_GETFL takes no argument.
     unsafe { crate::real::fcntl(fd, libc::F_GETFL, 0) }
