@@ -410,7 +410,7 @@ count_cpu() { # ENV REP N
 # `tether bench-sign` process, 1/8/64 threads each on its own connection, every request attested),
 # and with a new connection per signature as the shim makes them (1 client).
 count_signing() { # ENV REP SECONDS
-    local env=$1 rep=$2 secs=$3 n fresh line
+    local env=$1 rep=$2 secs=$3 n fresh line fields
     for n in 1 8 64 fresh; do
         fresh=()
         if [[ $n == fresh ]]; then fresh=(--fresh) n=1; fi
@@ -418,7 +418,9 @@ count_signing() { # ENV REP SECONDS
         line=$("$REL/tether" bench-sign --socket "$SOCK" --clients "$n" --seconds "$secs" "${fresh[@]}" 2>>"$OUT/logs/stderr.log") ||
             { say "bench-sign failed (see $OUT/logs/stderr.log); skipped"; return 0; }
         echo "$line" >>"$OUT/logs/bench-sign.txt"
-        emit "\"env\":\"$env\",\"config\":\"tetherd\",\"rep\":$rep,\"workload\":\"signing\",\"clients\":$n,\"fresh\":$([[ ${#fresh[@]} -gt 0 ]] && echo true || echo false),$(sed -n 's/.*signatures=\([0-9]*\) errors=\([0-9]*\) rate=\([0-9]*\)\/s p50=\([0-9]*\)us p99=\([0-9]*\)us.*/"signatures":\1,"errors":\2,"rate":\3,"p50_us":\4,"p99_us":\5/p' <<<"$line")"
+        fields=$(sed -n 's/.*signatures=\([0-9]*\) errors=\([0-9]*\) rate=\([0-9]*\)\/s p50=\([0-9]*\)us p99=\([0-9]*\)us.*/"signatures":\1,"errors":\2,"rate":\3,"p50_us":\4,"p99_us":\5/p' <<<"$line")
+        [[ -n $fields ]] || { say "bench-sign printed no figures: $line; skipped"; return 0; }
+        emit "\"env\":\"$env\",\"config\":\"tetherd\",\"rep\":$rep,\"workload\":\"signing\",\"clients\":$n,\"fresh\":$([[ ${#fresh[@]} -gt 0 ]] && echo true || echo false),$fields"
     done
 }
 
