@@ -7,29 +7,11 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tether_shim_tests::{
-    echo_server, free_port, show, DataPathCheck, Harness, LogLine, Policy, PYTHON, PY_ASYNCIO_ECHO_SERVER, PY_MARKER_CLIENT,
+    echo_server, free_port, real_client_hello, show, DataPathCheck, Harness, LogLine, Policy, PYTHON, PY_ASYNCIO_ECHO_SERVER, PY_MARKER_CLIENT,
 };
-
-/// A real TLS 1.3 ClientHello, made by rustls (no certificates needed: the stall comes first).
-fn client_hello() -> Vec<u8> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(rustls::RootCertStore::empty())
-        .with_no_client_auth();
-    let mut c = rustls::ClientConnection::new(Arc::new(cfg), "server.example".try_into().unwrap()).unwrap();
-    let mut hello = Vec::new();
-    while c.wants_write() {
-        c.write_tls(&mut hello).unwrap();
-    }
-    assert_eq!(hello[0], 0x16, "a handshake record");
-    hello
-}
 
 /// A raw client that sends a whole ClientHello with its first segment and then goes silent;
 /// returns once the server's flight has come back (so the server has really begun its handshake).
@@ -110,7 +92,7 @@ fn client_hello_then_silence_does_not_delay_a_good_client() {
         run.stdout.split_whitespace().find_map(|w| w.strip_prefix("served_in_ms=")?.parse::<u64>().ok()).unwrap()
     };
     let warm = good("warm");
-    let hello = client_hello();
+    let hello = real_client_hello();
     let check = DataPathCheck::begin(&h, port);
     let mut stalled = Vec::new();
     let mut worst = 0;
@@ -163,7 +145,7 @@ print("pings=%d worst_ms=%.1f" % (n, worst * 1000), flush=True)
     p.arg(&pinger).arg(port.to_string()).arg("3");
     h.spawn("pinger", h.shim(&mut p, "pinger"));
     h.wait_stdout("pinger", Duration::from_secs(20), |o| o.contains("connected"));
-    let hello = client_hello();
+    let hello = real_client_hello();
     // Fewer than the 8 a process claims from a listener: each stalled one holds its claim until
     // the handshake timeout (as before inline handshakes), and more would wait in the backlog.
     let mut stalled = Vec::new();
