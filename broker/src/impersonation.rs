@@ -8,7 +8,9 @@
 //!   in a file the attacker can write;
 //! - with something else mounted over the registered path, in a mount namespace of its own.
 //!
-//! [`check`] refuses each of these, reading `/proc/<pid>/status`, `/proc/<pid>/maps` and
+//! [`check`] refuses each of these, reading every thread's `/proc/<pid>/task/<tid>/status` (a
+//! tracer attaches to one thread, and any thread's tracer can write the shared memory),
+//! `/proc/<pid>/maps` and
 //! `/proc/<pid>/map_files/` (which needs root, or CAP_CHECKPOINT_RESTORE; without it the check
 //! fails closed). What it does not stop is written in the README's security model.
 
@@ -24,8 +26,8 @@ use crate::config::ProcessFacts;
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Impersonation {
-    /// `TracerPid` is not 0.
-    Traced { pid: i32, tracer: i32 },
+    /// `TracerPid` is not 0 on thread `tid` of the process (`tid == pid`: the main thread).
+    Traced { pid: i32, tid: i32, tracer: i32 },
     /// Executable code is mapped from a file the process's own user (or one of its groups)
     /// can write.
     WritableCode { pid: i32, file: PathBuf },
@@ -39,7 +41,10 @@ pub enum Impersonation {
 impl fmt::Display for Impersonation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Traced { pid, tracer } => write!(f, "pid {pid} is being traced by pid {tracer}"),
+            Self::Traced { pid, tid, tracer } if tid == pid => write!(f, "pid {pid} is being traced by pid {tracer}"),
+            Self::Traced { pid, tid, tracer } => {
+                write!(f, "thread {tid} of pid {pid} is being traced by pid {tracer}")
+            }
             Self::WritableCode { pid, file } => write!(
                 f,
                 "pid {pid} runs code from {}, which its own user or group can write (set \
@@ -75,8 +80,9 @@ pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impe
 /// `/proc/<pid>/status` stays open: the file is bound to the process it was opened on, not to
 /// its pid number, so each signature re-reads it with one `pread` at offset 0 (which makes the
 /// kernel generate it afresh) instead of an open, reads and a close; once the process is gone
-/// it reads `ESRCH`. `maps` is never kept open: its file is bound to the memory image it was
-/// opened on, and after an `exec` it would go on showing the old one.
+/// it reads `ESRCH`. The other threads' are read by path ([`other_thread_traced`]). `maps`
+/// is never kept open: its file is bound to the memory image it was opened on, and
+/// after an `exec` it would go on showing the old one.
 #[derive(Debug)]
 pub struct Watch {
     status: File,
@@ -99,34 +105,73 @@ impl Watch {
         }
         Ok(Self { status, clean_maps: 0, maps_len: 0 })
     }
+}
 
-    /// `TracerPid` now, from the kept file.
-    fn tracer(&self, pid: i32) -> Result<i32, Impersonation> {
-        // TracerPid is the 8th line, after Name (at most 64 bytes escaped): well inside 1 KiB.
-        let mut buf = [0u8; 1024];
-        let n = self
-            .status
-            .read_at(&mut buf, 0)
-            .map_err(|e| Impersonation::Unreadable { pid, what: format!("status: {e}") })?;
-        // Only whole lines: a number cut at the end of the buffer must not parse.
-        let text = buf.get(..n).unwrap_or_default();
-        let whole = &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)];
-        tracer_pid(&String::from_utf8_lossy(whole))
-            .ok_or_else(|| Impersonation::Unreadable { pid, what: "no TracerPid: line in status".to_owned() })
+/// The first thread other than the main one found traced, as (tid, tracer).
+///
+/// `ptrace` attaches to one thread (a tid); a tracer on any thread can read and write the whole
+/// address space, yet `/proc/<pid>/status` shows only the main thread's tracer. So the thread
+/// list (`/proc/<pid>/task`) is read every time, and each other thread's own status: 4 syscalls,
+/// plus 3 per thread. Nothing is kept open between signatures: tetherd holds keys for up to
+/// [`crate::custody::MAX_OWNERS`] processes, and a kept file per thread would let one user's
+/// many-threaded processes exhaust its descriptors. A thread that exits while it is being looked
+/// at is skipped: it can no longer be used. A tid reused by a new thread is simply read anew.
+fn other_thread_traced(pid: i32) -> Result<Option<(i32, i32)>, Impersonation> {
+    let unreadable = |what: String| Impersonation::Unreadable { pid, what };
+    let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH);
+    let dir = fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| unreadable(format!("task: {e}")))?;
+    for entry in dir {
+        let entry = entry.map_err(|e| unreadable(format!("task: {e}")))?;
+        let tid = match entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
+            Some(tid) if tid == pid => continue,
+            Some(tid) => tid,
+            None => return Err(unreadable(format!("task: unexpected entry {:?}", entry.file_name()))),
+        };
+        let tracer = File::open(format!("/proc/{pid}/task/{tid}/status")).and_then(|f| status_tracer(pid, &f));
+        match tracer {
+            Ok(0) => {}
+            Ok(tracer) => return Ok(Some((tid, tracer))),
+            Err(e) if gone(&e) => {}
+            Err(e) => return Err(unreadable(format!("task/{tid}/status: {e}"))),
+        }
+    }
+    Ok(None)
+}
+
+/// `TracerPid` of a status file, read afresh with one `pread`.
+fn status_tracer(pid: i32, status: &File) -> io::Result<i32> {
+    // TracerPid is the 8th line, after Name (at most 64 bytes escaped): well inside 1 KiB.
+    let mut buf = [0u8; 1024];
+    let n = status.read_at(&mut buf, 0)?;
+    // Only whole lines: a number cut at the end of the buffer must not parse.
+    let text = buf.get(..n).unwrap_or_default();
+    let whole = &text[..text.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1)];
+    tracer_pid(&String::from_utf8_lossy(whole)).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidData, format!("pid {pid}: no TracerPid: line in status"))
+    })
+}
+
+/// Refuse a traced thread: the main one from `status`, then the others.
+fn refuse_traced(pid: i32, status: &File) -> Result<(), Impersonation> {
+    let tracer = status_tracer(pid, status).map_err(|e| Impersonation::Unreadable { pid, what: format!("status: {e}") })?;
+    if tracer != 0 {
+        return Err(Impersonation::Traced { pid, tid: pid, tracer });
+    }
+    match other_thread_traced(pid)? {
+        Some((tid, tracer)) => Err(Impersonation::Traced { pid, tid, tracer }),
+        None => Ok(()),
     }
 }
 
 /// [`check`] again, before a signature made with a key tetherd holds (broker custody): code
 /// injected after issuance (a tracer attached, a writable library mapped) must not sign.
-/// TracerPid (from the kept status file) and the registered file are read every time; the
-/// executable mappings are re-read every time too, but verified again through `map_files/`
-/// only when they changed since the last clean pass (a fingerprint of their maps lines).
+/// Every thread's TracerPid (from the kept status files) and the registered file are read
+/// every time; the executable mappings are re-read every time too, but verified again through
+/// `map_files/` only when they changed since the last clean pass (a fingerprint of their maps
+/// lines).
 pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, watch: &mut Watch) -> Result<(), Impersonation> {
     let pid = facts.pid;
-    let tracer = watch.tracer(pid)?;
-    if tracer != 0 {
-        return Err(Impersonation::Traced { pid, tracer });
-    }
+    refuse_traced(pid, &watch.status)?;
     if let Some(path) = registered {
         replaced(pid, path)?;
     }
@@ -144,15 +189,13 @@ pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, watch: &mut Watc
     Ok(())
 }
 
-/// A tracer attached (TracerPid), or a running executable that is not the registered file.
+/// A tracer attached to any thread (TracerPid), or a running executable that is not the
+/// registered file.
 fn traced_or_replaced(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impersonation> {
     let pid = facts.pid;
-    let unreadable = |what: String| Impersonation::Unreadable { pid, what };
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| unreadable(format!("status: {e}")))?;
-    let tracer = tracer_pid(&status).ok_or_else(|| unreadable("no TracerPid: line in status".to_owned()))?;
-    if tracer != 0 {
-        return Err(Impersonation::Traced { pid, tracer });
-    }
+    let status = File::open(format!("/proc/{pid}/status"))
+        .map_err(|e| Impersonation::Unreadable { pid, what: format!("status: {e}") })?;
+    refuse_traced(pid, &status)?;
     match registered {
         Some(path) => replaced(pid, path),
         None => Ok(()),
@@ -313,6 +356,77 @@ mod tests {
         let _ = child.kill();
         let _ = child.wait();
         assert!(matches!(r, Err(Impersonation::Traced { tracer, .. }) if tracer == strace), "{r:?}");
+    }
+
+    /// A python3 whose second thread prints its tid and sleeps; the main thread waits on stdin.
+    fn two_threads() -> (std::process::Child, ProcessFacts, i32) {
+        use std::io::BufRead;
+        let script = "import sys, threading, time\n\
+                      def t():\n    print(threading.get_native_id(), flush=True)\n    time.sleep(60)\n\
+                      threading.Thread(target=t, daemon=True).start()\nsys.stdin.readline()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let facts = ProcessFacts { pid: child.id() as i32, ..Default::default() };
+        (child, facts, line.trim().parse().unwrap())
+    }
+
+    /// Attach strace to one thread only; returns once that thread's status shows it.
+    fn trace_thread(pid: i32, tid: i32) -> std::process::Child {
+        let tracer = std::process::Command::new("strace")
+            .args(["-qq", "-e", "trace=none", "-p", &tid.to_string()])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = File::open(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+        let start = std::time::Instant::now();
+        while status_tracer(pid, &status).unwrap() == 0 && start.elapsed() < std::time::Duration::from_secs(5) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        tracer
+    }
+
+    /// The attack: ptrace attached to a thread other than the main one, whose own status (the
+    /// one tetherd used to read) still says TracerPid 0. Refused at issuance and per signature.
+    #[test]
+    fn a_tracer_on_a_thread_other_than_the_main_one_is_refused() {
+        let (mut child, facts, tid) = two_threads();
+        assert_ne!(tid, facts.pid);
+        let mut watch = Watch::open(facts.pid, || true).unwrap();
+        for _ in 0..20 {
+            recheck(&facts, None, &mut watch).unwrap();
+        }
+        check(&facts, None).unwrap();
+        let mut tracer = trace_thread(facts.pid, tid);
+        let strace = tracer.id() as i32;
+        let main = fs::read_to_string(format!("/proc/{}/status", facts.pid)).unwrap();
+        let at_issuance = check(&facts, None);
+        let per_signature = recheck(&facts, None, &mut watch);
+        let _ = tracer.kill();
+        let _ = tracer.wait();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tracer_pid(&main), Some(0), "the main thread is not the traced one");
+        for r in [at_issuance, per_signature] {
+            assert!(
+                matches!(r, Err(Impersonation::Traced { pid, tid: t, tracer }) if pid == facts.pid && t == tid && tracer == strace),
+                "{r:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_threads_are_listed_and_a_process_that_is_gone_is_unreadable() {
+        let (mut child, facts, _) = two_threads();
+        assert_eq!(other_thread_traced(facts.pid).unwrap(), None);
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(other_thread_traced(facts.pid).is_err(), "a reaped process has no task dir");
     }
 
     #[test]
