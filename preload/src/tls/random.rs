@@ -73,6 +73,8 @@ pub(crate) fn after_fork_child() {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests
+
     use super::*;
 
     #[test]
