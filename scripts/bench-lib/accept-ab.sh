@@ -16,20 +16,10 @@ B=$1 mode=$2 n=$3 reps=$4 out=$5
 run=$(mktemp -d /tmp/tether-accept-ab.XXXXXX)
 mkdir -p "$out"
 port=19202
-cat >"$run/tetherd.toml" <<TOML
-trust_domain = "bench.internal"
-unmatched = "derive"
-key_custody = "broker"
-[[inbound]]
-ports = [$port]
-allow = ["spiffe://bench.internal/*"]
-[[outbound]]
-to = ["127.0.0.1/32:$port"]
-allow = ["spiffe://bench.internal/*"]
-TOML
-TETHERD_LOG=warn $B/base/release/tetherd --config "$run/tetherd.toml" --socket "$run/t.sock" --state-dir "$run/state" 2>"$out/tetherd.log" &
-tpid=$!
-for i in $(seq 100); do [[ -S $run/t.sock ]] && break; sleep 0.1; done
+source "$(dirname -- "${BASH_SOURCE[0]}")/ab-lib.sh"
+bench_policy "$run/tetherd.toml" broker $port
+start_tetherd $B/base/release/tetherd "$run/tetherd.toml" "$run/t.sock" "$run/state" "$out/tetherd.log" || { echo "tetherd did not start"; exit 1; }
+tpid=$TD
 listening() { local hex; hex=$(printf ':%04X' "$1"); for i in $(seq 150); do
   awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' /proc/net/tcp && return 0; sleep 0.1; done; return 1; }
 gone() { local hex; hex=$(printf ':%04X' "$1"); while awk -v p="$hex" '$4 == "0A" && substr($2, length($2) - 4) == p { f = 1 } END { exit !f }' /proc/net/tcp; do sleep 0.1; done; }

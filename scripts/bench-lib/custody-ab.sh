@@ -13,22 +13,12 @@ set -u
 (($# == 3)) || { sed -n "2,12s/^# \\{0,1\\}//p" "$0"; exit 2; }
 REL=$1 N=$2 ROUNDS=$3
 RUN=$(mktemp -d /tmp/tether-custody-ab.XXXXXX)
+source "$(dirname -- "${BASH_SOURCE[0]}")/ab-lib.sh"
 for m in broker process; do
-    cat >"$RUN/$m.toml" <<TOML
-trust_domain = "bench.internal"
-unmatched = "derive"
-key_custody = "$m"
-[[inbound]]
-ports = [19502, 19503]
-allow = ["spiffe://bench.internal/*"]
-[[outbound]]
-to = ["127.0.0.1/32:19502", "127.0.0.1/32:19503"]
-allow = ["spiffe://bench.internal/*"]
-TOML
-    TETHERD_LOG=warn "$REL/tetherd" --config "$RUN/$m.toml" --socket "$RUN/$m.sock" --state-dir "$RUN/state" 2>"$RUN/$m.log" &
-    echo $! >>"$RUN/pids"
+    bench_policy "$RUN/$m.toml" "$m" 19502 19503
+    start_tetherd "$REL/tetherd" "$RUN/$m.toml" "$RUN/$m.sock" "$RUN/state" "$RUN/$m.log" || { echo "tetherd ($m) did not start"; exit 1; }
+    echo "$TD" >>"$RUN/pids"
 done
-for i in $(seq 100); do [ -S "$RUN/broker.sock" ] && [ -S "$RUN/process.sock" ] && break; sleep 0.1; done
 shim() { echo "LD_PRELOAD=$REL/libtether.so TETHER_SOCKET=$RUN/$1.sock TETHER_MODE=userspace TETHER_RESUMPTION=0"; }
 env $(shim broker) "$REL/bench-server" --port 19502 >/dev/null 2>&1 & echo $! >>"$RUN/pids"
 env $(shim process) "$REL/bench-server" --port 19503 >/dev/null 2>&1 & echo $! >>"$RUN/pids"

@@ -16,19 +16,9 @@ set -u
 (($# >= 4)) || { sed -n "2,14s/^# \\{0,1\\}//p" "$0"; exit 2; }
 REL=$1 BASE=$2 BYTES=$3 ROUNDS=$4 OUT=${5:-/tmp}
 RUN=$(mktemp -d /tmp/tether-ktls-ab.XXXXXX)
-cat >"$RUN/tetherd.toml" <<TOML
-trust_domain = "bench.internal"
-unmatched = "derive"
-[[inbound]]
-ports = [19502, 19503]
-allow = ["spiffe://bench.internal/*"]
-[[outbound]]
-to = ["127.0.0.1/32:19502", "127.0.0.1/32:19503"]
-allow = ["spiffe://bench.internal/*"]
-TOML
-TETHERD_LOG=warn $REL/tetherd --config $RUN/tetherd.toml --socket $RUN/s.sock --state-dir $RUN/state 2>$RUN/tetherd.log &
-TD=$!
-for i in $(seq 100); do [ -S $RUN/s.sock ] && break; sleep 0.1; done
+source "$(dirname -- "${BASH_SOURCE[0]}")/ab-lib.sh"
+bench_policy "$RUN/tetherd.toml" "" 19502 19503
+start_tetherd "$REL/tetherd" "$RUN/tetherd.toml" "$RUN/s.sock" "$RUN/state" "$RUN/tetherd.log" || { echo "tetherd did not start"; exit 1; }
 head -c $((64 << 20)) /dev/urandom >$RUN/payload
 shim() { echo "LD_PRELOAD=$1 TETHER_SOCKET=$RUN/s.sock TETHER_MODE=ktls TETHER_RESUMPTION=0"; }
 pre_of() { case $1 in raw) echo "X=1" ;; base) shim $BASE ;; new) shim $REL/libtether.so ;; esac; }

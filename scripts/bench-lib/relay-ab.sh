@@ -13,19 +13,9 @@ set -u
 (($# == 4)) || { sed -n "2,12s/^# \\{0,1\\}//p" "$0"; exit 2; }
 REL=$1 BASE=$2 BYTES=$3 ROUNDS=$4
 RUN=$(mktemp -d /tmp/tether-relay-ab.XXXXXX)
-cat >"$RUN/tetherd.toml" <<TOML
-trust_domain = "bench.internal"
-unmatched = "derive"
-[[inbound]]
-ports = [19402, 19403]
-allow = ["spiffe://bench.internal/*"]
-[[outbound]]
-to = ["127.0.0.1/32:19402", "127.0.0.1/32:19403"]
-allow = ["spiffe://bench.internal/*"]
-TOML
-TETHERD_LOG=warn $REL/tetherd --config $RUN/tetherd.toml --socket $RUN/s.sock --state-dir $RUN/state 2>$RUN/tetherd.log &
-TD=$!
-for i in $(seq 100); do [ -S $RUN/s.sock ] && break; sleep 0.1; done
+source "$(dirname -- "${BASH_SOURCE[0]}")/ab-lib.sh"
+bench_policy "$RUN/tetherd.toml" "" 19402 19403
+start_tetherd $REL/tetherd "$RUN/tetherd.toml" "$RUN/s.sock" "$RUN/state" "$RUN/tetherd.log" || { echo "tetherd did not start"; exit 1; }
 shim() { echo "LD_PRELOAD=$1 TETHER_SOCKET=$RUN/s.sock TETHER_MODE=userspace"; }
 $REL/bench-server --port 19401 >/dev/null 2>&1 & P1=$!
 env $(shim $BASE) $REL/bench-server --port 19402 >/dev/null 2>&1 & P2=$!

@@ -30,20 +30,9 @@ REL=$1 LIB=$2 OUT=$3 WORK=$4 MODE=$5 SIZE=${6:-}
 mkdir -p "$OUT"
 RUN=$(mktemp -d /tmp/tether-relay-prof.XXXXXX)
 PORT=19442
-cat >"$RUN/tetherd.toml" <<TOML
-trust_domain = "bench.internal"
-unmatched = "derive"
-key_custody = "process"
-[[inbound]]
-ports = [$PORT]
-allow = ["spiffe://bench.internal/*"]
-[[outbound]]
-to = ["127.0.0.1/32:$PORT"]
-allow = ["spiffe://bench.internal/*"]
-TOML
-TETHERD_LOG=warn "$REL/tetherd" --config "$RUN/tetherd.toml" --socket "$RUN/s.sock" --state-dir "$RUN/state" 2>"$RUN/tetherd.log" &
-TD=$!
-for _ in $(seq 100); do [ -S "$RUN/s.sock" ] && break; sleep 0.1; done
+source "$(dirname -- "${BASH_SOURCE[0]}")/ab-lib.sh"
+bench_policy "$RUN/tetherd.toml" process $PORT
+start_tetherd "$REL/tetherd" "$RUN/tetherd.toml" "$RUN/s.sock" "$RUN/state" "$RUN/tetherd.log" || { echo "tetherd did not start"; exit 1; }
 E="LD_PRELOAD=$LIB TETHER_SOCKET=$RUN/s.sock TETHER_MODE=userspace TETHER_RESUMPTION=0" F=""
 if [[ $LIB == floor ]]; then
     "$REL/tether" svid --socket "$RUN/s.sock" --out "$RUN/svid" >/dev/null
