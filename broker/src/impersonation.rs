@@ -117,10 +117,22 @@ impl Watch {
 /// many-threaded processes exhaust its descriptors. A thread that exits while it is being looked
 /// at is skipped: it can no longer be used. A tid reused by a new thread is simply read anew.
 fn other_thread_traced(pid: i32) -> Result<Option<(i32, i32)>, Impersonation> {
+    other_thread_traced_within(pid, MAX_THREADS)
+}
+
+/// The most threads (main included) [`other_thread_traced`] lists before it refuses: it bounds what one
+/// signature can cost tetherd (3 syscalls a thread), and a process with more cannot be vouched
+/// for. A JVM with a few hundred threads is well inside.
+const MAX_THREADS: usize = 4096;
+
+fn other_thread_traced_within(pid: i32, max: usize) -> Result<Option<(i32, i32)>, Impersonation> {
     let unreadable = |what: String| Impersonation::Unreadable { pid, what };
     let gone = |e: &io::Error| e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH);
     let dir = fs::read_dir(format!("/proc/{pid}/task")).map_err(|e| unreadable(format!("task: {e}")))?;
-    for entry in dir {
+    for (n, entry) in dir.enumerate() {
+        if n >= max {
+            return Err(unreadable(format!("more than {max} threads (main included) to check for a tracer")));
+        }
         let entry = entry.map_err(|e| unreadable(format!("task: {e}")))?;
         let tid = match entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) {
             Some(tid) if tid == pid => continue,
@@ -424,6 +436,10 @@ mod tests {
     fn other_threads_are_listed_and_a_process_that_is_gone_is_unreadable() {
         let (mut child, facts, _) = two_threads();
         assert_eq!(other_thread_traced(facts.pid).unwrap(), None);
+        // Two threads, main included: within a bound of 2; past a bound of 1 it fails closed.
+        assert_eq!(other_thread_traced_within(facts.pid, 2).unwrap(), None);
+        let r = other_thread_traced_within(facts.pid, 1);
+        assert!(matches!(&r, Err(Impersonation::Unreadable { what, .. }) if what.contains("more than 1 threads")), "{r:?}");
         let _ = child.kill();
         let _ = child.wait();
         assert!(other_thread_traced(facts.pid).is_err(), "a reaped process has no task dir");
