@@ -177,8 +177,8 @@ fn refuse_traced(pid: i32, status: &File) -> Result<(), Impersonation> {
 
 /// [`check`] again, before a signature made with a key tetherd holds (broker custody): code
 /// injected after issuance (a tracer attached, a writable library mapped) must not sign.
-/// Every thread's TracerPid (from the kept status files) and the registered file are read
-/// every time; the executable mappings are re-read every time too, but verified again through
+/// Every thread's TracerPid (the main thread's from the kept status file, the others' by path)
+/// and the registered file are read every time; the executable mappings are re-read every time too, but verified again through
 /// `map_files/` only when they changed since the last clean pass (a fingerprint of their maps
 /// lines).
 pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, watch: &mut Watch) -> Result<(), Impersonation> {
