@@ -629,11 +629,14 @@ impl Read for AttestedReader<'_> {
             self.fresh = false;
             return Ok(n);
         }
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(io::ErrorKind::TimedOut.into());
-        }
         if !self.fresh {
+            // The rest of a frame: whatever is left of its deadline (the clock is read only
+            // here: a frame taken in one `recvmsg`, every signing frame, reads it once, in
+            // `begin_frame`).
+            let left = self.deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::ErrorKind::TimedOut.into());
+            }
             self.stream.set_read_timeout(Some(left))?;
             self.standing = false;
         } else if !self.standing {

@@ -100,7 +100,7 @@ static POLICY_ONLY: Mutex<Option<(Option<SystemTime>, Arc<Policy>)>> = Mutex::ne
 static FETCH: Mutex<()> = Mutex::new(());
 
 fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    crate::clock::real().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// The identity to use now, fetching or refreshing as needed. A refresh that fails while the
@@ -125,7 +125,7 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
     {
         let st = STATE.lock();
         if let Some((at, e, stamp)) = &st.last_failure {
-            if at.elapsed() < RETRY_AFTER_FAILURE && *stamp == policy_stamp() {
+            if crate::clock::mono().saturating_duration_since(*at) < RETRY_AFTER_FAILURE && *stamp == policy_stamp() {
                 return usable(&st).ok_or_else(|| e.clone());
             }
         }
@@ -141,7 +141,7 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
         }
         Err(e) => {
             let mut st = STATE.lock();
-            st.last_failure = Some((std::time::Instant::now(), e.clone(), stamp));
+            st.last_failure = Some((crate::clock::mono(), e.clone(), stamp));
             usable(&st).ok_or(e)
         }
     }
@@ -162,7 +162,9 @@ const STAMP_FRESH: Duration = Duration::from_millis(100);
 
 /// The socket's (mtime, inode), as last read, and when (a copy: no lock is held across the stat).
 type Stamp = (Option<SystemTime>, Option<u64>);
-static STAMP: Mutex<Option<(std::time::Instant, Stamp)>> = Mutex::new(None);
+/// Aged on the wall clock, whose read the same connection's [`fresh`] shares (see `clock`): a
+/// clock stepped back reads as stale (one more `stat`), never as fresh for longer.
+static STAMP: Mutex<Option<(SystemTime, Stamp)>> = Mutex::new(None);
 
 /// The broker socket's mtime (the policy generation's stamp).
 fn policy_stamp() -> Option<SystemTime> {
@@ -172,7 +174,7 @@ fn policy_stamp() -> Option<SystemTime> {
 /// The broker socket's mtime and inode: one `stat`, at most every [`STAMP_FRESH`].
 fn socket_stamp() -> Stamp {
     if let Some((at, stamp)) = *STAMP.lock() {
-        if at.elapsed() < STAMP_FRESH {
+        if crate::clock::real().duration_since(at).is_ok_and(|age| age < STAMP_FRESH) {
             return stamp;
         }
     }
@@ -180,7 +182,7 @@ fn socket_stamp() -> Stamp {
         Ok(m) => (m.modified().ok(), Some(m.ino())),
         Err(_) => (None, None),
     };
-    *STAMP.lock() = Some((std::time::Instant::now(), stamp));
+    *STAMP.lock() = Some((crate::clock::real(), stamp));
     stamp
 }
 
@@ -281,9 +283,14 @@ const BUSY_RETRIES: [Duration; 3] = [Duration::from_millis(10), Duration::from_m
 pub(crate) fn call(req: &Request) -> Result<Response, IdentityError> {
     let mut pauses = BUSY_RETRIES.iter();
     loop {
-        match call_once(req)? {
+        let r = call_once(req);
+        crate::clock::waited();
+        match r? {
             Response::Error(e) if e.code == ErrorCode::Busy => match pauses.next() {
-                Some(p) => std::thread::sleep(*p),
+                Some(p) => {
+                    std::thread::sleep(*p);
+                    crate::clock::waited();
+                }
                 None => return Ok(Response::Error(e)),
             },
             r => return Ok(r),

@@ -14,6 +14,7 @@
 // everything they reach looks dead; the cdylib build keeps the lint.
 #![cfg_attr(test, allow(dead_code))]
 
+mod clock;
 mod fd_table;
 mod fallback;
 mod fork;

@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tether_proto::wire::{self, ConnectionReport, Request, Response};
 
@@ -61,7 +61,7 @@ pub(crate) fn next_conn_id() -> u64 {
 }
 
 pub(crate) fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    crate::clock::real().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 /// Queue a report. Never blocks.
@@ -138,7 +138,9 @@ fn connect() -> io::Result<UnixStream> {
 }
 
 /// Send every report's frame in one write, then read the answers in order (tetherd answers
-/// each request on a connection before it reads the next).
+/// each request on a connection before it reads the next, and sends nothing unasked). They are
+/// read through a buffer: whatever answers are queued come in one `recv`, not two per answer
+/// (header, body), and exactly the batch's answers are taken, so nothing is left behind in it.
 fn send_batch(s: &mut UnixStream, batch: &[ConnectionReport]) -> Result<(), wire::WireError> {
     let mut frames = Vec::new();
     for r in batch {
@@ -146,8 +148,9 @@ fn send_batch(s: &mut UnixStream, batch: &[ConnectionReport]) -> Result<(), wire
         wire::io::write_frame(&mut frames, &frame)?;
     }
     io::Write::write_all(s, &frames).map_err(wire::WireError::Io)?;
+    let mut answers = io::BufReader::with_capacity(ANSWERS_BUF, &*s);
     for _ in batch {
-        let body = wire::io::read_frame(s)?.ok_or(wire::WireError::Truncated)?;
+        let body = wire::io::read_frame(&mut answers)?.ok_or(wire::WireError::Truncated)?;
         match wire::decode::<Response>(&body)? {
             Response::Ok(_) => {}
             // Refused (e.g. an older broker, or a full table): the report is dropped, the
@@ -158,6 +161,9 @@ fn send_batch(s: &mut UnixStream, batch: &[ConnectionReport]) -> Result<(), wire
     }
     Ok(())
 }
+
+/// Room for the answers of a batch read at once (an `ok` answer is 34 bytes).
+const ANSWERS_BUF: usize = 4096;
 
 /// Fork lock order: `REPORTER` then `BROKER_FD` (released by `crate::fork`).
 pub(crate) fn atfork_prepare() {

@@ -37,6 +37,8 @@ pub(crate) unsafe fn accept(
     if !net::is_tcp_stream(lfd) {
         return Outcome::PassThrough;
     }
+    // One read of each clock per stretch of work between waits (see `clock`).
+    let _burst = crate::clock::Burst::begin();
     let ident = match identity::current() {
         Ok(i) => i,
         Err(e) => {
@@ -111,12 +113,15 @@ pub(crate) unsafe fn accept(
 /// As accept4(2).
 unsafe fn real_accept(lfd: RawFd, addr: *mut sockaddr, len: *mut socklen_t, flags: Option<c_int>) -> c_int {
     // SAFETY: forwarded.
-    unsafe {
+    let fd = unsafe {
         match flags {
             Some(f) => crate::real::accept4(lfd, addr, len, f),
             None => crate::real::accept(lfd, addr, len),
         }
-    }
+    };
+    // A blocking accept waited for a client.
+    crate::clock::waited();
+    fd
 }
 
 /// Give a delivered connection the program's accept4 flags. It has [`inbound::ACCEPTED`]

@@ -1,7 +1,6 @@
 //! Outbound: connect(2) to a protected destination.
 
 use std::os::fd::RawFd;
-use std::time::Instant;
 
 use libc::{c_int, sockaddr, socklen_t};
 use tether_proto::Mode;
@@ -27,6 +26,8 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
     if !net::is_tcp_stream(fd) || fd_table::get(fd).is_some() {
         return Outcome::PassThrough;
     }
+    // One read of each clock per stretch of work between waits (see `clock`).
+    let _burst = crate::clock::Burst::begin();
     let ident = match identity::current() {
         Ok(i) => i,
         Err(e) => {
@@ -67,12 +68,14 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
     // The real connect first; a non-blocking one is waited for, within the handshake budget.
     // SAFETY: forwarded from the caller.
     let rc = unsafe { crate::real::connect(fd, addr, len) };
+    // A blocking connect waited for the peer's SYN-ACK.
+    crate::clock::waited();
     if rc != 0 {
         let e = crate::guard::errno();
         if e != libc::EINPROGRESS && e != libc::EINTR {
             return Outcome::Fail(-1, e);
         }
-        let deadline = Instant::now() + settings::get().handshake_timeout;
+        let deadline = crate::clock::mono() + settings::get().handshake_timeout;
         if let Err(err) = net::wait(fd, libc::POLLOUT, deadline) {
             let f = Failure::Connect(err.raw_os_error().unwrap_or(libc::ETIMEDOUT));
             protect::log_failure(Direction::Outbound, Some(&ident), dest, &f);

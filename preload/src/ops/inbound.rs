@@ -220,6 +220,7 @@ fn wait_on(lfd: Option<RawFd>, ms: i32) {
     let n = if lfd.is_some() { 2 } else { 1 };
     // SAFETY: valid pollfd array of `n` entries (a negative fd is ignored by poll).
     unsafe { libc::poll(fds.as_mut_ptr(), n, ms) };
+    crate::clock::waited();
     if wake >= 0 && fds[0].revents & libc::POLLIN != 0 {
         let mut v = 0u64;
         // SAFETY: eventfd reads are 8 bytes.
@@ -258,7 +259,7 @@ fn admit(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &
 
 /// `fd` has not spoken: it waits for its first byte with the silent watcher, costing no thread.
 fn park(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) {
-    let c = silent::Parked { lfd, fd, peer, at: Instant::now(), ident: ident.clone(), rule: rule.clone() };
+    let c = silent::Parked { lfd, fd, peer, at: crate::clock::mono(), ident: ident.clone(), rule: rule.clone() };
     let evicted = with_pool(|p| {
         p.held.insert(fd);
         silent::park(p, c)
@@ -320,7 +321,7 @@ fn inline(
         Ok(InlineInbound::Done(Ok(conn))) => {
             inline::finished(true, pause.waited);
             with_pool(|p| p.held.remove(&fd));
-            Some(Ready { fd, peer, conn: Some(conn), at: Instant::now() })
+            Some(Ready { fd, peer, conn: Some(conn), at: crate::clock::mono() })
         }
         Ok(InlineInbound::Done(Err(f))) => {
             inline::finished(false, pause.waited);
@@ -463,6 +464,8 @@ fn worker() {
             }
         };
         let Some(Job { lfd, fd, peer, ident, rule, half }) = job else { return };
+        // One read of each clock per stretch of work between waits (see `clock`).
+        let burst = crate::clock::Burst::begin();
         let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match half {
             Some(h) => resume(lfd, fd, peer, h, &ident, &rule),
             // The identity captured when a (blocking) accept began may have been replaced
@@ -470,6 +473,7 @@ fn worker() {
             None => handshake(lfd, fd, peer, &crate::identity::latest(&ident), &rule),
         }))
         .unwrap_or(false);
+        drop(burst);
         if !ok {
             with_pool(|p| {
                 p.held.remove(&fd);
@@ -486,7 +490,7 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rul
     let Some(local) = net::local_addr(fd) else { return false };
     let conn = match rule.mode {
         Mode::Permissive => {
-            let deadline = Instant::now() + settings::get().handshake_timeout;
+            let deadline = crate::clock::mono() + settings::get().handshake_timeout;
             match net::peek_first_byte(fd, deadline) {
                 Ok(Some(TLS_HANDSHAKE)) => protect_it(fd, ident, rule, local, peer),
                 _ => {
@@ -511,7 +515,7 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rul
         _ => protect_it(fd, ident, rule, local, peer),
     };
     let Some(conn) = conn else { return false };
-    queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+    queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: crate::clock::mono() });
     true
 }
 
@@ -520,7 +524,7 @@ fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rul
 fn resume(lfd: RawFd, fd: RawFd, peer: SocketAddr, half: protect::HalfInbound, ident: &Arc<Identity>, rule: &InboundRule) -> bool {
     match protect::resume_inbound(half, ident, &rule.allow) {
         Ok(conn) => {
-            queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: Instant::now() });
+            queue_ready(lfd, Ready { fd, peer, conn: Some(conn), at: crate::clock::mono() });
             true
         }
         Err(f) => {
@@ -589,16 +593,17 @@ fn ringer() {
     let mut idle_since = Instant::now();
     loop {
         std::thread::sleep(RERING);
+        let now = Instant::now();
         let (rering, expired, empty) = with_pool(|p| {
             let mut rering = Vec::new();
             let mut expired = Vec::new();
             let mut unclaim = Vec::new();
             for (lfd, q) in p.ready.iter_mut() {
-                while q.front().is_some_and(|r| r.at.elapsed() > give_up) {
+                while q.front().is_some_and(|r| now.saturating_duration_since(r.at) > give_up) {
                     expired.extend(q.pop_front());
                     unclaim.push(*lfd);
                 }
-                if q.front().is_some_and(|r| r.at.elapsed() >= RERING) {
+                if q.front().is_some_and(|r| now.saturating_duration_since(r.at) >= RERING) {
                     rering.push(*lfd);
                 }
             }
@@ -610,7 +615,7 @@ fn ringer() {
                 p.held.remove(&r.fd);
             }
             let empty = p.ready.is_empty();
-            if empty && idle_since.elapsed() > Duration::from_secs(10) {
+            if empty && now.saturating_duration_since(idle_since) > Duration::from_secs(10) {
                 RINGER.store(false, Ordering::Release);
             }
             (rering, expired, empty)
@@ -630,7 +635,7 @@ fn ringer() {
             notify(lfd);
         }
         if !empty {
-            idle_since = Instant::now();
+            idle_since = now;
         } else if !RINGER.load(Ordering::Acquire) {
             return;
         }

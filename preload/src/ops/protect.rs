@@ -227,7 +227,7 @@ impl Setup {
             Direction::Inbound => ident.policy.inbound_rule(local.port()).and_then(|r| r.key_update_after),
         };
         let plan = plan(fd, rotate.is_some())?;
-        let deadline = Instant::now() + settings::get().handshake_timeout;
+        let deadline = crate::clock::mono() + settings::get().handshake_timeout;
         Ok(Self { fd, direction, plan, rotate, deadline })
     }
 

@@ -204,7 +204,7 @@ pub(crate) fn tcp_info(fd: RawFd) -> Option<libc::tcp_info> {
 /// Wait until `fd` is ready for `events`, or the deadline passes (ETIMEDOUT).
 pub(crate) fn wait(fd: RawFd, events: i16, deadline: Instant) -> io::Result<()> {
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let left = deadline.saturating_duration_since(crate::clock::mono());
         if left.is_zero() {
             return Err(io::Error::from_raw_os_error(libc::ETIMEDOUT));
         }
@@ -212,6 +212,7 @@ pub(crate) fn wait(fd: RawFd, events: i16, deadline: Instant) -> io::Result<()> 
         let ms = left.as_millis().clamp(1, i32::MAX as u128) as c_int;
         // SAFETY: one valid pollfd.
         let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        crate::clock::waited();
         if rc > 0 {
             return Ok(());
         }

@@ -96,7 +96,7 @@ pub(crate) fn client(
             return Ok(ClientSide { config: cfg.clone(), sessions });
         }
         let v = SpiffeVerifier::new(ident.creds.trust.clone(), allow.to_vec());
-        let mut cfg = ClientConfig::builder_with_provider(provider.clone())
+        let mut cfg = ClientConfig::builder_with_details(provider.clone(), Arc::new(crate::clock::RustlsTime))
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(v))
@@ -133,7 +133,7 @@ pub(crate) fn server(
             return Ok(cfg.clone());
         }
         let v = SpiffeVerifier::new(ident.creds.trust.clone(), allow.to_vec());
-        let mut cfg = ServerConfig::builder_with_provider(provider.clone())
+        let mut cfg = ServerConfig::builder_with_details(provider.clone(), Arc::new(crate::clock::RustlsTime))
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(v))
             .with_cert_resolver(Arc::new(Fixed(ident.creds.key.clone())));

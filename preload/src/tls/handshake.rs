@@ -11,11 +11,11 @@ use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustls::client::UnbufferedClientConnection;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::pki_types::CertificateDer;
 use rustls::server::UnbufferedServerConnection;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConnection, Connection, ServerConnection};
@@ -293,10 +293,11 @@ impl Pause {
                 libc::pollfd { fd: self.yield_to, events: libc::POLLIN, revents: 0 },
             ];
             let ts = libc::timespec { tv_sec: left.as_secs() as libc::time_t, tv_nsec: left.subsec_nanos().into() };
-            let t0 = Instant::now();
+            let t0 = crate::clock::mono();
             // SAFETY: two valid pollfds (a negative fd is ignored), a valid timespec, no sigmask.
             let rc = unsafe { libc::ppoll(fds.as_mut_ptr(), 2, &ts, std::ptr::null()) };
-            self.waited += t0.elapsed();
+            crate::clock::waited();
+            self.waited += crate::clock::mono().saturating_duration_since(t0);
             if rc < 0 {
                 match crate::guard::errno() {
                     libc::EINTR => continue,
@@ -342,7 +343,7 @@ fn finish(r: Result<(Session, PeerChain), HandshakeError>, allow: &[IdPattern]) 
     // A resumed handshake ran no verifier: this is where its peer is checked against the
     // policy in force and its certificates' expiry (for a full one it repeats the verifier's
     // allow and validity checks).
-    let peer = super::verify::verified_peer(chain.chain.as_deref(), allow, UnixTime::now())
+    let peer = super::verify::verified_peer(chain.chain.as_deref(), allow, crate::clock::unix_time())
         .map_err(HandshakeError::Refused)?;
     Ok(Established { conn, peer, resumed: chain.resumed })
 }

@@ -19,7 +19,7 @@ use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, SystemTime};
 
 use rustls::pki_types::SubjectPublicKeyInfoDer;
 use rustls::sign::{Signer, SigningKey};
@@ -32,9 +32,12 @@ use crate::sync::Lock as Mutex;
 /// A kept connection is dropped after this long unused (tetherd closes idle ones after 5 s).
 const IDLE: Duration = Duration::from_secs(2);
 
-/// The process's signing connection and when it was last used. A leaf lock: nothing else is
-/// taken while it is held (fork order: after everything else, `crate::fork`).
-static SIGNER: Mutex<Option<(UnixStream, Instant)>> = Mutex::new(None);
+/// The process's signing connection and when its last request began. A leaf lock: nothing else
+/// is taken while it is held (fork order: after everything else, `crate::fork`). Aged on the
+/// wall clock, whose read the handshake's certificate check shares (see `clock`): a clock
+/// stepped either way at worst makes one request on a connection tetherd has closed, which is
+/// retried on a fresh one.
+static SIGNER: Mutex<Option<(UnixStream, SystemTime)>> = Mutex::new(None);
 /// Its fd, readable without the lock, for the close hooks to spare (-1: none).
 static SIGNER_FD: AtomicI32 = AtomicI32::new(-1);
 
@@ -155,11 +158,12 @@ fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     let req = sign::Request { key_id, scheme: 0x0403, message };
     let n = sign::encode_request(&req, &mut frame).map_err(bad)?;
     let mut slot = SIGNER.lock();
+    let now = crate::clock::real();
     if let Some((mut s, used)) = slot.take() {
         // tetherd may have just closed an idle connection: on any failure, try afresh.
-        if used.elapsed() < IDLE {
+        if now.duration_since(used).is_ok_and(|idle| idle < IDLE) {
             if let Ok(Some(answer)) = exchange(&mut s, &frame[..n]) {
-                keep(&mut slot, s);
+                keep(&mut slot, s, now);
                 return Ok(answer);
             }
         }
@@ -173,7 +177,7 @@ fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     SIGNER_FD.store(s.as_raw_fd(), Ordering::Release);
     let answer = exchange(&mut s, &frame[..n]);
     if let Ok(Some(a)) = answer {
-        keep(&mut slot, s);
+        keep(&mut slot, s, now);
         return Ok(a);
     }
     SIGNER_FD.store(-1, Ordering::Release);
@@ -183,9 +187,9 @@ fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     }
 }
 
-fn keep(slot: &mut Option<(UnixStream, Instant)>, s: UnixStream) {
+fn keep(slot: &mut Option<(UnixStream, SystemTime)>, s: UnixStream, at: SystemTime) {
     SIGNER_FD.store(s.as_raw_fd(), Ordering::Release);
-    *slot = Some((s, Instant::now()));
+    *slot = Some((s, at));
 }
 
 /// Send one request frame and read the answer. `Ok(None)`: tetherd answered with a message
@@ -196,7 +200,10 @@ fn exchange(s: &mut UnixStream, frame: &[u8]) -> io::Result<Option<Answer>> {
     // One blocking read for the whole answer (tetherd writes it in one piece), bounded by the
     // SO_RCVTIMEO set when the connection was opened.
     let mut answer: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
-    let (kind, len, got) = sign::read_response(s, &mut answer).map_err(|e| match e {
+    let answer_read = sign::read_response(s, &mut answer);
+    // It waited for tetherd.
+    crate::clock::waited();
+    let (kind, len, got) = answer_read.map_err(|e| match e {
         wire::WireError::Io(e) => e,
         other => bad(other),
     })?;

@@ -48,7 +48,7 @@ fn base() -> Instant {
 }
 
 fn now_ns() -> u64 {
-    u64::try_from(base().elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(crate::clock::mono().saturating_duration_since(base()).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// How long a handshake on `fd` (just accepted from `lfd`) may wait for its client inline, or

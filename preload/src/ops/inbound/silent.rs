@@ -292,24 +292,26 @@ fn watch() {
     let mut summary_at: Option<Instant> = None;
     let mut events = [libc::epoll_event { events: 0, u64: 0 }; 64];
     loop {
+        // One clock read per round (in UML each is a system call).
+        let now = Instant::now();
         let wait = with_pool(|p| match p.silent.parked.front() {
             Some(c) => {
-                idle_since = Instant::now();
-                Some(deadline.saturating_sub(c.at.elapsed()))
+                idle_since = now;
+                Some(deadline.saturating_sub(now.saturating_duration_since(c.at)))
             }
-            None if idle_since.elapsed() >= IDLE_EXIT => {
+            None if now.saturating_duration_since(idle_since) >= IDLE_EXIT => {
                 WATCHER.store(false, Ordering::Release);
                 None
             }
-            None => Some(deadline.min(IDLE_EXIT.saturating_sub(idle_since.elapsed()))),
+            None => Some(deadline.min(IDLE_EXIT.saturating_sub(now.saturating_duration_since(idle_since)))),
         });
         let Some(mut wait) = wait else { return };
         if EXPIRED.load(Ordering::Relaxed) + EVICTED.load(Ordering::Relaxed) > 0 {
-            match summary_at.map(|t| SUMMARY.saturating_sub(t.elapsed())) {
+            match summary_at.map(|t| SUMMARY.saturating_sub(now.saturating_duration_since(t))) {
                 Some(d) if !d.is_zero() => wait = wait.min(d),
                 _ => {
                     summarise(deadline);
-                    summary_at = Some(Instant::now());
+                    summary_at = Some(now);
                 }
             }
         }
