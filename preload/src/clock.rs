@@ -65,38 +65,27 @@ impl Drop for Burst {
 
 /// The monotonic time: the burst's read if there is one, else a fresh one.
 pub(crate) fn mono() -> Instant {
-    CACHE
-        .try_with(|c| {
-            let v = c.get();
-            if v.depth == 0 {
-                return Instant::now();
-            }
-            if let Some(t) = v.mono {
-                return t;
-            }
-            let now = Instant::now();
-            c.set(Cache { mono: Some(now), ..v });
-            now
-        })
-        .unwrap_or_else(|_| Instant::now())
+    shared(|c| &mut c.mono, Instant::now)
 }
 
 /// The wall-clock time (certificate validity, SVID refresh, report times), likewise.
 pub(crate) fn real() -> SystemTime {
+    shared(|c| &mut c.real, SystemTime::now)
+}
+
+/// `read()`, or within a burst the value `slot` of the cache keeps from the burst's first read.
+fn shared<T: Copy>(slot: fn(&mut Cache) -> &mut Option<T>, read: fn() -> T) -> T {
     CACHE
         .try_with(|c| {
-            let v = c.get();
+            let mut v = c.get();
             if v.depth == 0 {
-                return SystemTime::now();
+                return read();
             }
-            if let Some(t) = v.real {
-                return t;
-            }
-            let now = SystemTime::now();
-            c.set(Cache { real: Some(now), ..v });
-            now
+            let t = *slot(&mut v).get_or_insert_with(read);
+            c.set(v);
+            t
         })
-        .unwrap_or_else(|_| SystemTime::now())
+        .unwrap_or_else(|_| read())
 }
 
 /// The thread may have waited (poll, a blocking connect, a broker round trip): the next read
