@@ -3,10 +3,10 @@
 //! Setting up a protected connection asks the time about ten times per side: the identity's
 //! refresh time, the policy stamp's age, the handshake deadline, rustls's certificate checks,
 //! the signer's idle check, the connection table's open time. On a host kernel each read is a
-//! vDSO call of ~20 ns. In User-Mode Linux (and under ptrace- or seccomp-based sandboxes such as
-//! gVisor's ptrace platform) `clock_gettime` is a real system call: a ptrace round trip of ~30 µs
-//! there, and the largest single group of the kTLS path's calls per connection (bench/results/
-//! 2026-12-03: 11 of 48 on the client, 18 of 70 on the server).
+//! vDSO call of ~20 ns. In User-Mode Linux (and wherever else the vDSO is missing)
+//! `clock_gettime` is a real system call: a ptrace round trip of ~30 µs there, and the largest
+//! single group of the kTLS path's calls per connection (bench/results/2026-12-03: 11 of 48 on
+//! the client, 18 of 70 on the server).
 //!
 //! A [`Burst`] is the work one shim call does between two waits: while one is open on a thread,
 //! [`mono`] and [`real`] read each clock at most once and then answer from that read. Every
@@ -88,8 +88,8 @@ fn shared<T: Copy>(slot: fn(&mut Cache) -> &mut Option<T>, read: fn() -> T) -> T
         .unwrap_or_else(|_| read())
 }
 
-/// The thread may have waited (poll, a blocking connect, a broker round trip): the next read
-/// is fresh.
+/// The thread may have waited (poll, a blocking connect or accept, a broker round trip, a lock
+/// held across one): the next read is fresh.
 pub(crate) fn waited() {
     let _ = CACHE.try_with(|c| {
         let v = c.get();
