@@ -88,8 +88,8 @@ fn shared<T: Copy>(slot: fn(&mut Cache) -> &mut Option<T>, read: fn() -> T) -> T
         .unwrap_or_else(|_| read())
 }
 
-/// The thread may have waited (poll, a blocking connect or accept, a broker round trip, a lock
-/// held across one): the next read is fresh.
+/// The thread may have waited (poll, a blocking connect or accept, a broker round trip, a
+/// contended lock: `sync::Lock`): the next read is fresh.
 pub(crate) fn waited() {
     let _ = CACHE.try_with(|c| {
         let v = c.get();
@@ -110,8 +110,7 @@ pub(crate) struct RustlsTime;
 
 impl rustls::time_provider::TimeProvider for RustlsTime {
     fn current_time(&self) -> Option<rustls::pki_types::UnixTime> {
-        let d = real().duration_since(std::time::UNIX_EPOCH).ok()?;
-        Some(rustls::pki_types::UnixTime::since_unix_epoch(d))
+        Some(unix_time())
     }
 }
 

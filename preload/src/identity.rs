@@ -119,8 +119,6 @@ pub(crate) fn current() -> Result<Arc<Identity>, IdentityError> {
         return Ok(refresh_policy(id, stamp));
     }
     let _one = FETCH.lock();
-    // Another thread may have held it across a broker round trip.
-    crate::clock::waited();
     if let Some(id) = fresh() {
         return Ok(id);
     }
@@ -210,8 +208,6 @@ pub(crate) fn forget_key(key_id: u64) {
 /// fails, keep the policy we have (it was valid a moment ago) and retry on the next connect.
 fn refresh_policy(old: Arc<Identity>, stamp: Option<SystemTime>) -> Arc<Identity> {
     let _one = FETCH.lock();
-    // Another thread may have held it across a broker round trip.
-    crate::clock::waited();
     {
         let st = STATE.lock();
         if let Some(cur) = st.current.as_ref().filter(|c| c.policy_stamp == stamp) {
@@ -271,8 +267,6 @@ pub(crate) fn policy_without_identity(why: &IdentityError) -> Option<Arc<Policy>
         }
     }
     let _one = FETCH.lock();
-    // Another thread may have held it across a broker round trip.
-    crate::clock::waited();
     let policy = match call(&Request::FetchPolicy {}) {
         Ok(Response::Policy(p)) => Arc::new(p.policy),
         _ => return None,

@@ -13,7 +13,7 @@
 
 use std::any::Any;
 use std::cell::RefCell;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLockReadGuard, RwLockWriteGuard, WaitTimeoutResult};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError, RwLockReadGuard, RwLockWriteGuard, TryLockError, WaitTimeoutResult};
 use std::time::Duration;
 
 thread_local! {
@@ -44,8 +44,18 @@ impl<T: 'static> Lock<T> {
         Self(Mutex::new(v))
     }
 
+    /// Take the lock. If another thread held it, this one waited (perhaps across that thread's
+    /// broker round trip): the clock burst's read ends there (`crate::clock`).
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        match self.0.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                let g = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+                crate::clock::waited();
+                g
+            }
+        }
     }
 
     /// Take the lock until [`release_fork_locks`] (atfork prepare).

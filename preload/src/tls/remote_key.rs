@@ -158,8 +158,6 @@ fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
     let req = sign::Request { key_id, scheme: 0x0403, message };
     let n = sign::encode_request(&req, &mut frame).map_err(bad)?;
     let mut slot = SIGNER.lock();
-    // Another thread may have held it across its own signature.
-    crate::clock::waited();
     let now = crate::clock::real();
     if let Some((mut s, used)) = slot.take() {
         // tetherd may have just closed an idle connection: on any failure, try afresh.
