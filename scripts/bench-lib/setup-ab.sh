@@ -20,6 +20,7 @@ RUN=$(mktemp -d /tmp/tether-setup-ab.XXXXXX)
 source "$(dirname -- "${BASH_SOURCE[0]}")/ab-lib.sh"
 bench_policy "$RUN/tetherd.toml" "$CUSTODY" 19502 19503
 start_tetherd "$REL/tetherd" "$RUN/tetherd.toml" "$RUN/s.sock" "$RUN/state" "$RUN/tetherd.log" || { echo "tetherd did not start"; exit 1; }
+trap 'kill "$TD" 2>/dev/null' EXIT # also on the host, where no VM teardown ends it
 "$REL/tether" svid --socket "$RUN/s.sock" --out "$RUN/svid" >/dev/null || { echo "tether svid failed"; exit 1; }
 CONFIGS=(plain rustls base new)
 shim() { echo "LD_PRELOAD=$1 TETHER_SOCKET=$RUN/s.sock TETHER_RESUMPTION=0"; }
