@@ -95,6 +95,9 @@ TOML
             run_config "$env" "$c" "$r" "$bulk_bytes" "$conns" "$redis_n"
         done
     done
+    # tether kTLS against the raw pair: the gap to judge is a few per cent and single UML bulk
+    # runs swing by ±15 %, so many short paired rounds (the ratio is taken per round).
+    [[ $env == uml ]] && ktls_pair_rounds "$env" $((quick ? 3 : 30)) $((quick ? 8 << 20 : 32 << 20))
     verify_stunnel
     if ((quick)) || [[ $env == uml ]]; then
         count_syscalls "$env" 10 40
@@ -118,6 +121,43 @@ part_cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$RUN"
+}
+
+# ROUNDS rounds of one bulk write() and one sendfile() of BYTES each through tether kTLS and
+# the raw fixed-key kTLS pair, back to back (order swapped every round), each against its own
+# server started once: records "pair_write"/"pair_sendfile" with rep = the round, so that
+# report.py can take the tether / raw ratio within each round.
+ktls_pair_rounds() { # ENV ROUNDS BYTES
+    local env=$1 rounds=$2 bytes=$3 r c wl j pre=() spids=()
+    read -r -a pre <<<"$(under tether-ktls server)"
+    env "${pre[@]}" "$REL/bench-server" --port "$P_TETHER" >/dev/null 2>>"$OUT/logs/stderr.log" &
+    spids+=($!)
+    "$REL/bench-server" --port "$P_RAWKTLS" --ktls-fixed >/dev/null 2>>"$OUT/logs/stderr.log" &
+    spids+=($!)
+    PIDS+=("${spids[@]}")
+    listening "$P_TETHER" && listening "$P_RAWKTLS" || die "kTLS pair rounds: a server did not listen"
+    local order=(tether-ktls raw-ktls) client
+    for ((r = 1; r <= rounds; r++)); do
+        say "$env kTLS pair round $r/$rounds"
+        for wl in write sendfile; do
+            for c in "${order[@]}"; do
+                if [[ $c == raw-ktls ]]; then
+                    client=("$REL/bench-client" --port "$P_RAWKTLS" --ktls-fixed)
+                else
+                    read -r -a pre <<<"$(under tether-ktls client)"
+                    client=(env "${pre[@]}" "$REL/bench-client" --port "$P_TETHER")
+                fi
+                if [[ $wl == write ]]; then
+                    j=$(timeout 600 "${client[@]}" bulk --bytes "$bytes") || die "$c: pair write failed"
+                else
+                    j=$(timeout 600 "${client[@]}" bulk --bytes "$bytes" --sendfile "$RUN/payload") || die "$c: pair sendfile failed"
+                fi
+                emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":$r,\"workload\":\"pair_$wl\",${j:1:-1}"
+            done
+        done
+        order=("${order[1]}" "${order[0]}")
+    done
+    for c in "${spids[@]}"; do stop_pid "$c"; done
 }
 
 # After the measured runs: 20 connections through the stunnel pair at log level info, to record

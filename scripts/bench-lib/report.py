@@ -93,6 +93,24 @@ def ratio(a, b):
     return f"{a / b:.2f}×" if a is not None and b not in (None, 0) else "–"
 
 
+def paired_ratios(env, a, b, workload):
+    """a / b within each repetition of `workload` (both ran back to back in it)."""
+    by_rep = {}
+    for r in records:
+        if r["env"] == env and r["workload"] == workload and r["config"] in (a, b) and "mib_s" in r:
+            by_rep.setdefault(r["rep"], {})[r["config"]] = r["mib_s"]
+    return [v[a] / v[b] for _, v in sorted(by_rep.items()) if a in v and b in v and v[b]]
+
+
+def median_interval(xs, level=0.90, draws=4000):
+    """The median of xs and a bootstrap interval for it (fixed seed: the report is reproducible)."""
+    import random
+    rng = random.Random(1)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
+    lo, hi = meds[int((1 - level) / 2 * draws)], meds[int((1 + level) / 2 * draws) - 1]
+    return statistics.median(xs), lo, hi
+
+
 lines = []
 w = lines.append
 envs = [m["env"] for m in metas]
@@ -144,6 +162,26 @@ for env in envs:
                 row.append(ratio(m, med(env, "rustls", wl, "mib_s")))
         w("| " + " | ".join(row) + " |")
     w("")
+    if paired_ratios(env, "tether-ktls", "raw-ktls", "pair_write"):
+        w("### tether kTLS against the raw kTLS pair, paired rounds")
+        w("")
+        w("Both are the kernel's kTLS once set up, so the gap to measure is a few per cent, while single UML bulk runs "
+          "swing by ±15 %. So after the table above, short transfers of both ran back to back in many rounds (order "
+          "swapped every round), and the ratio is taken within each round. Interval: 90 % bootstrap interval of the "
+          "median ratio. Note the two differ in more than tether: tether sets `TLS_RX_EXPECT_NO_PAD` on its receiving "
+          "side, the raw pair does not.")
+        w("")
+        w("| workload | rounds × MiB | tether kTLS MiB/s | raw pair MiB/s | tether / raw per round: median | 90 % interval | min–max |")
+        w("|---|---|---|---|---|---|---|")
+        for wl in ("write", "sendfile"):
+            rs = paired_ratios(env, "tether-ktls", "raw-ktls", f"pair_{wl}")
+            if not rs:
+                continue
+            m, lo, hi = median_interval(rs)
+            size = statistics.median(values(env, "raw-ktls", f"pair_{wl}", "bytes")) / (1 << 20) if values(env, "raw-ktls", f"pair_{wl}", "bytes") else 0
+            w(f"| {wl}() | {len(rs)} × {size:.0f} | {cell(env, 'tether-ktls', f'pair_{wl}', 'mib_s')} | {cell(env, 'raw-ktls', f'pair_{wl}', 'mib_s')} "
+              f"| {m:.3f}× | {lo:.3f}–{hi:.3f} | {min(rs):.2f}–{max(rs):.2f} |")
+        w("")
     if values(env, "tether-ktls-padoff", "write", "mib_s"):
         w("### kTLS RX: `TLS_RX_EXPECT_NO_PAD` on vs off (the receiving side of the bulk runs)")
         w("")
@@ -265,8 +303,9 @@ targets = []
 
 
 def target(name, measured, ok):
+    """ok: True, False, or None when the measurement cannot tell (its interval straddles the target)."""
     targets.append({"target": name, "measured": measured, "met": ok})
-    w(f"| {name} | {measured} | {'yes' if ok else '**no**'} |")
+    w(f"| {name} | {measured} | {'yes' if ok else 'within the noise' if ok is None else '**no**'} |")
 
 
 def tput(env, c, wl):
@@ -275,8 +314,15 @@ def tput(env, c, wl):
 
 if "uml" in envs:
     for wl in ("write", "sendfile"):
+        rs = paired_ratios("uml", "tether-ktls", "raw-ktls", f"pair_{wl}")
         a, b = tput("uml", "tether-ktls", wl), tput("uml", "raw-ktls", wl)
-        if a and b:
+        if len(rs) >= 5:
+            # Judged on the paired rounds: met when the whole interval is at or above 0.98.
+            m, lo, hi = median_interval(rs)
+            target(f"tether kTLS ≥ 0.98× raw kTLS pair ({wl}, UML)",
+                   f"{m:.3f}× (median of {len(rs)} paired rounds; 90 % interval {lo:.3f}–{hi:.3f})",
+                   True if lo >= 0.98 else False if hi < 0.98 else None)
+        elif a and b:
             target(f"tether kTLS ≥ 0.98× raw kTLS pair ({wl}, UML)", f"{a / b:.2f}×", a / b >= 0.98)
 if "uml" in envs and values("uml", "tether-ktls-padoff", "write", "mib_s"):
     for wl in ("write", "sendfile"):
