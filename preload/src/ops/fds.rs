@@ -3,6 +3,7 @@
 //! getsockopt, setsockopt).
 
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 use libc::{c_int, c_void, sockaddr, socklen_t};
 
@@ -127,12 +128,9 @@ pub(crate) fn shutdown(fd: RawFd, how: c_int) -> Outcome<c_int> {
 /// # Safety
 /// Arguments as passed to getpeername(2).
 pub(crate) unsafe fn name(fd: RawFd, addr: *mut sockaddr, len: *mut socklen_t, peer: bool) -> Outcome<c_int> {
-    let Some(p) = fd_table::get(fd) else {
+    let Some(p) = relayed(fd) else {
         return Outcome::PassThrough;
     };
-    if !matches!(p.path, DataPath::Userspace(_)) {
-        return Outcome::PassThrough;
-    }
     if addr.is_null() || len.is_null() {
         return Outcome::Fail(-1, libc::EFAULT);
     }
@@ -141,9 +139,22 @@ pub(crate) unsafe fn name(fd: RawFd, addr: *mut sockaddr, len: *mut socklen_t, p
     Outcome::Done(0)
 }
 
+/// `fd`'s connection if it is a relayed one (the only kind whose names and options the hooks
+/// answer themselves). The entry's kind is looked at first without a syscall, so a call on a
+/// kTLS or unknown fd passes straight through; only a relayed entry gets [`fd_table::get`]'s
+/// cookie check. (A number whose entry is not a relayed one cannot name a relayed socket: `adopt`
+/// enters every relayed fd under its own number.)
+fn relayed(fd: RawFd) -> Option<Arc<fd_table::Protected>> {
+    let is_relayed = |p: &fd_table::Protected| matches!(p.path, DataPath::Userspace(_));
+    if !fd_table::peek(fd, is_relayed) {
+        return None;
+    }
+    fd_table::get(fd).filter(|p| is_relayed(p))
+}
+
 /// Which socket a relayed fd's option belongs to: the TCP connection, or the local pair.
 fn option_target(fd: RawFd, level: c_int, name: c_int) -> Option<RawFd> {
-    let p = fd_table::get(fd)?;
+    let p = relayed(fd)?;
     let DataPath::Userspace(link) = &p.path else {
         return None;
     };
@@ -168,26 +179,24 @@ pub(crate) unsafe fn getsockopt(
         return Outcome::PassThrough;
     }
     if level == libc::SOL_SOCKET && (name == libc::SO_DOMAIN || name == libc::SO_PROTOCOL) {
-        if let Some(p) = fd_table::get(fd) {
-            if matches!(p.path, DataPath::Userspace(_)) {
-                let v: c_int = if name == libc::SO_PROTOCOL {
-                    libc::IPPROTO_TCP
-                } else if p.remote.is_ipv4() {
-                    libc::AF_INET
-                } else {
-                    libc::AF_INET6
-                };
-                if val.is_null() || len.is_null() {
-                    return Outcome::Fail(-1, libc::EFAULT);
-                }
-                // SAFETY: caller's buffer of *len bytes; we write at most an int.
-                unsafe {
-                    let n = (*len as usize).min(size_of::<c_int>());
-                    std::ptr::copy_nonoverlapping((&v as *const c_int).cast::<u8>(), val.cast::<u8>(), n);
-                    *len = n as socklen_t;
-                }
-                return Outcome::Done(0);
+        if let Some(p) = relayed(fd) {
+            let v: c_int = if name == libc::SO_PROTOCOL {
+                libc::IPPROTO_TCP
+            } else if p.remote.is_ipv4() {
+                libc::AF_INET
+            } else {
+                libc::AF_INET6
+            };
+            if val.is_null() || len.is_null() {
+                return Outcome::Fail(-1, libc::EFAULT);
             }
+            // SAFETY: caller's buffer of *len bytes; we write at most an int.
+            unsafe {
+                let n = (*len as usize).min(size_of::<c_int>());
+                std::ptr::copy_nonoverlapping((&v as *const c_int).cast::<u8>(), val.cast::<u8>(), n);
+                *len = n as socklen_t;
+            }
+            return Outcome::Done(0);
         }
     }
     match option_target(fd, level, name) {
