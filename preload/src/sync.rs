@@ -86,3 +86,38 @@ impl<T: 'static> RwLock<T> {
         self.0.write().unwrap_or_else(PoisonError::into_inner)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // reason: tests fail by panicking
+    use super::*;
+    use std::sync::{mpsc, Arc};
+
+    /// A thread that waited for a lock another thread held (across a broker round trip, say) must
+    /// not go on with a clock read from before the wait; an uncontended lock keeps the read.
+    #[test]
+    fn a_contended_lock_ends_the_clock_burst() {
+        let lock = Arc::new(Lock::new(()));
+        let _burst = crate::clock::Burst::begin();
+        let before = crate::clock::mono();
+        drop(lock.lock());
+        assert_eq!(crate::clock::mono(), before, "an uncontended lock is not a wait");
+
+        let (held, wait_held) = mpsc::channel();
+        let holder = {
+            let lock = Arc::clone(&lock);
+            std::thread::spawn(move || {
+                let _g = lock.lock();
+                held.send(()).unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            })
+        };
+        wait_held.recv().unwrap();
+        drop(lock.lock());
+        holder.join().unwrap();
+        assert!(
+            crate::clock::mono() >= before + Duration::from_millis(20),
+            "the read after waiting for the lock is fresh"
+        );
+    }
+}

@@ -136,17 +136,15 @@ ktls_pair_rounds() { # ENV ROUNDS BYTES
     spids+=($!)
     PIDS+=("${spids[@]}")
     listening "$P_TETHER" && listening "$P_RAWKTLS" || die "kTLS pair rounds: a server did not listen"
-    local order=(tether-ktls raw-ktls) client
+    local order=(tether-ktls raw-ktls) client cpre=()
+    read -r -a cpre <<<"$(under tether-ktls client)"
+    local -a tether_client=(env "${cpre[@]}" "$REL/bench-client" --port "$P_TETHER")
+    local -a raw_client=("$REL/bench-client" --port "$P_RAWKTLS" --ktls-fixed)
     for ((r = 1; r <= rounds; r++)); do
         say "$env kTLS pair round $r/$rounds"
         for wl in write sendfile; do
             for c in "${order[@]}"; do
-                if [[ $c == raw-ktls ]]; then
-                    client=("$REL/bench-client" --port "$P_RAWKTLS" --ktls-fixed)
-                else
-                    read -r -a pre <<<"$(under tether-ktls client)"
-                    client=(env "${pre[@]}" "$REL/bench-client" --port "$P_TETHER")
-                fi
+                if [[ $c == raw-ktls ]]; then client=("${raw_client[@]}"); else client=("${tether_client[@]}"); fi
                 if [[ $wl == write ]]; then
                     j=$(timeout 600 "${client[@]}" bulk --bytes "$bytes") || die "$c: pair write failed"
                 else

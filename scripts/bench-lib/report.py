@@ -7,6 +7,7 @@ same run (same env).
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 
@@ -104,7 +105,6 @@ def paired_ratios(env, a, b, workload):
 
 def median_interval(xs, level=0.90, draws=4000):
     """The median of xs and a bootstrap interval for it (fixed seed: the report is reproducible)."""
-    import random
     rng = random.Random(1)
     meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(draws))
     lo, hi = meds[int((1 - level) / 2 * draws)], meds[int((1 + level) / 2 * draws) - 1]
@@ -178,7 +178,7 @@ for env in envs:
             if not rs:
                 continue
             m, lo, hi = median_interval(rs)
-            size = statistics.median(values(env, "raw-ktls", f"pair_{wl}", "bytes")) / (1 << 20) if values(env, "raw-ktls", f"pair_{wl}", "bytes") else 0
+            size = (med(env, "raw-ktls", f"pair_{wl}", "bytes") or 0) / (1 << 20)
             w(f"| {wl}() | {len(rs)} × {size:.0f} | {cell(env, 'tether-ktls', f'pair_{wl}', 'mib_s')} | {cell(env, 'raw-ktls', f'pair_{wl}', 'mib_s')} "
               f"| {m:.3f}× | {lo:.3f}–{hi:.3f} | {min(rs):.2f}–{max(rs):.2f} |")
         w("")
