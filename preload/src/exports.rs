@@ -48,11 +48,33 @@ fn refuse<T: From<i8>>() -> T {
     T::from(-1)
 }
 
+/// A call that could start or accept a TCP connection, made while tether's own code runs on
+/// this thread: a signal handler that interrupted one of our hooks, or a program handler run on
+/// one of our threads before its signals were blocked. The hook cannot be run (its locks may be
+/// held by the code it interrupted) and the real call would be plaintext: refused. tether's
+/// own code never makes inet connects, accepts or Fast Open sends through the hooked
+/// functions (it calls `real::`), so nothing of ours lands here. The message is one `write`
+/// of a constant: async-signal-safe.
+fn reentered<T: From<i8>>(errno: c_int) -> T {
+    crate::log::raw_const(b"tether: refused a TCP connect/accept made inside one of tether's hooks (from a signal handler): it could not be protected\n");
+    guard::set_errno(errno);
+    T::from(-1)
+}
+
+/// Is this an inet connect, accept or Fast Open send made inside one of our hooks?
+fn reentered_inet(family: impl FnOnce() -> Option<c_int>) -> bool {
+    guard::inside() && family().is_some_and(crate::fork::vfork_refuses_family)
+}
+
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
     // SAFETY: the caller's address of `len` bytes; only the family is read.
     if unsafe { vfork_refused_connect(addr, len) } {
         return refuse();
+    }
+    // SAFETY: as above.
+    if reentered_inet(|| unsafe { ops::vfork::family_of(addr, len) }) {
+        return reentered(libc::EACCES);
     }
     crate::ensure_init();
     // No second vfork check: an inet connect was checked above, and the logic passes any other
@@ -108,9 +130,13 @@ pub unsafe extern "C" fn sendto(fd: c_int, buf: *const c_void, n: size_t, flags:
         // SAFETY: forwarded, sendto(2).
         return unsafe { real::sendto(fd, buf, n, flags, addr, len) };
     }
-    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    // A Fast Open send connects: in a vfork child, or inside one of our hooks, that could
+    // only be plaintext.
     if crate::fork::in_vfork_child() {
         return refuse();
+    }
+    if guard::inside() {
+        return reentered(libc::EACCES);
     }
     crate::ensure_init();
     // SAFETY: forwarded, sendto(2) with MSG_FASTOPEN. (Checked for vfork just above.)
@@ -131,9 +157,13 @@ pub unsafe extern "C" fn sendmsg(fd: c_int, msg: *const msghdr, flags: c_int) ->
         // SAFETY: forwarded, sendmsg(2).
         return unsafe { real::sendmsg(fd, msg, flags) };
     }
-    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    // A Fast Open send connects: in a vfork child, or inside one of our hooks, that could
+    // only be plaintext.
     if crate::fork::in_vfork_child() {
         return refuse();
+    }
+    if guard::inside() {
+        return reentered(libc::EACCES);
     }
     crate::ensure_init();
     // SAFETY: forwarded, sendmsg(2) with MSG_FASTOPEN.
@@ -149,9 +179,13 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, f
         // SAFETY: forwarded, sendmmsg(2).
         return unsafe { real::sendmmsg(fd, msgs, vlen, flags) };
     }
-    // A Fast Open send connects: in a vfork child that could only be plaintext.
+    // A Fast Open send connects: in a vfork child, or inside one of our hooks, that could
+    // only be plaintext.
     if crate::fork::in_vfork_child() {
         return refuse();
+    }
+    if guard::inside() {
+        return reentered(libc::EACCES);
     }
     crate::ensure_init();
     // SAFETY: forwarded, sendmmsg(2) with MSG_FASTOPEN. (Checked for vfork just above.)
@@ -168,6 +202,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
     if vfork_refused(|| ops::vfork::listener_family(fd)) {
         return refuse();
     }
+    if reentered_inet(|| ops::vfork::listener_family(fd)) {
+        return reentered(libc::ECONNABORTED);
+    }
     crate::ensure_init();
     // SAFETY: as above, accept(2).
     hook(|| unsafe { ops::accept::accept(fd, addr, len, None) }, || unsafe { real::accept(fd, addr, len) }, closed)
@@ -177,6 +214,9 @@ pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut sockle
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
     if vfork_refused(|| ops::vfork::listener_family(fd)) {
         return refuse();
+    }
+    if reentered_inet(|| ops::vfork::listener_family(fd)) {
+        return reentered(libc::ECONNABORTED);
     }
     crate::ensure_init();
     // SAFETY: as above, accept4(2).
@@ -556,3 +596,30 @@ pub unsafe extern "C" fn recvmsg(fd: c_int, msg: *mut msghdr, flags: c_int) -> s
 read_export!(__read_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t), n);
 read_export!(__recv_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int), n);
 read_export!(__recvfrom_chk(fd: c_int, buf: *mut c_void, n: size_t, buflen: size_t, flags: c_int, addr: *mut sockaddr, len: *mut socklen_t), n);
+
+// ---- glibc's public double-underscore names ----------------------------------------------
+// glibc exports these names for the same functions (`nm -D libc.so.6`), and a program may call
+// them directly: `__connect` would otherwise be a plaintext connect. Each is the hook of the
+// function it names (`exports.rs` in shim-tests checks that every such name libc exports for a
+// hooked function is here).
+
+macro_rules! alias_export {
+    ($alias:ident => $target:ident ( $($arg:ident : $ty:ty),* ) -> $ret:ty) => {
+        #[no_mangle]
+        pub unsafe extern "C" fn $alias($($arg: $ty),*) -> $ret {
+            // SAFETY: the contract of the function it names, whose hook this is.
+            unsafe { $target($($arg),*) }
+        }
+    };
+}
+
+alias_export!(__connect => connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int);
+alias_export!(__sendmmsg => sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, flags: c_int) -> c_int);
+alias_export!(__send => send(fd: c_int, buf: *const c_void, n: size_t, flags: c_int) -> ssize_t);
+alias_export!(__write => write(fd: c_int, buf: *const c_void, n: size_t) -> ssize_t);
+alias_export!(__read => read(fd: c_int, buf: *mut c_void, n: size_t) -> ssize_t);
+alias_export!(__recv => recv(fd: c_int, buf: *mut c_void, n: size_t, flags: c_int) -> ssize_t);
+alias_export!(__close => close(fd: c_int) -> c_int);
+alias_export!(__dup2 => dup2(old: c_int, new: c_int) -> c_int);
+alias_export!(__fcntl => fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int);
+alias_export!(__libc_fcntl64 => fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int);

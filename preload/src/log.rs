@@ -68,6 +68,11 @@ pub(crate) fn raw(msg: &str) {
     write_fd(2, s.as_bytes());
 }
 
+/// [`raw`] without allocating: one `write` of a constant (async-signal-safe).
+pub(crate) fn raw_const(msg: &'static [u8]) {
+    write_fd(2, msg);
+}
+
 fn write_line(mut s: String) {
     s.push('\n');
     match &settings::get().log {

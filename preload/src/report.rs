@@ -86,14 +86,11 @@ pub(crate) fn send(r: ConnectionReport) {
 
 fn start(pid: u32) -> Option<Reporter> {
     let (tx, rx) = sync_channel(QUEUE);
-    std::thread::Builder::new()
-        .name("tether-report".into())
-        .stack_size(128 * 1024)
-        .spawn(move || {
-            guard::mark_internal_thread();
-            let _ = std::panic::catch_unwind(move || run(rx));
-        })
-        .ok()?;
+    crate::sync::spawn_thread("tether-report", 128 * 1024, move || {
+        guard::mark_internal_thread();
+        let _ = std::panic::catch_unwind(move || run(rx));
+    })
+    .ok()?;
     Some(Reporter { pid, tx })
 }
 

@@ -35,6 +35,31 @@ pub(crate) fn release_fork_locks() {
     });
 }
 
+/// Start one of tether's own threads with every signal blocked. The mask is set on the calling
+/// thread around the spawn, so the new thread inherits it and no signal can land in between;
+/// glibc keeps its own internal signals (cancellation, setxid) unblockable. A program's handler
+/// then never runs on a thread of ours, where the guard is set for good (its calls would go
+/// straight to libc: a connect there would be plaintext) and where it could interrupt our locks.
+pub(crate) fn spawn_thread<F, T>(name: &str, stack: usize, f: F) -> std::io::Result<std::thread::JoinHandle<T>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    // SAFETY: sigset_t is plain data; sigfillset initialises it.
+    let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: valid sigset pointers; pthread_sigmask changes only this thread's mask.
+    unsafe {
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
+    }
+    let spawned = std::thread::Builder::new().name(name.into()).stack_size(stack).spawn(f);
+    // SAFETY: restores the mask saved above.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
+    spawned
+}
+
 /// A mutex (std, poison ignored).
 #[derive(Debug, Default)]
 pub(crate) struct Lock<T>(Mutex<T>);

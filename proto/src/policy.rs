@@ -222,14 +222,23 @@ impl<'de> Deserialize<'de> for KeyUpdateAfter {
     }
 }
 
-/// Map `::ffff:a.b.c.d` to `a.b.c.d`.
+/// The address a connect to `addr` reaches, as rules match it: `::ffff:a.b.c.d` is `a.b.c.d`,
+/// and an unspecified address is loopback (Linux connects `0.0.0.0` to 127.0.0.1 when the
+/// socket has no bound source address, and `::` to `::1`), so `0.0.0.0:8443` cannot slip past
+/// a rule for `127.0.0.1/32:8443`. (The shim first puts in a bound socket's source address,
+/// which is where the kernel sends `0.0.0.0` then.)
 pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
-            None => addr,
+    let ip = match addr.ip() {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if v6.is_unspecified() => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            None => return addr,
         },
-        SocketAddr::V4(_) => addr,
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+    };
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() => SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), addr.port()),
+        _ => SocketAddr::new(ip, addr.port()),
     }
 }
 
@@ -380,6 +389,19 @@ mod tests {
         ] {
             assert!(bad.parse::<Destination>().is_err(), "{bad}");
         }
+    }
+
+    /// Linux connects `0.0.0.0` to 127.0.0.1 and `::` to `::1`: rules for loopback cover them.
+    #[test]
+    fn unspecified_destinations_match_loopback_rules() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"outbound":[{"to":["127.0.0.1/32:8443"],"allow":["spiffe://a/*"]},{"to":["[::1]/128:9443"],"allow":["spiffe://a/*"]}]}"#,
+        )
+        .unwrap();
+        for to in ["0.0.0.0:8443", "[::ffff:0.0.0.0]:8443", "[::]:9443"] {
+            assert!(policy.outbound_rule(sa(to)).is_some(), "{to}");
+        }
+        assert!(policy.outbound_rule(sa("0.0.0.0:9443")).is_none());
     }
 
     #[test]

@@ -51,7 +51,58 @@ const HOOKS: &[&str] = &[
     "execvp",
     "execvpe",
     "fexecve",
+    // glibc's public double-underscore names of hooked functions (a program can call them).
+    "__connect",
+    "__sendmmsg",
+    "__send",
+    "__write",
+    "__read",
+    "__recv",
+    "__close",
+    "__dup2",
+    "__fcntl",
+    "__libc_fcntl64",
 ];
+
+/// The defined function names of a shared object (`nm -D --defined-only`).
+fn defined_functions(so: &std::path::Path) -> BTreeSet<String> {
+    let out = Command::new("nm").args(["-D", "--defined-only"]).arg(so).output().unwrap();
+    assert!(out.status.success(), "nm {} failed: {}", so.display(), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            let (kind, name) = match cols.as_slice() {
+                [_, k, n] => (*k, *n),
+                [k, n] => (*k, *n),
+                _ => return None,
+            };
+            ["T", "t", "W", "i"].contains(&kind).then(|| name.split('@').next().unwrap().to_string())
+        })
+        .collect()
+}
+
+/// Every other public name this machine's libc gives a hooked function (`__connect` for
+/// `connect`, `__libc_fcntl64` for `fcntl64`) is hooked too: a program calling it directly
+/// would otherwise skip the shim (found by review: `__connect` connected in plaintext).
+#[test]
+fn every_public_libc_alias_of_a_hook_is_hooked() {
+    let libc = ["/lib/x86_64-linux-gnu/libc.so.6", "/lib/aarch64-linux-gnu/libc.so.6", "/lib64/libc.so.6"]
+        .into_iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+        .expect("no libc.so.6 found");
+    let theirs = defined_functions(libc);
+    let ours = defined_functions(&shim_path());
+    let missing: Vec<String> = HOOKS
+        .iter()
+        .filter(|h| !h.starts_with("__"))
+        .flat_map(|h| [format!("__{h}"), format!("__libc_{h}")])
+        .filter(|a| theirs.contains(a) && !ours.contains(a))
+        .collect();
+    assert!(missing.is_empty(), "{} exports these names of hooked functions, and the shim does not: {missing:?}", libc.display());
+}
 
 /// Acceptance 12: `nm -D --defined-only libtether.so`: the defined functions (T, W, i) are exactly the
 /// hooks. Non-function symbols (data, absolute version nodes) are ignored.

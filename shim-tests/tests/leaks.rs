@@ -204,6 +204,18 @@ try:
     elif way == "oversized-in4":
         s = socket.socket(socket.AF_INET)
         raw_connect(s, in4(port), 128)
+    elif way == "dunder-connect":
+        s = socket.socket()
+        buf = ctypes.create_string_buffer(in4(port), 16)
+        if getattr(libc, "__connect")(s.fileno(), buf, 16) != 0:
+            print("connect_errno=" + name(ctypes.get_errno()), flush=True)
+            sys.exit(0)
+    elif way == "any4":
+        s = socket.socket()
+        s.connect(("0.0.0.0", port))
+    elif way == "mapped-any":
+        s = socket.socket(socket.AF_INET6)
+        s.connect(("::ffff:0.0.0.0", port))
     elif way == "mptcp":
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262)
         s.connect(("127.0.0.1", port))
@@ -325,6 +337,99 @@ fn short_sockaddr_in6_connect_is_protected_not_plaintext() {
 fn oversized_sockaddr_lengths_are_protected_not_plaintext() {
     refused_way("oversized-in6", &[]);
     refused_way("oversized-in4", &[]);
+}
+
+/// glibc's public `__connect` is the same function as `connect`, and a program can call it.
+#[test]
+fn glibc_dunder_connect_is_protected_not_plaintext() {
+    refused_way("dunder-connect", &[]);
+    protected_way("dunder-connect");
+}
+
+/// Linux connects an unspecified address to loopback: `0.0.0.0:P` (and `::ffff:0.0.0.0:P`)
+/// reaches 127.0.0.1:P, so a rule for 127.0.0.1 must cover it. (Found by review: these went out
+/// in plaintext to a protected 127.0.0.1 port.)
+#[test]
+fn unspecified_address_connect_is_protected_as_loopback() {
+    refused_way("any4", &[]);
+    refused_way("mapped-any", &[]);
+    protected_way("any4");
+}
+
+/// A socket first connected where plaintext is allowed (an observe rule), then disconnected
+/// (`connect(AF_UNSPEC)`) or left with a failed non-blocking connect, is connected again, by
+/// `connect` or by `sendto(MSG_FASTOPEN)`, to a protected destination: that second connect is
+/// decided afresh. (Found by review: the fd's plaintext entry made it pass straight through.)
+const PY_RECONNECT: &str = r#"
+import ctypes, errno, select, socket, struct, sys, time
+how, plain, observed, marker = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].encode()
+libc = ctypes.CDLL(None, use_errno=True)
+s = socket.socket()
+if how.startswith("unspec"):
+    s.connect(("127.0.0.1", plain))
+    unspec = ctypes.create_string_buffer(struct.pack("=H", socket.AF_UNSPEC) + bytes(14), 16)
+    assert libc.connect(s.fileno(), unspec, 16) == 0, "AF_UNSPEC: %d" % ctypes.get_errno()
+else:  # a non-blocking connect to the observe port that fails (nothing listens there)
+    s.setblocking(False)
+    assert s.connect_ex(("127.0.0.1", plain)) == errno.EINPROGRESS
+    select.select([], [s], [], 5)
+    print("first=" + errno.errorcode.get(s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR), "0"), flush=True)
+    s.setblocking(True)
+s.settimeout(10)
+for attempt in range(2):  # after a failed connect, Linux reports ECONNABORTED once
+    try:
+        if how.endswith("fastopen"):
+            s.sendto(marker, socket.MSG_FASTOPEN, ("127.0.0.1", observed))
+        else:
+            s.connect(("127.0.0.1", observed))
+            s.sendall(marker)
+    except OSError as e:
+        print("errno=" + errno.errorcode.get(e.errno or 0, str(e)), flush=True)
+        if e.errno == errno.ECONNABORTED and attempt == 0:
+            continue
+        sys.exit(0)
+    print("sent", flush=True)
+    break
+"#;
+
+fn reconnect_case(how: &str) {
+    let observed = free_port();
+    let plain = free_port();
+    let observe_rule = format!(
+        "[[outbound]]\nto = [\"127.0.0.1/32:{plain}\"]\nallow = [\"{ANY_ID}\"]\nmode = \"observe\""
+    );
+    let h = Harness::new(
+        &format!("reconnect-{how}"),
+        Policy::new().outbound(observed, &[ANY_ID]).raw(&observe_rule),
+    );
+    // The plaintext destination accepts (the AF_UNSPEC cases) or refuses (the failed connect).
+    let _plain_listener = how.starts_with("unspec").then(|| std::net::TcpListener::bind(("127.0.0.1", plain)).unwrap());
+    let obs = Observer::start(observed);
+    let marker = format!("SECRET-reconnect-{how}");
+    let mut c = h.python("reconnect.py", PY_RECONNECT);
+    let (p, o) = (plain.to_string(), observed.to_string());
+    c.args([how, p.as_str(), o.as_str(), marker.as_str()])
+        .env("TETHER_HANDSHAKE_TIMEOUT_MS", "1500");
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(40));
+    assert!(run.success(), "client failed: {run}\n{}", show(&h.log_lines("client")));
+    obs.assert_only_tls(marker.as_bytes());
+    assert!(
+        !kv(&run.stdout).contains_key("sent"),
+        "the payload was sent to a destination that does not speak TLS: {run}\n{}",
+        show(&h.log_lines("client"))
+    );
+}
+
+#[test]
+fn reconnect_after_af_unspec_is_protected_not_plaintext() {
+    reconnect_case("unspec");
+    reconnect_case("unspec-fastopen");
+}
+
+#[test]
+fn reconnect_after_a_failed_observe_connect_is_protected_not_plaintext() {
+    reconnect_case("failed");
+    reconnect_case("failed-fastopen");
 }
 
 /// Whether this kernel has MPTCP (UML 6.1's config does not; the host's does).

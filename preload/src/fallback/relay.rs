@@ -54,11 +54,7 @@ pub(super) struct Pending {
 
 /// Start the relay thread for `fds`.
 pub(super) fn spawn(fds: RelayFds, generation: u64) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("tether-relay".into())
-        .stack_size(STACK_SIZE)
-        .spawn(move || run(fds, generation))
-        .map(drop)
+    crate::sync::spawn_thread("tether-relay", STACK_SIZE, move || run(fds, generation)).map(drop)
 }
 
 /// The relay's connection states. The relay thread holds this lock while it works on a batch of

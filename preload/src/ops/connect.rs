@@ -7,7 +7,7 @@ use tether_proto::Mode;
 use tether_proto::policy::DefaultAction;
 
 use super::protect::{self, Failure};
-use crate::fd_table::{self, Direction};
+use crate::fd_table::{self, DataPath, Direction};
 use crate::guard::Outcome;
 use crate::sys::net;
 use crate::{identity, log, settings};
@@ -23,9 +23,10 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
         return Outcome::PassThrough;
     };
     // An inet address: the socket is AF_INET/AF_INET6 (or the real connect fails anyway).
-    if !net::is_tcp_stream(fd) || fd_table::get(fd).is_some() {
+    if !net::is_tcp_stream(fd) || is_protected(fd) {
         return Outcome::PassThrough;
     }
+    let dest = effective_destination(fd, dest);
     // One read of each clock per stretch of work between waits (see `clock`).
     let _burst = crate::clock::Burst::begin();
     let ident = match identity::current() {
@@ -98,5 +99,44 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
             protect::log_failure(Direction::Outbound, Some(&ident), dest, &f);
             Outcome::Fail(-1, f.errno())
         }
+    }
+}
+
+/// Is `fd` a connection tether protects (kTLS or relayed)? Its connect is the kernel's to
+/// answer (`EISCONN`; a relayed fd is a socketpair end and not a TCP socket anyway). A
+/// *plaintext* entry (observe mode, a permissive port's plain client, an observe connect that
+/// failed) is not: that socket can be connected again, after `connect(AF_UNSPEC)` or a failed
+/// non-blocking connect, and the new destination gets its own decision.
+fn is_protected(fd: RawFd) -> bool {
+    fd_table::get(fd).is_some_and(|p| !matches!(p.path, DataPath::Plaintext))
+}
+
+/// Where the kernel will really connect `dest` to. An unspecified address is not refused by
+/// Linux: IPv4 `0.0.0.0` (also as `::ffff:0.0.0.0`) goes to the socket's bound source address,
+/// or to 127.0.0.1 when it has none; IPv6 `::` goes to `::1` (`tcp_v6_connect`). The policy must
+/// see that address, or a rule for 127.0.0.1 or `::1` is bypassed by `0.0.0.0` or `[::]`.
+fn effective_destination(fd: RawFd, dest: std::net::SocketAddr) -> std::net::SocketAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    let v4 = match dest {
+        SocketAddr::V4(a) => Some(*a.ip()),
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped(),
+    };
+    match v4 {
+        Some(ip) if ip.is_unspecified() => {
+            let bound = net::local_addr(fd).and_then(|l| match l.ip() {
+                IpAddr::V4(b) => Some(b),
+                IpAddr::V6(b) => b.to_ipv4_mapped(),
+            });
+            let to = bound.filter(|b| !b.is_unspecified()).unwrap_or(Ipv4Addr::LOCALHOST);
+            SocketAddr::new(IpAddr::V4(to), dest.port())
+        }
+        Some(_) => dest,
+        None if dest.ip().is_unspecified() => {
+            // A socket bound to a v4-mapped address goes to ::ffff:127.0.0.1.
+            let mapped = net::local_addr(fd).is_some_and(|l| matches!(l.ip(), IpAddr::V6(b) if b.to_ipv4_mapped().is_some()));
+            let to = if mapped { IpAddr::V4(Ipv4Addr::LOCALHOST) } else { IpAddr::V6(Ipv6Addr::LOCALHOST) };
+            SocketAddr::new(to, dest.port())
+        }
+        None => dest,
     }
 }

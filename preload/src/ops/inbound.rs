@@ -395,10 +395,7 @@ fn start_job(job: Job) {
         }
     };
     if spawn {
-        let spawned = std::thread::Builder::new()
-            .name("tether-accept".into())
-            .stack_size(256 * 1024)
-            .spawn(worker);
+        let spawned = crate::sync::spawn_thread("tether-accept", 256 * 1024, worker);
         if spawned.is_err() {
             // Take the job back out: it is refused.
             let mut w = WORKERS.lock();
@@ -576,7 +573,7 @@ fn ensure_ringer(_locked: &mut Pool) {
     if RINGER.swap(true, Ordering::AcqRel) {
         return;
     }
-    let spawned = std::thread::Builder::new().name("tether-ringer".into()).stack_size(128 * 1024).spawn(|| {
+    let spawned = crate::sync::spawn_thread("tether-ringer", 128 * 1024, || {
         guard::mark_internal_thread();
         let _ = std::panic::catch_unwind(ringer);
     });

@@ -53,10 +53,7 @@ pub(crate) fn watch(fd: RawFd, p: &Arc<Protected>, limit: KeyUpdateAfter) {
     };
     INBOX.lock().push(w);
     if !STARTED.swap(true, Ordering::AcqRel) {
-        let spawned = std::thread::Builder::new()
-            .name("tether-rekey".into())
-            .stack_size(128 * 1024)
-            .spawn(run);
+        let spawned = crate::sync::spawn_thread("tether-rekey", 128 * 1024, run);
         if spawned.is_err() {
             STARTED.store(false, Ordering::Release);
             crate::log::Line::new("rekey")

@@ -271,7 +271,7 @@ fn ensure_watcher() {
     if WATCHER.swap(true, Ordering::AcqRel) {
         return;
     }
-    let spawned = std::thread::Builder::new().name("tether-silent".into()).stack_size(128 * 1024).spawn(|| {
+    let spawned = crate::sync::spawn_thread("tether-silent", 128 * 1024, || {
         guard::mark_internal_thread();
         if std::panic::catch_unwind(watch).is_err() {
             WATCHER.store(false, Ordering::Release);
