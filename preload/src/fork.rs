@@ -9,7 +9,7 @@
 //! 9. relay `STATE`, 10. relay `REGISTRY`, 11. relay `INTERNAL`, 12. key rotation `INBOX`,
 //! 13. TLS `CONFIGS` (`tls::configs`: the per-identity rustls configs; the relay stores a ticket
 //!     under lock 9), 14. signer `SIGNER` (broker key custody: a leaf, never held while another
-//!     is taken).
+//!     is taken), 15. closed kTLS connections' `KEPT` copies (`ops::lingering`: a leaf).
 //!
 //! A [`crate::fd_table::Protected`] reports its close (lock 5) and its `Link` closes the relay's
 //! TCP copy (lock 11), so one may be dropped only while holding nothing above 4: the inbound
@@ -67,7 +67,7 @@ pub(crate) fn in_vfork_child() -> bool {
 /// themselves. This keeps the getpid syscall off `close`/`dup` in processes that never
 /// protected a connection (most of them, host-wide).
 pub(crate) fn shim_has_state() -> bool {
-    !crate::fd_table::is_empty() || fallback::has_internal_fds() || ops::inbound::holds_fds()
+    !crate::fd_table::is_empty() || fallback::has_internal_fds() || ops::inbound::holds_fds() || ops::lingering::has_kept()
 }
 
 /// In a vfork child: should a connect to `family` be refused? Only inet addresses could make a
@@ -94,6 +94,7 @@ extern "C" fn prepare() {
         ops::rotation::atfork_prepare(); // 12
         tls::configs::atfork_prepare(); // 13
         crate::tls::remote_key::atfork_prepare(); // 14
+        ops::lingering::atfork_prepare(); // 15
     });
 }
 
@@ -119,5 +120,6 @@ extern "C" fn child() {
         ops::rotation::after_fork_child();
         fd_table::each_after_fork(|p| p.tx_rekey.forget_busy());
         crate::tls::remote_key::after_fork_child();
+        ops::lingering::after_fork_child();
     });
 }

@@ -83,11 +83,12 @@ fn parent_holds_by_proc(parent: libc::pid_t, fd: RawFd) -> bool {
 pub(crate) fn on_close(fd: RawFd, c: &Closing) {
     if close_notify_due(fd, c) {
         ktls::send_close_notify(fd);
-        // What is queued now (typically the server's session tickets, never read by a program
-        // that only writes) would make the real close answer with a reset, and a reset makes
-        // the peer's kernel drop what its program has not read yet. Nobody can read it after
-        // this close: drop it (without blocking; a record arriving later still meets a reset).
-        let _ = ktls::discard_incoming(fd);
+        // What is queued now or arrives later (typically the server's session tickets, never
+        // read by a program that only writes) would make the real close answer with a reset,
+        // which throws away what is not sent yet and makes the peer's kernel drop what its
+        // program has not read. So the FIN goes now and a copy of the socket stays open, read
+        // and dropped, until the peer's end (`lingering`).
+        super::lingering::keep(fd);
     }
 }
 
@@ -101,7 +102,12 @@ pub(crate) fn on_close(fd: RawFd, c: &Closing) {
 /// `exit_flush.rs`).
 pub(crate) fn at_exit() {
     let bound = crate::settings::get().exit_flush;
-    if bound.is_zero() || fd_table::is_empty() || crate::fork::in_vfork_child() {
+    if bound.is_zero() || crate::fork::in_vfork_child() {
+        return;
+    }
+    // Connections the program closed while their peer still sent: FIN and close_notify gone.
+    let kept = super::lingering::take_all();
+    if fd_table::is_empty() && kept.is_empty() {
         return;
     }
     let deadline = std::time::Instant::now() + bound;
@@ -120,6 +126,7 @@ pub(crate) fn at_exit() {
             unsafe { crate::real::shutdown(fd, libc::SHUT_WR) };
             libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 }
         })
+        .chain(kept.into_iter().map(|fd| libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 }))
         .collect();
     while !fds.is_empty() {
         let left = deadline.saturating_duration_since(std::time::Instant::now());

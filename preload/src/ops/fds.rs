@@ -33,6 +33,7 @@ fn is_ours(fd: RawFd) -> bool {
         || crate::report::broker_fd() == Some(fd)
         || crate::tls::remote_key::connection_fd() == Some(fd)
         || crate::log::file_fd() == Some(fd)
+        || super::lingering::is_kept(fd)
 }
 
 pub(crate) fn close(fd: RawFd) -> Outcome<c_int> {
@@ -43,6 +44,7 @@ pub(crate) fn close(fd: RawFd) -> Outcome<c_int> {
     }
     if let Some(c) = fd_table::remove(fd) {
         super::ending::on_close(fd, &c);
+        super::lingering::sweep();
     }
     super::inbound::listener_closed(fd);
     Outcome::PassThrough
@@ -63,6 +65,7 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
     ours.extend(crate::report::broker_fd());
     ours.extend(crate::tls::remote_key::connection_fd());
     ours.extend(crate::log::file_fd());
+    ours.extend(super::lingering::kept_fds());
     ours.retain(|fd| (lo..=hi).contains(fd));
     ours.sort_unstable();
     ours.dedup();

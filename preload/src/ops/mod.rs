@@ -7,6 +7,7 @@ pub(crate) mod ending;
 pub(crate) mod fds;
 pub(crate) mod inbound;
 pub(crate) mod io;
+pub(crate) mod lingering;
 pub(crate) mod protect;
 pub(crate) mod rotation;
 pub(crate) mod send;

@@ -1,0 +1,134 @@
+//! kTLS connections the program has closed while the peer was still sending.
+//!
+//! A close with bytes queued for reading, or with bytes arriving after it (a TLS 1.3 server's
+//! session tickets reach a client that only writes after its last call), makes the kernel
+//! answer with a reset: it throws away what it had not sent yet and the peer's kernel drops
+//! what its program had not read. So a write-then-close client loses the end of its stream
+//! (UML 7.2: 5 of 51 rounds of `exit_flush.rs` on an Intel host). Instead, the close of a
+//! connection's last holder sends close_notify and a FIN (`shutdown(SHUT_WR)`), and if the
+//! peer has not finished, keeps a copy of the socket here, one the program never sees (spared
+//! from its `close`, `close_range` and `dup2` like the relay's own fds). What arrives on it is
+//! read and dropped until the peer's FIN, and then it is closed: at the program's later closes
+//! (a non-blocking sweep) and at exit (with the other connections, within
+//! `TETHER_EXIT_FLUSH_MS`). At most [`MAX`] are kept, each for at most [`LINGER`]; past either,
+//! the oldest is closed as before.
+//!
+//! Lock: `KEPT` is a leaf (15th in the fork order); nothing is closed while it is held. A
+//! fork child closes its copies (no byte written): the parent still holds the sockets.
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::sync::Lock;
+use crate::sys::ktls;
+
+/// How many closed connections may wait for their peer at once.
+const MAX: usize = 256;
+
+/// How long a closed connection waits for its peer's end.
+const LINGER: Duration = Duration::from_secs(10);
+
+/// Our copies, with the time each is given up.
+static KEPT: Lock<Vec<(RawFd, Instant)>> = Lock::new(Vec::new());
+/// `KEPT`'s length, so the close hook's common case takes no lock.
+static COUNT: AtomicUsize = AtomicUsize::new(0);
+
+/// The program is closing `fd`, a kTLS connection's last holder, after our close_notify:
+/// send the FIN now and, unless the peer's end is already here, keep a copy until it is.
+pub(crate) fn keep(fd: RawFd) {
+    // SAFETY: shutdown of the program's own socket, which it is closing.
+    unsafe { crate::real::shutdown(fd, libc::SHUT_WR) };
+    if !ktls::discard_incoming(fd) {
+        return; // the peer's FIN is in: the close meets nothing
+    }
+    // SAFETY: F_DUPFD_CLOEXEC takes an int argument and touches no memory.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if copy < 0 {
+        return; // out of descriptors: close as before
+    }
+    let evicted = {
+        let mut kept = KEPT.lock();
+        kept.push((copy, Instant::now() + LINGER));
+        let evicted = (kept.len() > MAX).then(|| kept.remove(0).0);
+        COUNT.store(kept.len(), Ordering::Release);
+        evicted
+    };
+    if let Some(old) = evicted {
+        close(old);
+    }
+}
+
+/// Close every kept copy whose peer has ended (or whose time is up). Non-blocking: one `poll`
+/// of them all, then a read only where something arrived.
+pub(crate) fn sweep() {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let now = Instant::now();
+    let done: Vec<RawFd> = {
+        let mut kept = KEPT.lock();
+        let mut polled: Vec<libc::pollfd> =
+            kept.iter().map(|&(fd, _)| libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 }).collect();
+        // SAFETY: a live array of `polled.len()` pollfds; timeout 0 never blocks.
+        if unsafe { libc::poll(polled.as_mut_ptr(), polled.len() as libc::nfds_t, 0) } < 0 {
+            return;
+        }
+        let mut done = Vec::new();
+        let mut i = 0;
+        kept.retain(|&(fd, until)| {
+            let ready = polled[i].revents != 0;
+            i += 1;
+            let open = until > now && (!ready || ktls::discard_incoming(fd));
+            if !open {
+                done.push(fd);
+            }
+            open
+        });
+        COUNT.store(kept.len(), Ordering::Release);
+        done
+    };
+    done.into_iter().for_each(close);
+}
+
+/// Are any copies kept? (One atomic load.)
+pub(crate) fn has_kept() -> bool {
+    COUNT.load(Ordering::Acquire) != 0
+}
+
+/// Is `fd` one of our kept copies?
+pub(crate) fn is_kept(fd: RawFd) -> bool {
+    COUNT.load(Ordering::Acquire) != 0 && KEPT.lock().iter().any(|&(k, _)| k == fd)
+}
+
+/// Our kept copies' numbers (for `close_range`).
+pub(crate) fn kept_fds() -> Vec<RawFd> {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return Vec::new();
+    }
+    KEPT.lock().iter().map(|&(fd, _)| fd).collect()
+}
+
+/// At exit: hand every kept copy to the exit flush, which waits for them with the rest.
+pub(crate) fn take_all() -> Vec<RawFd> {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return Vec::new();
+    }
+    let mut kept = KEPT.lock();
+    COUNT.store(0, Ordering::Release);
+    kept.drain(..).map(|(fd, _)| fd).collect()
+}
+
+pub(crate) fn atfork_prepare() {
+    KEPT.hold_for_fork();
+}
+
+/// In the fork child, with no lock held: close the child's copies (just the descriptors).
+pub(crate) fn after_fork_child() {
+    take_all().into_iter().for_each(close);
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: our own copy; nothing else refers to this number.
+    unsafe { crate::real::close(fd) };
+}
