@@ -165,6 +165,50 @@ fn default_deny_refuses_unmatched_destinations() {
     assert!(run.stdout.contains("unix ok"), "{run}");
 }
 
+/// A server that sits in one blocking `accept()` from before a reload: the reload's `allow`
+/// applies to the connection that call returns. (Found by review: the call kept the rule it read
+/// when it began, so a client removed from `allow` was still admitted.)
+const PY_ONE_ACCEPT: &str = r#"
+import socket, sys
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind(("127.0.0.1", int(sys.argv[1])))
+l.listen(16)
+while True:
+    c, _ = l.accept()  # blocks from before the reload
+    data = c.recv(4096)
+    c.sendall(data)
+    c.close()
+"#;
+
+#[test]
+fn reload_reaches_a_server_already_blocked_in_accept() {
+    let port = free_port();
+    let py_id = derived_id("/usr/bin/python3.11");
+    let before = Policy::new().inbound(port, &[&py_id]).outbound(port, &[ANY_ID]);
+    let mut h = Harness::new("reload-blocked-accept", before);
+    let server = h.script("one_accept.py", PY_ONE_ACCEPT);
+    let mut s = Command::new(PYTHON);
+    s.arg(&server).arg(port.to_string());
+    h.spawn_server("server", h.shim(&mut s, "server"), port);
+    std::thread::sleep(Duration::from_millis(500)); // the server is inside accept() now
+
+    let after = Policy::new().inbound(port, &[&derived_id("/usr/bin/curl")]).outbound(port, &[ANY_ID]);
+    fs::write(h.path("tetherd.toml"), after.to_config()).unwrap();
+    let o = tether(&h, &["reload"]);
+    assert!(o.status.success(), "tether reload: {}", String::from_utf8_lossy(&o.stderr));
+    std::thread::sleep(Duration::from_millis(300)); // past the shim's 100 ms policy-stamp reuse
+
+    let mut c = Command::new(PYTHON);
+    c.args(["-c", "import socket,sys\ntry:\n s=socket.create_connection(('127.0.0.1',int(sys.argv[1])),timeout=10); s.sendall(b'ping'); print('echo='+s.recv(16).decode())\nexcept OSError as e: print('refused=%s' % e)"])
+        .arg(port.to_string());
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(30));
+    assert!(!run.stdout.contains("echo=ping"), "a client removed from allow was served: {run}");
+    let lines = h.wait_log("server", Duration::from_secs(10), |l| l.iter().any(|x| x.is("accept", "deny")));
+    let deny = lines.iter().find(|l| l.is("accept", "deny")).unwrap_or_else(|| panic!("no deny: {}", show(&lines)));
+    assert!(deny.get("reason").contains("not in the allow list"), "{}", deny.raw);
+}
+
 /// Reload: removing an ID from `allow` leaves the established connection working and refuses
 /// the next one; `tether connections --json` shows the live pair and drops it after close.
 #[test]

@@ -314,6 +314,7 @@ fn inline(
         drop_it(fd);
         return None;
     };
+    let rule = rule_now(ident, local.port(), rule);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         protect::protect_inbound_inline(fd, ident, &rule.allow, local, peer, &mut pause)
     }));
@@ -482,9 +483,18 @@ fn worker() {
     }
 }
 
+/// The rule for `port` in `ident`'s policy (the identity current at handshake time carries the
+/// policy in force now). An `accept` that blocked since before a reload must not apply the rule
+/// it read then: an `allow` entry removed, a permissive port made mutual, take effect on the
+/// next handshake. A port the new policy no longer protects keeps the rule it was taken under.
+fn rule_now<'a>(ident: &'a Identity, port: u16, captured: &'a InboundRule) -> &'a InboundRule {
+    ident.policy.inbound_rule(port).unwrap_or(captured)
+}
+
 /// Runs on a handshake thread. Returns whether `fd` was queued for the program.
 fn handshake(lfd: RawFd, fd: RawFd, peer: SocketAddr, ident: &Arc<Identity>, rule: &InboundRule) -> bool {
     let Some(local) = net::local_addr(fd) else { return false };
+    let rule = rule_now(ident, local.port(), rule);
     let conn = match rule.mode {
         Mode::Permissive => {
             let deadline = crate::clock::mono() + settings::get().handshake_timeout;
