@@ -58,9 +58,15 @@ pub(crate) fn destination_name(dest: SocketAddr) -> ServerName<'static> {
 pub(crate) struct TetherSessions {
     inner: Arc<ClientSessionMemoryCache>,
     /// Destinations whose last verified server held an SVID of our own trust domain.
-    /// A std mutex: never held across a call, and a fork child never uses a store made before
-    /// the fork (its identity, and so its configs, are new).
+    /// A std mutex, never held across a call. It is not in the fork lock order: a fork child
+    /// never touches a store made before the fork ([`Self::owner`]).
     tether: Mutex<HashSet<ServerName<'static>>>,
+    /// The process that made this store. A fork child gets new configs with its new identity,
+    /// but a kTLS client connection it inherited still carries the parent's, and a session
+    /// ticket read there would take this store's locks, which a parent thread may have held at
+    /// the fork (the child would then wait forever). So in any other process the store is
+    /// empty and drops what it is given.
+    owner: i32,
 }
 
 impl fmt::Debug for TetherSessions {
@@ -71,16 +77,28 @@ impl fmt::Debug for TetherSessions {
 
 impl TetherSessions {
     pub(crate) fn new() -> Self {
-        Self { inner: Arc::new(ClientSessionMemoryCache::new(DESTINATIONS)), tether: Mutex::new(HashSet::new()) }
+        Self {
+            inner: Arc::new(ClientSessionMemoryCache::new(DESTINATIONS)),
+            tether: Mutex::new(HashSet::new()),
+            owner: crate::fork::owner(),
+        }
+    }
+
+    /// Is this the process that made the store? (An atomic load: the fork child sets its own.)
+    fn ours(&self) -> bool {
+        crate::fork::owner() == self.owner
     }
 
     fn is_tether(&self, name: &ServerName<'_>) -> bool {
-        self.tether.lock().map(|s| s.contains(name)).unwrap_or(false)
+        self.ours() && self.tether.lock().map(|s| s.contains(name)).unwrap_or(false)
     }
 
     /// After a handshake with `name` completed: whether its server is a tether peer. A
     /// destination that stops being one loses its tickets at once.
     pub(crate) fn mark(&self, name: &ServerName<'static>, tether: bool) {
+        if !self.ours() {
+            return;
+        }
         let Ok(mut s) = self.tether.lock() else { return };
         if tether {
             if s.len() >= DESTINATIONS && !s.contains(name) {
@@ -96,11 +114,13 @@ impl TetherSessions {
 
 impl ClientSessionStore for TetherSessions {
     fn set_kx_hint(&self, server_name: ServerName<'static>, group: NamedGroup) {
-        self.inner.set_kx_hint(server_name, group);
+        if self.ours() {
+            self.inner.set_kx_hint(server_name, group);
+        }
     }
 
     fn kx_hint(&self, server_name: &ServerName<'_>) -> Option<NamedGroup> {
-        self.inner.kx_hint(server_name)
+        self.ours().then(|| self.inner.kx_hint(server_name)).flatten()
     }
 
     // TLS 1.2 is never negotiated (the configs are TLS 1.3 only).
