@@ -139,6 +139,25 @@ pub(crate) fn verified_peer(
 /// Extract the single SPIFFE ID from a leaf certificate.
 pub(crate) fn spiffe_id_of(cert: &[u8]) -> Result<SpiffeId, String> {
     let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparseable certificate: {e}"))?;
+    id_of(&x)
+}
+
+/// A peer's leaf, checked as X509-SVID §4.3/§5.2 ask beyond what webpki checks (webpki
+/// ignores an end entity's keyUsage): keyUsage present with digitalSignature and without
+/// keyCertSign or cRLSign; then its SPIFFE ID. One parse.
+fn peer_leaf_id(cert: &[u8]) -> Result<SpiffeId, String> {
+    let (_, x) = x509_parser::parse_x509_certificate(cert).map_err(|e| format!("unparseable certificate: {e}"))?;
+    let ku = x.key_usage().map_err(|e| format!("bad keyUsage: {e}"))?.ok_or("the leaf has no keyUsage (an SVID must have digitalSignature)")?;
+    if !ku.value.digital_signature() {
+        return Err("the leaf's keyUsage lacks digitalSignature".into());
+    }
+    if ku.value.key_cert_sign() || ku.value.crl_sign() {
+        return Err("the leaf's keyUsage has keyCertSign or cRLSign (a CA key, not an SVID)".into());
+    }
+    id_of(&x)
+}
+
+fn id_of(x: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, String> {
     let san = x
         .subject_alternative_name()
         .map_err(|e| format!("bad subjectAltName: {e}"))?
@@ -151,7 +170,12 @@ pub(crate) fn spiffe_id_of(cert: &[u8]) -> Result<SpiffeId, String> {
     if uris.next().is_some() {
         return Err("more than one URI SAN".into());
     }
-    uri.parse::<SpiffeId>().map_err(|e| format!("URI SAN is not a SPIFFE ID: {e}"))
+    let id = uri.parse::<SpiffeId>().map_err(|e| format!("URI SAN is not a SPIFFE ID: {e}"))?;
+    if id.path().is_empty() {
+        // X509-SVID §3.1: a leaf's SPIFFE ID names a workload, never the trust domain itself.
+        return Err(format!("{id} is a trust domain's ID, not a workload's (no path)"));
+    }
+    Ok(id)
 }
 
 /// Verifies a peer's SVID for one connection. Used as both the client's server verifier and
@@ -194,7 +218,7 @@ impl SpiffeVerifier {
         now: UnixTime,
         usage: KeyUsage,
     ) -> Result<SpiffeId, Refusal> {
-        let id = spiffe_id_of(end_entity).map_err(Refusal::BadCertificate)?;
+        let id = peer_leaf_id(end_entity).map_err(Refusal::BadCertificate)?;
         let td = id.trust_domain();
         let roots = self
             .trust
@@ -342,6 +366,37 @@ mod tests {
         let early = [leaf("spiffe://td.test/a", 60, 3600)];
         assert!(matches!(verified_peer(Some(&early), &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
         assert!(matches!(verified_peer(None, &allow("spiffe://td.test/*"), t), Err(Refusal::BadCertificate(_))));
+    }
+
+    fn leaf_with_usage(id: &str, usages: &[rcgen::KeyUsagePurpose]) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::default();
+        p.subject_alt_names = vec![rcgen::SanType::URI(id.try_into().unwrap())];
+        p.key_usages = usages.to_vec();
+        let key = rcgen::KeyPair::generate().unwrap();
+        p.self_signed(&key).unwrap().der().clone()
+    }
+
+    /// X509-SVID §4.3/§5.2, which webpki does not check on an end entity: a peer's leaf needs
+    /// keyUsage digitalSignature and must not have keyCertSign or cRLSign. (Found by review: such
+    /// leaves, and leaves without keyUsage, were accepted.)
+    #[test]
+    fn a_peer_leaf_needs_digital_signature_and_no_ca_key_usage() {
+        use rcgen::KeyUsagePurpose::{CrlSign, DigitalSignature, KeyCertSign, KeyEncipherment};
+        let id = "spiffe://td.test/a";
+        assert!(peer_leaf_id(&leaf_with_usage(id, &[DigitalSignature])).is_ok());
+        assert!(peer_leaf_id(&leaf_with_usage(id, &[DigitalSignature, KeyEncipherment])).is_ok());
+        for bad in [&[][..], &[KeyCertSign, CrlSign][..], &[DigitalSignature, KeyCertSign][..], &[DigitalSignature, CrlSign][..]] {
+            let e = peer_leaf_id(&leaf_with_usage(id, bad)).unwrap_err();
+            assert!(e.contains("keyUsage"), "{bad:?}: {e}");
+        }
+    }
+
+    /// X509-SVID §3.1: a leaf names a workload; the trust domain's own ID (no path) is refused.
+    #[test]
+    fn a_leaf_naming_the_trust_domain_itself_is_refused() {
+        let e = spiffe_id_of(&leaf("spiffe://td.test", -60, 3600)).unwrap_err();
+        assert!(e.contains("no path"), "{e}");
+        assert!(spiffe_id_of(&leaf("spiffe://td.test/w", -60, 3600)).is_ok());
     }
 
     #[test]
