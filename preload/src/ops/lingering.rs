@@ -8,16 +8,19 @@
 //! connection's last holder sends close_notify and a FIN (`shutdown(SHUT_WR)`), and if the
 //! peer has not finished, keeps a copy of the socket here, one the program never sees (spared
 //! from its `close`, `close_range` and `dup2` like the relay's own fds). What arrives on it is
-//! read and dropped until the peer's FIN, and then it is closed: at the program's later closes
-//! (a non-blocking sweep) and at exit (with the other connections, within
+//! read and dropped until the peer's FIN, and then it is closed: by a "tether-linger" thread that
+//! sweeps every [`SWEEP_EVERY`] while any copy is kept (and exits when none is), at the
+//! program's later protected closes, and at exit (with the other connections, within
 //! `TETHER_EXIT_FLUSH_MS`). At most [`MAX`] are kept, each for at most [`LINGER`]; past either,
-//! the oldest is closed as before.
+//! the oldest is closed as before. A sweep is non-blocking (one `poll` of all copies with timeout
+//! 0, then a read where something arrived) and runs under the lock; copies are closed only after
+//! they have left the set, so no sweep ever touches a number that could have been reused.
 //!
 //! Lock: `KEPT` is a leaf (15th in the fork order); nothing is closed while it is held. A
 //! fork child closes its copies (no byte written): the parent still holds the sockets.
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::sync::Lock;
@@ -28,6 +31,12 @@ const MAX: usize = 256;
 
 /// How long a closed connection waits for its peer's end.
 const LINGER: Duration = Duration::from_secs(10);
+
+/// How often the linger thread sweeps while copies are kept.
+const SWEEP_EVERY: Duration = Duration::from_millis(20);
+
+/// Is the linger thread running (or being started)?
+static SWEEPER: AtomicBool = AtomicBool::new(false);
 
 /// Our copies, with the time each is given up.
 static KEPT: Lock<Vec<(RawFd, Instant)>> = Lock::new(Vec::new());
@@ -56,6 +65,35 @@ pub(crate) fn keep(fd: RawFd) {
     };
     if let Some(old) = evicted {
         close(old);
+    }
+    ensure_sweeper();
+}
+
+/// Start the linger thread unless it runs. It exits once nothing is kept; a copy kept just as
+/// it decides to go starts it again (or keeps it).
+fn ensure_sweeper() {
+    if SWEEPER.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let spawned = crate::sync::spawn_thread("tether-linger", 64 * 1024, || {
+        crate::guard::mark_internal_thread();
+        let ran = std::panic::catch_unwind(|| loop {
+            std::thread::sleep(SWEEP_EVERY);
+            sweep();
+            if !has_kept() {
+                SWEEPER.store(false, Ordering::Release);
+                // Kept again meanwhile: carry on, unless a new thread already took over.
+                if !has_kept() || SWEEPER.swap(true, Ordering::AcqRel) {
+                    return;
+                }
+            }
+        });
+        if ran.is_err() {
+            SWEEPER.store(false, Ordering::Release);
+        }
+    });
+    if spawned.is_err() {
+        SWEEPER.store(false, Ordering::Release);
     }
 }
 
@@ -125,6 +163,7 @@ pub(crate) fn atfork_prepare() {
 
 /// In the fork child, with no lock held: close the child's copies (just the descriptors).
 pub(crate) fn after_fork_child() {
+    SWEEPER.store(false, Ordering::Release); // the parent's thread is not in the child
     take_all().into_iter().for_each(close);
 }
 
