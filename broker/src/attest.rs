@@ -47,6 +47,9 @@ pub enum AttestError {
     /// Bytes of a request came from a process (or credentials) other than the one that
     /// connected: a forked child, or a process that changed its uid, on an inherited socket.
     ForeignSender { conn: sys::PeerCred, sender: Option<sys::PeerCred> },
+    /// The process runs another executable than when it connected: it exec'd, and the
+    /// request may have been written by the program before.
+    Exec { pid: i32 },
 }
 
 impl fmt::Display for AttestError {
@@ -69,6 +72,11 @@ impl fmt::Display for AttestError {
                  each process must open its own connection",
                 s.pid, s.uid, s.gid, conn.pid, conn.uid, conn.gid
             ),
+            Self::Exec { pid } => write!(
+                f,
+                "the program changed (exec) since this connection was opened (pid {pid}); a program must open \
+                 its own connection"
+            ),
             Self::ForeignSender { conn, sender: None } => {
                 write!(f, "request without sender credentials on the connection of pid {}", conn.pid)
             }
@@ -86,6 +94,8 @@ pub struct Peer {
     pidfd: Option<OwnedFd>,
     /// The pidfd's inode: on pidfs (Linux 6.9+) it names one process for the boot's lifetime.
     pidfd_ino: Option<u64>,
+    /// (device, inode) of the executable it ran when tetherd greeted it.
+    exe: (u64, u64),
 }
 
 /// A peer whose identity facts were read from /proc and re-checked against PID reuse.
@@ -114,8 +124,10 @@ impl Peer {
         let pidfd = sys::peer_pidfd(stream).map_err(AttestError::Socket)?;
         let start_time = start_time(cred.pid)?;
         let pidfd_ino = pidfd.as_ref().map(sys::fd_inode).transpose().map_err(AttestError::Socket)?;
-        let peer = Self { cred, start_time, pidfd, pidfd_ino };
-        // The start time must belong to the process the pidfd pins, not to a successor.
+        let exe = exe_id(cred.pid)?;
+        let peer = Self { cred, start_time, pidfd, pidfd_ino, exe };
+        // The start time and the executable must belong to the process the pidfd pins, not
+        // to a successor.
         peer.check_pidfd()?;
         Ok(peer)
     }
@@ -124,7 +136,8 @@ impl Peer {
     /// start-time check on chosen values.
     #[cfg(test)]
     fn for_test(pid: i32, uid: u32, gid: u32, start_time: u64) -> Self {
-        Self { cred: sys::PeerCred { pid, uid, gid }, start_time, pidfd: None, pidfd_ino: None }
+        let exe = exe_id(pid).unwrap_or_default();
+        Self { cred: sys::PeerCred { pid, uid, gid }, start_time, pidfd: None, pidfd_ino: None, exe }
     }
 
     /// The bytes described by `sender` (one `recvmsg`) came from the process that connected,
@@ -185,6 +198,7 @@ impl Peer {
             return Err(AttestError::PidReused { pid });
         }
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))?;
+        self.check_exec()?;
         let status =
             std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| proc_err(pid, "status", e))?;
         let supplementary_gids = parse_groups(&status).ok_or_else(|| AttestError::Proc {
@@ -210,6 +224,15 @@ impl Peer {
             exe_sha256,
         };
         Ok(AttestedPeer { facts, start_time: self.start_time })
+    }
+
+    /// The process still runs the executable it ran when the connection was greeted: one
+    /// `stat`. A caller that relies on it proves the pid afterwards ([`Peer::recheck`]).
+    pub fn check_exec(&self) -> Result<(), AttestError> {
+        if exe_id(self.cred.pid)? != self.exe {
+            return Err(AttestError::Exec { pid: self.cred.pid });
+        }
+        Ok(())
     }
 
     /// The cheap half of [`Peer::attest`]: the pid still names the process that connected.
@@ -259,6 +282,12 @@ fn proc_err(pid: i32, file: &str, e: io::Error) -> AttestError {
         io::ErrorKind::NotFound => AttestError::Vanished { pid },
         _ => AttestError::Proc { pid, what: format!("/proc/{pid}/{file}: {e}") },
     }
+}
+
+/// (device, inode) of the executable `pid` runs.
+fn exe_id(pid: i32) -> Result<(u64, u64), AttestError> {
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Start time of `pid` in clock ticks since boot: field 22 of `/proc/<pid>/stat`.

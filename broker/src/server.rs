@@ -685,10 +685,42 @@ fn is_unknown_type(body: &[u8]) -> bool {
     matches!(wire::decode::<Request>(probe.as_bytes()), Err(WireError::Malformed(m)) if m.starts_with("unknown variant"))
 }
 
+/// Tell the client that its executable is recorded (`wire::GREETING`), unless bytes arrived
+/// already: those were sent before the record, perhaps by the program the process ran before
+/// an `exec`, so the connection is refused. Returns false when the connection is done.
+fn greet(broker: &Broker, mut stream: &UnixStream, peer: &Result<Peer, attest::AttestError>) -> bool {
+    match sys::queued(stream) {
+        Ok(sys::Queued::Nothing) => write_frame(&mut stream, &wire::GREETING).is_ok(),
+        Ok(sys::Queued::Eof) => false,
+        Ok(sys::Queued::Bytes) => {
+            broker.metrics.attestation_failed();
+            let why = "bytes arrived before tetherd's greeting: they may have been written by the program this \
+                       process ran before an exec; a client must read the greeting before it sends";
+            warn!(
+                target: AUDIT,
+                event = "refused",
+                pid = peer.as_ref().map_or(-1, Peer::pid),
+                uid = peer.as_ref().map_or(u32::MAX, Peer::uid),
+                reason = why,
+                "connection refused: bytes before the greeting"
+            );
+            reply_error(stream, ErrorCode::AttestationFailed, why.to_owned());
+            false
+        }
+        Err(e) => {
+            debug!(error = %e, "cannot peek at a new connection");
+            false
+        }
+    }
+}
+
 fn handle_connection(broker: &Broker, stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(broker.opts.client_timeout));
     // Recorded now, so that a pid recycled later cannot inherit this connection's identity.
     let peer = Peer::from_stream(&stream);
+    if !greet(broker, &stream, &peer) {
+        return;
+    }
     // Attested on the first report or policy fetch; later ones only re-check the pid.
     let mut reporter: Option<AttestedPeer> = None;
     let mut reader = AttestedReader::new(&stream, peer.as_ref().ok(), broker.opts.client_timeout);
@@ -874,7 +906,9 @@ impl Broker {
         use wire::sign::{self, Status};
         let p = peer.as_ref().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
         let req = sign::parse_request(body).map_err(|e| (Status::BadRequest, "bad_request", e.to_string()))?;
-        // The sender was checked for this message; prove it is still the process that connected.
+        // The sender was checked for this message; it must still run the executable it ran at
+        // the greeting, and (proved after that stat) still be the process that connected.
+        p.check_exec().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
         p.recheck().map_err(|e| (Status::Refused, "exited", e.to_string()))?;
         if self.upstream.as_ref().is_some_and(|u| u.withdrawn(p.process())) {
             // SPIRE withdrew this process's identity (entry deleted): its held keys go now, so
@@ -920,6 +954,7 @@ fn attested_peer<'a>(
     let p = peer.as_ref().map_err(|e| attestation_failed(broker, e))?;
     let attested = match cached.take() {
         Some(a) => {
+            p.check_exec().map_err(|e| attestation_failed(broker, &e))?;
             p.recheck().map_err(|e| attestation_failed(broker, &e))?;
             a
         }

@@ -152,6 +152,38 @@ pub fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
     Ok(PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
+/// What is queued on a stream, without taking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Nothing,
+    Bytes,
+    /// The peer closed its end and nothing is left to read.
+    Eof,
+}
+
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte: has the peer sent anything yet?
+pub fn queued(stream: &UnixStream) -> io::Result<Queued> {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: `b` is one writable byte; the fd is owned by `stream`, open for the call.
+        let n = unsafe {
+            libc::recv(stream.as_raw_fd(), (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        return match n {
+            0 => Ok(Queued::Eof),
+            n if n > 0 => Ok(Queued::Bytes),
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => Ok(Queued::Nothing),
+                    _ => Err(e),
+                }
+            }
+        };
+    }
+}
+
 /// `getsockopt(SO_PEERPIDFD)`: a pidfd for the process that connected. `Ok(None)` when the
 /// kernel does not have it (ENOPROTOOPT, before Linux 6.5).
 pub fn peer_pidfd(stream: &UnixStream) -> io::Result<Option<OwnedFd>> {

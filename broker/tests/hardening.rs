@@ -224,3 +224,89 @@ fn idle_connections_time_out() {
     common::assert_closed(&mut s);
     assert!(t.elapsed() < std::time::Duration::from_secs(2));
 }
+
+/// The attacker's half of review F1, in Python so it runs as nobody. A child connects, queues
+/// requests (status padding, then `export_svid`) while running python, and execs the
+/// registered binary; the parent holds a copy of the socket and reads the answers. `early`:
+/// the bytes are sent at once (before tetherd's greeting); `greeted`: after reading it.
+const EXEC_STEAL: &str = r#"
+import json, os, socket, struct, sys, time
+sock, target, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+def frame(obj):
+    b = json.dumps(obj).encode()
+    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
+def read_frame(s):
+    h = b""
+    while len(h) < 8:
+        c = s.recv(8 - len(h))
+        if not c: return None
+        h += c
+    n = struct.unpack(">I", h[4:8])[0]
+    body = b""
+    while len(body) < n:
+        c = s.recv(n - len(body))
+        if not c: return None
+        body += c
+    return h[:2], body
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+pid = os.fork()
+if pid == 0:
+    s.connect(sock)
+    if mode == "greeted":
+        s.settimeout(1.0)
+        try: s.recv(8)
+        except socket.timeout: pass
+        s.settimeout(None)
+    s.sendall(frame({"type": "status"}) * 3000 + frame({"type": "export_svid"}))
+    os.execv(target, [target, "30"])
+time.sleep(1.0)
+while True:
+    f = read_frame(s)
+    if f is None: print("EOF"); break
+    if f[0] != b"TT": continue
+    r = json.loads(f[1])
+    if r.get("type") == "status": continue
+    if r.get("type") == "svid": print("STOLEN", r["spiffe_id"])
+    else: print("ANSWER", r.get("code"), r.get("message"))
+    break
+os.kill(pid, 9)
+"#;
+
+/// Review F1: bytes queued while an unregistered program ran, answered after the process
+/// exec'd the registered binary, carried that binary's identity and key to the attacker.
+/// Refused now both ways: bytes queued before tetherd's greeting close the connection, and a
+/// request whose sender exec'd since the connection opened is refused.
+#[test]
+fn requests_queued_before_an_exec_do_not_get_the_registered_binarys_identity() {
+    let config = "trust_domain = \"tether.internal\"\nunmatched = \"deny\"\n\
+                  [[entry]]\nspiffe_id = \"spiffe://tether.internal/sleeper\"\n\
+                  selectors = [\"unix:uid:65534\", \"unix:path:/usr/bin/sleep\"]\n";
+    let d = Daemon::start_with(Some(config), &[]);
+    // Bytes queued before tetherd records the peer (here: sent while it is stopped) may
+    // predate an exec: the connection is refused instead of greeted.
+    let pid = d.child.id() as i32;
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let mut s = d.raw_ungreeted();
+    send(&mut s, &wire::encode(&Request::ExportSvid {}).unwrap());
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let e = wire::io::read_greeting(&mut s).unwrap().expect("refused, not greeted");
+    assert_eq!(e.code, ErrorCode::AttestationFailed, "{}", e.message);
+    assert!(e.message.contains("before tetherd's greeting"), "{}", e.message);
+    for mode in ["early", "greeted"] {
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", EXEC_STEAL])
+            .arg(&d.socket)
+            .args(["/usr/bin/sleep", mode])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains("STOLEN"), "{mode}: the exec'd binary's identity went to the attacker: {text}");
+        assert!(text.contains("ANSWER attestation_failed"), "{mode}: {text} {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let log = d.log_text();
+    assert!(log.contains("before tetherd's greeting"), "{log}");
+    assert!(log.contains("changed (exec)"), "{log}");
+    assert!(!log.contains("SVID issued"), "{log}");
+}

@@ -221,7 +221,7 @@ fn rows_of_exited_processes_are_swept() {
         .arg(format!(
             r#"
 import json, socket, struct
-s = socket.socket(socket.AF_UNIX); s.connect({sock:?})
+s = socket.socket(socket.AF_UNIX); s.connect({sock:?}); assert s.recv(8) == b"TG\x00\x01\x00\x00\x00\x00"
 body = json.dumps({{"type":"report","event":"open","conn_id":9,"direction":"inbound","local_addr":"127.0.0.1:1",
     "remote_addr":"127.0.0.1:2","local_id":None,"peer_id":None,"data_path":"userspace","decision":"allow",
     "reason":None,"opened_at":1}}).encode()

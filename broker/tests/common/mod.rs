@@ -132,7 +132,15 @@ impl Daemon {
         self.client().fetch_svid().unwrap()
     }
 
+    /// A connection greeted by tetherd: ready for raw frames.
     pub fn raw(&self) -> UnixStream {
+        let mut s = self.raw_ungreeted();
+        assert!(wire::io::read_greeting(&mut s).unwrap().is_none(), "tetherd refused the connection");
+        s
+    }
+
+    /// A connection whose greeting is left unread.
+    pub fn raw_ungreeted(&self) -> UnixStream {
         let s = UnixStream::connect(&self.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s
