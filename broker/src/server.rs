@@ -249,6 +249,11 @@ impl Broker {
         let key = (facts.pid, attested.start_time());
         self.refuse_revoked(key)?;
         let entry = config.matching_entry(facts);
+        // In a foreign namespace the executable (and the process's own messages) are the
+        // namespace root's to fake: only uid-only entries, the whole namespace's, apply.
+        if entry.map_or(config.unmatched == crate::config::Unmatched::Derive, |e| e.names_a_binary()) {
+            peer.refuse_in_foreign_namespace("an identity that depends on the executable")?;
+        }
         let checked = entry.filter(|e| e.names_a_binary() && e.impersonation_checks);
         if let Some(e) = checked {
             crate::impersonation::check(facts, e.path())?;
@@ -256,6 +261,9 @@ impl Broker {
             peer.recheck()?;
         }
         let broker_custody = config.key_custody == KeyCustody::Broker && !export;
+        if broker_custody {
+            peer.refuse_in_foreign_namespace(FOREIGN_CUSTODY)?;
+        }
         let id = config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
             reason: format!(
                 "no registration entry matches uid {} running {} (unmatched = \"deny\")",
@@ -313,6 +321,9 @@ impl Broker {
         let facts = attested.facts();
         let key = (facts.pid, attested.start_time());
         self.refuse_revoked(key)?;
+        if snap.config.key_custody == KeyCustody::Broker && !export {
+            peer.refuse_in_foreign_namespace(FOREIGN_CUSTODY)?;
+        }
         let got = upstream.svid_for(peer, &attested)?;
         self.metrics.svid_issued();
         // SPIRE hands the delegate the key; under broker custody it stays here like our own.
@@ -377,6 +388,12 @@ impl Broker {
         Ok(svid)
     }
 }
+
+/// Broker key custody for a peer in a foreign namespace: its root can send signing frames that
+/// tetherd cannot tell from the peer's own (forged SCM_CREDENTIALS), so tetherd holds no key
+/// for such a peer and signs nothing for it.
+const FOREIGN_CUSTODY: &str = "broker key custody (tetherd cannot tell its signing requests from that root's; \
+                               export_svid or key_custody = \"process\" give the key to the process)";
 
 /// The audit line for an SVID handed to a process (`event` = issued by the CA, or upstream).
 fn audit_served(
@@ -906,6 +923,7 @@ impl Broker {
         use wire::sign::{self, Status};
         let p = peer.as_ref().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
         let req = sign::parse_request(body).map_err(|e| (Status::BadRequest, "bad_request", e.to_string()))?;
+        p.refuse_in_foreign_namespace(FOREIGN_CUSTODY).map_err(|e| (Status::Refused, "foreign_namespace", e.to_string()))?;
         // The sender was checked for this message; it must still run the executable it ran at
         // the greeting, and (proved after that stat) still be the process that connected.
         p.check_exec().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;

@@ -404,6 +404,26 @@ pub fn fd_inode(fd: &impl AsRawFd) -> io::Result<u64> {
     Ok(st.st_ino)
 }
 
+/// What [`ns_related`] asks of a namespace descriptor (`<linux/nsfs.h>`).
+#[derive(Debug, Clone, Copy)]
+pub enum NsRelation {
+    /// `NS_GET_USERNS`: the user namespace that owns it.
+    Owner = 0xb701,
+    /// `NS_GET_PARENT`: the parent of a pid (or user) namespace; EPERM once outside ours.
+    Parent = 0xb702,
+}
+
+/// `ioctl(ns_fd, NS_GET_USERNS | NS_GET_PARENT)`: a new descriptor for the related namespace.
+pub fn ns_related(ns: &impl AsRawFd, what: NsRelation) -> io::Result<OwnedFd> {
+    // SAFETY: these nsfs ioctls take no argument and return a new fd or -1.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), what as libc::c_ulong) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel installed `fd` as a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Has the process behind `pidfd` exited? A pidfd polls readable once its process has
 /// terminated (a zombie counts), so this is the "before its pid can be reused" signal.
 pub fn pidfd_exited(pidfd: &impl AsRawFd) -> io::Result<bool> {

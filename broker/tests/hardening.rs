@@ -310,3 +310,84 @@ fn requests_queued_before_an_exec_do_not_get_the_registered_binarys_identity() {
     assert!(log.contains("changed (exec)"), "{log}");
     assert!(!log.contains("SVID issued"), "{log}");
 }
+
+/// Review F2, run as nobody inside `unshare -Urpf` (pid 1 of its own user and pid
+/// namespaces): a child connects and execs the registered binary; the parent sends on the
+/// child's connection with SCM_CREDENTIALS naming the child, which the kernel allows a
+/// CAP_SYS_ADMIN-in-its-pid-namespace sender. Then, on its own connection, it asks for its
+/// uid-only identity, both held by tetherd (broker custody) and exported.
+const NS_FORGE: &str = r#"
+import json, os, socket, struct, sys, time
+sock, target = sys.argv[1], sys.argv[2]
+def frame(obj):
+    b = json.dumps(obj).encode()
+    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
+def read_frame(s):
+    h = b""
+    while len(h) < 8:
+        c = s.recv(8 - len(h))
+        if not c: return None
+        h += c
+    n = struct.unpack(">I", h[4:8])[0]
+    body = b""
+    while len(body) < n:
+        c = s.recv(n - len(body))
+        if not c: return None
+        body += c
+    return h[:2], body
+def show(tag, f):
+    if f is None: print(tag, "EOF"); return
+    r = json.loads(f[1])
+    if r.get("type") == "svid": print(tag, "SVID", r["spiffe_id"], "key" if r.get("private_key") else "key_id")
+    else: print(tag, "ERROR", r.get("code"), r.get("message"))
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+cpid = os.fork()
+if cpid == 0:
+    s.connect(sock)
+    os.execv(target, [target, "60"])
+time.sleep(0.5)
+assert read_frame(s)[0] == b"TG"
+creds = [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("iII", cpid, 0, 0))]
+s.sendmsg([frame({"type": "export_svid"})], creds)
+show("forged_export", read_frame(s))
+s.sendmsg([frame({"type": "fetch_svid"})], creds)
+show("forged_fetch", read_frame(s))
+os.kill(cpid, 9)
+for req in ["fetch_svid", "export_svid"]:
+    own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    own.connect(sock)
+    assert read_frame(own)[0] == b"TG"
+    own.sendall(frame({"type": req}))
+    show("own_" + req, read_frame(own))
+"#;
+
+/// Review F2: per-message credentials are forgeable from a user + pid namespace, so the
+/// registered binary's identity (and a signing oracle on its held key) went to the namespace's
+/// root. Now a peer in a foreign namespace gets no identity that depends on the executable and
+/// no broker-held key; its uid-only identity (the whole namespace's) can still be exported.
+#[test]
+fn a_user_namespace_root_forging_credentials_gets_no_registered_binarys_identity() {
+    let config = "trust_domain = \"tether.internal\"\nunmatched = \"deny\"\n\
+                  [[entry]]\nspiffe_id = \"spiffe://tether.internal/sleeper\"\n\
+                  selectors = [\"unix:uid:65534\", \"unix:path:/usr/bin/sleep\"]\n\
+                  [[entry]]\nspiffe_id = \"spiffe://tether.internal/nobody\"\nselectors = [\"unix:uid:65534\"]\n";
+    let d = Daemon::start_with(Some(config), &[]);
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "unshare", "-Urpf", "/usr/bin/python3", "-c", NS_FORGE])
+        .arg(&d.socket)
+        .arg("/usr/bin/sleep")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = |tag: &str| text.lines().find(|l| l.starts_with(&format!("{tag} "))).unwrap_or_else(|| panic!("no {tag}: {text} {}", String::from_utf8_lossy(&out.stderr))).to_owned();
+    let foreign = "user namespace other than tetherd's";
+    for tag in ["forged_export", "forged_fetch"] {
+        let l = line(tag);
+        assert!(!l.contains("SVID"), "the namespace root got the registered binary's identity: {l}");
+        assert!(l.contains("attestation_failed") && l.contains(foreign), "{l}");
+    }
+    let held = line("own_fetch_svid");
+    assert!(held.contains("attestation_failed") && held.contains("key custody"), "{held}");
+    let exported = line("own_export_svid");
+    assert!(exported.contains("SVID spiffe://tether.internal/nobody key"), "{exported}");
+}
