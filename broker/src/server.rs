@@ -692,13 +692,16 @@ fn reply_error(stream: &UnixStream, code: ErrorCode, message: String) -> bool {
     reply(stream, &Response::Error(ErrorResponse { code, message }))
 }
 
-/// A frame that parses as `{"type": T, ...}` where T names no request this broker knows.
+/// A frame that parses as `{"type": T, ...}` where T names no request this broker knows. The
+/// other fields are skipped, not built (`IgnoredAny`): no second copy of the body in memory.
 fn is_unknown_type(body: &[u8]) -> bool {
-    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return false;
-    };
-    let Some(serde_json::Value::String(t)) = obj.get("type") else { return false };
-    let probe = serde_json::json!({ "type": t }).to_string();
+    #[derive(serde::Deserialize)]
+    struct Tagged<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let Ok(Tagged { kind }) = serde_json::from_slice::<Tagged<'_>>(body) else { return false };
+    let probe = serde_json::json!({ "type": kind }).to_string();
     matches!(wire::decode::<Request>(probe.as_bytes()), Err(WireError::Malformed(m)) if m.starts_with("unknown variant"))
 }
 
@@ -744,7 +747,9 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
     let stream = &stream;
     loop {
         reader.begin_frame();
-        let read = read_any_frame(&mut reader);
+        let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
+        // The in-flight slot is taken before a message body is allocated.
+        let read = read_any_frame(&mut reader, || broker.in_flight.acquire(uid, is_admin(uid)));
         if let Some(e) = reader.foreign.take() {
             // Someone other than the connecting process wrote on this connection: nothing
             // more on it can be trusted, whoever sends it.
@@ -753,8 +758,16 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
             reply_error(stream, ErrorCode::AttestationFailed, e.to_string());
             return;
         }
-        let body = match read {
-            Ok(Some(Frame::Message(body))) => body,
+        let (body, _in_flight) = match read {
+            Ok(Some(Frame::Message(body, slot))) => (body, slot),
+            Ok(Some(Frame::Busy)) => {
+                let limit = broker.opts.max_in_flight_per_uid;
+                let message = format!("uid {uid} already has {limit} requests in flight, the per-user limit; retry");
+                if !reply_error(stream, ErrorCode::Busy, message) {
+                    return;
+                }
+                continue;
+            }
             Ok(Some(Frame::Sign(buf, len))) => {
                 if !sign_request(broker, &peer, &buf[..len], stream) {
                     return;
@@ -789,15 +802,6 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
                 reply_error(stream, ErrorCode::BadRequest, e.to_string());
                 return;
             }
-        };
-        let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
-        let Some(_in_flight) = broker.in_flight.acquire(uid, is_admin(uid)) else {
-            let limit = broker.opts.max_in_flight_per_uid;
-            let message = format!("uid {uid} already has {limit} requests in flight, the per-user limit; retry");
-            if !reply_error(stream, ErrorCode::Busy, message) {
-                return;
-            }
-            continue;
         };
         let response = match request {
             Request::FetchSvid {} => match &peer {
@@ -857,14 +861,20 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
     }
 }
 
-/// One frame of either kind. A signing request's body stays on the stack.
+/// One frame of either kind. A signing request's body stays on the stack; a message comes with
+/// the in-flight slot `S` it was admitted under.
 #[allow(clippy::large_enum_variant)] // reason: the signing body stays on the stack: no allocation per signature
-enum Frame {
-    Message(zeroize::Zeroizing<Vec<u8>>),
+enum Frame<S> {
+    Message(zeroize::Zeroizing<Vec<u8>>, S),
+    /// A message refused for want of an in-flight slot; its body was read and dropped.
+    Busy,
     Sign([u8; wire::sign::MAX_BODY], usize),
 }
 
-fn read_any_frame(r: &mut AttestedReader<'_>) -> Result<Option<Frame>, WireError> {
+/// Read one frame. A message body over [`wire::MAX_REQUEST_BODY`] is refused on its header,
+/// and one is allocated only once `admit` grants it an in-flight slot (else it is skipped
+/// through a small buffer, keeping the stream in frame).
+fn read_any_frame<S>(r: &mut AttestedReader<'_>, admit: impl FnOnce() -> Option<S>) -> Result<Option<Frame<S>>, WireError> {
     let mut header = [0u8; wire::HEADER_LEN];
     if !wire::io::read_header(r, &mut header)? {
         return Ok(None);
@@ -876,9 +886,22 @@ fn read_any_frame(r: &mut AttestedReader<'_>) -> Result<Option<Frame>, WireError
             Ok(Some(Frame::Sign(buf, len)))
         }
         (wire::FrameKind::Message, len) => {
+            if len > wire::MAX_REQUEST_BODY {
+                return Err(WireError::RequestTooLarge(len));
+            }
+            let Some(slot) = admit() else {
+                let mut skip = [0u8; 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(skip.len());
+                    wire::io::read_body(r, &mut skip[..n])?;
+                    left -= n;
+                }
+                return Ok(Some(Frame::Busy));
+            };
             let mut body = zeroize::Zeroizing::new(vec![0u8; len]);
             wire::io::read_body(r, &mut body)?;
-            Ok(Some(Frame::Message(body)))
+            Ok(Some(Frame::Message(body, slot)))
         }
     }
 }

@@ -192,7 +192,8 @@ fn a_thousand_oversized_reports_leave_tetherd_rss_within_16_mib() {
     send(&mut s, &wire::encode(&report(u64::MAX, "ok".into())).unwrap());
     assert!(matches!(read_response(&mut s), Response::Ok(_)));
     let before = rss_kib(d.child.id());
-    let huge = "x".repeat(64 << 10);
+    // Over every report field's limit, under the request limit.
+    let huge = "x".repeat(48 << 10);
     let mut refused = 0;
     for i in 0..1000 {
         send(&mut s, &wire::encode(&report(i, huge.clone())).unwrap());
@@ -390,4 +391,58 @@ fn a_user_namespace_root_forging_credentials_gets_no_registered_binarys_identity
     assert!(held.contains("attestation_failed") && held.contains("key custody"), "{held}");
     let exported = line("own_export_svid");
     assert!(exported.contains("SVID spiffe://tether.internal/nobody key"), "{exported}");
+}
+
+/// Peak resident memory (VmHWM) of `pid`, in KiB.
+fn hwm_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Review F4: a 1 MiB request body (the shared frame limit) cost tetherd about 20 MB of heap
+/// (the body, serde's buffering of an internally tagged enum, and a second whole-body parse
+/// on failure); 16 at once took it past 300 MB. Requests are now capped at
+/// `wire::MAX_REQUEST_BODY`, checked on the header before anything is allocated.
+#[test]
+fn sixteen_one_mib_requests_get_too_large_without_growing_tetherd() {
+    let mut d = Daemon::start(&[]);
+    d.assert_serving();
+    let before = hwm_kib(d.child.id());
+    // `{"a":[0,0,...,0],"type":"status"}` of exactly 1 MiB: valid JSON, a known type last.
+    let len = 1 << 20;
+    let tail = br#"],"type":"status"}"#;
+    let mut body = br#"{"a":[0"#.to_vec();
+    while body.len() + 2 + tail.len() <= len {
+        body.extend_from_slice(b",0");
+    }
+    body.extend_from_slice(tail);
+    let mut frame = b"TT".to_vec();
+    frame.extend_from_slice(&wire::VERSION.to_be_bytes());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    // Everything but the last byte on each connection, then the last bytes together.
+    let mut conns: Vec<_> = (0..16).map(|_| d.raw()).collect();
+    std::thread::scope(|s| {
+        for c in &mut conns {
+            let f = &frame[..frame.len() - 1];
+            s.spawn(move || {
+                let _ = std::io::Write::write_all(c, f);
+            });
+        }
+    });
+    for c in &mut conns {
+        let _ = std::io::Write::write_all(c, &frame[frame.len() - 1..]);
+    }
+    let answers: Vec<_> = conns.iter_mut().map(read_response).collect();
+    let after = hwm_kib(d.child.id());
+    eprintln!("tetherd VmHWM {before} KiB -> {after} KiB after 16 requests of 1 MiB");
+    assert!(after < before + 8 * 1024, "VmHWM grew from {before} KiB to {after} KiB");
+    for a in answers {
+        match a {
+            Response::Error(e) => assert_eq!(e.code, ErrorCode::TooLarge, "{}", e.message),
+            other => panic!("{other:?}"),
+        }
+    }
+    d.assert_serving();
 }

@@ -39,6 +39,9 @@ pub const HEADER_LEN: usize = 8;
 /// Hard limit on a frame body. A full SVID response with a large federated bundle stays far
 /// below this; anything bigger is hostile or broken.
 pub const MAX_BODY: usize = 1 << 20;
+/// Limit on a request body (what tetherd reads), far below [`MAX_BODY`] (what it may answer):
+/// real requests are under 2 KiB; a connection report, the largest, is bounded well below this.
+pub const MAX_REQUEST_BODY: usize = 64 << 10;
 
 /// Magic of [`GREETING`].
 pub const GREETING_MAGIC: [u8; 2] = *b"TG";
@@ -61,6 +64,8 @@ pub enum WireError {
     BadMagic([u8; 2]),
     UnsupportedVersion(u16),
     TooLarge(usize),
+    /// A request body over [`MAX_REQUEST_BODY`].
+    RequestTooLarge(usize),
     /// The body is not a valid message.
     Malformed(String),
     /// The peer closed the connection before a whole frame arrived.
@@ -76,6 +81,9 @@ impl fmt::Display for WireError {
                 write!(f, "protocol version {v} is not supported (this side speaks {VERSION})")
             }
             Self::TooLarge(n) => write!(f, "frame body of {n} bytes exceeds the {MAX_BODY}-byte limit"),
+            Self::RequestTooLarge(n) => {
+                write!(f, "request body of {n} bytes exceeds the {MAX_REQUEST_BODY}-byte limit for requests")
+            }
             Self::Malformed(why) => write!(f, "malformed message: {why}"),
             Self::Truncated => f.write_str("connection closed mid-frame"),
             Self::Io(e) => write!(f, "i/o error: {e}"),
@@ -91,7 +99,7 @@ impl WireError {
         match self {
             Self::BadMagic(_) | Self::Malformed(_) | Self::Truncated => ErrorCode::BadRequest,
             Self::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
-            Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::TooLarge(_) | Self::RequestTooLarge(_) => ErrorCode::TooLarge,
             Self::Io(e) if is_timeout(e) => ErrorCode::Timeout,
             Self::Io(_) => ErrorCode::BadRequest,
         }
