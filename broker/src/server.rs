@@ -98,6 +98,8 @@ pub struct Broker {
     in_flight: PerUid,
     /// `[upstream]`: the SPIRE agent issues instead of `ca`.
     upstream: Option<Upstream>,
+    /// Rate limit of the `sign_refused` audit line, per uid.
+    sign_refusals: RefusalLog,
 }
 
 impl Broker {
@@ -127,6 +129,7 @@ impl Broker {
             opts,
             live: AtomicUsize::new(0),
             upstream: None,
+            sign_refusals: RefusalLog::default(),
         }
     }
 
@@ -743,6 +746,7 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
     }
     // Attested on the first report or policy fetch; later ones only re-check the pid.
     let mut reporter: Option<AttestedPeer> = None;
+    let mut sign_refusals = 0u32;
     let mut reader = AttestedReader::new(&stream, peer.as_ref().ok(), broker.opts.client_timeout);
     let stream = &stream;
     loop {
@@ -769,7 +773,7 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
                 continue;
             }
             Ok(Some(Frame::Sign(buf, len))) => {
-                if !sign_request(broker, &peer, &buf[..len], stream) {
+                if !sign_request(broker, &peer, &buf[..len], stream, &mut sign_refusals) {
                     return;
                 }
                 continue;
@@ -906,10 +910,66 @@ fn read_any_frame<S>(r: &mut AttestedReader<'_>, admit: impl FnOnce() -> Option<
     }
 }
 
+/// Refused signing frames a connection may send; the one that reaches this closes it (a shim
+/// that is refused opens a new connection, or gives up on the handshake).
+const MAX_SIGN_REFUSALS: u32 = 8;
+/// `sign_refused` audit lines written per uid in each [`REFUSAL_WINDOW`]; the rest are counted
+/// and the count is logged with the uid's first line of a later window.
+const REFUSAL_LINES: u32 = 8;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// Bound on uids tracked by [`RefusalLog`].
+const REFUSAL_UIDS: usize = 4096;
+
+/// Per-uid rate limit of an audit line (the metric counts every event regardless).
+#[derive(Debug, Default)]
+struct RefusalLog(Mutex<std::collections::HashMap<u32, RefusalWindow>>);
+
+#[derive(Debug, Clone, Copy)]
+struct RefusalWindow {
+    start: Instant,
+    logged: u32,
+    left_out: u64,
+}
+
+impl RefusalLog {
+    /// Whether to write this event's line for `uid`, and how many of its lines were left out
+    /// in the window that ended (reported with this line).
+    fn admit(&self, uid: u32) -> (bool, u64) {
+        let now = Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= REFUSAL_UIDS && !m.contains_key(&uid) {
+            m.retain(|_, w| now.duration_since(w.start) < REFUSAL_WINDOW);
+            if m.len() >= REFUSAL_UIDS {
+                return (false, 0);
+            }
+        }
+        let w = m.entry(uid).or_insert(RefusalWindow { start: now, logged: 0, left_out: 0 });
+        let mut ended = 0;
+        if now.duration_since(w.start) >= REFUSAL_WINDOW {
+            ended = w.left_out;
+            *w = RefusalWindow { start: now, logged: 0, left_out: 0 };
+        }
+        if w.logged < REFUSAL_LINES {
+            w.logged += 1;
+            (true, ended)
+        } else {
+            w.left_out += 1;
+            (false, ended)
+        }
+    }
+}
+
 /// Answer one signing request (broker custody). The bytes were sent by the connecting process
 /// (checked per message by [`AttestedReader`]); that process must still be running and must
-/// own the key. Returns false when the connection is done.
-fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body: &[u8], mut stream: &UnixStream) -> bool {
+/// own the key. `refusals` counts this connection's refused frames. Returns false when the
+/// connection is done.
+fn sign_request(
+    broker: &Broker,
+    peer: &Result<Peer, attest::AttestError>,
+    body: &[u8],
+    mut stream: &UnixStream,
+    refusals: &mut u32,
+) -> bool {
     use wire::sign::{self, Status};
     let mut out: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
     let mut sig = [0u8; 128];
@@ -920,18 +980,31 @@ fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body:
         }
         Err((status, label, reason)) => {
             broker.metrics.sign_refused(label);
-            warn!(
-                target: AUDIT,
-                event = "sign_refused",
-                pid = peer.as_ref().map_or(-1, Peer::pid),
-                uid = peer.as_ref().map_or(u32::MAX, Peer::uid),
-                reason = %reason,
-                "signing request refused"
-            );
+            *refusals += 1;
+            let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
+            let (log, left_out) = broker.sign_refusals.admit(uid);
+            if log {
+                warn!(
+                    target: AUDIT,
+                    event = "sign_refused",
+                    pid = peer.as_ref().map_or(-1, Peer::pid),
+                    uid,
+                    reason = %reason,
+                    earlier_not_logged = left_out,
+                    "signing request refused"
+                );
+            }
             sign::encode_response(status, reason.as_bytes(), &mut out)
         }
     };
-    write_frame(&mut stream, &out[..n]).is_ok()
+    if write_frame(&mut stream, &out[..n]).is_err() {
+        return false;
+    }
+    if *refusals >= MAX_SIGN_REFUSALS {
+        debug!(refusals = *refusals, "closing a connection after its refused signing frames");
+        return false;
+    }
+    true
 }
 
 impl Broker {
