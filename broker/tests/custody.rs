@@ -314,24 +314,7 @@ fn tracer_attached_after(signatures: usize) {
 /// builtin `printf` (same pid, start time and pidfd). The parent holds a copy of the socket and
 /// reads the answer.
 const EXEC_THEN_SIGN: &str = r#"
-import json, os, socket, struct, sys, time
 sock = sys.argv[1]
-def frame(obj):
-    b = json.dumps(obj).encode()
-    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
-def read_frame(s):
-    h = b""
-    while len(h) < 8:
-        c = s.recv(8 - len(h))
-        if not c: return None
-        h += c
-    n = struct.unpack(">I", h[4:8])[0]
-    body = b""
-    while len(body) < n:
-        c = s.recv(n - len(body))
-        if not c: return None
-        body += c
-    return h[:2], body
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 r, w = os.pipe()
 pid = os.fork()
@@ -359,7 +342,7 @@ os.kill(pid, 9)
 #[test]
 fn a_signing_frame_sent_after_an_exec_is_refused() {
     let d = Daemon::start(&[]);
-    let out = Command::new("python3").args(["-c", EXEC_THEN_SIGN]).arg(&d.socket).output().unwrap();
+    let out = Command::new("python3").args(["-c", &format!("{}{EXEC_THEN_SIGN}", common::PY_FRAMES)]).arg(&d.socket).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("answer b'TS'"), "{text} {}", String::from_utf8_lossy(&out.stderr));
     assert!(!text.starts_with("answer b'TS' 0 "), "the exec'd program got a signature: {text}");

@@ -231,24 +231,7 @@ fn idle_connections_time_out() {
 /// registered binary; the parent holds a copy of the socket and reads the answers. `early`:
 /// the bytes are sent at once (before tetherd's greeting); `greeted`: after reading it.
 const EXEC_STEAL: &str = r#"
-import json, os, socket, struct, sys, time
 sock, target, mode = sys.argv[1], sys.argv[2], sys.argv[3]
-def frame(obj):
-    b = json.dumps(obj).encode()
-    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
-def read_frame(s):
-    h = b""
-    while len(h) < 8:
-        c = s.recv(8 - len(h))
-        if not c: return None
-        h += c
-    n = struct.unpack(">I", h[4:8])[0]
-    body = b""
-    while len(body) < n:
-        c = s.recv(n - len(body))
-        if not c: return None
-        body += c
-    return h[:2], body
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 pid = os.fork()
 if pid == 0:
@@ -297,7 +280,8 @@ fn requests_queued_before_an_exec_do_not_get_the_registered_binarys_identity() {
     assert!(e.message.contains("before tetherd's greeting"), "{}", e.message);
     for mode in ["early", "greeted"] {
         let out = std::process::Command::new("setpriv")
-            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c", EXEC_STEAL])
+            .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "/usr/bin/python3", "-c"])
+            .arg(format!("{}{EXEC_STEAL}", common::PY_FRAMES))
             .arg(&d.socket)
             .args(["/usr/bin/sleep", mode])
             .output()
@@ -318,24 +302,7 @@ fn requests_queued_before_an_exec_do_not_get_the_registered_binarys_identity() {
 /// CAP_SYS_ADMIN-in-its-pid-namespace sender. Then, on its own connection, it asks for its
 /// uid-only identity, both held by tetherd (broker custody) and exported.
 const NS_FORGE: &str = r#"
-import json, os, socket, struct, sys, time
 sock, target = sys.argv[1], sys.argv[2]
-def frame(obj):
-    b = json.dumps(obj).encode()
-    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
-def read_frame(s):
-    h = b""
-    while len(h) < 8:
-        c = s.recv(8 - len(h))
-        if not c: return None
-        h += c
-    n = struct.unpack(">I", h[4:8])[0]
-    body = b""
-    while len(body) < n:
-        c = s.recv(n - len(body))
-        if not c: return None
-        body += c
-    return h[:2], body
 def show(tag, f):
     if f is None: print(tag, "EOF"); return
     r = json.loads(f[1])
@@ -374,7 +341,8 @@ fn a_user_namespace_root_forging_credentials_gets_no_registered_binarys_identity
                   [[entry]]\nspiffe_id = \"spiffe://tether.internal/nobody\"\nselectors = [\"unix:uid:65534\"]\n";
     let d = Daemon::start_with(Some(config), &[]);
     let out = std::process::Command::new("setpriv")
-        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "unshare", "-Urpf", "/usr/bin/python3", "-c", NS_FORGE])
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups", "unshare", "-Urpf", "/usr/bin/python3", "-c"])
+        .arg(format!("{}{NS_FORGE}", common::PY_FRAMES))
         .arg(&d.socket)
         .arg("/usr/bin/sleep")
         .output()

@@ -185,6 +185,29 @@ impl Drop for Daemon {
     }
 }
 
+/// Python helpers for tests that speak the wire protocol from a script (as another user, or in
+/// a namespace): `frame(obj)` encodes a request, `read_frame(sock)` returns `(magic, body)` or
+/// None at EOF. Put in front of the script.
+pub const PY_FRAMES: &str = r#"
+import json, os, socket, struct, sys, time
+def frame(obj):
+    b = json.dumps(obj).encode()
+    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
+def read_frame(s):
+    h = b""
+    while len(h) < 8:
+        c = s.recv(8 - len(h))
+        if not c: return None
+        h += c
+    n = struct.unpack(">I", h[4:8])[0]
+    body = b""
+    while len(body) < n:
+        c = s.recv(n - len(body))
+        if not c: return None
+        body += c
+    return h[:2], body
+"#;
+
 /// Read one response frame from a raw stream.
 pub fn read_response(s: &mut UnixStream) -> Response {
     let body = wire::io::read_frame(s).unwrap().expect("a response frame");
