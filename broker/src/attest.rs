@@ -47,6 +47,22 @@ pub enum AttestError {
     /// Bytes of a request came from a process (or credentials) other than the one that
     /// connected: a forked child, or a process that changed its uid, on an inherited socket.
     ForeignSender { conn: sys::PeerCred, sender: Option<sys::PeerCred> },
+    /// The process runs another executable than when it connected: it exec'd, and the
+    /// request may have been written by the program before.
+    Exec { pid: i32 },
+    /// The peer is in a namespace whose root is not tetherd's, so `refused` is refused.
+    ForeignNamespace { pid: i32, ns: ForeignNs, refused: &'static str },
+}
+
+/// Why a peer's credentials and memory are controlled by a root other than tetherd's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForeignNs {
+    /// Its user namespace is not tetherd's: that namespace's root may ptrace it (yama scope 2
+    /// included) and write its memory.
+    User,
+    /// Its pid namespace (or one between it and tetherd's) is owned by another user namespace:
+    /// that namespace's root may put the peer's pid and any mapped uid into SCM_CREDENTIALS.
+    Pid,
 }
 
 impl fmt::Display for AttestError {
@@ -69,6 +85,22 @@ impl fmt::Display for AttestError {
                  each process must open its own connection",
                 s.pid, s.uid, s.gid, conn.pid, conn.uid, conn.gid
             ),
+            Self::Exec { pid } => write!(
+                f,
+                "the program changed (exec) since this connection was opened (pid {pid}); a program must open \
+                 its own connection"
+            ),
+            Self::ForeignNamespace { pid, ns, refused } => {
+                let which = match ns {
+                    ForeignNs::User => "a user namespace other than tetherd's",
+                    ForeignNs::Pid => "a pid namespace owned by a user namespace other than tetherd's",
+                };
+                write!(
+                    f,
+                    "pid {pid}: peer runs in {which}: its credentials and memory are controlled by that \
+                     namespace's root; {refused} is refused for it"
+                )
+            }
             Self::ForeignSender { conn, sender: None } => {
                 write!(f, "request without sender credentials on the connection of pid {}", conn.pid)
             }
@@ -86,6 +118,11 @@ pub struct Peer {
     pidfd: Option<OwnedFd>,
     /// The pidfd's inode: on pidfs (Linux 6.9+) it names one process for the boot's lifetime.
     pidfd_ino: Option<u64>,
+    /// (device, inode) of the executable it ran when tetherd greeted it.
+    exe: (u64, u64),
+    /// Set when the peer's credentials can be forged, or its memory written, by the root of a
+    /// user namespace other than tetherd's (see [`namespaces`]).
+    foreign_ns: Option<ForeignNs>,
 }
 
 /// A peer whose identity facts were read from /proc and re-checked against PID reuse.
@@ -114,8 +151,11 @@ impl Peer {
         let pidfd = sys::peer_pidfd(stream).map_err(AttestError::Socket)?;
         let start_time = start_time(cred.pid)?;
         let pidfd_ino = pidfd.as_ref().map(sys::fd_inode).transpose().map_err(AttestError::Socket)?;
-        let peer = Self { cred, start_time, pidfd, pidfd_ino };
-        // The start time must belong to the process the pidfd pins, not to a successor.
+        let exe = exe_id(cred.pid)?;
+        let foreign_ns = namespaces(cred.pid)?;
+        let peer = Self { cred, start_time, pidfd, pidfd_ino, exe, foreign_ns };
+        // The start time and the executable must belong to the process the pidfd pins, not
+        // to a successor.
         peer.check_pidfd()?;
         Ok(peer)
     }
@@ -124,7 +164,8 @@ impl Peer {
     /// start-time check on chosen values.
     #[cfg(test)]
     fn for_test(pid: i32, uid: u32, gid: u32, start_time: u64) -> Self {
-        Self { cred: sys::PeerCred { pid, uid, gid }, start_time, pidfd: None, pidfd_ino: None }
+        let exe = exe_id(pid).unwrap_or_default();
+        Self { cred: sys::PeerCred { pid, uid, gid }, start_time, pidfd: None, pidfd_ino: None, exe, foreign_ns: None }
     }
 
     /// The bytes described by `sender` (one `recvmsg`) came from the process that connected,
@@ -148,6 +189,14 @@ impl Peer {
 
     pub fn pid(&self) -> i32 {
         self.cred.pid
+    }
+
+    /// Refuse `what` when the peer is in a foreign namespace (recorded at accept).
+    pub fn refuse_in_foreign_namespace(&self, what: &'static str) -> Result<(), AttestError> {
+        match self.foreign_ns {
+            Some(ns) => Err(AttestError::ForeignNamespace { pid: self.cred.pid, ns, refused: what }),
+            None => Ok(()),
+        }
     }
 
     pub fn uid(&self) -> u32 {
@@ -185,6 +234,7 @@ impl Peer {
             return Err(AttestError::PidReused { pid });
         }
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))?;
+        self.check_exec()?;
         let status =
             std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(|e| proc_err(pid, "status", e))?;
         let supplementary_gids = parse_groups(&status).ok_or_else(|| AttestError::Proc {
@@ -210,6 +260,15 @@ impl Peer {
             exe_sha256,
         };
         Ok(AttestedPeer { facts, start_time: self.start_time })
+    }
+
+    /// The process still runs the executable it ran when the connection was greeted: one
+    /// `stat`. A caller that relies on it proves the pid afterwards ([`Peer::recheck`]).
+    pub fn check_exec(&self) -> Result<(), AttestError> {
+        if exe_id(self.cred.pid)? != self.exe {
+            return Err(AttestError::Exec { pid: self.cred.pid });
+        }
+        Ok(())
     }
 
     /// The cheap half of [`Peer::attest`]: the pid still names the process that connected.
@@ -259,6 +318,59 @@ fn proc_err(pid: i32, file: &str, e: io::Error) -> AttestError {
         io::ErrorKind::NotFound => AttestError::Vanished { pid },
         _ => AttestError::Proc { pid, what: format!("/proc/{pid}/{file}: {e}") },
     }
+}
+
+/// tetherd's own user and pid namespaces' inodes (all namespaces live on one nsfs).
+fn own_namespaces() -> Result<(u64, u64), AttestError> {
+    static OWN: std::sync::OnceLock<(u64, u64)> = std::sync::OnceLock::new();
+    if let Some(own) = OWN.get() {
+        return Ok(*own);
+    }
+    let me = std::process::id() as i32;
+    let ino = |n: &str| std::fs::metadata(format!("/proc/self/ns/{n}")).map(|m| m.ino()).map_err(|e| proc_err(me, n, e));
+    let own = (ino("user")?, ino("pid")?);
+    Ok(*OWN.get_or_init(|| own))
+}
+
+/// Can someone other than tetherd's root forge `pid`'s credentials or write its memory?
+///
+/// - Its user namespace must be tetherd's: otherwise that namespace's root may ptrace it
+///   (`process_vm_writev`, whatever yama's scope below 3) or load code into it.
+/// - Every pid namespace from its own up to tetherd's must be owned by tetherd's user
+///   namespace: the kernel lets a sender with CAP_SYS_ADMIN over a pid namespace's owner name
+///   any pid of that namespace in SCM_CREDENTIALS (and SCM_PIDFD follows the pid).
+///
+/// A `stat`, and for a peer in tetherd's own pid namespace an `open`, an `fstat` and a `close`.
+fn namespaces(pid: i32) -> Result<Option<ForeignNs>, AttestError> {
+    let (user, own_pid) = own_namespaces()?;
+    let m = std::fs::metadata(format!("/proc/{pid}/ns/user")).map_err(|e| proc_err(pid, "ns/user", e))?;
+    if m.ino() != user {
+        return Ok(Some(ForeignNs::User));
+    }
+    let io = |what: &str, e: io::Error| AttestError::Proc { pid, what: format!("{what}: {e}") };
+    let mut ns: OwnedFd = File::open(format!("/proc/{pid}/ns/pid")).map_err(|e| proc_err(pid, "ns/pid", e))?.into();
+    // Pid namespaces nest at most 32 deep.
+    for _ in 0..=32 {
+        if sys::fd_inode(&ns).map_err(|e| io("ns/pid", e))? == own_pid {
+            return Ok(None);
+        }
+        let owner = sys::ns_related(&ns, sys::NsRelation::Owner).map_err(|e| io("NS_GET_USERNS", e))?;
+        if sys::fd_inode(&owner).map_err(|e| io("NS_GET_USERNS", e))? != user {
+            return Ok(Some(ForeignNs::Pid));
+        }
+        ns = match sys::ns_related(&ns, sys::NsRelation::Parent) {
+            Ok(parent) => parent,
+            // Outside tetherd's pid namespace: not one of its descendants.
+            Err(_) => return Ok(Some(ForeignNs::Pid)),
+        };
+    }
+    Ok(Some(ForeignNs::Pid))
+}
+
+/// (device, inode) of the executable `pid` runs.
+fn exe_id(pid: i32) -> Result<(u64, u64), AttestError> {
+    let m = std::fs::metadata(format!("/proc/{pid}/exe")).map_err(|e| proc_err(pid, "exe", e))?;
+    Ok((m.dev(), m.ino()))
 }
 
 /// Start time of `pid` in clock ticks since boot: field 22 of `/proc/<pid>/stat`.
@@ -536,6 +648,43 @@ mod tests {
         child.wait().unwrap();
         assert!(matches!(peer.recheck(), Err(AttestError::Vanished { .. })), "a reaped peer passed the recheck");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A child in its own user namespace is foreign; one in a new pid namespace made by root
+    /// (owned by tetherd's user namespace) is not, and neither is tetherd's own process.
+    #[test]
+    fn namespaces_tell_a_foreign_user_namespace_from_a_root_made_pid_namespace() {
+        assert_eq!(namespaces(std::process::id() as i32).unwrap(), None);
+        let wait_exec = |c: &std::process::Child| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !std::fs::read_link(format!("/proc/{}/exe", c.id())).is_ok_and(|e| e.ends_with("sleep")) {
+                assert!(std::time::Instant::now() < deadline);
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        let mut userns = Command::new("unshare").args(["-U", "sleep", "30"]).spawn().unwrap();
+        wait_exec(&userns);
+        assert_eq!(namespaces(userns.id() as i32).unwrap(), Some(ForeignNs::User));
+        let _ = userns.kill();
+        let _ = userns.wait();
+        // With -f, unshare forks: the child is pid 1 of the new pid namespace.
+        let mut pidns = Command::new("unshare").args(["-pf", "sleep", "30"]).spawn().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let child = loop {
+            let kids = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", pidns.id())).unwrap_or_default();
+            if let Some(k) = kids.split_whitespace().next() {
+                break k.parse::<i32>().unwrap();
+            }
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert_ne!(
+            std::fs::metadata(format!("/proc/{child}/ns/pid")).unwrap().ino(),
+            std::fs::metadata("/proc/self/ns/pid").unwrap().ino()
+        );
+        assert_eq!(namespaces(child).unwrap(), None);
+        let _ = pidns.kill();
+        let _ = pidns.wait();
     }
 
     #[test]

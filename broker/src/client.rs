@@ -27,6 +27,11 @@ impl Client {
             UnixStream::connect(path).map_err(|error| Error::Connect { path: path.to_owned(), error })?;
         stream.set_read_timeout(Some(timeout))?;
         stream.set_write_timeout(Some(timeout))?;
+        let mut stream = stream;
+        // tetherd speaks first; nothing may be sent before its greeting.
+        if let Some(e) = wire::io::read_greeting(&mut stream)? {
+            return Err(Error::Refused(e));
+        }
         Ok(Self { stream })
     }
 

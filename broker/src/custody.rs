@@ -48,6 +48,9 @@ pub const ECDSA_NISTP256_SHA256: u16 = 0x0403;
 /// Bound on owners (processes) with held keys. Full: dead owners are dropped, then issuance
 /// is refused until processes exit.
 pub const MAX_OWNERS: usize = 16384;
+/// Each uid's share of [`MAX_OWNERS`] (root and tetherd's own uid: only the global bound), so
+/// that one user's live processes cannot take every other user's broker custody away.
+pub const MAX_OWNERS_PER_UID: usize = 1024;
 /// Keys kept per owner: the current one and the one before it (a handshake that started just
 /// before a refresh still signs).
 const KEYS_PER_OWNER: usize = 2;
@@ -156,6 +159,8 @@ impl HeldKey {
 
 struct Held {
     token: u64,
+    /// The owner's uid, whose share of owners this one takes.
+    uid: u32,
     keys: Vec<Arc<HeldKey>>,
     /// Kept open so the epoll set watches it; closing it removes it from the set.
     _pidfd: Option<OwnedFd>,
@@ -183,6 +188,8 @@ struct Tables {
     tokens: HashMap<u64, ProcessKey>,
     /// Owners whose identity was revoked for their lifetime (failed a re-check).
     revoked: HashSet<ProcessKey>,
+    /// Owners per uid.
+    per_uid: HashMap<u32, usize>,
 }
 
 /// The keys tetherd holds, by owner.
@@ -191,6 +198,7 @@ pub struct KeyStore {
     epoll: Option<sys::Epoll>,
     next_token: AtomicU64,
     rng: SystemRandom,
+    per_uid_limit: usize,
 }
 
 impl fmt::Debug for KeyStore {
@@ -211,6 +219,7 @@ impl Default for KeyStore {
             epoll,
             next_token: AtomicU64::new(1),
             rng: SystemRandom::new(),
+            per_uid_limit: MAX_OWNERS_PER_UID,
         }
     }
 }
@@ -282,6 +291,17 @@ impl KeyStore {
         if t.revoked.contains(&process) {
             return Err("this process's identity was revoked");
         }
+        let uid = owner.facts.uid;
+        let limited = uid != 0 && uid != sys::effective_uid();
+        let uid_full = |t: &Tables| limited && t.per_uid.get(&uid).copied().unwrap_or(0) >= self.per_uid_limit;
+        if !t.owners.contains_key(&process) && uid_full(&t) {
+            drop(t);
+            self.sweep_uid(uid);
+            t = self.lock();
+            if uid_full(&t) {
+                return Err("this user's processes already hold their share of tetherd's keys (1,024 live processes)");
+            }
+        }
         if !t.owners.contains_key(&process) && t.owners.len() >= MAX_OWNERS {
             drop(t);
             self.sweep(None);
@@ -307,10 +327,12 @@ impl KeyStore {
             }
         }
         t.tokens.insert(token, process);
+        *t.per_uid.entry(uid).or_insert(0) += 1;
         t.owners.insert(
             process,
             Held {
                 token,
+                uid,
                 keys: vec![Arc::new(key)],
                 _pidfd: pidfd,
                 checks: owner.checks.zip(watch).map(|(registered, watch)| {
@@ -328,6 +350,12 @@ impl KeyStore {
             let Some(h) = t.owners.remove(&process) else {
                 return false;
             };
+            if let Some(n) = t.per_uid.get_mut(&h.uid) {
+                *n -= 1;
+                if *n == 0 {
+                    t.per_uid.remove(&h.uid);
+                }
+            }
             t.tokens.remove(&h.token);
             for k in &h.keys {
                 t.keys.remove(&k.id);
@@ -390,6 +418,17 @@ impl KeyStore {
         let dst = out.get_mut(..sig.len()).ok_or(Refusal::Internal)?;
         dst.copy_from_slice(sig);
         Ok(sig.len())
+    }
+
+    /// Destroy the keys of `uid`'s owners that have exited (its share is full).
+    fn sweep_uid(&self, uid: u32) {
+        let owners: Vec<ProcessKey> =
+            self.lock().owners.iter().filter(|(_, h)| h.uid == uid).map(|(p, _)| *p).collect();
+        for p in owners {
+            if !attest::is_running(p.0, p.1) {
+                self.destroy(p);
+            }
+        }
     }
 
     /// Destroy keys whose owner has exited, and keys past notAfter. `metrics` counts them.
@@ -523,6 +562,38 @@ mod tests {
             .collect();
         assert!(!store.holds(me, ids[0]));
         assert!(store.holds(me, ids[1]) && store.holds(me, ids[2]));
+    }
+
+    /// Review F3: the owner table had only a global bound, so one uid's 16,384 live processes
+    /// took broker custody from every other uid. Each uid now has its share.
+    #[test]
+    fn one_uid_cannot_hold_more_than_its_share_of_owners() {
+        let store = KeyStore { per_uid_limit: 3, ..KeyStore::default() };
+        let mut kids: Vec<_> =
+            (0..5).map(|_| std::process::Command::new("sleep").arg("30").spawn().unwrap()).collect();
+        let live = |c: &std::process::Child| {
+            let pid = c.id() as i32;
+            let mut o = owner((pid, attest::start_time(pid).unwrap()));
+            o.facts.uid = 4242;
+            o
+        };
+        for c in &kids[..3] {
+            store.insert(live(c), None, key()).unwrap();
+        }
+        let over = store.insert(live(&kids[3]), None, key());
+        assert!(over.is_err_and(|e| e.contains("share")), "a fourth owner of the uid was held");
+        // Another uid is not affected.
+        let mut other = live(&kids[4]);
+        other.facts.uid = 4343;
+        store.insert(other, None, key()).unwrap();
+        // When one of the uid's processes exits, its slot comes back.
+        kids[0].kill().unwrap();
+        kids[0].wait().unwrap();
+        store.insert(live(&kids[3]), None, key()).unwrap();
+        for c in &mut kids[1..] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tether_proto::wire::{ConnectionEvent, ConnectionReport, ErrorCode};
 use tracing::{debug, info, warn};
@@ -266,11 +266,18 @@ fn route(head: &[u8]) -> &'static str {
     }
 }
 
-/// Read one request head (bounded), answer it, close.
-fn answer<S: Read + Write>(mut s: S, render: &dyn Fn() -> String) {
+/// Read one request head (bounded in size, and in time by an absolute deadline of
+/// [`SCRAPE_TIMEOUT`]: each read waits only for what is left of it), answer it, close.
+fn answer<S: ScrapeStream>(mut s: S, render: &dyn Fn() -> String) {
+    let deadline = Instant::now() + SCRAPE_TIMEOUT;
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let status = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || s.set_read_left(left).is_err() {
+            debug!("metrics scrape: request head not complete by the deadline");
+            return;
+        }
         match s.read(&mut chunk) {
             Ok(0) => return,
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
@@ -328,6 +335,7 @@ pub fn bind(listen: &MetricsListen) -> io::Result<Listener> {
 /// A scraper's connection: TCP or Unix.
 trait ScrapeStream: Read + Write + Send + 'static {
     fn set_timeouts(&self, t: Duration) -> io::Result<()>;
+    fn set_read_left(&self, t: Duration) -> io::Result<()>;
 }
 
 impl ScrapeStream for TcpStream {
@@ -335,12 +343,20 @@ impl ScrapeStream for TcpStream {
         self.set_read_timeout(Some(t))?;
         self.set_write_timeout(Some(t))
     }
+
+    fn set_read_left(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))
+    }
 }
 
 impl ScrapeStream for UnixStream {
     fn set_timeouts(&self, t: Duration) -> io::Result<()> {
         self.set_read_timeout(Some(t))?;
         self.set_write_timeout(Some(t))
+    }
+
+    fn set_read_left(&self, t: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(t))
     }
 }
 

@@ -98,6 +98,8 @@ pub struct Broker {
     in_flight: PerUid,
     /// `[upstream]`: the SPIRE agent issues instead of `ca`.
     upstream: Option<Upstream>,
+    /// Rate limit of the `sign_refused` audit line, per uid.
+    sign_refusals: RefusalLog,
 }
 
 impl Broker {
@@ -127,6 +129,7 @@ impl Broker {
             opts,
             live: AtomicUsize::new(0),
             upstream: None,
+            sign_refusals: RefusalLog::default(),
         }
     }
 
@@ -249,6 +252,11 @@ impl Broker {
         let key = (facts.pid, attested.start_time());
         self.refuse_revoked(key)?;
         let entry = config.matching_entry(facts);
+        // In a foreign namespace the executable (and the process's own messages) are the
+        // namespace root's to fake: only uid-only entries, the whole namespace's, apply.
+        if entry.map_or(config.unmatched == crate::config::Unmatched::Derive, |e| e.names_a_binary()) {
+            peer.refuse_in_foreign_namespace("an identity that depends on the executable")?;
+        }
         let checked = entry.filter(|e| e.names_a_binary() && e.impersonation_checks);
         if let Some(e) = checked {
             crate::impersonation::check(facts, e.path())?;
@@ -256,6 +264,9 @@ impl Broker {
             peer.recheck()?;
         }
         let broker_custody = config.key_custody == KeyCustody::Broker && !export;
+        if broker_custody {
+            peer.refuse_in_foreign_namespace(FOREIGN_CUSTODY)?;
+        }
         let id = config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
             reason: format!(
                 "no registration entry matches uid {} running {} (unmatched = \"deny\")",
@@ -313,6 +324,9 @@ impl Broker {
         let facts = attested.facts();
         let key = (facts.pid, attested.start_time());
         self.refuse_revoked(key)?;
+        if snap.config.key_custody == KeyCustody::Broker && !export {
+            peer.refuse_in_foreign_namespace(FOREIGN_CUSTODY)?;
+        }
         let got = upstream.svid_for(peer, &attested)?;
         self.metrics.svid_issued();
         // SPIRE hands the delegate the key; under broker custody it stays here like our own.
@@ -377,6 +391,12 @@ impl Broker {
         Ok(svid)
     }
 }
+
+/// Broker key custody for a peer in a foreign namespace: its root can send signing frames that
+/// tetherd cannot tell from the peer's own (forged SCM_CREDENTIALS), so tetherd holds no key
+/// for such a peer and signs nothing for it.
+const FOREIGN_CUSTODY: &str = "broker key custody (tetherd cannot tell its signing requests from that root's; \
+                               export_svid or key_custody = \"process\" give the key to the process)";
 
 /// The audit line for an SVID handed to a process (`event` = issued by the CA, or upstream).
 fn audit_served(
@@ -675,27 +695,65 @@ fn reply_error(stream: &UnixStream, code: ErrorCode, message: String) -> bool {
     reply(stream, &Response::Error(ErrorResponse { code, message }))
 }
 
-/// A frame that parses as `{"type": T, ...}` where T names no request this broker knows.
+/// A frame that parses as `{"type": T, ...}` where T names no request this broker knows. The
+/// other fields are skipped, not built (`IgnoredAny`): no second copy of the body in memory.
 fn is_unknown_type(body: &[u8]) -> bool {
-    let Ok(serde_json::Value::Object(obj)) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return false;
-    };
-    let Some(serde_json::Value::String(t)) = obj.get("type") else { return false };
-    let probe = serde_json::json!({ "type": t }).to_string();
+    #[derive(serde::Deserialize)]
+    struct Tagged<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+    }
+    let Ok(Tagged { kind }) = serde_json::from_slice::<Tagged<'_>>(body) else { return false };
+    let probe = serde_json::json!({ "type": kind }).to_string();
     matches!(wire::decode::<Request>(probe.as_bytes()), Err(WireError::Malformed(m)) if m.starts_with("unknown variant"))
+}
+
+/// Tell the client that its executable is recorded (`wire::GREETING`), unless bytes arrived
+/// already: those were sent before the record, perhaps by the program the process ran before
+/// an `exec`, so the connection is refused. Returns false when the connection is done.
+fn greet(broker: &Broker, mut stream: &UnixStream, peer: &Result<Peer, attest::AttestError>) -> bool {
+    match sys::queued(stream) {
+        Ok(sys::Queued::Nothing) => write_frame(&mut stream, &wire::GREETING).is_ok(),
+        Ok(sys::Queued::Eof) => false,
+        Ok(sys::Queued::Bytes) => {
+            broker.metrics.attestation_failed();
+            let why = "bytes arrived before tetherd's greeting: they may have been written by the program this \
+                       process ran before an exec; a client must read the greeting before it sends";
+            warn!(
+                target: AUDIT,
+                event = "refused",
+                pid = peer.as_ref().map_or(-1, Peer::pid),
+                uid = peer.as_ref().map_or(u32::MAX, Peer::uid),
+                reason = why,
+                "connection refused: bytes before the greeting"
+            );
+            reply_error(stream, ErrorCode::AttestationFailed, why.to_owned());
+            false
+        }
+        Err(e) => {
+            debug!(error = %e, "cannot peek at a new connection");
+            false
+        }
+    }
 }
 
 fn handle_connection(broker: &Broker, stream: UnixStream) {
     let _ = stream.set_write_timeout(Some(broker.opts.client_timeout));
     // Recorded now, so that a pid recycled later cannot inherit this connection's identity.
     let peer = Peer::from_stream(&stream);
+    if !greet(broker, &stream, &peer) {
+        return;
+    }
     // Attested on the first report or policy fetch; later ones only re-check the pid.
     let mut reporter: Option<AttestedPeer> = None;
+    let mut sign_refusals = 0u32;
     let mut reader = AttestedReader::new(&stream, peer.as_ref().ok(), broker.opts.client_timeout);
     let stream = &stream;
     loop {
         reader.begin_frame();
-        let read = read_any_frame(&mut reader);
+        let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
+        // The in-flight slot is taken before a message body is allocated.
+        let read = read_any_frame(&mut reader, || broker.in_flight.acquire(uid, is_admin(uid)));
         if let Some(e) = reader.foreign.take() {
             // Someone other than the connecting process wrote on this connection: nothing
             // more on it can be trusted, whoever sends it.
@@ -704,10 +762,18 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
             reply_error(stream, ErrorCode::AttestationFailed, e.to_string());
             return;
         }
-        let body = match read {
-            Ok(Some(Frame::Message(body))) => body,
+        let (body, _in_flight) = match read {
+            Ok(Some(Frame::Message(body, slot))) => (body, slot),
+            Ok(Some(Frame::Busy)) => {
+                let limit = broker.opts.max_in_flight_per_uid;
+                let message = format!("uid {uid} already has {limit} requests in flight, the per-user limit; retry");
+                if !reply_error(stream, ErrorCode::Busy, message) {
+                    return;
+                }
+                continue;
+            }
             Ok(Some(Frame::Sign(buf, len))) => {
-                if !sign_request(broker, &peer, &buf[..len], stream) {
+                if !sign_request(broker, &peer, &buf[..len], stream, &mut sign_refusals) {
                     return;
                 }
                 continue;
@@ -740,15 +806,6 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
                 reply_error(stream, ErrorCode::BadRequest, e.to_string());
                 return;
             }
-        };
-        let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
-        let Some(_in_flight) = broker.in_flight.acquire(uid, is_admin(uid)) else {
-            let limit = broker.opts.max_in_flight_per_uid;
-            let message = format!("uid {uid} already has {limit} requests in flight, the per-user limit; retry");
-            if !reply_error(stream, ErrorCode::Busy, message) {
-                return;
-            }
-            continue;
         };
         let response = match request {
             Request::FetchSvid {} => match &peer {
@@ -808,14 +865,20 @@ fn handle_connection(broker: &Broker, stream: UnixStream) {
     }
 }
 
-/// One frame of either kind. A signing request's body stays on the stack.
+/// One frame of either kind. A signing request's body stays on the stack; a message comes with
+/// the in-flight slot `S` it was admitted under.
 #[allow(clippy::large_enum_variant)] // reason: the signing body stays on the stack: no allocation per signature
-enum Frame {
-    Message(zeroize::Zeroizing<Vec<u8>>),
+enum Frame<S> {
+    Message(zeroize::Zeroizing<Vec<u8>>, S),
+    /// A message refused for want of an in-flight slot; its body was read and dropped.
+    Busy,
     Sign([u8; wire::sign::MAX_BODY], usize),
 }
 
-fn read_any_frame(r: &mut AttestedReader<'_>) -> Result<Option<Frame>, WireError> {
+/// Read one frame. A message body over [`wire::MAX_REQUEST_BODY`] is refused on its header,
+/// and one is allocated only once `admit` grants it an in-flight slot (else it is skipped
+/// through a small buffer, keeping the stream in frame).
+fn read_any_frame<S>(r: &mut AttestedReader<'_>, admit: impl FnOnce() -> Option<S>) -> Result<Option<Frame<S>>, WireError> {
     let mut header = [0u8; wire::HEADER_LEN];
     if !wire::io::read_header(r, &mut header)? {
         return Ok(None);
@@ -827,17 +890,86 @@ fn read_any_frame(r: &mut AttestedReader<'_>) -> Result<Option<Frame>, WireError
             Ok(Some(Frame::Sign(buf, len)))
         }
         (wire::FrameKind::Message, len) => {
+            if len > wire::MAX_REQUEST_BODY {
+                return Err(WireError::RequestTooLarge(len));
+            }
+            let Some(slot) = admit() else {
+                let mut skip = [0u8; 1024];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(skip.len());
+                    wire::io::read_body(r, &mut skip[..n])?;
+                    left -= n;
+                }
+                return Ok(Some(Frame::Busy));
+            };
             let mut body = zeroize::Zeroizing::new(vec![0u8; len]);
             wire::io::read_body(r, &mut body)?;
-            Ok(Some(Frame::Message(body)))
+            Ok(Some(Frame::Message(body, slot)))
+        }
+    }
+}
+
+/// Refused signing frames a connection may send; the one that reaches this closes it (a shim
+/// that is refused opens a new connection, or gives up on the handshake).
+const MAX_SIGN_REFUSALS: u32 = 8;
+/// `sign_refused` audit lines written per uid in each [`REFUSAL_WINDOW`]; the rest are counted
+/// and the count is logged with the uid's first line of a later window.
+const REFUSAL_LINES: u32 = 8;
+const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
+/// Bound on uids tracked by [`RefusalLog`].
+const REFUSAL_UIDS: usize = 4096;
+
+/// Per-uid rate limit of an audit line (the metric counts every event regardless).
+#[derive(Debug, Default)]
+struct RefusalLog(Mutex<std::collections::HashMap<u32, RefusalWindow>>);
+
+#[derive(Debug, Clone, Copy)]
+struct RefusalWindow {
+    start: Instant,
+    logged: u32,
+    left_out: u64,
+}
+
+impl RefusalLog {
+    /// Whether to write this event's line for `uid`, and how many of its lines were left out
+    /// in the window that ended (reported with this line).
+    fn admit(&self, uid: u32) -> (bool, u64) {
+        let now = Instant::now();
+        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if m.len() >= REFUSAL_UIDS && !m.contains_key(&uid) {
+            m.retain(|_, w| now.duration_since(w.start) < REFUSAL_WINDOW);
+            if m.len() >= REFUSAL_UIDS {
+                return (false, 0);
+            }
+        }
+        let w = m.entry(uid).or_insert(RefusalWindow { start: now, logged: 0, left_out: 0 });
+        let mut ended = 0;
+        if now.duration_since(w.start) >= REFUSAL_WINDOW {
+            ended = w.left_out;
+            *w = RefusalWindow { start: now, logged: 0, left_out: 0 };
+        }
+        if w.logged < REFUSAL_LINES {
+            w.logged += 1;
+            (true, ended)
+        } else {
+            w.left_out += 1;
+            (false, ended)
         }
     }
 }
 
 /// Answer one signing request (broker custody). The bytes were sent by the connecting process
 /// (checked per message by [`AttestedReader`]); that process must still be running and must
-/// own the key. Returns false when the connection is done.
-fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body: &[u8], mut stream: &UnixStream) -> bool {
+/// own the key. `refusals` counts this connection's refused frames. Returns false when the
+/// connection is done.
+fn sign_request(
+    broker: &Broker,
+    peer: &Result<Peer, attest::AttestError>,
+    body: &[u8],
+    mut stream: &UnixStream,
+    refusals: &mut u32,
+) -> bool {
     use wire::sign::{self, Status};
     let mut out: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
     let mut sig = [0u8; 128];
@@ -848,18 +980,31 @@ fn sign_request(broker: &Broker, peer: &Result<Peer, attest::AttestError>, body:
         }
         Err((status, label, reason)) => {
             broker.metrics.sign_refused(label);
-            warn!(
-                target: AUDIT,
-                event = "sign_refused",
-                pid = peer.as_ref().map_or(-1, Peer::pid),
-                uid = peer.as_ref().map_or(u32::MAX, Peer::uid),
-                reason = %reason,
-                "signing request refused"
-            );
+            *refusals += 1;
+            let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
+            let (log, left_out) = broker.sign_refusals.admit(uid);
+            if log {
+                warn!(
+                    target: AUDIT,
+                    event = "sign_refused",
+                    pid = peer.as_ref().map_or(-1, Peer::pid),
+                    uid,
+                    reason = %reason,
+                    earlier_not_logged = left_out,
+                    "signing request refused"
+                );
+            }
             sign::encode_response(status, reason.as_bytes(), &mut out)
         }
     };
-    write_frame(&mut stream, &out[..n]).is_ok()
+    if write_frame(&mut stream, &out[..n]).is_err() {
+        return false;
+    }
+    if *refusals >= MAX_SIGN_REFUSALS {
+        debug!(refusals = *refusals, "closing a connection after its refused signing frames");
+        return false;
+    }
+    true
 }
 
 impl Broker {
@@ -874,7 +1019,10 @@ impl Broker {
         use wire::sign::{self, Status};
         let p = peer.as_ref().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
         let req = sign::parse_request(body).map_err(|e| (Status::BadRequest, "bad_request", e.to_string()))?;
-        // The sender was checked for this message; prove it is still the process that connected.
+        p.refuse_in_foreign_namespace(FOREIGN_CUSTODY).map_err(|e| (Status::Refused, "foreign_namespace", e.to_string()))?;
+        // The sender was checked for this message; it must still run the executable it ran at
+        // the greeting, and (proved after that stat) still be the process that connected.
+        p.check_exec().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
         p.recheck().map_err(|e| (Status::Refused, "exited", e.to_string()))?;
         if self.upstream.as_ref().is_some_and(|u| u.withdrawn(p.process())) {
             // SPIRE withdrew this process's identity (entry deleted): its held keys go now, so
@@ -920,6 +1068,7 @@ fn attested_peer<'a>(
     let p = peer.as_ref().map_err(|e| attestation_failed(broker, e))?;
     let attested = match cached.take() {
         Some(a) => {
+            p.check_exec().map_err(|e| attestation_failed(broker, &e))?;
             p.recheck().map_err(|e| attestation_failed(broker, &e))?;
             a
         }

@@ -152,6 +152,38 @@ pub fn peer_cred(stream: &UnixStream) -> io::Result<PeerCred> {
     Ok(PeerCred { pid: cred.pid, uid: cred.uid, gid: cred.gid })
 }
 
+/// What is queued on a stream, without taking it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    Nothing,
+    Bytes,
+    /// The peer closed its end and nothing is left to read.
+    Eof,
+}
+
+/// `recv(MSG_PEEK | MSG_DONTWAIT)` of one byte: has the peer sent anything yet?
+pub fn queued(stream: &UnixStream) -> io::Result<Queued> {
+    let mut b = 0u8;
+    loop {
+        // SAFETY: `b` is one writable byte; the fd is owned by `stream`, open for the call.
+        let n = unsafe {
+            libc::recv(stream.as_raw_fd(), (&mut b as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
+        return match n {
+            0 => Ok(Queued::Eof),
+            n if n > 0 => Ok(Queued::Bytes),
+            _ => {
+                let e = io::Error::last_os_error();
+                match e.kind() {
+                    io::ErrorKind::Interrupted => continue,
+                    io::ErrorKind::WouldBlock => Ok(Queued::Nothing),
+                    _ => Err(e),
+                }
+            }
+        };
+    }
+}
+
 /// `getsockopt(SO_PEERPIDFD)`: a pidfd for the process that connected. `Ok(None)` when the
 /// kernel does not have it (ENOPROTOOPT, before Linux 6.5).
 pub fn peer_pidfd(stream: &UnixStream) -> io::Result<Option<OwnedFd>> {
@@ -370,6 +402,26 @@ pub fn fd_inode(fd: &impl AsRawFd) -> io::Result<u64> {
         return Err(io::Error::last_os_error());
     }
     Ok(st.st_ino)
+}
+
+/// What [`ns_related`] asks of a namespace descriptor (`<linux/nsfs.h>`).
+#[derive(Debug, Clone, Copy)]
+pub enum NsRelation {
+    /// `NS_GET_USERNS`: the user namespace that owns it.
+    Owner = 0xb701,
+    /// `NS_GET_PARENT`: the parent of a pid (or user) namespace; EPERM once outside ours.
+    Parent = 0xb702,
+}
+
+/// `ioctl(ns_fd, NS_GET_USERNS | NS_GET_PARENT)`: a new descriptor for the related namespace.
+pub fn ns_related(ns: &impl AsRawFd, what: NsRelation) -> io::Result<OwnedFd> {
+    // SAFETY: these nsfs ioctls take no argument and return a new fd or -1.
+    let fd = unsafe { libc::ioctl(ns.as_raw_fd(), what as libc::c_ulong) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the kernel installed `fd` as a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Has the process behind `pidfd` exited? A pidfd polls readable once its process has

@@ -308,3 +308,43 @@ fn tracer_attached_after(signatures: usize) {
     );
     owner.exit();
 }
+
+/// A process fetches a broker-held key on its connection, then execs another program (bash)
+/// that keeps the connection (not close-on-exec) and sends a signing frame on it with the
+/// builtin `printf` (same pid, start time and pidfd). The parent holds a copy of the socket and
+/// reads the answer.
+const EXEC_THEN_SIGN: &str = r#"
+sock = sys.argv[1]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    s.connect(sock)
+    assert read_frame(s)[0] == b"TG"
+    s.sendall(frame({"type": "fetch_svid"}))
+    kid = json.loads(read_frame(s)[1])["key_id"]
+    body = struct.pack(">QH", kid, 0x0403) + b"a" * 32
+    sign = b"TS\x00\x01" + struct.pack(">I", len(body)) + body
+    fmt = "".join("\\x%02x" % b for b in sign)
+    os.dup2(s.fileno(), 9)
+    os.set_inheritable(9, True)
+    os.write(w, b"x")
+    os.execv("/bin/bash", ["bash", "-c", 'printf "$1" >&9; sleep 5', "_", fmt])
+os.read(r, 1)
+kind, body = read_frame(s)
+print("answer", kind, body[0], body[1:].decode(errors="replace"))
+os.kill(pid, 9)
+"#;
+
+/// Review F1 for signing frames: a signature was made for bytes sent after the process exec'd
+/// another program on the connection its key was fetched on. Refused now: the executable is
+/// re-checked (one `stat`) for every signing frame.
+#[test]
+fn a_signing_frame_sent_after_an_exec_is_refused() {
+    let d = Daemon::start(&[]);
+    let out = Command::new("python3").args(["-c", &format!("{}{EXEC_THEN_SIGN}", common::PY_FRAMES)]).arg(&d.socket).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("answer b'TS'"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    assert!(!text.starts_with("answer b'TS' 0 "), "the exec'd program got a signature: {text}");
+    assert!(text.contains("changed (exec)"), "{text}");
+}

@@ -221,7 +221,7 @@ fn rows_of_exited_processes_are_swept() {
         .arg(format!(
             r#"
 import json, socket, struct
-s = socket.socket(socket.AF_UNIX); s.connect({sock:?})
+s = socket.socket(socket.AF_UNIX); s.connect({sock:?}); assert s.recv(8) == b"TG\x00\x01\x00\x00\x00\x00"
 body = json.dumps({{"type":"report","event":"open","conn_id":9,"direction":"inbound","local_addr":"127.0.0.1:1",
     "remote_addr":"127.0.0.1:2","local_id":None,"peer_id":None,"data_path":"userspace","decision":"allow",
     "reason":None,"opened_at":1}}).encode()
@@ -364,4 +364,37 @@ fn metrics_over_a_unix_socket() {
     let r = http_get(s, "/metrics");
     assert!(r.starts_with("HTTP/1.1 200 OK") && r.contains("tether_live_connections 0"), "{r}");
     drop(d);
+}
+
+/// Review F10: SO_RCVTIMEO bounds each read of a scrape, not the request: one byte every few
+/// seconds held a metrics slot (of 8, shared by everyone) for hours. A scrape now has an
+/// absolute deadline of `SCRAPE_TIMEOUT` for its request head.
+#[test]
+fn a_scraper_trickling_its_request_is_cut_off_at_the_scrape_deadline() {
+    let dir = common::TempDir::new("m-slow");
+    let path = dir.path().join("m.sock");
+    let _d = Daemon::start(&["--metrics", &format!("unix:{}", path.display())]);
+    let start = Instant::now();
+    while UnixStream::connect(&path).is_err() && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut s = UnixStream::connect(&path).unwrap();
+    let limit = tether_broker::metrics::SCRAPE_TIMEOUT;
+    let w = s.try_clone().unwrap();
+    let t = Instant::now();
+    // One byte every second for three deadlines' worth of time, never ending the head.
+    let trickle = std::thread::spawn(move || {
+        let mut w = w;
+        while t.elapsed() < limit * 3 {
+            if w.write_all(b"G").is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest);
+    let held = t.elapsed();
+    trickle.join().unwrap();
+    assert!(held < limit + Duration::from_secs(2), "a trickling scraper held its slot for {held:?}");
 }

@@ -166,25 +166,28 @@ fn several_requests_share_one_connection() {
 fn connections_over_the_cap_get_busy() {
     let mut d = Daemon::start(&["--max-connections", "2"]);
     // Each held connection is proven live (served) before the next one is opened. The
-    // readiness probe's connection may still be winding down, so a busy answer is retried.
-    // A busy answer comes without the request being read, and the daemon may have closed
-    // before our write: that write's EPIPE is ignored, the answer is still there to read.
+    // readiness probe's connection may still be winding down, so a busy answer (sent in
+    // place of the greeting) is retried.
     let held: Vec<_> = (0..2)
         .map(|_| {
             for _ in 0..100 {
-                let mut s = d.raw();
-                let _ = s.write_all(&wire::encode(&Request::Status {}).unwrap());
-                match read_response(&mut s) {
-                    Response::Status(_) => return s,
-                    Response::Error(e) if e.code == ErrorCode::Busy => std::thread::sleep(Duration::from_millis(20)),
-                    other => panic!("{other:?}"),
+                let mut s = d.raw_ungreeted();
+                match wire::io::read_greeting(&mut s).unwrap() {
+                    None => {
+                        s.write_all(&wire::encode(&Request::Status {}).unwrap()).unwrap();
+                        assert!(matches!(read_response(&mut s), Response::Status(_)));
+                        return s;
+                    }
+                    Some(e) if e.code == ErrorCode::Busy => std::thread::sleep(Duration::from_millis(20)),
+                    Some(e) => panic!("{e:?}"),
                 }
             }
             panic!("never served");
         })
         .collect();
-    let mut s = d.raw();
-    expect_error(read_response(&mut s), ErrorCode::Busy);
+    let mut s = d.raw_ungreeted();
+    let e = wire::io::read_greeting(&mut s).unwrap().expect("busy in place of the greeting");
+    assert_eq!(e.code, ErrorCode::Busy, "{}", e.message);
     drop(held);
     std::thread::sleep(Duration::from_millis(100));
     d.assert_serving();

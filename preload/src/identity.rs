@@ -15,7 +15,6 @@
 use std::fmt;
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +24,7 @@ use tether_proto::wire::{self, ErrorCode, Request, Response, SvidResponse};
 use tether_proto::{Policy, SpiffeId};
 
 use crate::settings;
+use crate::sys::tetherd::Greeted;
 use crate::sync::Lock as Mutex;
 use crate::tls::handshake::Credentials;
 use crate::tls::remote_key::RemoteKey;
@@ -300,11 +300,10 @@ pub(crate) fn call(req: &Request) -> Result<Response, IdentityError> {
 
 fn call_once(req: &Request) -> Result<Response, IdentityError> {
     let unreachable = |e: io::Error| IdentityError::Unreachable(e.to_string());
-    let socket = &settings::get().socket;
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| IdentityError::Unreachable(format!("{}: {e}", socket.display())))?;
-    s.set_read_timeout(Some(BROKER_TIMEOUT)).map_err(unreachable)?;
-    s.set_write_timeout(Some(BROKER_TIMEOUT)).map_err(unreachable)?;
+    let mut s = match crate::sys::tetherd::connect(&settings::get().socket, BROKER_TIMEOUT).map_err(unreachable)? {
+        Greeted::Ready(s) => s,
+        Greeted::Refused(e) => return Ok(Response::Error(e)),
+    };
     let frame = wire::encode(req).map_err(|e| IdentityError::Invalid(e.to_string()))?;
     wire::io::write_frame(&mut s, &frame).map_err(|e| IdentityError::Unreachable(e.to_string()))?;
     let body = wire::io::read_frame(&mut s)

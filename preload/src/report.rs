@@ -14,6 +14,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use tether_proto::wire::{self, ConnectionReport, Request, Response};
 
 use crate::sync::Lock as Mutex;
+use crate::sys::tetherd::Greeted;
 use crate::{guard, settings};
 
 const QUEUE: usize = 1024;
@@ -128,10 +129,10 @@ fn run(rx: Receiver<ConnectionReport>) {
 }
 
 fn connect() -> io::Result<UnixStream> {
-    let s = UnixStream::connect(&settings::get().socket)?;
-    s.set_read_timeout(Some(BROKER_TIMEOUT))?;
-    s.set_write_timeout(Some(BROKER_TIMEOUT))?;
-    Ok(s)
+    match crate::sys::tetherd::connect(&settings::get().socket, BROKER_TIMEOUT)? {
+        Greeted::Ready(s) => Ok(s),
+        Greeted::Refused(e) => Err(io::Error::other(format!("tetherd refused the connection: {}: {}", e.code, e.message))),
+    }
 }
 
 /// Send every report's frame in one write, then read the answers in order (tetherd answers

@@ -15,6 +15,12 @@
 //! [`ErrorCode::UnknownRequest`], so older brokers fail clearly instead of misbehaving.
 //!
 //! The request/response exchange is one frame each way; a connection may carry several.
+//!
+//! **tetherd speaks first.** On every connection it accepts, tetherd records which program
+//! the peer runs and then sends [`GREETING`] (or, instead, one error frame and closes). A
+//! client must read the greeting ([`io::read_greeting`]) before it sends anything: tetherd
+//! refuses a connection on which bytes arrived before it recorded the peer's executable,
+//! because such bytes may have been written by a program the process ran before an `exec`.
 //! Frames holding private keys live in [`Zeroizing`] buffers and are wiped when dropped.
 
 use std::collections::BTreeMap;
@@ -33,6 +39,18 @@ pub const HEADER_LEN: usize = 8;
 /// Hard limit on a frame body. A full SVID response with a large federated bundle stays far
 /// below this; anything bigger is hostile or broken.
 pub const MAX_BODY: usize = 1 << 20;
+/// Limit on a request body (what tetherd reads), far below [`MAX_BODY`] (what it may answer):
+/// real requests are under 2 KiB; a connection report, the largest, is bounded well below this.
+pub const MAX_REQUEST_BODY: usize = 64 << 10;
+
+/// Magic of [`GREETING`].
+pub const GREETING_MAGIC: [u8; 2] = *b"TG";
+/// tetherd's first bytes on every connection: a frame header with magic `'T' 'G'`, the
+/// protocol version and an empty body. It means "your executable is recorded; send now".
+/// In its place tetherd may send one message frame holding a [`Response::Error`] (`busy`,
+/// or `attestation_failed` for bytes sent before the greeting) and close.
+pub const GREETING: [u8; HEADER_LEN] =
+    [GREETING_MAGIC[0], GREETING_MAGIC[1], (VERSION >> 8) as u8, VERSION as u8, 0, 0, 0, 0];
 
 /// Default path of tetherd's socket.
 pub const DEFAULT_SOCKET: &str = "/run/tether/tetherd.sock";
@@ -46,6 +64,8 @@ pub enum WireError {
     BadMagic([u8; 2]),
     UnsupportedVersion(u16),
     TooLarge(usize),
+    /// A request body over [`MAX_REQUEST_BODY`].
+    RequestTooLarge(usize),
     /// The body is not a valid message.
     Malformed(String),
     /// The peer closed the connection before a whole frame arrived.
@@ -61,6 +81,9 @@ impl fmt::Display for WireError {
                 write!(f, "protocol version {v} is not supported (this side speaks {VERSION})")
             }
             Self::TooLarge(n) => write!(f, "frame body of {n} bytes exceeds the {MAX_BODY}-byte limit"),
+            Self::RequestTooLarge(n) => {
+                write!(f, "request body of {n} bytes exceeds the {MAX_REQUEST_BODY}-byte limit for requests")
+            }
             Self::Malformed(why) => write!(f, "malformed message: {why}"),
             Self::Truncated => f.write_str("connection closed mid-frame"),
             Self::Io(e) => write!(f, "i/o error: {e}"),
@@ -76,7 +99,7 @@ impl WireError {
         match self {
             Self::BadMagic(_) | Self::Malformed(_) | Self::Truncated => ErrorCode::BadRequest,
             Self::UnsupportedVersion(_) => ErrorCode::UnsupportedVersion,
-            Self::TooLarge(_) => ErrorCode::TooLarge,
+            Self::TooLarge(_) | Self::RequestTooLarge(_) => ErrorCode::TooLarge,
             Self::Io(e) if is_timeout(e) => ErrorCode::Timeout,
             Self::Io(_) => ErrorCode::BadRequest,
         }
@@ -621,7 +644,7 @@ pub mod io {
 
     use zeroize::Zeroizing;
 
-    use super::{parse_header, WireError, HEADER_LEN};
+    use super::{parse_header, ErrorResponse, Response, WireError, GREETING, GREETING_MAGIC, HEADER_LEN};
 
     /// Read one frame and return its body. `Ok(None)` is a clean EOF before any byte.
     pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Zeroizing<Vec<u8>>>, WireError> {
@@ -633,6 +656,29 @@ pub mod io {
         let mut body = Zeroizing::new(vec![0u8; len]);
         read_body(r, &mut body)?;
         Ok(Some(body))
+    }
+
+    /// Read tetherd's [`GREETING`](super::GREETING), the first thing on every connection.
+    /// `Ok(Some(error))`: tetherd answered an error in its place (`busy`, or a refusal) and
+    /// closed the connection. Bounded by the caller's read timeout.
+    pub fn read_greeting<R: Read>(r: &mut R) -> Result<Option<ErrorResponse>, WireError> {
+        let mut header = [0u8; HEADER_LEN];
+        if !read_header(r, &mut header)? {
+            return Err(WireError::Truncated);
+        }
+        if header == GREETING {
+            return Ok(None);
+        }
+        if header[0..2] == GREETING_MAGIC {
+            return Err(WireError::UnsupportedVersion(u16::from_be_bytes([header[2], header[3]])));
+        }
+        let len = parse_header(&header)?;
+        let mut body = Zeroizing::new(vec![0u8; len]);
+        read_body(r, &mut body)?;
+        match super::decode::<Response>(&body)? {
+            Response::Error(e) => Ok(Some(e)),
+            _ => Err(WireError::Malformed("expected tetherd's greeting".into())),
+        }
     }
 
     /// Read a frame header. `Ok(false)` is a clean EOF before any byte.
@@ -686,6 +732,18 @@ mod tests {
             self.0 = &self.0[n..];
             Ok(n)
         }
+    }
+
+    #[test]
+    fn the_greeting_or_an_error_in_its_place_is_read() {
+        assert!(io::read_greeting(&mut &GREETING[..]).unwrap().is_none());
+        let busy = Response::Error(ErrorResponse { code: ErrorCode::Busy, message: "later".into() });
+        let frame = encode(&busy).unwrap();
+        assert_eq!(io::read_greeting(&mut &frame[..]).unwrap().unwrap().code, ErrorCode::Busy);
+        let mut v9 = GREETING;
+        v9[3] = 9;
+        assert!(matches!(io::read_greeting(&mut &v9[..]), Err(WireError::UnsupportedVersion(9))));
+        assert!(matches!(io::read_greeting(&mut &b""[..]), Err(WireError::Truncated)));
     }
 
     #[test]

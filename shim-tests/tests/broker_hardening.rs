@@ -211,3 +211,60 @@ fn unmatched_server_under_deny_serves_an_unprotected_port() {
     assert!(run.success(), "{run}\n{}", show(&h.log_lines("server")));
     assert_eq!(fs::read_to_string(h.path("in.out")).unwrap(), "served without an identity\n");
 }
+
+/// Holds nonblocking connections to tetherd's socket until the kernel refuses more (EAGAIN:
+/// the listen backlog is full), then sleeps with them open.
+const BACKLOG_FILLER: &str = r#"
+import resource, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+held = []
+while len(held) < 200000:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.setblocking(False)
+    try:
+        c.connect(sys.argv[1])
+    except BlockingIOError:
+        break
+    held.append(c)
+print(len(held), flush=True)
+time.sleep(120)
+"#;
+
+/// The shim's connect to tetherd had no bound: with tetherd stopped (SIGSTOP) and its listen
+/// backlog full, every TCP connect of every shimmed program hung for ever. Now the connect is
+/// non-blocking, retried to a deadline: the protected connect fails closed (EACCES) in time.
+#[test]
+fn a_stopped_tetherd_with_a_full_backlog_fails_a_protected_connect_instead_of_hanging_it() {
+    let port = free_port();
+    let h = Harness::new("stopped", Policy::new().both(port));
+    let broker = h.broker_pid().unwrap() as i32;
+    // SAFETY: a signal to our own child.
+    unsafe { libc::kill(broker, libc::SIGSTOP) };
+    let mut filler = Command::new("/usr/bin/python3")
+        .args(["-c", BACKLOG_FILLER])
+        .arg(h.socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(filler.stdout.take().unwrap()), &mut line).unwrap();
+    let held: usize = line.trim().parse().unwrap();
+    assert!(held > 0 && held < 200000, "the backlog never filled: {held}");
+
+    let mut c = curl_get(&format!("http://127.0.0.1:{port}/index.html"), &h.path("c.out"));
+    let t = std::time::Instant::now();
+    let run = h.run("client", h.shim(&mut c, "client"), Duration::from_secs(40));
+    let took = t.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(broker, libc::SIGCONT) };
+    let _ = filler.kill();
+    let _ = filler.wait();
+    assert!(!run.timed_out, "the shimmed connect hung on a stopped tetherd: {run}");
+    assert!(!run.success(), "the protected connect must fail closed: {run}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let lines = h.log_lines("client");
+    let deny = expect_line(&lines, "connect", "deny");
+    assert_eq!(deny.get("errno"), "EACCES", "{}", deny.raw);
+    assert!(deny.get("reason").contains("did not answer"), "{}", deny.raw);
+}

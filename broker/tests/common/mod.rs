@@ -132,7 +132,15 @@ impl Daemon {
         self.client().fetch_svid().unwrap()
     }
 
+    /// A connection greeted by tetherd: ready for raw frames.
     pub fn raw(&self) -> UnixStream {
+        let mut s = self.raw_ungreeted();
+        assert!(wire::io::read_greeting(&mut s).unwrap().is_none(), "tetherd refused the connection");
+        s
+    }
+
+    /// A connection whose greeting is left unread.
+    pub fn raw_ungreeted(&self) -> UnixStream {
         let s = UnixStream::connect(&self.socket).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         s
@@ -176,6 +184,29 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// Python helpers for tests that speak the wire protocol from a script (as another user, or in
+/// a namespace): `frame(obj)` encodes a request, `read_frame(sock)` returns `(magic, body)` or
+/// None at EOF. Put in front of the script.
+pub const PY_FRAMES: &str = r#"
+import json, os, socket, struct, sys, time
+def frame(obj):
+    b = json.dumps(obj).encode()
+    return b"TT\x00\x01" + struct.pack(">I", len(b)) + b
+def read_frame(s):
+    h = b""
+    while len(h) < 8:
+        c = s.recv(8 - len(h))
+        if not c: return None
+        h += c
+    n = struct.unpack(">I", h[4:8])[0]
+    body = b""
+    while len(body) < n:
+        c = s.recv(n - len(body))
+        if not c: return None
+        body += c
+    return h[:2], body
+"#;
 
 /// Read one response frame from a raw stream.
 pub fn read_response(s: &mut UnixStream) -> Response {

@@ -3,3 +3,4 @@
 pub(crate) mod control;
 pub(crate) mod ktls;
 pub(crate) mod net;
+pub(crate) mod tetherd;

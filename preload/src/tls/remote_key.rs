@@ -27,6 +27,7 @@ use rustls::{SignatureAlgorithm, SignatureScheme};
 use tether_proto::wire::{self, sign};
 
 use crate::settings;
+use crate::sys::tetherd::Greeted;
 use crate::sync::Lock as Mutex;
 
 /// A kept connection is dropped after this long unused (tetherd closes idle ones after 5 s).
@@ -169,11 +170,13 @@ fn round_trip(key_id: u64, message: &[u8]) -> io::Result<Answer> {
         }
         SIGNER_FD.store(-1, Ordering::Release);
     }
-    let socket = &settings::get().socket;
-    let mut s = UnixStream::connect(socket)
-        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", socket.display())))?;
-    s.set_read_timeout(Some(SIGN_TIMEOUT))?;
-    s.set_write_timeout(Some(SIGN_TIMEOUT))?;
+    let mut s = match crate::sys::tetherd::connect(&settings::get().socket, SIGN_TIMEOUT)? {
+        Greeted::Ready(s) => s,
+        Greeted::Refused(e) => {
+            let status = if e.code == wire::ErrorCode::Busy { sign::Status::Busy } else { sign::Status::Refused };
+            return Ok(Err((status, format!("{}: {}", e.code, e.message))));
+        }
+    };
     SIGNER_FD.store(s.as_raw_fd(), Ordering::Release);
     let answer = exchange(&mut s, &frame[..n]);
     if let Ok(Some(a)) = answer {
