@@ -72,6 +72,9 @@ pub enum Refusal {
     BadRequest(&'static str),
     /// The key is past its certificate's notAfter.
     Expired,
+    /// The caller's uid or gid is not the one the key was issued for (it called setuid or
+    /// setgid since): it must fetch the identity of its new credentials.
+    CredentialsChanged { issued: (u32, u32), now: (u32, u32) },
     Internal,
 }
 
@@ -84,6 +87,7 @@ impl Refusal {
             Self::Impersonation(_) => "impersonation",
             Self::BadRequest(_) => "bad_request",
             Self::Expired => "expired",
+            Self::CredentialsChanged { .. } => "credentials_changed",
             Self::Internal => "internal",
         }
     }
@@ -101,6 +105,11 @@ impl fmt::Display for Refusal {
             Self::Impersonation(e) => write!(f, "{e}; this process's identity is revoked"),
             Self::BadRequest(why) => f.write_str(why),
             Self::Expired => f.write_str("the key's certificate has expired"),
+            Self::CredentialsChanged { issued, now } => write!(
+                f,
+                "the key was issued to uid {} gid {}, and the process now runs as uid {} gid {} (fetch the identity of its new credentials)",
+                issued.0, issued.1, now.0, now.1
+            ),
             Self::Internal => f.write_str("signing failed"),
         }
     }
@@ -159,8 +168,10 @@ impl HeldKey {
 
 struct Held {
     token: u64,
-    /// The owner's uid, whose share of owners this one takes.
+    /// The owner's uid, whose share of owners this one takes, and its gid: the credentials its
+    /// keys were issued for, which every signing frame must carry.
     uid: u32,
+    gid: u32,
     keys: Vec<Arc<HeldKey>>,
     /// Kept open so the epoll set watches it; closing it removes it from the set.
     _pidfd: Option<OwnedFd>,
@@ -333,6 +344,7 @@ impl KeyStore {
             Held {
                 token,
                 uid,
+                gid: owner.facts.gid,
                 keys: vec![Arc::new(key)],
                 _pidfd: pidfd,
                 checks: owner.checks.zip(watch).map(|(registered, watch)| {
@@ -368,11 +380,13 @@ impl KeyStore {
         true
     }
 
-    /// Sign `message` with `key_id` for the caller `caller` (already attested for this
-    /// message by the server). Writes the DER signature into `out`, returning its length.
+    /// Sign `message` with `key_id` for the caller `caller`, whose uid and gid this message
+    /// carries as `ids` (already attested for this message by the server). Writes the DER
+    /// signature into `out`, returning its length.
     pub fn sign(
         &self,
         caller: ProcessKey,
+        ids: (u32, u32),
         key_id: u64,
         scheme: u16,
         message: &[u8],
@@ -383,6 +397,11 @@ impl KeyStore {
                 "tetherd's keys sign ecdsa_secp256r1_sha256 only",
             ));
         }
+        if !tether_proto::wire::sign::is_certificate_verify_input(message) {
+            return Err(Refusal::BadRequest(
+                "tetherd signs only a TLS 1.3 CertificateVerify input",
+            ));
+        }
         let (key, checks) = {
             let t = self.lock();
             let owner = *t.keys.get(&key_id).ok_or(Refusal::UnknownKey)?;
@@ -390,6 +409,11 @@ impl KeyStore {
                 return Err(Refusal::NotOwner { owner, caller });
             }
             let h = t.owners.get(&owner).ok_or(Refusal::UnknownKey)?;
+            if (h.uid, h.gid) != ids {
+                // A process that dropped privileges keeps its pid and start time: the key of
+                // the uid it ran as before must not sign for the one it runs as now.
+                return Err(Refusal::CredentialsChanged { issued: (h.uid, h.gid), now: ids });
+            }
             let key = h
                 .keys
                 .iter()
@@ -533,24 +557,76 @@ mod tests {
         );
         let id = store.insert(owner(me), None, k).unwrap();
         let mut sig = [0u8; 128];
+        let m = cv(true);
         let n = store
-            .sign(me, id, ECDSA_NISTP256_SHA256, b"msg", &mut sig)
+            .sign(me, ROOT, id, ECDSA_NISTP256_SHA256, &m, &mut sig)
             .unwrap();
-        public.verify(b"msg", &sig[..n]).unwrap();
+        public.verify(&m, &sig[..n]).unwrap();
         assert!(matches!(
-            store.sign((1, 101), id, ECDSA_NISTP256_SHA256, b"m", &mut sig),
+            store.sign((1, 101), ROOT, id, ECDSA_NISTP256_SHA256, &m, &mut sig),
             Err(Refusal::NotOwner { .. })
         ));
         assert!(matches!(
-            store.sign(me, id, 0x0804, b"m", &mut sig),
+            store.sign(me, ROOT, id, 0x0804, &m, &mut sig),
             Err(Refusal::BadRequest(_))
         ));
         assert!(store.destroy(me));
         assert!(matches!(
-            store.sign(me, id, ECDSA_NISTP256_SHA256, b"m", &mut sig),
+            store.sign(me, ROOT, id, ECDSA_NISTP256_SHA256, &m, &mut sig),
             Err(Refusal::UnknownKey)
         ));
         assert!(store.is_empty());
+    }
+
+    /// uid and gid 0, as [`owner`] records them.
+    const ROOT: (u32, u32) = (0, 0);
+
+    fn cv(server: bool) -> Vec<u8> {
+        tether_proto::wire::sign::certificate_verify_input(server, &[7u8; 32])
+    }
+
+    /// Found by review: a key signed any message of up to 256 bytes (a TLS 1.2 ServerKeyExchange
+    /// input, or a statement of the caller's choosing). Only a TLS 1.3 CertificateVerify input is
+    /// signed now.
+    #[test]
+    fn only_a_tls13_certificate_verify_input_is_signed() {
+        let store = KeyStore::default();
+        let me = (3, 300);
+        let id = store.insert(owner(me), None, key()).unwrap();
+        let mut sig = [0u8; 128];
+        for good in [cv(true), cv(false), tether_proto::wire::sign::certificate_verify_input(false, &[1u8; 48])] {
+            assert!(store.sign(me, ROOT, id, ECDSA_NISTP256_SHA256, &good, &mut sig).is_ok());
+        }
+        let mut short_hash = cv(true);
+        short_hash.pop();
+        let mut tls12 = vec![0u8; 32 + 32 + 4];
+        tls12[64] = 3;
+        let mut wrong_pad = cv(false);
+        wrong_pad[0] = b'!';
+        for bad in [b"owner message".to_vec(), short_hash, tls12, wrong_pad, Vec::new()] {
+            assert!(
+                matches!(store.sign(me, ROOT, id, ECDSA_NISTP256_SHA256, &bad, &mut sig), Err(Refusal::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// Found by review: a process that called setuid kept its pid and start time, so the key
+    /// issued for its old uid still signed its handshakes. The frame's uid and gid must be the
+    /// ones the key was issued for.
+    #[test]
+    fn a_key_does_not_sign_for_its_owner_after_a_change_of_uid_or_gid() {
+        let store = KeyStore::default();
+        let me = (4, 400);
+        let id = store.insert(owner(me), None, key()).unwrap();
+        let mut sig = [0u8; 128];
+        for other in [(33, 0), (0, 33), (33, 33)] {
+            assert!(matches!(
+                store.sign(me, other, id, ECDSA_NISTP256_SHA256, &cv(true), &mut sig),
+                Err(Refusal::CredentialsChanged { issued: (0, 0), .. })
+            ));
+        }
+        assert!(store.sign(me, ROOT, id, ECDSA_NISTP256_SHA256, &cv(true), &mut sig).is_ok());
     }
 
     #[test]

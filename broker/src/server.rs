@@ -1032,9 +1032,10 @@ impl Broker {
             }
             return Err((Status::Refused, "withdrawn", "the SPIRE agent withdrew this process's identity".to_owned()));
         }
-        self.keys.sign(p.process(), req.key_id, req.scheme, req.message, out).map_err(|r| {
+        self.keys.sign(p.process(), (p.uid(), p.gid()), req.key_id, req.scheme, req.message, out).map_err(|r| {
             let status = match r {
                 custody::Refusal::UnknownKey => Status::UnknownKey,
+                custody::Refusal::CredentialsChanged { .. } => Status::Stale,
                 custody::Refusal::BadRequest(_) => Status::BadRequest,
                 custody::Refusal::Internal => Status::Internal,
                 _ => Status::Refused,

@@ -16,6 +16,11 @@ use tether_broker::client::Client;
 use tether_proto::wire::sign::Status;
 
 const ECDSA_P256_SHA256: u16 = 0x0403;
+
+/// A TLS 1.3 CertificateVerify input (the only message tetherd signs).
+fn cv() -> Vec<u8> {
+    tether_proto::wire::sign::certificate_verify_input(false, &[9u8; 32])
+}
 const ROLE: &str = "H11_CUSTODY_ROLE";
 
 /// Not a test of its own: the key owner, when re-executed with `H11_CUSTODY_ROLE=owner`.
@@ -42,12 +47,17 @@ fn owner_role() {
         if line == "sign" {
             let mut c = Client::connect(socket.as_ref(), Duration::from_secs(5)).unwrap();
             match c
-                .sign(svid.key_id.unwrap(), ECDSA_P256_SHA256, b"owner message")
+                .sign(svid.key_id.unwrap(), ECDSA_P256_SHA256, &cv())
                 .unwrap()
             {
                 Ok(sig) => println!("signed {}", sig.len()),
                 Err((s, why)) => println!("refused {s:?} {why}"),
             }
+        } else if line == "setuid" {
+            // Drop to nobody, as a daemon started by root does (pid and start time stay).
+            // SAFETY: setgid/setuid with constant ids; the owner runs no other threads of note.
+            let ok = unsafe { libc::setgid(65534) == 0 && libc::setuid(65534) == 0 };
+            println!("setuid {ok}");
         } else {
             break;
         }
@@ -130,7 +140,7 @@ fn read_until(r: &mut impl BufRead, prefix: &str) -> String {
 
 fn sign_as_me(d: &Daemon, key_id: u64) -> Result<Vec<u8>, (Status, String)> {
     d.client()
-        .sign(key_id, ECDSA_P256_SHA256, b"intruder message")
+        .sign(key_id, ECDSA_P256_SHA256, &cv())
         .unwrap()
 }
 
@@ -145,6 +155,21 @@ fn wait_log(d: &Daemon, needle: &str, within: Duration) -> Duration {
         std::thread::sleep(Duration::from_millis(5));
     }
     start.elapsed()
+}
+
+/// Found by review: a process keeps its pid and start time across setuid, so the key tetherd
+/// issued for root kept signing after the owner dropped to nobody (until notAfter). Now such a
+/// frame is refused with `Stale` (the shim then fetches the new uid's identity).
+#[test]
+fn a_key_stops_signing_when_its_owner_changes_uid() {
+    let d = Daemon::start(&[]);
+    let mut owner = Owner::spawn(&d);
+    assert!(owner.sign().starts_with("signed"));
+    writeln!(owner.stdin, "setuid").unwrap();
+    assert!(read_until(&mut owner.stdout, "setuid ").ends_with("true"), "setuid failed");
+    let r = owner.sign();
+    assert!(r.starts_with("refused Stale") && r.contains("uid 65534"), "{r}");
+    assert!(d.log_text().contains("credentials_changed") || d.log_text().contains("now runs as uid 65534"), "not logged: {}", d.log_text());
 }
 
 #[test]
@@ -163,7 +188,7 @@ fn signatures_verify_against_the_certificate_and_only_the_owner_gets_them() {
     let mine = d.fetch();
     let sig = d
         .client()
-        .sign(mine.key_id.unwrap(), ECDSA_P256_SHA256, b"hello")
+        .sign(mine.key_id.unwrap(), ECDSA_P256_SHA256, &cv())
         .unwrap()
         .unwrap();
     let (_, cert) = x509_parser::parse_x509_certificate(&mine.cert_chain[0].0).unwrap();
@@ -174,7 +199,7 @@ fn signatures_verify_against_the_certificate_and_only_the_owner_gets_them() {
         .data
         .to_vec();
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public)
-        .verify(b"hello", &sig)
+        .verify(&cv(), &sig)
         .unwrap();
     assert!(!owner.leaf.is_empty());
     owner.exit();
@@ -231,7 +256,7 @@ fn intruder_role() {
     let socket = std::env::var("TETHER_SOCKET").unwrap();
     let key_id: u64 = std::env::var("H11_KEY_ID").unwrap().parse().unwrap();
     let mut c = Client::connect(socket.as_ref(), Duration::from_secs(5)).unwrap();
-    match c.sign(key_id, ECDSA_P256_SHA256, b"x").unwrap() {
+    match c.sign(key_id, ECDSA_P256_SHA256, &cv()).unwrap() {
         Ok(_) => println!("signed"),
         Err((s, why)) => println!("refused {s:?} {why}"),
     }

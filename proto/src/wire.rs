@@ -496,9 +496,36 @@ pub mod sign {
     use super::{WireError, HEADER_LEN, VERSION};
 
     pub const MAGIC: [u8; 2] = *b"TS";
-    /// What a TLS 1.3 CertificateVerify signs is 64 spaces, a 33-byte context string and a
-    /// transcript hash (at most 64 bytes): 161 bytes. Anything past this is refused.
+    /// The frame's bound on a message. tetherd signs only a TLS 1.3 CertificateVerify input
+    /// ([`is_certificate_verify_input`]: 130 or 146 bytes); longer frames are refused here.
     pub const MAX_MESSAGE: usize = 256;
+
+    /// RFC 8446 §4.4.3: 64 spaces, the context string, a zero byte.
+    const PAD: [u8; 64] = [0x20; 64];
+    const CONTEXTS: [&[u8]; 2] = [b"TLS 1.3, server CertificateVerify", b"TLS 1.3, client CertificateVerify"];
+
+    /// Is `m` what a TLS 1.3 CertificateVerify signs: 64 spaces, the server's or the client's
+    /// context string, a zero byte, then a SHA-256 or SHA-384 transcript hash (the hashes of
+    /// TLS 1.3's cipher suites)? tetherd signs nothing else, so its keys cannot sign a TLS 1.2
+    /// ServerKeyExchange or any statement of the caller's choosing.
+    pub fn is_certificate_verify_input(m: &[u8]) -> bool {
+        let Some(rest) = m.strip_prefix(&PAD[..]) else { return false };
+        CONTEXTS.iter().any(|c| {
+            rest.strip_prefix(*c)
+                .and_then(|r| r.strip_prefix(&[0u8][..]))
+                .is_some_and(|hash| hash.len() == 32 || hash.len() == 48)
+        })
+    }
+
+    /// The CertificateVerify input for `hash`, as the server (`server`) or the client signs it
+    /// (load generators and tests).
+    pub fn certificate_verify_input(server: bool, hash: &[u8]) -> Vec<u8> {
+        let mut m = PAD.to_vec();
+        m.extend_from_slice(CONTEXTS[usize::from(!server)]);
+        m.push(0);
+        m.extend_from_slice(hash);
+        m
+    }
     const FIXED: usize = 8 + 2;
     /// Largest request body.
     pub const MAX_BODY: usize = FIXED + MAX_MESSAGE;
@@ -524,6 +551,9 @@ pub mod sign {
         /// Per-user limits: retry.
         Busy = 4,
         Internal = 5,
+        /// The caller's uid or gid changed since the key was issued (setuid): fetch the
+        /// identity of its new credentials.
+        Stale = 6,
     }
 
     impl Status {
@@ -535,6 +565,7 @@ pub mod sign {
                 3 => Self::BadRequest,
                 4 => Self::Busy,
                 5 => Self::Internal,
+                6 => Self::Stale,
                 _ => return None,
             })
         }

@@ -483,8 +483,12 @@ fn bench_sign(socket: &Path, clients: usize, dur: Duration, fresh: bool) -> Resu
     let key_id = svid
         .key_id
         .ok_or_else(|| Error::Cli("tetherd runs key_custody = \"process\": it holds no key to sign with".to_owned()))?;
-    let message = [0x20u8; 161];
-    let sign = || move |c: &mut Client| matches!(c.sign(key_id, 0x0403, &message), Ok(Ok(_)));
+    // What a TLS 1.3 server's CertificateVerify signs (tetherd signs nothing else).
+    let message = tether_proto::wire::sign::certificate_verify_input(true, &[0x5a; 32]);
+    let sign = || {
+        let message = message.clone();
+        move |c: &mut Client| matches!(c.sign(key_id, 0x0403, &message), Ok(Ok(_)))
+    };
     let Load { ok: n, failed, secs, mut took } = load(socket, clients, dur, fresh, sign);
     took.sort_unstable();
     let pct = |p: usize| took.get(took.len() * p / 100).map_or(0, |d| d.as_micros());

@@ -132,11 +132,12 @@ impl Signer for RemoteSigner {
         let fail = |why: String| rustls::Error::General(format!("{SIGN_FAILED}{why}"));
         match round_trip(self.key_id, message) {
             Ok(Ok(sig)) => Ok(sig),
-            Ok(Err((sign::Status::UnknownKey, why))) => {
-                // tetherd restarted or destroyed the key: the next connection fetches a new SVID.
+            Ok(Err((status @ (sign::Status::UnknownKey | sign::Status::Stale), why))) => {
+                // tetherd restarted or destroyed the key, or the process changed its uid or gid
+                // since the key was issued: the next connection fetches a new SVID.
                 crate::identity::forget_key(self.key_id);
                 Err(fail(format!(
-                    "unknown key ({why}); a new SVID will be fetched"
+                    "{status:?} ({why}); a new SVID will be fetched"
                 )))
             }
             Ok(Err((status, why))) => Err(fail(format!("{status:?}: {why}"))),
