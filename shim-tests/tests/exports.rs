@@ -109,37 +109,13 @@ fn every_public_libc_alias_of_a_hook_is_hooked() {
 #[test]
 fn shared_object_exports_exactly_the_hooks() {
     let so = shim_path();
-    let out = Command::new("nm")
-        .args(["-D", "--defined-only"])
-        .arg(&so)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "nm failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8(out.stdout).unwrap();
-    let got: BTreeSet<String> = text
-        .lines()
-        .filter_map(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let (kind, name) = match cols.as_slice() {
-                [_, k, n] => (*k, *n),
-                [k, n] => (*k, *n),
-                _ => return None,
-            };
-            ["T", "t", "W", "i"]
-                .contains(&kind)
-                .then(|| name.split('@').next().unwrap().to_string())
-        })
-        .collect();
+    let got = defined_functions(&so);
     let want: BTreeSet<String> = HOOKS.iter().map(|s| s.to_string()).collect();
     let extra: Vec<_> = got.difference(&want).collect();
     let missing: Vec<_> = want.difference(&got).collect();
     assert!(
         extra.is_empty() && missing.is_empty(),
-        "export list of {} differs\n  unexpected: {extra:?}\n  missing:    {missing:?}\n--- nm -D --defined-only\n{text}",
+        "export list of {} differs\n  unexpected: {extra:?}\n  missing:    {missing:?}",
         so.display()
     );
 }
