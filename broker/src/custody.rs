@@ -397,11 +397,6 @@ impl KeyStore {
                 "tetherd's keys sign ecdsa_secp256r1_sha256 only",
             ));
         }
-        if !tether_proto::wire::sign::is_certificate_verify_input(message) {
-            return Err(Refusal::BadRequest(
-                "tetherd signs only a TLS 1.3 CertificateVerify input",
-            ));
-        }
         let (key, checks) = {
             let t = self.lock();
             let owner = *t.keys.get(&key_id).ok_or(Refusal::UnknownKey)?;
@@ -424,6 +419,13 @@ impl KeyStore {
         };
         if now_unix() >= key.not_after {
             return Err(Refusal::Expired);
+        }
+        // Checked once the caller is known to own a live key (the refusals above keep their
+        // meaning for anyone else's frames).
+        if !tether_proto::wire::sign::is_certificate_verify_input(message) {
+            return Err(Refusal::BadRequest(
+                "tetherd signs only a TLS 1.3 CertificateVerify input",
+            ));
         }
         if let Some(c) = checks {
             let mut watch = c.watch.lock().unwrap_or_else(|p| p.into_inner());
