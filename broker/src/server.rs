@@ -7,7 +7,7 @@
 //! connection stays open. Nothing a client sends can stop the daemon.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -39,6 +39,11 @@ use crate::{policy_check, sys};
 
 /// Audit events use this tracing target.
 pub const AUDIT: &str = "tether::audit";
+
+mod reader;
+mod signing;
+use reader::AttestedReader;
+use signing::{sign_request, RefusalLog};
 
 /// Tunables; the defaults are what `tetherd` uses.
 #[derive(Debug, Clone)]
@@ -563,124 +568,6 @@ fn busy(stream: UnixStream, message: String) {
     reply_error(&stream, ErrorCode::Busy, message);
 }
 
-/// Reads that fail with `TimedOut` once the frame's deadline passes, however the bytes trickle
-/// in, and that check the sender of every chunk (`SCM_CREDENTIALS`, `SCM_PIDFD`) against the
-/// process that connected. A chunk from anyone else fails with `PermissionDenied`, with the
-/// reason left in `foreign`.
-///
-/// One per connection, so that a request costs one `recvmsg` (plus the `fstat` and `close` of
-/// its `SCM_PIDFD`): a chunk is received into `buf` whole (a signing frame always fits) and the
-/// frame is parsed from there. Every buffered byte was checked when it was received (the kernel
-/// never merges two senders' bytes into one `recvmsg`). SO_RCVTIMEO stays at the frame
-/// timeout between frames, which bounds a frame's first wait; only a frame that needs a second
-/// `recvmsg` sets it to what is left of its deadline (and the next frame sets it back).
-struct AttestedReader<'a> {
-    stream: &'a UnixStream,
-    peer: Option<&'a Peer>,
-    frame_timeout: Duration,
-    deadline: Instant,
-    /// SO_RCVTIMEO is `frame_timeout` (false before the first read, and after a shortened one).
-    standing: bool,
-    /// Nothing of the current frame has been taken from the socket yet.
-    fresh: bool,
-    buf: [u8; READ_BUF],
-    start: usize,
-    end: usize,
-    foreign: Option<attest::AttestError>,
-}
-
-/// Room for a whole signing frame and a small message frame.
-const READ_BUF: usize = 1024;
-
-impl<'a> AttestedReader<'a> {
-    fn new(stream: &'a UnixStream, peer: Option<&'a Peer>, frame_timeout: Duration) -> Self {
-        let deadline = Instant::now() + frame_timeout;
-        Self {
-            stream,
-            peer,
-            frame_timeout,
-            deadline,
-            standing: false,
-            fresh: true,
-            buf: [0; READ_BUF],
-            start: 0,
-            end: 0,
-            foreign: None,
-        }
-    }
-
-    /// The next frame starts now: its deadline is one frame timeout away.
-    fn begin_frame(&mut self) {
-        self.deadline = Instant::now() + self.frame_timeout;
-        self.fresh = true;
-    }
-
-    /// One `recvmsg` into `into`, its sender checked.
-    fn recv(&mut self, into: Dest<'_>) -> io::Result<usize> {
-        let buf = match into {
-            Dest::Caller(b) => b,
-            Dest::Own => &mut self.buf[..],
-        };
-        let (n, sender) = sys::recv_with_sender(self.stream, buf)?;
-        if n > 0 {
-            if let Some(p) = self.peer {
-                if let Err(e) = p.check_sender(sender.as_ref()) {
-                    self.foreign = Some(e);
-                    return Err(io::ErrorKind::PermissionDenied.into());
-                }
-            }
-        }
-        Ok(n)
-    }
-}
-
-/// Where [`AttestedReader::recv`] puts the bytes: the caller's buffer (large reads) or its own.
-enum Dest<'b> {
-    Caller(&'b mut [u8]),
-    Own,
-}
-
-impl Read for AttestedReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.start < self.end {
-            let n = buf.len().min(self.end - self.start);
-            buf[..n].copy_from_slice(&self.buf[self.start..self.start + n]);
-            self.start += n;
-            self.fresh = false;
-            return Ok(n);
-        }
-        if !self.fresh {
-            // The rest of a frame: whatever is left of its deadline (the clock is read only
-            // here: a frame taken in one `recvmsg`, every signing frame, reads it once, in
-            // `begin_frame`).
-            let left = self.deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            self.stream.set_read_timeout(Some(left))?;
-            self.standing = false;
-        } else if !self.standing {
-            self.stream.set_read_timeout(Some(self.frame_timeout))?;
-            self.standing = true;
-        }
-        self.fresh = false;
-        if buf.len() >= READ_BUF {
-            return self.recv(Dest::Caller(buf));
-        }
-        let got = self.recv(Dest::Own)?;
-        let n = buf.len().min(got);
-        buf[..n].copy_from_slice(&self.buf[..n]);
-        (self.start, self.end) = (n, got);
-        Ok(n)
-    }
-}
-
-impl Drop for AttestedReader<'_> {
-    fn drop(&mut self) {
-        zeroize::Zeroize::zeroize(&mut self.buf);
-    }
-}
-
 fn reply(mut stream: &UnixStream, response: &Response) -> bool {
     match wire::encode(response) {
         Ok(frame) => write_frame(&mut stream, &frame).is_ok(),
@@ -907,144 +794,6 @@ fn read_any_frame<S>(r: &mut AttestedReader<'_>, admit: impl FnOnce() -> Option<
             wire::io::read_body(r, &mut body)?;
             Ok(Some(Frame::Message(body, slot)))
         }
-    }
-}
-
-/// Refused signing frames a connection may send; the one that reaches this closes it (a shim
-/// that is refused opens a new connection, or gives up on the handshake).
-const MAX_SIGN_REFUSALS: u32 = 8;
-/// `sign_refused` audit lines written per uid in each [`REFUSAL_WINDOW`]; the rest are counted
-/// and the count is logged with the uid's first line of a later window.
-const REFUSAL_LINES: u32 = 8;
-const REFUSAL_WINDOW: Duration = Duration::from_secs(10);
-/// Bound on uids tracked by [`RefusalLog`].
-const REFUSAL_UIDS: usize = 4096;
-
-/// Per-uid rate limit of an audit line (the metric counts every event regardless).
-#[derive(Debug, Default)]
-struct RefusalLog(Mutex<std::collections::HashMap<u32, RefusalWindow>>);
-
-#[derive(Debug, Clone, Copy)]
-struct RefusalWindow {
-    start: Instant,
-    logged: u32,
-    left_out: u64,
-}
-
-impl RefusalLog {
-    /// Whether to write this event's line for `uid`, and how many of its lines were left out
-    /// in the window that ended (reported with this line).
-    fn admit(&self, uid: u32) -> (bool, u64) {
-        let now = Instant::now();
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if m.len() >= REFUSAL_UIDS && !m.contains_key(&uid) {
-            m.retain(|_, w| now.duration_since(w.start) < REFUSAL_WINDOW);
-            if m.len() >= REFUSAL_UIDS {
-                return (false, 0);
-            }
-        }
-        let w = m.entry(uid).or_insert(RefusalWindow { start: now, logged: 0, left_out: 0 });
-        let mut ended = 0;
-        if now.duration_since(w.start) >= REFUSAL_WINDOW {
-            ended = w.left_out;
-            *w = RefusalWindow { start: now, logged: 0, left_out: 0 };
-        }
-        if w.logged < REFUSAL_LINES {
-            w.logged += 1;
-            (true, ended)
-        } else {
-            w.left_out += 1;
-            (false, ended)
-        }
-    }
-}
-
-/// Answer one signing request (broker custody). The bytes were sent by the connecting process
-/// (checked per message by [`AttestedReader`]); that process must still be running and must
-/// own the key. `refusals` counts this connection's refused frames. Returns false when the
-/// connection is done.
-fn sign_request(
-    broker: &Broker,
-    peer: &Result<Peer, attest::AttestError>,
-    body: &[u8],
-    mut stream: &UnixStream,
-    refusals: &mut u32,
-) -> bool {
-    use wire::sign::{self, Status};
-    let mut out: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];
-    let mut sig = [0u8; 128];
-    let n = match broker.sign(peer, body, &mut sig) {
-        Ok(len) => {
-            broker.metrics.signed();
-            sign::encode_response(Status::Ok, &sig[..len], &mut out)
-        }
-        Err((status, label, reason)) => {
-            broker.metrics.sign_refused(label);
-            *refusals += 1;
-            let uid = peer.as_ref().map_or(u32::MAX, Peer::uid);
-            let (log, left_out) = broker.sign_refusals.admit(uid);
-            if log {
-                warn!(
-                    target: AUDIT,
-                    event = "sign_refused",
-                    pid = peer.as_ref().map_or(-1, Peer::pid),
-                    uid,
-                    reason = %reason,
-                    earlier_not_logged = left_out,
-                    "signing request refused"
-                );
-            }
-            sign::encode_response(status, reason.as_bytes(), &mut out)
-        }
-    };
-    if write_frame(&mut stream, &out[..n]).is_err() {
-        return false;
-    }
-    if *refusals >= MAX_SIGN_REFUSALS {
-        debug!(refusals = *refusals, "closing a connection after its refused signing frames");
-        return false;
-    }
-    true
-}
-
-impl Broker {
-    /// Sign a CertificateVerify for `peer` with a key tetherd holds for it. On refusal: the
-    /// status to answer, the metrics label, and the reason.
-    fn sign(
-        &self,
-        peer: &Result<Peer, attest::AttestError>,
-        body: &[u8],
-        out: &mut [u8],
-    ) -> Result<usize, (wire::sign::Status, &'static str, String)> {
-        use wire::sign::{self, Status};
-        let p = peer.as_ref().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
-        let req = sign::parse_request(body).map_err(|e| (Status::BadRequest, "bad_request", e.to_string()))?;
-        p.refuse_in_foreign_namespace(FOREIGN_CUSTODY).map_err(|e| (Status::Refused, "foreign_namespace", e.to_string()))?;
-        // The sender was checked for this message; it must still run the executable it ran at
-        // the greeting, and (proved after that stat) still be the process that connected.
-        p.check_exec().map_err(|e| (Status::Refused, "attestation_failed", e.to_string()))?;
-        p.recheck().map_err(|e| (Status::Refused, "exited", e.to_string()))?;
-        if self.upstream.as_ref().is_some_and(|u| u.withdrawn(p.process())) {
-            // SPIRE withdrew this process's identity (entry deleted): its held keys go now, so
-            // a running workload stops at its next handshake, not at its SVID's expiry.
-            if self.keys.destroy(p.process()) {
-                self.metrics.key_destroyed("withdrawn");
-            }
-            return Err((Status::Refused, "withdrawn", "the SPIRE agent withdrew this process's identity".to_owned()));
-        }
-        self.keys.sign(p.process(), (p.uid(), p.gid()), req.key_id, req.scheme, req.message, out).map_err(|r| {
-            let status = match r {
-                custody::Refusal::UnknownKey => Status::UnknownKey,
-                custody::Refusal::CredentialsChanged { .. } => Status::Stale,
-                custody::Refusal::BadRequest(_) => Status::BadRequest,
-                custody::Refusal::Internal => Status::Internal,
-                _ => Status::Refused,
-            };
-            if matches!(r, custody::Refusal::Impersonation(_)) {
-                self.metrics.key_destroyed("impersonation");
-            }
-            (status, r.label(), r.to_string())
-        })
     }
 }
 
