@@ -183,8 +183,11 @@ pub(crate) fn step(lfd: RawFd, ident: &Arc<Identity>, rule: &InboundRule) -> Nex
         // SAFETY: the kernel filled `len` bytes of `st`.
         let peer = unsafe { net::from_raw((&st as *const libc::sockaddr_storage).cast(), len) };
         let Some(peer) = peer else {
-            // Not an inet peer (cannot happen on a TCP listener): hand it over untouched.
-            return Next::Deliver { fd, peer: unspecified(), conn: None };
+            // Not an inet peer (cannot happen on a TCP listener of a protected port): never
+            // handed over unprotected; dropped, as a connection that failed its handshake.
+            log::Line::new("accept").kv("decision", "deny").kv("reason", "the kernel gave no inet peer address").emit();
+            close_fd(fd);
+            continue;
         };
         if is_doorbell(peer) {
             close_fd(fd);
@@ -735,10 +738,6 @@ pub(crate) fn listener_closed(lfd: RawFd) {
 fn close_fd(fd: RawFd) {
     // SAFETY: an fd we own.
     unsafe { crate::real::close(fd) };
-}
-
-fn unspecified() -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0)
 }
 
 /// Fork lock order: `WORKERS` then `POOL` (released by `crate::fork`).
