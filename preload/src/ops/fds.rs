@@ -97,6 +97,11 @@ pub(crate) fn close_range(first: u32, last: u32, flags: c_int) -> Outcome<c_int>
 
 /// Before dup2/dup3 onto `new`: refuse to clobber our own fds.
 pub(crate) fn check_dup_target(new: RawFd) -> Result<(), i32> {
+    // A closed connection's kept copy is only waiting for its peer's end: give it up (as a
+    // close would have) rather than refuse the program a number it believes is free.
+    if super::lingering::give_up(new) {
+        return Ok(());
+    }
     if is_ours(new) {
         Err(libc::EBUSY)
     } else {

@@ -139,6 +139,25 @@ pub(crate) fn is_kept(fd: RawFd) -> bool {
     COUNT.load(Ordering::Acquire) != 0 && KEPT.lock().iter().any(|&(k, _)| k == fd)
 }
 
+/// The program wants the number `fd` (a `dup2` onto it): if it is one of our kept copies, close
+/// it now (what arrives later may meet a reset, as before this module) and say so.
+pub(crate) fn give_up(fd: RawFd) -> bool {
+    if COUNT.load(Ordering::Acquire) == 0 {
+        return false;
+    }
+    let found = {
+        let mut kept = KEPT.lock();
+        let before = kept.len();
+        kept.retain(|&(k, _)| k != fd);
+        COUNT.store(kept.len(), Ordering::Release);
+        kept.len() != before
+    };
+    if found {
+        close(fd);
+    }
+    found
+}
+
 /// Our kept copies' numbers (for `close_range`).
 pub(crate) fn kept_fds() -> Vec<RawFd> {
     if COUNT.load(Ordering::Acquire) == 0 {
