@@ -109,12 +109,21 @@ impl Policy {
     }
 
     /// The first outbound rule that covers `dest`. IPv4-mapped IPv6 addresses are matched
-    /// as IPv4, so a v4 rule cannot be bypassed through an AF_INET6 socket.
+    /// as IPv4, so a v4 rule cannot be bypassed through an AF_INET6 socket, and an unspecified
+    /// address as the loopback address Linux connects it to ([`canonical`]).
     pub fn outbound_rule(&self, dest: SocketAddr) -> Option<&OutboundRule> {
-        let dest = canonical(dest);
+        self.outbound_rule_reaching(dest, dest)
+    }
+
+    /// The first outbound rule that covers `dest` as the program wrote it or `reached`, where
+    /// the kernel will connect it (for `0.0.0.0` on a bound socket: its source address; see
+    /// [`canonical`] for the rest). Either one named by a rule protects the connection: never
+    /// fail open.
+    pub fn outbound_rule_reaching(&self, dest: SocketAddr, reached: SocketAddr) -> Option<&OutboundRule> {
+        let reached = canonical(reached);
         self.outbound
             .iter()
-            .find(|r| r.to.iter().any(|d| d.contains(dest)))
+            .find(|r| r.to.iter().any(|d| d.contains(dest) || d.contains(reached)))
     }
 }
 
@@ -402,6 +411,13 @@ mod tests {
             assert!(policy.outbound_rule(sa(to)).is_some(), "{to}");
         }
         assert!(policy.outbound_rule(sa("0.0.0.0:9443")).is_none());
+        // A rule naming the unspecified address itself still covers it (found by the policy
+        // fuzz target: mapping 0.0.0.0 to loopback alone left it unprotected).
+        let literal: Policy =
+            serde_json::from_str(r#"{"outbound":[{"to":["0.0.0.0/24:*"],"allow":["spiffe://a/*"]}]}"#).unwrap();
+        assert!(literal.outbound_rule(sa("0.0.0.0:0")).is_some());
+        assert!(literal.outbound_rule_reaching(sa("0.0.0.0:80"), sa("10.1.2.3:80")).is_some());
+        assert!(policy.outbound_rule_reaching(sa("0.0.0.0:8443"), sa("10.1.2.3:8443")).is_none());
     }
 
     #[test]

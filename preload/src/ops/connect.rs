@@ -26,7 +26,8 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
     if !net::is_tcp_stream(fd) || is_protected(fd) {
         return Outcome::PassThrough;
     }
-    let dest = effective_destination(fd, dest);
+    // Rules see both the address as written and where the kernel will connect it.
+    let (written, dest) = (dest, effective_destination(fd, dest));
     // One read of each clock per stretch of work between waits (see `clock`).
     let _burst = crate::clock::Burst::begin();
     let ident = match identity::current() {
@@ -34,7 +35,7 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
         Err(e) => {
             // No identity, but tetherd's policy may say this destination is not protected.
             let policy = identity::policy_without_identity(&e);
-            if policy.is_some_and(|p| p.outbound_rule(dest).is_none() && p.default != DefaultAction::Deny) {
+            if policy.is_some_and(|p| p.outbound_rule_reaching(written, dest).is_none() && p.default != DefaultAction::Deny) {
                 return Outcome::PassThrough;
             }
             let f = Failure::NoIdentity(e);
@@ -42,7 +43,7 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
             return Outcome::Fail(-1, f.errno());
         }
     };
-    let Some(rule) = ident.policy.outbound_rule(dest) else {
+    let Some(rule) = ident.policy.outbound_rule_reaching(written, dest) else {
         if ident.policy.default == DefaultAction::Deny {
             let f = Failure::DeniedByDefault;
             protect::log_failure(Direction::Outbound, Some(&ident), dest, &f);
