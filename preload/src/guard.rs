@@ -3,7 +3,7 @@
 //! Every exported hook runs its logic through [`hook`]. While tether's own code runs on a
 //! thread, that thread's flag is set, so any libc call our code makes that lands on one of our
 //! own exports (std's `UnixStream::connect` resolves to the hooked `connect`, for instance)
-//! goes straight to the real function. The relay thread sets the flag for good.
+//! goes straight to the real function. Every tether thread has the flag set for good (`sync::spawn_thread`).
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -15,7 +15,7 @@ use tether_proto::wire::{self, ConnectionReport, Request, Response};
 
 use crate::sync::Lock as Mutex;
 use crate::sys::tetherd::Greeted;
-use crate::{guard, settings};
+use crate::settings;
 
 const QUEUE: usize = 1024;
 const BROKER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -88,7 +88,6 @@ pub(crate) fn send(r: ConnectionReport) {
 fn start(pid: u32) -> Option<Reporter> {
     let (tx, rx) = sync_channel(QUEUE);
     crate::sync::spawn_thread("tether-report", 128 * 1024, move || {
-        guard::mark_internal_thread();
         let _ = std::panic::catch_unwind(move || run(rx));
     })
     .ok()?;

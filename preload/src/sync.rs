@@ -35,7 +35,8 @@ pub(crate) fn release_fork_locks() {
     });
 }
 
-/// Start one of tether's own threads with every signal blocked. The mask is set on the calling
+/// Start one of tether's own threads: its guard is set for life (every hook its code lands on
+/// passes straight to libc, see `guard`), and every signal is blocked. The mask is set on the calling
 /// thread around the spawn, so the new thread inherits it and no signal can land in between;
 /// glibc keeps its own internal signals (cancellation, setxid) unblockable. A program's handler
 /// then never runs on a thread of ours, where the guard is set for good (its calls would go
@@ -54,7 +55,10 @@ where
         libc::sigfillset(&mut all);
         libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
     }
-    let spawned = std::thread::Builder::new().name(name.into()).stack_size(stack).spawn(f);
+    let spawned = std::thread::Builder::new().name(name.into()).stack_size(stack).spawn(move || {
+        crate::guard::mark_internal_thread();
+        f()
+    });
     // SAFETY: restores the mask saved above.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut()) };
     spawned

@@ -72,7 +72,6 @@ pub(super) fn lock_state() -> MutexGuard<'static, Option<Relay>> {
 pub(super) static START_GATE: Mutex<()> = Mutex::new(());
 
 fn run(fds: RelayFds, generation: u64) {
-    crate::guard::mark_internal_thread();
     #[cfg(test)]
     drop(START_GATE.lock().unwrap_or_else(PoisonError::into_inner));
     let _ = catch_unwind(AssertUnwindSafe(|| {

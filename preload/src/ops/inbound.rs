@@ -445,7 +445,6 @@ static WORK: std::sync::Condvar = std::sync::Condvar::new();
 const WORKER_IDLE: Duration = Duration::from_secs(10);
 
 fn worker() {
-    guard::mark_internal_thread();
     loop {
         let job = {
             let mut w = WORKERS.lock();
@@ -587,7 +586,6 @@ fn ensure_ringer(_locked: &mut Pool) {
         return;
     }
     let spawned = crate::sync::spawn_thread("tether-ringer", 128 * 1024, || {
-        guard::mark_internal_thread();
         let _ = std::panic::catch_unwind(ringer);
     });
     if spawned.is_err() {

@@ -76,7 +76,6 @@ fn ensure_sweeper() {
         return;
     }
     let spawned = crate::sync::spawn_thread("tether-linger", 64 * 1024, || {
-        crate::guard::mark_internal_thread();
         let ran = std::panic::catch_unwind(|| loop {
             std::thread::sleep(SWEEP_EVERY);
             sweep();

@@ -64,7 +64,6 @@ pub(crate) fn watch(fd: RawFd, p: &Arc<Protected>, limit: KeyUpdateAfter) {
 }
 
 fn run() {
-    crate::guard::mark_internal_thread();
     let mut watched: Vec<Watch> = Vec::new();
     loop {
         let small = watched

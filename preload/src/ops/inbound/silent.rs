@@ -272,7 +272,6 @@ fn ensure_watcher() {
         return;
     }
     let spawned = crate::sync::spawn_thread("tether-silent", 128 * 1024, || {
-        guard::mark_internal_thread();
         if std::panic::catch_unwind(watch).is_err() {
             WATCHER.store(false, Ordering::Release);
         }
