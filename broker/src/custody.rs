@@ -43,6 +43,9 @@ use crate::impersonation::{self, Impersonation};
 use crate::metrics::Metrics;
 use crate::sys;
 
+mod nonces;
+pub use nonces::Nonces;
+
 /// TLS SignatureScheme `ecdsa_secp256r1_sha256`: the only scheme tetherd's P-256 keys sign.
 pub const ECDSA_NISTP256_SHA256: u16 = 0x0403;
 /// Bound on owners (processes) with held keys. Full: dead owners are dropped, then issuance
@@ -130,6 +133,8 @@ pub struct HeldKey {
     id: u64,
     not_after: u64,
     pair: sys::Wiped<EcdsaKeyPair>,
+    /// The private scalar, for signatures made with a precomputed nonce ([`Nonces`]).
+    d: sys::Wiped<p256::Scalar>,
     /// The key as issued (or as an upstream gave it), wiped on drop.
     _pkcs8: Zeroizing<Vec<u8>>,
 }
@@ -149,13 +154,18 @@ impl HeldKey {
     pub fn from_pkcs8(
         pkcs8: Zeroizing<Vec<u8>>,
         not_after: u64,
-    ) -> Result<Self, ring::error::KeyRejected> {
+    ) -> Result<Self, String> {
+        use p256::pkcs8::DecodePrivateKey;
         let rng = SystemRandom::new();
-        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)?;
+        let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &pkcs8, &rng)
+            .map_err(|e| format!("not a P-256 PKCS#8 key: {e}"))?;
+        // The same document ring accepted; `SecretKey` wipes itself on drop.
+        let d = p256::SecretKey::from_pkcs8_der(&pkcs8).map_err(|e| format!("not a P-256 PKCS#8 key: {e}"))?;
         Ok(Self {
             id: 0,
             not_after,
             pair: sys::Wiped::new(pair),
+            d: sys::Wiped::new(*d.to_nonzero_scalar()),
             _pkcs8: pkcs8,
         })
     }
@@ -210,6 +220,7 @@ pub struct KeyStore {
     next_token: AtomicU64,
     rng: SystemRandom,
     per_uid_limit: usize,
+    nonces: Nonces,
 }
 
 impl fmt::Debug for KeyStore {
@@ -231,6 +242,7 @@ impl Default for KeyStore {
             next_token: AtomicU64::new(1),
             rng: SystemRandom::new(),
             per_uid_limit: MAX_OWNERS_PER_UID,
+            nonces: Nonces::default(),
         }
     }
 }
@@ -255,6 +267,11 @@ impl KeyStore {
     /// Owners with held keys.
     pub fn len(&self) -> usize {
         self.lock().owners.len()
+    }
+
+    /// The precomputed nonces signatures use ([`Nonces::refill_forever`] fills them).
+    pub fn nonces(&self) -> &Nonces {
+        &self.nonces
     }
 
     pub fn is_empty(&self) -> bool {
@@ -435,6 +452,9 @@ impl KeyStore {
                 self.destroy(caller);
                 return Err(Refusal::Impersonation(e));
             }
+        }
+        if let Some(len) = self.nonces.sign(&key.d, message, out) {
+            return Ok(len);
         }
         let sig = key
             .pair

@@ -489,6 +489,10 @@ pub fn serve(broker: Arc<Broker>, listener: UnixListener) -> io::Result<()> {
     std::thread::Builder::new()
         .name("key-reaper".into())
         .spawn(move || reaper.keys.reap(&reaper.metrics, reaper.opts.sweep_interval))?;
+    let maker = Arc::clone(&broker);
+    std::thread::Builder::new()
+        .name("nonces".into())
+        .spawn(move || maker.keys.nonces().refill_forever())?;
     let sweeper = Arc::clone(&broker);
     std::thread::Builder::new().name("cache-sweep".into()).spawn(move || loop {
         std::thread::sleep(sweeper.opts.sweep_interval);

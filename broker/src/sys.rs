@@ -424,6 +424,14 @@ pub fn ns_related(ns: &impl AsRawFd, what: NsRelation) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Move the calling thread to `SCHED_IDLE`: it runs only when a CPU has nothing else to do
+/// (tetherd's nonce pool; best effort, a failure leaves it at normal priority).
+pub fn set_idle_priority() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param for the call.
+    unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+}
+
 /// Has the process behind `pidfd` exited? A pidfd polls readable once its process has
 /// terminated (a zombie counts), so this is the "before its pid can be reused" signal.
 pub fn pidfd_exited(pidfd: &impl AsRawFd) -> io::Result<bool> {
