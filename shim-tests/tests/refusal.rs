@@ -304,37 +304,7 @@ fn connect_errno_for_foreign_certificate_and_closing_peer() {
         .outbound(closer, &[tether_shim_tests::ANY_ID]);
     let mut h = Harness::new("errno-map", policy);
 
-    let (key, cert) = (h.path("foreign.key"), h.path("foreign.pem"));
-    let mut req = Command::new("openssl");
-    req.args([
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-days",
-        "1",
-    ])
-    .args([
-        "-subj",
-        "/O=elsewhere",
-        "-addext",
-        "subjectAltName=URI:spiffe://tether.internal/impostor",
-    ])
-    .args([
-        "-addext",
-        "basicConstraints=critical,CA:FALSE",
-        "-addext",
-        "keyUsage=critical,digitalSignature",
-    ])
-    .arg("-keyout")
-    .arg(&key)
-    .arg("-out")
-    .arg(&cert);
-    let made = h.run("openssl-req", h.plain(&mut req), Duration::from_secs(20));
-    assert!(made.success(), "openssl req: {made}");
+    let (key, cert) = impostor_cert(&h);
     let mut server = Command::new("openssl");
     server
         .args(["s_server", "-tls1_3", "-www", "-cert"])
@@ -375,4 +345,61 @@ fn connect_errno_for_foreign_certificate_and_closing_peer() {
             deny.raw
         );
     }
+}
+
+/// A self-signed, well-formed SVID-like leaf for `spiffe://tether.internal/impostor` that
+/// chains to no bundle: (key, cert) paths.
+fn impostor_cert(h: &Harness) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (key, cert) = (h.path("foreign.key"), h.path("foreign.pem"));
+    let mut req = Command::new("openssl");
+    req.args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+        .args(["-subj", "/O=elsewhere", "-addext", "subjectAltName=URI:spiffe://tether.internal/impostor"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-addext", "keyUsage=critical,digitalSignature"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert);
+    let made = h.run("openssl-req", h.plain(&mut req), Duration::from_secs(20));
+    assert!(made.success(), "openssl req: {made}");
+    (key, cert)
+}
+
+/// The client verifies the server's chain while tetherd signs its CertificateVerify (broker
+/// custody, `tls::deferred`); nothing of its second flight may reach a server whose chain then
+/// fails. An impostor `openssl s_server` that requests a client certificate and prints every
+/// handshake message it receives (`-msg`): the shimmed client fails with EPERM, and the
+/// server received its ClientHello and nothing after it (no Certificate, CertificateVerify or
+/// Finished of the client's).
+#[test]
+fn an_impostor_server_requesting_a_client_certificate_receives_no_client_flight() {
+    let port = free_port();
+    let mut h = Harness::new("impostor-flight", Policy::new().outbound(port, &[tether_shim_tests::ANY_ID]));
+    let (key, cert) = impostor_cert(&h);
+    let mut server = Command::new("openssl");
+    server
+        .args(["s_server", "-tls1_3", "-msg", "-www", "-verify", "1", "-cert"])
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .args(["-accept", &port.to_string()]);
+    h.spawn_server("s_server", h.plain(&mut server), port);
+    let run = h.run("client", h.shim(&mut py_client(&h, port, true), "client"), Duration::from_secs(30));
+    assert!(run.stdout.contains("connect_errno=EPERM"), "expected EPERM: {run}");
+    let lines = h.log_lines("client");
+    let deny = expect_line(&lines, "connect", "deny");
+    assert!(deny.get("reason").contains("certificate"), "{}", deny.raw);
+    // s_server's trace, once the connection is over (it prints as it goes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let trace = loop {
+        let out = h.output("s_server");
+        if out.contains("ClientHello") || std::time::Instant::now() > deadline {
+            std::thread::sleep(Duration::from_millis(300));
+            break h.output("s_server");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let received: Vec<&str> = trace.lines().filter(|l| l.starts_with("<<<") && l.contains("Handshake")).collect();
+    assert!(received.iter().any(|l| l.ends_with("ClientHello")), "the server saw no ClientHello:\n{trace}");
+    let late: Vec<&&str> = received.iter().filter(|l| !l.ends_with("ClientHello")).collect();
+    assert!(late.is_empty(), "the impostor received the client's second flight: {late:?}\n{trace}");
 }

@@ -270,6 +270,11 @@ impl io::Read for DeadlineIo {
 
 impl io::Write for DeadlineIo {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // A client handshake's deferred check of the server's chain comes before any byte of
+        // ours leaves (`tls::deferred`).
+        if let Err(e) = crate::tls::deferred::settle() {
+            return Err(io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()));
+        }
         loop {
             // SAFETY: `buf` is a valid readable buffer.
             let n = unsafe {

@@ -135,6 +135,7 @@ pub(crate) fn client(
     let side = super::configs::client(&provider(), ident, allow, resume).map_err(HandshakeError::Tls)?;
     let name = super::resumption::destination_name(dest);
     let mut inbox = Inbox::new();
+    let _deferral = super::deferred::scope();
     let r = match target {
         Target::Kernel => {
             let mut conn = UnbufferedClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
@@ -150,6 +151,12 @@ pub(crate) fn client(
                 (Session::Relay(Box::new(Connection::Client(conn))), peer)
             })
         }
+    };
+    // The server's chain, if its verification was deferred and nothing settled it yet; a
+    // failure is the handshake's error whatever else went wrong after it.
+    let r = match super::deferred::settle() {
+        Ok(()) => r,
+        Err(e) => Err(HandshakeError::Tls(e)),
     };
     let est = finish(r, allow)?;
     // Only a server holding an SVID of our own trust domain (issued by tetherd) gets to give

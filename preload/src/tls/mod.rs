@@ -2,6 +2,7 @@
 //! [`danger`], the one place that touches traffic secrets.
 
 pub(crate) mod configs;
+pub(crate) mod deferred;
 pub(crate) mod handshake;
 pub(crate) mod random;
 pub(crate) mod remote_key;

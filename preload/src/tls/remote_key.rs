@@ -130,7 +130,11 @@ impl fmt::Debug for RemoteSigner {
 impl Signer for RemoteSigner {
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>, rustls::Error> {
         let fail = |why: String| rustls::Error::General(format!("{SIGN_FAILED}{why}"));
-        match round_trip(self.key_id, message) {
+        let answer = round_trip(self.key_id, message);
+        // The server's chain (client handshakes), verified while tetherd signed: its refusal
+        // comes first, and no signature goes to a server that failed it.
+        super::deferred::settle()?;
+        match answer {
             Ok(Ok(sig)) => Ok(sig),
             Ok(Err((status @ (sign::Status::UnknownKey | sign::Status::Stale), why))) => {
                 // tetherd restarted or destroyed the key, or the process changed its uid or gid
@@ -201,6 +205,9 @@ fn keep(slot: &mut Option<(UnixStream, SystemTime)>, s: UnixStream, at: SystemTi
 fn exchange(s: &mut UnixStream, frame: &[u8]) -> io::Result<Option<Answer>> {
     let bad = |e: wire::WireError| io::Error::new(io::ErrorKind::InvalidData, e.to_string());
     send_all(s, frame)?;
+    // While tetherd signs: the server's chain, if a client handshake deferred it (the verdict
+    // is kept for `RemoteSigner::sign`).
+    let _ = super::deferred::settle();
     // One blocking read for the whole answer (tetherd writes it in one piece), bounded by the
     // SO_RCVTIMEO set when the connection was opened.
     let mut answer: sign::ResponseBuf = [0; wire::HEADER_LEN + sign::MAX_RESPONSE_BODY];

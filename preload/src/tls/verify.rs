@@ -180,6 +180,7 @@ fn id_of(x: &x509_parser::certificate::X509Certificate<'_>) -> Result<SpiffeId, 
 
 /// Verifies a peer's SVID for one connection. Used as both the client's server verifier and
 /// the server's client verifier.
+#[derive(Clone)]
 pub(crate) struct SpiffeVerifier {
     trust: Arc<TrustStore>,
     allow: Vec<IdPattern>,
@@ -198,7 +199,7 @@ impl SpiffeVerifier {
         Self { trust, allow, algs }
     }
 
-    fn verify(
+    pub(super) fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
@@ -263,6 +264,16 @@ impl ServerCertVerifier for SpiffeVerifier {
     ) -> Result<ServerCertVerified, Error> {
         // The server name is deliberately ignored: SVIDs name workloads by URI SAN, and the
         // allow list is the authorization.
+        let deferred = super::deferred::defer(|| super::deferred::Pending {
+            verifier: self.clone(),
+            end_entity: end_entity.clone().into_owned(),
+            intermediates: intermediates.iter().map(|c| c.clone().into_owned()).collect(),
+            now,
+        });
+        if deferred {
+            // Verified in the signing round trip, and before anything of ours is written.
+            return Ok(ServerCertVerified::assertion());
+        }
         self.verify(end_entity, intermediates, now, KeyUsage::server_auth())
             .map(|()| ServerCertVerified::assertion())
     }
