@@ -584,35 +584,45 @@ impl Config {
     }
 
     /// The SPIFFE ID for `facts`: the matching entry's, else (with `unmatched = "derive"`) the
-    /// derived `spiffe://<td>/uid/<uid>/exe/<path>`, else `None`.
-    pub fn identity_for(&self, facts: &ProcessFacts) -> Option<SpiffeId> {
+    /// derived `spiffe://<td>/uid/<uid>/exe/<path>`; else why there is none.
+    pub fn identity_for(&self, facts: &ProcessFacts) -> Result<SpiffeId, String> {
         if let Some(e) = self.matching_entry(facts) {
-            return Some(e.spiffe_id.clone());
+            return Ok(e.spiffe_id.clone());
         }
         match self.unmatched {
-            Unmatched::Deny => None,
+            Unmatched::Deny => Err(format!(
+                "no registration entry matches uid {} running {} (unmatched = \"deny\")",
+                facts.uid,
+                facts.exe.display()
+            )),
             Unmatched::Derive => derived_id(&self.trust_domain, facts.uid, &facts.exe),
         }
     }
 }
 
-/// `spiffe://<td>/uid/<uid>/exe/<segments of exe>`, with characters outside `[a-zA-Z0-9._-]`
-/// replaced by `_`, empty segments dropped, and `.`/`..` segments (which the spec forbids)
-/// written as `_`/`__`. `None` only if the result is longer than the spec's limit.
-pub fn derived_id(td: &TrustDomain, uid: u32, exe: &Path) -> Option<SpiffeId> {
+/// `spiffe://<td>/uid/<uid>/exe/<exe>`: the executable's path as the ID's path, exactly. A path
+/// the ID cannot carry as it is (a character outside `[a-zA-Z0-9._-]` in a segment, `.` or `..`
+/// segments, which the spec forbids, a deleted file's ` (deleted)`, or an ID longer than the
+/// spec's limit) gets no derived ID: rewriting it would make two executables one identity
+/// (`/opt/a b` and `/opt/a_b` were both `.../opt/a_b` before 2026-12-07), and an entry can
+/// name such a binary with any ID.
+pub fn derived_id(td: &TrustDomain, uid: u32, exe: &Path) -> Result<SpiffeId, String> {
+    let refuse = |why: &str| {
+        Err(format!(
+            "no derived identity for uid {uid} running {}: {why}; add an [[entry]] for it",
+            exe.display()
+        ))
+    };
+    let Some(text) = exe.to_str() else { return refuse("the path is not UTF-8") };
     let mut path = format!("/uid/{uid}/exe");
-    for seg in exe.to_string_lossy().split('/').filter(|s| !s.is_empty()) {
-        let clean: String =
-            seg.chars().map(|c| if tether_proto::spiffe::is_path_char(c) { c } else { '_' }).collect();
-        let clean = match clean.as_str() {
-            "." => "_".to_owned(),
-            ".." => "__".to_owned(),
-            _ => clean,
-        };
+    for seg in text.split('/').filter(|s| !s.is_empty()) {
+        if seg == "." || seg == ".." || !seg.chars().all(tether_proto::spiffe::is_path_char) {
+            return refuse("its path has characters a SPIFFE ID cannot carry (outside [a-zA-Z0-9._-], \".\", \"..\", or a deleted file)");
+        }
         path.push('/');
-        path.push_str(&clean);
+        path.push_str(seg);
     }
-    SpiffeId::from_parts(td, &path).ok()
+    SpiffeId::from_parts(td, &path).or_else(|e| refuse(&format!("{e}")))
 }
 
 #[cfg(test)]
@@ -714,17 +724,24 @@ selectors = ["unix:uid:0", "unix:gid:50", "unix:path:/usr/bin/python3.11"]
         let bob = ProcessFacts { uid: 1001, ..facts() };
         assert_eq!(c.identity_for(&bob).unwrap().as_str(), "spiffe://example.org/python-staff");
         let stranger = ProcessFacts { uid: 7, gid: 7, ..other_exe };
-        assert_eq!(c.identity_for(&stranger), None, "unmatched defaults to deny");
+        assert!(c.identity_for(&stranger).unwrap_err().contains("unmatched = \"deny\""), "unmatched defaults to deny");
     }
 
     #[test]
-    fn unmatched_derive_builds_a_sanitized_id() {
+    fn unmatched_derive_names_the_path_exactly_or_refuses() {
         let c = cfg("unmatched = \"derive\"").unwrap();
-        let f = ProcessFacts { uid: 65534, exe: "/opt/my app//v1.2/ü/../bin (deleted)".into(), ..facts() };
+        let f = |exe: &str| ProcessFacts { uid: 65534, exe: exe.into(), ..facts() };
         assert_eq!(
-            c.identity_for(&f).unwrap().as_str(),
-            "spiffe://example.org/uid/65534/exe/opt/my_app/v1.2/_/__/bin__deleted_"
+            c.identity_for(&f("/opt/my-app//v1.2/bin_x")).unwrap().as_str(),
+            "spiffe://example.org/uid/65534/exe/opt/my-app/v1.2/bin_x"
         );
+        // Before 2026-12-07 these were rewritten, and two executables could share an ID
+        // (`/opt/a b` and `/opt/a_b`).
+        for exe in ["/opt/a b", "/opt/ü", "/opt/x/../y", "/opt/./y", "/usr/bin/app (deleted)"] {
+            let e = c.identity_for(&f(exe)).unwrap_err();
+            assert!(e.contains("no derived identity") && e.contains("[[entry]]"), "{exe}: {e}");
+        }
+        assert_ne!(c.identity_for(&f("/opt/a b")).ok(), c.identity_for(&f("/opt/a_b")).ok());
     }
 
     #[test]

@@ -272,13 +272,7 @@ impl Broker {
         if broker_custody {
             peer.refuse_in_foreign_namespace(FOREIGN_CUSTODY)?;
         }
-        let id = config.identity_for(facts).ok_or_else(|| Error::NoIdentity {
-            reason: format!(
-                "no registration entry matches uid {} running {} (unmatched = \"deny\")",
-                facts.uid,
-                facts.exe.display()
-            ),
-        })?;
+        let id = config.identity_for(facts).map_err(|reason| Error::NoIdentity { reason })?;
         if self.opts.cache && !export {
             let held = |s: &SvidResponse| match s.key_id {
                 Some(k) => broker_custody && self.keys.holds(key, k),

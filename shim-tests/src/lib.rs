@@ -132,30 +132,16 @@ pub fn scaled_bytes(mb: u64) -> u64 {
     (mb * pct / 100).max(1) * 1024 * 1024
 }
 
-/// The SPIFFE ID tetherd derives (`unmatched = "derive"`) for root running `exe`.
+/// The SPIFFE ID tetherd derives (`unmatched = "derive"`) for this uid running `exe`: its
+/// canonical path, exactly (tetherd derives none for a path outside `[a-zA-Z0-9._-]` segments).
 pub fn derived_id(exe: &str) -> String {
     let real = fs::canonicalize(exe).unwrap_or_else(|e| panic!("canonicalize {exe}: {e}"));
-    let uid = current_uid();
-    let mut id = format!("spiffe://{TRUST_DOMAIN}/uid/{uid}/exe");
-    for seg in real.to_str().unwrap().split('/').filter(|s| !s.is_empty()) {
-        let seg: String = seg
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        id.push('/');
-        id.push_str(match seg.as_str() {
-            "." => "_",
-            ".." => "__",
-            s => s,
-        });
-    }
-    id
+    let real = real.to_str().unwrap();
+    assert!(
+        real.split('/').all(|seg| seg.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))),
+        "{real}: tetherd derives no ID for this path"
+    );
+    format!("spiffe://{TRUST_DOMAIN}/uid/{}/exe{real}", current_uid())
 }
 
 fn current_uid() -> u32 {
