@@ -338,7 +338,16 @@ fn build(svid: SvidResponse, policy_stamp: Option<SystemTime>, socket_ino: Optio
     let own_td = svid.spiffe_id.trust_domain();
     let bundles = std::iter::once((own_td, svid.bundle.iter().map(|d| d.0.clone()).collect()))
         .chain(svid.federated.iter().map(|(td, ds)| (td.clone(), ds.iter().map(|d| d.0.clone()).collect())));
-    let (trust, _bad) = TrustStore::new(bundles);
+    let (trust, bad) = TrustStore::new(bundles);
+    if bad > 0 {
+        // A bundle root that does not parse trusts nothing; peers that chain only to it fail.
+        crate::log::Line::new("identity")
+            .kv("decision", "bundle_roots_skipped")
+            .kv("local_id", &svid.spiffe_id)
+            .kv("skipped", bad)
+            .kv("reason", "bundle roots that do not parse as X.509 trust anchors were ignored")
+            .emit();
+    }
     let refresh_at = svid.refresh_at();
     Ok(Identity {
         id: svid.spiffe_id,

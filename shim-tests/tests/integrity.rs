@@ -34,12 +34,23 @@ while True:
 const BODY_LEN: usize = 100_009;
 
 fn ending(name: &str, policy_of: impl Fn(u16) -> Policy, how: &str) -> (Harness, std::collections::BTreeMap<String, String>) {
+    ending_at(name, policy_of, how, "127.0.0.1")
+}
+
+/// [`ending`], the client connecting to `host` (as the program writes it).
+fn ending_at(
+    name: &str,
+    policy_of: impl Fn(u16) -> Policy,
+    how: &str,
+    host: &str,
+) -> (Harness, std::collections::BTreeMap<String, String>) {
     let port = free_port();
     let mut h = Harness::new(name, policy_of(port));
     h.serve_python("server", port, "server.py", PY_ENDING_SERVER, &[how]);
     let check = DataPathCheck::begin(&h, port);
     // Send a request line, read to the end; print the byte count and how the stream ended.
-    let mut client = h.python("client.py", PY_READ_TO_END);
+    let script = PY_READ_TO_END.replace("\"127.0.0.1\"", &format!("\"{host}\""));
+    let mut client = h.python("client.py", &script);
     client.arg(port.to_string()).arg("GET /SECRET-request\n");
     let run = h.run("client", h.shim(&mut client, "client"), Duration::from_secs(40));
     assert!(run.success(), "client failed: {run}\n{}", show(&h.log_lines("client")));
@@ -86,6 +97,28 @@ fn allow_truncation_rule_turns_a_truncated_end_into_eof() {
         out.get("end").map(String::as_str),
         Some("eof"),
         "allow_truncation did not apply:\n{}",
+        show(&h.log_lines("client"))
+    );
+}
+
+/// The rule that admitted a connection is the one whose `allow_truncation` applies. A program
+/// connecting to `0.0.0.0` (Linux connects it to loopback) is admitted by a rule naming
+/// `0.0.0.0` as written, listed first, which does not allow truncation; a later rule for
+/// 127.0.0.1 does. Before 2026-12-07 the data path looked the rule up again by the loopback
+/// address, took the second rule's `allow_truncation`, and read the truncated end as EOF.
+#[test]
+fn the_admitting_rule_decides_truncation_for_a_connect_to_0_0_0_0() {
+    let policy = |p: u16| {
+        Policy::new().inbound(p, &[ANY_ID]).raw(&format!(
+            "[[outbound]]\nto = [\"0.0.0.0/32:{p}\"]\nallow = [\"{ANY_ID}\"]\n\
+             [[outbound]]\nto = [\"127.0.0.1/32:{p}\"]\nallow = [\"{ANY_ID}\"]\nallow_truncation = true"
+        ))
+    };
+    let (h, out) = ending_at("truncation-rule-of-0000", policy, "exit", "0.0.0.0");
+    assert_eq!(
+        out.get("end").map(String::as_str),
+        Some("errno_ECONNRESET"),
+        "the second rule's allow_truncation applied:\n{}",
         show(&h.log_lines("client"))
     );
 }

@@ -91,7 +91,7 @@ pub(crate) unsafe fn connect(fd: RawFd, addr: *const sockaddr, len: socklen_t) -
     }
     settings::get().fault("after-connect");
     let local = net::local_addr(fd).unwrap_or(dest);
-    match protect::protect(fd, Direction::Outbound, &ident, &rule.allow, local, dest) {
+    match protect::protect(fd, Direction::Outbound, &ident, rule.into(), local, dest) {
         Ok(p) => {
             fd_table::insert(fd, p);
             Outcome::Done(0)

@@ -319,7 +319,7 @@ fn inline(
     };
     let rule = rule_now(ident, local.port(), rule);
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        protect::protect_inbound_inline(fd, ident, &rule.allow, local, peer, &mut pause)
+        protect::protect_inbound_inline(fd, ident, rule.into(), local, peer, &mut pause)
     }));
     match r {
         Ok(InlineInbound::Done(Ok(conn))) => {
@@ -553,7 +553,7 @@ fn queue_ready(lfd: RawFd, r: Ready) {
 }
 
 fn protect_it(fd: RawFd, ident: &Arc<Identity>, rule: &InboundRule, local: SocketAddr, peer: SocketAddr) -> Option<Arc<Protected>> {
-    match protect::protect(fd, Direction::Inbound, ident, &rule.allow, local, peer) {
+    match protect::protect(fd, Direction::Inbound, ident, rule.into(), local, peer) {
         Ok(p) => Some(p),
         Err(f) => {
             protect::log_failure(Direction::Inbound, Some(ident), peer, &f);

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tether_proto::wire::{ConnectionEvent, ConnectionReport};
+use tether_proto::policy::{InboundRule, OutboundRule};
 use tether_proto::{IdPattern, KeyUpdateAfter};
 
 use crate::fd_table::{DataPath, Direction, Protected};
@@ -111,6 +112,27 @@ fn plan(fd: RawFd, rotates: bool) -> Result<Plan, Failure> {
     }
 }
 
+/// The rule that admitted a connection, read once by the caller: a second lookup here could
+/// find another rule (a reload in between, or a destination the program wrote as `0.0.0.0`,
+/// which a rule matches as written or as where the kernel connects it).
+pub(crate) struct Rule<'a> {
+    pub(crate) allow: &'a [IdPattern],
+    pub(crate) allow_truncation: bool,
+    pub(crate) key_update_after: Option<KeyUpdateAfter>,
+}
+
+impl<'a> From<&'a OutboundRule> for Rule<'a> {
+    fn from(r: &'a OutboundRule) -> Self {
+        Self { allow: &r.allow, allow_truncation: r.allow_truncation, key_update_after: r.key_update_after }
+    }
+}
+
+impl<'a> From<&'a InboundRule> for Rule<'a> {
+    fn from(r: &'a InboundRule) -> Self {
+        Self { allow: &r.allow, allow_truncation: r.allow_truncation, key_update_after: r.key_update_after }
+    }
+}
+
 /// Protect the established TCP connection on `fd`. On failure the socket has been shut down
 /// both ways (nothing can flow in plaintext) and the fd number is left for the program to
 /// close.
@@ -118,11 +140,11 @@ pub(crate) fn protect(
     fd: RawFd,
     direction: Direction,
     ident: &Arc<Identity>,
-    allow: &[IdPattern],
+    rule: Rule<'_>,
     local: SocketAddr,
     remote: SocketAddr,
 ) -> Result<Arc<Protected>, Failure> {
-    let r = protect_inner(fd, direction, ident, allow, local, remote);
+    let r = protect_inner(fd, direction, ident, rule, local, remote);
     if r.is_err() {
         net::kill(fd);
     }
@@ -133,11 +155,12 @@ fn protect_inner(
     fd: RawFd,
     direction: Direction,
     ident: &Arc<Identity>,
-    allow: &[IdPattern],
+    rule: Rule<'_>,
     local: SocketAddr,
     remote: SocketAddr,
 ) -> Result<Arc<Protected>, Failure> {
-    let setup = Setup::new(fd, direction, ident, local, remote)?;
+    let allow = rule.allow;
+    let setup = Setup::new(fd, direction, rule)?;
     let mut io = setup.io();
     let est = match direction {
         Direction::Outbound => handshake::client(&mut io, ident, allow, remote, setup.target()),
@@ -170,12 +193,13 @@ pub(crate) enum InlineInbound {
 pub(crate) fn protect_inbound_inline(
     fd: RawFd,
     ident: &Arc<Identity>,
-    allow: &[IdPattern],
+    rule: Rule<'_>,
     local: SocketAddr,
     remote: SocketAddr,
     pause: &mut Pause,
 ) -> InlineInbound {
-    let r = Setup::new(fd, Direction::Inbound, ident, local, remote).and_then(|setup| {
+    let allow = rule.allow;
+    let r = Setup::new(fd, Direction::Inbound, rule).and_then(|setup| {
         let hs = ServerHandshake::new(ident, allow, setup.target()).map_err(Failure::Handshake)?;
         match hs.run_inline(&mut setup.io(), allow, pause) {
             Inline::Paused(hs) => Ok(InlineInbound::Paused(HalfInbound { setup, hs, local, remote })),
@@ -211,24 +235,16 @@ struct Setup {
     direction: Direction,
     plan: Plan,
     rotate: Option<KeyUpdateAfter>,
+    allow_truncation: bool,
     deadline: Instant,
 }
 
 impl Setup {
-    fn new(
-        fd: RawFd,
-        direction: Direction,
-        ident: &Identity,
-        local: SocketAddr,
-        remote: SocketAddr,
-    ) -> Result<Self, Failure> {
-        let rotate = match direction {
-            Direction::Outbound => ident.policy.outbound_rule(remote).and_then(|r| r.key_update_after),
-            Direction::Inbound => ident.policy.inbound_rule(local.port()).and_then(|r| r.key_update_after),
-        };
+    fn new(fd: RawFd, direction: Direction, rule: Rule<'_>) -> Result<Self, Failure> {
+        let Rule { key_update_after: rotate, allow_truncation, .. } = rule;
         let plan = plan(fd, rotate.is_some())?;
         let deadline = crate::clock::mono() + settings::get().handshake_timeout;
-        Ok(Self { fd, direction, plan, rotate, deadline })
+        Ok(Self { fd, direction, plan, rotate, allow_truncation, deadline })
     }
 
     /// The handshake's I/O is MSG_DONTWAIT: the fd's flags are neither read nor changed.
@@ -253,7 +269,7 @@ impl Setup {
         remote: SocketAddr,
         at: Option<&'static str>,
     ) -> Result<Arc<Protected>, Failure> {
-        let Self { fd, direction, plan, rotate, .. } = self;
+        let Self { fd, direction, plan, rotate, allow_truncation, .. } = self;
         let (path, detail, rekey, no_pad) = match (plan, est.conn) {
             (Plan::Ktls, handshake::Session::Kernel(h)) => {
                 let (cipher, rekey) = tls::danger::install_ktls(fd, *h).map_err(Failure::Ktls)?;
@@ -279,10 +295,6 @@ impl Setup {
                 super::rotation::watch(fd, &p, limit);
             }
         }
-        let allow_truncation = match direction {
-            Direction::Outbound => ident.policy.outbound_rule(remote).is_some_and(|r| r.allow_truncation),
-            Direction::Inbound => ident.policy.inbound_rule(local.port()).is_some_and(|r| r.allow_truncation),
-        };
         p.allow_truncation.store(allow_truncation, std::sync::atomic::Ordering::Relaxed);
         let mut line = log::Line::new(event_name(direction))
             .kv("decision", "allow")
