@@ -4,8 +4,9 @@
 //! Properties: no panic on any input; every error names its origin; an accepted config keeps
 //! its promises (entries in our trust domain, at least one selector each, a TTL in range);
 //! selectors and the metrics address print back to what parses to them; the policy, read from
-//! TOML, crosses the JSON wire to the shims unchanged; `derived_id` yields a valid ID in our trust
-//! domain whenever the result fits the spec's length limit.
+//! TOML, crosses the JSON wire to the shims unchanged; `derived_id` yields the executable's path
+//! exactly, as a valid ID in our trust domain, whenever every segment can be carried as it is and
+//! the result fits the spec's length limit, and no ID otherwise (never a rewritten path).
 #![no_main]
 
 use std::ffi::OsStr;
@@ -53,7 +54,7 @@ fn check_config(src: &str, facts: &ProcessFacts) {
     }
     let json = serde_json::to_string(&c.policy).unwrap();
     assert_eq!(serde_json::from_str::<Policy>(&json).unwrap(), c.policy, "policy changed on the wire");
-    if let Some(id) = c.identity_for(facts) {
+    if let Ok(id) = c.identity_for(facts) {
         assert_eq!(id.trust_domain(), c.trust_domain);
         if let Some(e) = c.matching_entry(facts) {
             assert!(e.selectors.iter().all(|s| s.matches(facts)));
@@ -62,14 +63,20 @@ fn check_config(src: &str, facts: &ProcessFacts) {
 }
 
 fn check_derived(td: &TrustDomain, uid: u32, exe: &Path) {
-    // Each output byte comes from at least one input byte, plus "/uid/N/exe" and one '/'.
+    // A derived ID is the path exactly (so two executables never share one), or there is none.
     let bound = "spiffe://".len() + td.as_str().len() + "/uid/4294967295/exe/".len() + exe.as_os_str().len();
+    let segments: Option<Vec<&str>> = exe.to_str().map(|t| t.split('/').filter(|s| !s.is_empty()).collect());
+    let clean = segments.as_ref().is_some_and(|segs| {
+        segs.iter().all(|s| *s != "." && *s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)))
+    });
     match derived_id(td, uid, exe) {
-        Some(id) => {
+        Ok(id) => {
+            assert!(clean, "a derived ID for {exe:?}, whose path an ID cannot carry exactly");
             assert_eq!(&id.trust_domain(), td);
-            assert!(id.path().starts_with(&format!("/uid/{uid}/exe")));
+            let want: String = segments.unwrap_or_default().iter().map(|s| format!("/{s}")).collect();
+            assert_eq!(id.path(), format!("/uid/{uid}/exe{want}"), "not the path exactly");
         }
-        None => assert!(bound > MAX_ID_LEN, "no derived ID for {exe:?} although it fits"),
+        Err(why) => assert!(!clean || bound > MAX_ID_LEN, "no derived ID for {exe:?} although it fits: {why}"),
     }
 }
 

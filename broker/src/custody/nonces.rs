@@ -101,6 +101,8 @@ impl Maker {
 
     /// A fresh nonce, or `None` if ring failed or the (negligible) degenerate case came up.
     fn make(&self) -> Option<Nonce> {
+        // ring's `Signature` (a stack value with no way to wipe it) holds (r, s₀) until the
+        // stack is reused; with d₀, which lives in this process too, it gives k.
         let sig = self.pair.sign(&self.rng, M0).ok()?;
         let mut rs = [0u8; 64];
         rs.copy_from_slice(sig.as_ref());
@@ -163,6 +165,10 @@ impl Nonces {
     fn take(&self) -> Option<Nonce> {
         let mut p = self.lock();
         let n = p.ready.pop();
+        // `pop` moved the pair out; its bytes are still in the slot it left.
+        if let Some(slot) = p.ready.spare_capacity_mut().first_mut() {
+            slot.zeroize();
+        }
         if p.sleeping && p.ready.len() < LOW_WATER {
             p.sleeping = false;
             self.wake.notify_one();
