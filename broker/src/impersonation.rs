@@ -72,7 +72,7 @@ pub fn check(facts: &ProcessFacts, registered: Option<&Path>) -> Result<(), Impe
     if facts.uid == 0 {
         return Ok(());
     }
-    writable_code(facts, &read_maps(facts.pid, 0)?)
+    writable_code(facts, read_maps(facts.pid, 0)?).map(drop)
 }
 
 /// What [`recheck`] keeps between the signatures of one process.
@@ -196,8 +196,8 @@ pub fn recheck(facts: &ProcessFacts, registered: Option<&Path>, watch: &mut Watc
     if fp == watch.clean_maps {
         return Ok(());
     }
-    writable_code(facts, &maps)?;
-    watch.clean_maps = fp;
+    let clean = writable_code(facts, maps)?;
+    watch.clean_maps = fingerprint(&clean);
     Ok(())
 }
 
@@ -250,18 +250,47 @@ fn read_maps(pid: i32, hint: usize) -> Result<String, Impersonation> {
     String::from_utf8(buf).map_err(|_| unreadable(io::ErrorKind::InvalidData.into()))
 }
 
-/// An executable file mapping the process's uid or groups can write.
-fn writable_code(facts: &ProcessFacts, maps: &str) -> Result<(), Impersonation> {
+/// How many snapshots of the maps [`writable_code`] takes before it gives up on a process whose
+/// executable mappings keep changing under it.
+const MAPS_SNAPSHOTS: usize = 8;
+
+/// Refuse an executable file mapping the process's uid or groups can write. `maps` is a
+/// snapshot of `/proc/<pid>/maps`; each of its executable file mappings is looked up in
+/// `map_files/`. A range that is no longer there (`ENOENT`: the process unmapped it after the
+/// snapshot, or an `mprotect` split it, as a loader does while a program starts) is not
+/// skipped, since code split into new ranges is still mapped: the maps are read again and the
+/// new snapshot checked from the start, up to [`MAPS_SNAPSHOTS`] times, after which the process
+/// is unreadable (refused). Returns the snapshot that checked clean.
+fn writable_code(facts: &ProcessFacts, mut maps: String) -> Result<String, Impersonation> {
+    for _ in 0..MAPS_SNAPSHOTS {
+        if all_mappings_found(facts, &maps)? {
+            return Ok(maps);
+        }
+        // Gone since the snapshot (or the whole process is: this read says so).
+        maps = read_maps(facts.pid, maps.len())?;
+    }
+    Err(Impersonation::Unreadable {
+        pid: facts.pid,
+        what: format!("its executable mappings changed in each of {MAPS_SNAPSHOTS} snapshots of maps"),
+    })
+}
+
+/// One snapshot's executable file mappings: refused if one is writable; `false` if one was no
+/// longer there.
+fn all_mappings_found(facts: &ProcessFacts, maps: &str) -> Result<bool, Impersonation> {
     let pid = facts.pid;
     for m in executable_file_mappings(maps) {
         // map_files/ names the mapped file itself, in whatever mount namespace it came from.
-        let meta = fs::metadata(format!("/proc/{pid}/map_files/{}", m.range))
-            .map_err(|e| Impersonation::Unreadable { pid, what: format!("map_files/{}: {e}", m.range) })?;
+        let meta = match fs::metadata(format!("/proc/{pid}/map_files/{}", m.range)) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(Impersonation::Unreadable { pid, what: format!("map_files/{}: {e}", m.range) }),
+        };
         if writable_by(&meta, facts) {
             return Err(Impersonation::WritableCode { pid, file: PathBuf::from(m.path) });
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// FNV-1a over the whole maps lines (range, perms, offset, device, inode, path) of
@@ -490,6 +519,32 @@ mod tests {
         let _ = child.wait();
         let _ = fs::remove_file(&lib);
         assert!(matches!(&r, Err(Impersonation::WritableCode { file, .. }) if file == &lib), "{r:?}");
+    }
+
+    #[test]
+    fn code_mapped_and_unmapped_while_being_checked_is_not_refused_as_unreadable() {
+        // A program mapping and unmapping code while tetherd checks it (a loader starting it,
+        // dlopen/dlclose): a range of the maps snapshot can be gone at its map_files lookup.
+        // That process is not unreadable; the maps are read again. (CI saw the refusal with a
+        // python3 that was still starting.)
+        use std::io::BufRead;
+        let script = "import mmap, sys\nf = open(sys.executable, 'rb')\nprint('ready', flush=True)\n\
+                      while True:\n    mmap.mmap(f.fileno(), 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC).close()\n";
+        let mut child = std::process::Command::new("python3")
+            .args(["-c", script])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        // Its own code and python's are root's: clean for uid 65534.
+        let facts = ProcessFacts { pid: child.id() as i32, uid: 65534, gid: 65534, ..Default::default() };
+        let results: Vec<_> = (0..300).map(|_| check(&facts, None)).collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(refused.is_empty(), "{} of 300 checks refused, first: {:?}", refused.len(), refused.first());
     }
 
     #[test]

@@ -53,6 +53,13 @@ pub(crate) struct Identity {
     remote: Option<(u64, Option<u64>)>,
 }
 
+impl Identity {
+    /// Under broker custody: tetherd holds the private key and signs for us.
+    pub(crate) fn key_held_by_broker(&self) -> bool {
+        self.remote.is_some()
+    }
+}
+
 impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")

@@ -16,8 +16,10 @@
 //! a TLS alert naming the reason (rustls sends none for a signer's error): it sees the
 //! connection closed; the client logs the reason as before.
 //!
-//! The state is per thread: a client handshake runs on one thread from start to end. Outside a
-//! scope (server handshakes, tests) the verifier verifies at once.
+//! The state is per thread: a client handshake runs on one thread from start to end. A scope is
+//! opened only for client handshakes under broker custody (with the key in the process there is
+//! no round trip to overlap); outside one (server handshakes, process custody, tests) the
+//! verifier verifies at once.
 
 use std::cell::RefCell;
 

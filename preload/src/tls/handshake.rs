@@ -135,7 +135,8 @@ pub(crate) fn client(
     let side = super::configs::client(&provider(), ident, allow, resume).map_err(HandshakeError::Tls)?;
     let name = super::resumption::destination_name(dest);
     let mut inbox = Inbox::new();
-    let _deferral = super::deferred::scope();
+    // Only a signing round trip to tetherd has time to hide the chain's verification in.
+    let _deferral = ident.key_held_by_broker().then(super::deferred::scope);
     let r = match target {
         Target::Kernel => {
             let mut conn = UnbufferedClientConnection::new(side.config, name.clone()).map_err(HandshakeError::Tls)?;
