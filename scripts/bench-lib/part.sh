@@ -77,7 +77,7 @@ TOML
         --state-dir "$RUN/state" 2>"$out/logs/tetherd-pc.log" &
     PIDS+=($!)
     wait_socket "$SOCK_PC" || die "tetherd (process custody) did not start (see $out/logs/tetherd-pc.log)"
-    "$rel/tether" svid --socket "$SOCK" --out "$RUN/svid" >"$out/logs/svid.txt"
+    floor_svid
     write_stunnel_conf server
     write_stunnel_conf client
     head -c $((file_mib << 20)) /dev/urandom >"$RUN/payload"
@@ -162,6 +162,7 @@ ktls_pair_rounds() { # ENV ROUNDS BYTES
 # that every handshake was a full one (no resumption) and the negotiated suite.
 verify_stunnel() {
     local side p pids=()
+    floor_svid
     "$REL/bench-server" --port "$P_ST_BACK" >/dev/null 2>>"$OUT/logs/stderr.log" &
     pids+=($!)
     for side in server client; do
@@ -263,6 +264,13 @@ stop_pid() {
     wait "$1" 2>/dev/null || true
 }
 
+# The SVID the in-process rustls floor and stunnel run with, fetched afresh before each of their
+# runs (written atomically): it lives svid_ttl (10 min by default), and a UML part outlasts that
+# (on one EPYC host its count_cpu step met an expired certificate).
+floor_svid() {
+    "$REL/tether" svid --socket "$SOCK" --out "$RUN/svid" >>"$OUT/logs/svid.txt"
+}
+
 run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     local env=$1 c=$2 rep=$3 bulk=$4 conns=$5 redis_n=$6
     local port srv_flags=() cli_flags=() pids_server=() pids_client=() tag
@@ -275,6 +283,7 @@ run_config() { # ENV CONFIG REP BULK CONNS REDIS_N
     rustls) port=$P_RUSTLS srv_flags=(--rustls "$RUN/svid") cli_flags=(--rustls "$RUN/svid") ;;
     stunnel) port=$P_ST_BACK ;;
     esac
+    [[ $c == rustls || $c == stunnel ]] && floor_svid
     # Server side.
     env "${pre[@]}" "$REL/bench-server" --port "$port" "${srv_flags[@]}" >"$RUN/server.out" 2>>"$OUT/logs/stderr.log" &
     local spid=$!
@@ -388,7 +397,10 @@ setup_configs() { # ENV
 setup_target() { # CONFIG
     port=$P_PLAIN flags=()
     [[ $1 == tether-* ]] && port=$P_TETHER
-    [[ $1 == rustls ]] && port=$P_RUSTLS flags=(--rustls "$RUN/svid")
+    if [[ $1 == rustls ]]; then
+        port=$P_RUSTLS flags=(--rustls "$RUN/svid")
+        floor_svid
+    fi
     read -r -a pre <<<"$(under "$1" server)"
     read -r -a cpre <<<"$(under "$1" client)"
 }
@@ -420,7 +432,10 @@ count_syscalls() { # ENV N1 N2
             while listening "$port" 1; do sleep 0.1; done
         done
         calls() { awk '$NF == "total" {print $4}' "$1"; }
-        [[ -n $(calls "$RUN/sys-cli-$c-$n2") && -n $(calls "$RUN/sys-srv-$c-$n2") ]] || { say "syscalls $c: no strace summary; counts skipped"; return 0; }
+        local f
+        for f in "$RUN/sys-cli-$c-$n1" "$RUN/sys-srv-$c-$n1" "$RUN/sys-cli-$c-$n2" "$RUN/sys-srv-$c-$n2"; do
+            [[ $(calls "$f") =~ ^[0-9]+$ ]] || { say "syscalls $c: no strace summary in ${f##*/}; counts skipped"; return 0; }
+        done
         emit "\"env\":\"$env\",\"config\":\"$c\",\"rep\":0,\"workload\":\"syscalls\",\"n1\":$n1,\"n2\":$n2,\"client_per_conn\":$(( ($(calls "$RUN/sys-cli-$c-$n2") - $(calls "$RUN/sys-cli-$c-$n1")) * 10 / (n2 - n1) ))e-1,\"server_per_conn\":$(( ($(calls "$RUN/sys-srv-$c-$n2") - $(calls "$RUN/sys-srv-$c-$n1")) * 10 / (n2 - n1) ))e-1"
         for n in "$n1" "$n2"; do
             cp "$RUN/sys-cli-$c-$n" "$OUT/logs/strace-client-$c-$n.txt"
@@ -447,7 +462,8 @@ count_cpu() { # ENV REP N
         env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" connrate --n 1 >/dev/null 2>>"$OUT/logs/stderr.log" || true
         s0=$(awk '{print $14 + $15}' "/proc/$spid/stat")
         ct=$({ TIMEFORMAT='%U %S'; time env "${cpre[@]}" "$REL/bench-client" --port "$port" "${flags[@]}" \
-            connrate --n "$n" >/dev/null 2>>"$OUT/logs/stderr.log"; } 2>&1 | tail -1)
+            connrate --n "$n" >/dev/null 2>>"$OUT/logs/stderr.log"; } 2>&1 | tail -1) ||
+            { say "cpu $c: connrate failed (see $OUT/logs/stderr.log): $(tail -n 3 "$OUT/logs/stderr.log" | tr '\n' ' ')"; stop_pid "$spid"; return 1; }
         s1=$(awk '{print $14 + $15}' "/proc/$spid/stat")
         stop_pid "$spid"
         while listening "$port" 1; do sleep 0.1; done
