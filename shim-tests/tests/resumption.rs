@@ -132,13 +132,17 @@ fn s_client(svid: &SvidFiles, port: u16, sess: &str, path: &PathBuf) -> Command 
     c
 }
 
-/// Run s_client: send one line, wait for the echo (and the tickets) and quit.
+/// Run s_client: send one line, wait for the echo (up to 20 s: a fixed 1 s was too short once
+/// in UML 6.1 under CI's load), then half a second for any ticket, and quit.
 fn s_client_run(h: &Harness, name: &str, cmd: &mut Command) -> String {
     let mut sh = Command::new("bash");
     let prog: Vec<String> = std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|a| a.to_string_lossy().into_owned()).collect();
     let quoted: Vec<String> = prog.iter().map(|a| format!("'{a}'")).collect();
-    sh.args(["-c", &format!("(echo ping-{name}; sleep 1) | {} 2>&1", quoted.join(" "))]);
-    let run = h.run(name, h.plain(&mut sh), Duration::from_secs(30));
+    let out = h.path(&format!("s_client-{name}.out"));
+    let out = out.display();
+    let feed = format!("echo ping-{name}; for _ in $(seq 200); do grep -q '^ping-{name}' '{out}' && break; sleep 0.1; done; sleep 0.5");
+    sh.args(["-c", &format!("({feed}) | {} >'{out}' 2>&1; cat '{out}'", quoted.join(" "))]);
+    let run = h.run(name, h.plain(&mut sh), Duration::from_secs(40));
     run.stdout.clone()
 }
 
