@@ -127,3 +127,68 @@ fn forked_child_exit_leaves_parents_stream_open() {
     }
     run_writers("exit-flush-fork", &["fork"], 10, 768 << 10);
 }
+
+/// Client: one warm-up connection, 2 s of nothing, then `n` sequential connections (one byte each way, then
+/// close). After each close: the fd count (a kTLS close whose peer has not ended yet leaves
+/// tether's kept copy behind it) and the number of "tether-linger" threads. Then it waits up to
+/// 5 s for its fds to be back to where they were before the loop.
+const PY_CLOSER: &str = r#"
+import os, socket, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def fds():
+    return len(os.listdir("/proc/self/fd"))
+def lingers():
+    names = []
+    for t in os.listdir("/proc/self/task"):
+        try:
+            names.append(open("/proc/self/task/%s/comm" % t).read().strip())
+        except OSError:
+            pass
+    return names.count("tether-linger")
+def one():
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+    s.close()
+one()
+time.sleep(2.0)  # the linger thread has swept the warm-up's copy and waits (after 1 s idle)
+base, kept, most = fds(), 0, 0
+for i in range(n):
+    one()
+    kept += fds() > base
+    most = max(most, lingers())
+deadline = time.time() + 5
+while fds() > base and time.time() < deadline:
+    time.sleep(0.05)
+print("base=%d\nafter=%d\nkept=%d\nmost_lingers=%d" % (base, fds(), kept, most), flush=True)
+"#;
+
+/// A kTLS close whose peer has not sent its end yet leaves a copy of the socket with tether
+/// until the peer's FIN (see `ops::lingering`); the "tether-linger" thread closes it. It is
+/// one thread per process, which waits without polling once nothing is kept and is woken by the
+/// next close that keeps a copy: a missed wake-up would leave copies open for its 30 s bound,
+/// and a thread per close would show as more than one. (Until 2026-12-08 every such close
+/// started a thread: in UML ~13 system calls and a thread creation on each client's close.)
+#[test]
+fn copies_kept_after_closes_are_released_by_one_linger_thread() {
+    let port = free_port();
+    let mut h = Harness::new("linger", Policy::new().both(port));
+    let mut echo = tether_shim_tests::programs::echo_server(port);
+    h.spawn_server("server", h.shim(&mut echo, "server"), port);
+    let check = DataPathCheck::begin(&h, port);
+    let mut cmd = h.python("closer.py", PY_CLOSER);
+    cmd.arg(port.to_string()).arg("40");
+    let run = h.run("client", h.shim(&mut cmd, "client"), Duration::from_secs(60));
+    assert!(run.success(), "{run}\n{}", show(&h.log_lines("client")));
+    let kv = tether_shim_tests::kv(&run.stdout);
+    let num = |k: &str| kv.get(k).and_then(|v| v.parse::<u32>().ok()).unwrap_or_else(|| panic!("no {k} in {run}"));
+    assert_eq!(num("after"), num("base"), "kept copies were not all closed within 5 s of the last close: {run}");
+    assert!(num("most_lingers") <= 1, "more than one linger thread at once: {run}");
+    if tether_shim_tests::expected_mode() == "ktls" {
+        assert!(num("kept") > 0, "no close kept a copy, so this run did not test the linger thread: {run}");
+        assert_eq!(num("most_lingers"), 1, "copies were kept, yet no linger thread ran: {run}");
+    }
+    let mut lines = h.log_lines("client");
+    lines.extend(h.log_lines("server"));
+    check.finish(&lines);
+}

@@ -9,7 +9,9 @@
 //! peer has not finished, keeps a copy of the socket here, one the program never sees (spared
 //! from its `close`, `close_range` and `dup2` like the relay's own fds). What arrives on it is
 //! read and dropped until the peer's FIN, and then it is closed: by a "tether-linger" thread that
-//! sweeps every [`SWEEP_EVERY`] while any copy is kept (and exits when none is), at the
+//! sweeps every [`SWEEP_EVERY`] while any copy is kept (and, once none has been for
+//! [`IDLE_AFTER`] sweeps, waits on a condition variable until one is kept again: it is started once per process, not once per close, which
+//! in UML cost ~13 system calls and a thread creation on every client's close), at the
 //! program's later protected closes, and at exit (with the other connections, within
 //! `TETHER_EXIT_FLUSH_MS`). At most [`MAX`] are kept, each for at most [`LINGER`]; past either,
 //! the oldest is closed as before. A sweep is non-blocking (one `poll` of all copies with timeout
@@ -21,6 +23,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Condvar;
 use std::time::{Duration, Instant};
 
 use crate::sync::Lock;
@@ -35,8 +38,21 @@ const LINGER: Duration = Duration::from_secs(10);
 /// How often the linger thread sweeps while copies are kept.
 const SWEEP_EVERY: Duration = Duration::from_millis(20);
 
+/// After how many sweeps in a row with nothing kept the linger thread waits for `keep` instead
+/// (1 s): a program closing connections steadily then costs it one sleep per sweep, not a
+/// wake-up per close.
+const IDLE_AFTER: u32 = 50;
+
+/// How long the idle linger thread waits before looking again (a bound, in case a wake-up were
+/// ever missed; `keep` wakes it).
+const IDLE_WAIT: Duration = Duration::from_secs(30);
+
 /// Is the linger thread running (or being started)?
 static SWEEPER: AtomicBool = AtomicBool::new(false);
+/// Is the linger thread waiting on [`KEPT_AGAIN`] (nothing kept)? Set and cleared under `KEPT`.
+static IDLE: AtomicBool = AtomicBool::new(false);
+/// Signalled by `keep` when the linger thread is idle.
+static KEPT_AGAIN: Condvar = Condvar::new();
 
 /// Our copies, with the time each is given up.
 static KEPT: Lock<Vec<(RawFd, Instant)>> = Lock::new(Vec::new());
@@ -56,44 +72,61 @@ pub(crate) fn keep(fd: RawFd) {
     if copy < 0 {
         return; // out of descriptors: close as before
     }
-    let evicted = {
+    let (evicted, idle) = {
         let mut kept = KEPT.lock();
         kept.push((copy, Instant::now() + LINGER));
         let evicted = (kept.len() > MAX).then(|| kept.remove(0).0);
         COUNT.store(kept.len(), Ordering::Release);
-        evicted
+        (evicted, IDLE.load(Ordering::Acquire))
     };
     if let Some(old) = evicted {
         close(old);
     }
-    ensure_sweeper();
+    if idle {
+        KEPT_AGAIN.notify_one();
+    } else {
+        ensure_sweeper();
+    }
 }
 
-/// Start the linger thread unless it runs. It exits once nothing is kept; a copy kept just as
-/// it decides to go starts it again (or keeps it).
+/// Start the linger thread unless it runs (once per process, and again in a fork child).
 fn ensure_sweeper() {
     if SWEEPER.swap(true, Ordering::AcqRel) {
         return;
     }
     let spawned = crate::sync::spawn_thread("tether-linger", 64 * 1024, || {
-        let ran = std::panic::catch_unwind(|| loop {
-            std::thread::sleep(SWEEP_EVERY);
-            sweep();
-            if !has_kept() {
-                SWEEPER.store(false, Ordering::Release);
-                // Kept again meanwhile: carry on, unless a new thread already took over.
-                if !has_kept() || SWEEPER.swap(true, Ordering::AcqRel) {
-                    return;
+        let ran = std::panic::catch_unwind(|| {
+            let mut empty = 0u32;
+            loop {
+                std::thread::sleep(SWEEP_EVERY);
+                sweep();
+                empty = if has_kept() { 0 } else { empty + 1 };
+                if empty >= IDLE_AFTER {
+                    wait_until_kept();
+                    empty = 0;
                 }
             }
         });
         if ran.is_err() {
+            IDLE.store(false, Ordering::Release);
             SWEEPER.store(false, Ordering::Release);
         }
     });
     if spawned.is_err() {
         SWEEPER.store(false, Ordering::Release);
     }
+}
+
+/// The linger thread, between sweeps: return at once while copies are kept, else wait (without
+/// waking up every [`SWEEP_EVERY`]) until `keep` keeps one. `IDLE` is set and the set checked
+/// under `KEPT`, where `keep` adds its copy and reads `IDLE`: no wake-up is missed.
+fn wait_until_kept() {
+    let mut kept = KEPT.lock();
+    while kept.is_empty() {
+        IDLE.store(true, Ordering::Release);
+        kept = KEPT.wait_timeout(&KEPT_AGAIN, kept, IDLE_WAIT).0;
+    }
+    IDLE.store(false, Ordering::Release);
 }
 
 /// Close every kept copy whose peer has ended (or whose time is up). Non-blocking: one `poll`
@@ -182,6 +215,7 @@ pub(crate) fn atfork_prepare() {
 /// In the fork child, with no lock held: close the child's copies (just the descriptors).
 pub(crate) fn after_fork_child() {
     SWEEPER.store(false, Ordering::Release); // the parent's thread is not in the child
+    IDLE.store(false, Ordering::Release);
     take_all().into_iter().for_each(close);
 }
 
