@@ -27,12 +27,6 @@ fn aborted<T: From<i8>>(fd: c_int) -> (T, c_int) {
 
 // ---- connection setup -------------------------------------------------------------------
 
-/// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
-/// The getpid comes first: `family` may be a syscall (a listener's getsockname).
-fn vfork_refused(family: impl FnOnce() -> Option<c_int>) -> bool {
-    crate::fork::in_vfork_child() && family().is_some_and(crate::fork::vfork_refuses_family)
-}
-
 /// As [`vfork_refused`] for a connect address, whose family is a memory read: checked first, so
 /// only an inet connect pays the getpid.
 ///
@@ -43,7 +37,20 @@ unsafe fn vfork_refused_connect(addr: *const sockaddr, len: socklen_t) -> bool {
     unsafe { ops::vfork::family_of(addr, len) }.is_some_and(crate::fork::vfork_refuses_family) && crate::fork::in_vfork_child()
 }
 
+/// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
+/// For accept the getpid comes first (the family is a syscall: the listener's getsockname):
+/// `Some(true)` refuse it (an inet listener: the connection could only
+/// be plaintext), `Some(false)` pass it straight to libc (any other listener; a hook must change
+/// nothing there). `None`: not a vfork child, so the hook needs no second check (one getpid per
+/// accept, not two).
+fn vfork_accept(fd: c_int) -> Option<bool> {
+    crate::fork::in_vfork_child().then(|| ops::vfork::listener_family(fd).is_some_and(crate::fork::vfork_refuses_family))
+}
+
+/// The vfork refusal: `EACCES`, and the reason on stderr in one `write` of a constant (no
+/// allocation, no lock: the child shares its parent's memory).
 fn refuse<T: From<i8>>() -> T {
+    crate::log::raw_const(b"tether: refused a TCP connect/accept in a vfork child: no handshake can run there (it shares its parent's memory), so it could not be protected\n");
     guard::set_errno(libc::EACCES);
     T::from(-1)
 }
@@ -199,28 +206,35 @@ pub unsafe extern "C" fn sendmmsg(fd: c_int, msgs: *mut mmsghdr, vlen: c_uint, f
 
 #[no_mangle]
 pub unsafe extern "C" fn accept(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t) -> c_int {
-    if vfork_refused(|| ops::vfork::listener_family(fd)) {
-        return refuse();
+    match vfork_accept(fd) {
+        Some(true) => return refuse(),
+        // SAFETY: forwarded, accept(2).
+        Some(false) => return unsafe { real::accept(fd, addr, len) },
+        None => {}
     }
     if reentered_inet(|| ops::vfork::listener_family(fd)) {
         return reentered(libc::ECONNABORTED);
     }
     crate::ensure_init();
-    // SAFETY: as above, accept(2).
-    hook(|| unsafe { ops::accept::accept(fd, addr, len, None) }, || unsafe { real::accept(fd, addr, len) }, closed)
+    // SAFETY: as above, accept(2). (Not a vfork child: checked above.)
+    hook_if(|| false, || unsafe { ops::accept::accept(fd, addr, len, None) }, || unsafe { real::accept(fd, addr, len) }, closed)
 }
 
 #[no_mangle]
 pub unsafe extern "C" fn accept4(fd: c_int, addr: *mut sockaddr, len: *mut socklen_t, flags: c_int) -> c_int {
-    if vfork_refused(|| ops::vfork::listener_family(fd)) {
-        return refuse();
+    match vfork_accept(fd) {
+        Some(true) => return refuse(),
+        // SAFETY: forwarded, accept4(2).
+        Some(false) => return unsafe { real::accept4(fd, addr, len, flags) },
+        None => {}
     }
     if reentered_inet(|| ops::vfork::listener_family(fd)) {
         return reentered(libc::ECONNABORTED);
     }
     crate::ensure_init();
-    // SAFETY: as above, accept4(2).
-    hook(
+    // SAFETY: as above, accept4(2). (Not a vfork child: checked above.)
+    hook_if(
+        || false,
         || unsafe { ops::accept::accept(fd, addr, len, Some(flags)) },
         || unsafe { real::accept4(fd, addr, len, flags) },
         closed,

@@ -16,6 +16,19 @@ use crate::{http_server, Harness, Run, PYTHON};
 pub type SvidFiles = (PathBuf, PathBuf, PathBuf);
 
 impl Harness {
+    /// Compile the C program `src` (written to the scratch directory as NAME.c) with gcc and
+    /// `libs` (e.g. `-lpthread`); returns the executable's path. Panics with gcc's output if
+    /// it fails (`hint` says what to install).
+    pub fn build_c(&self, name: &str, src: &str, libs: &[&str], hint: &str) -> PathBuf {
+        let file = self.script(&format!("{name}.c"), src);
+        let prog = self.path(name);
+        let mut cc = Command::new("gcc");
+        cc.arg("-o").arg(&prog).arg(&file).args(libs);
+        let built = self.run("gcc", self.plain(&mut cc), Duration::from_secs(60));
+        assert!(built.success(), "cannot build {name} ({hint}): {built}");
+        prog
+    }
+
     /// `python3 FILE` (arguments to follow), with `body` written to the scratch directory as FILE.
     pub fn python(&self, file: &str, body: &str) -> Command {
         let mut c = Command::new(PYTHON);

@@ -13,8 +13,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tether_shim_tests::wire::Observer;
 use tether_shim_tests::{
-    echo_server, free_port, in_uml, real_client_hello, show, DataPathCheck, Harness, Policy, PY_MARKER_CLIENT,
+    echo_server, free_port, in_uml, real_client_hello, show, DataPathCheck, Harness, Policy, ANY_ID, PY_MARKER_CLIENT,
 };
 
 /// A server that forks while a protected connection whose handshake has finished waits in the
@@ -316,4 +317,84 @@ fn pgbench_connect_per_transaction_against_forking_postgres() {
     let other: Vec<_> = lines.iter().filter(|l| l.get("event") == "accept" && l.get("decision") != "allow").collect();
     assert!(other.is_empty(), "postgres saw other than protected connections: {other:?}");
     eprintln!("pgbench -C -c 8 -t {tx}: {took:?}; {}", run.stdout.lines().filter(|l| l.contains("tps")).collect::<Vec<_>>().join("; "));
+}
+
+/// vfork child (the parent suspended, its memory shared): accept4 and accept on a protected
+/// inet listener, connect to a protected destination, and accept4 on a Unix listener with a
+/// connection queued; it prints each result. Then the parent accepts on the inet listener.
+const C_VFORK_CHILD: &str = r#"
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static const char *res(int r, int e) {
+    if (r >= 0) return "ok";
+    return e == EACCES ? "EACCES" : e == EAGAIN ? "EAGAIN" : strerror(e);
+}
+int main(int argc, char **argv) {
+    struct sockaddr_in in = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[1])) };
+    in.sin_addr.s_addr = htonl(0x7f000001);
+    int l = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    if (bind(l, (struct sockaddr *)&in, sizeof in) || listen(l, 8)) { perror("inet listener"); return 1; }
+    fcntl(l, F_SETFL, O_NONBLOCK);
+    struct sockaddr_in to = { .sin_family = AF_INET, .sin_port = htons(atoi(argv[2])) };
+    to.sin_addr.s_addr = htonl(0x7f000001);
+    int c = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_un un = { .sun_family = AF_UNIX };
+    snprintf(un.sun_path + 1, sizeof un.sun_path - 1, "tether-vfork-%d", getpid());
+    socklen_t ulen = offsetof(struct sockaddr_un, sun_path) + 1 + strlen(un.sun_path + 1);
+    int u = socket(AF_UNIX, SOCK_STREAM, 0), uc = socket(AF_UNIX, SOCK_STREAM, 0);
+    if (bind(u, (struct sockaddr *)&un, ulen) || listen(u, 8) || connect(uc, (struct sockaddr *)&un, ulen)) { perror("unix"); return 1; }
+    static char line[256];
+    pid_t pid = vfork();
+    if (pid == 0) {
+        int a = accept4(l, 0, 0, SOCK_CLOEXEC); int ea = errno;
+        int b = accept(l, 0, 0); int eb = errno;
+        int k = connect(c, (struct sockaddr *)&to, sizeof to); int ek = errno;
+        int d = accept4(u, 0, 0, 0); int ed = errno;
+        int n = snprintf(line, sizeof line, "child accept4=%s accept=%s connect=%s unix_accept4=%s\n",
+                         res(a, ea), res(b, eb), res(k, ek), res(d, ed));
+        write(1, line, n);
+        _exit(0);
+    }
+    int st = 0;
+    waitpid(pid, &st, 0);
+    int p = accept4(l, 0, 0, 0); int ep = errno;
+    printf("parent accept4=%s\n", res(p, ep));
+    return 0;
+}
+"#;
+
+/// In a vfork child no handshake can run (it would change its parent's state), so an inet
+/// accept or connect there could only be plaintext: each is refused with EACCES and a reason on
+/// stderr, and nothing reaches the destination; a Unix-socket accept passes through; the parent
+/// then accepts as usual. (The reason was not logged before 2026-12-08.)
+#[test]
+fn a_vfork_child_is_refused_inet_accepts_and_connects_with_a_reason() {
+    let served = free_port();
+    let observed = free_port();
+    let h = Harness::new("vfork-refusal", Policy::new().inbound(served, &[ANY_ID]).outbound(observed, &[ANY_ID]));
+    let obs = Observer::start(observed);
+    let prog = h.build_c("vfork_child", C_VFORK_CHILD, &[], "apt-get install gcc");
+    let mut c = Command::new(&prog);
+    c.args([served.to_string(), observed.to_string()]);
+    let run = h.run("program", h.shim(&mut c, "program"), Duration::from_secs(30));
+    assert!(run.success(), "{run}\n{}", show(&h.log_lines("program")));
+    assert!(
+        run.stdout.contains("child accept4=EACCES accept=EACCES connect=EACCES unix_accept4=ok"),
+        "the vfork child's calls were not refused (inet) and passed through (unix) as they should: {run}"
+    );
+    assert!(run.stdout.contains("parent accept4=EAGAIN"), "the parent's accept after the vfork: {run}");
+    assert!(run.stderr.contains("refused a TCP connect/accept in a vfork child"), "no reason logged for the refusal: {run}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(obs.received().is_empty(), "the vfork child's connect reached the destination: {run}");
 }

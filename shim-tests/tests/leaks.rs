@@ -561,18 +561,12 @@ fn mptcp_listener_on_protected_port_never_hands_plaintext_to_the_program() {
 #[test]
 fn tether_run_warns_that_a_program_linking_liburing_can_bypass_the_shim() {
     let h = Harness::new("liburing", Policy::new());
-    let src = h.script(
-        "uring.c",
+    let prog = h.build_c(
+        "uring",
         "#include <liburing.h>\nint main(void) { struct io_uring r;\n  \
          if (io_uring_queue_init(2, &r, 0) == 0) io_uring_queue_exit(&r);\n  return 0; }\n",
-    );
-    let prog = h.path("uring");
-    let mut cc = Command::new("gcc");
-    cc.arg("-o").arg(&prog).arg(&src).arg("-luring");
-    let built = h.run("gcc", h.plain(&mut cc), Duration::from_secs(60));
-    assert!(
-        built.success(),
-        "cannot build the liburing program (apt-get install gcc liburing-dev): {built}"
+        &["-luring"],
+        "apt-get install gcc liburing-dev",
     );
     let tether_run = |name: &str, cmd: &std::path::Path| {
         let mut c = Command::new(tether_shim_tests::tether_cli_path());

@@ -104,13 +104,7 @@ int main(int argc, char **argv) {
 "#;
 
 fn build(h: &Harness, name: &str, src: &str) -> std::path::PathBuf {
-    let file = h.script(&format!("{name}.c"), src);
-    let prog = h.path(name);
-    let mut cc = Command::new("gcc");
-    cc.arg("-o").arg(&prog).arg(&file).arg("-lpthread");
-    let built = h.run("gcc", h.plain(&mut cc), Duration::from_secs(60));
-    assert!(built.success(), "cannot build {name}: {built}");
-    prog
+    h.build_c(name, src, &["-lpthread"], "apt-get install gcc")
 }
 
 #[test]
