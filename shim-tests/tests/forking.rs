@@ -321,7 +321,9 @@ fn pgbench_connect_per_transaction_against_forking_postgres() {
 
 /// vfork child (the parent suspended, its memory shared): accept4 and accept on a protected
 /// inet listener, connect to a protected destination, and accept4 on a Unix listener with a
-/// connection queued; it prints each result. Then the parent accepts on the inet listener.
+/// connection queued; it prints each result. Then a `_Fork` child (glibc 2.34+: no fork
+/// handlers, as a signal handler should fork) connects and accepts, and the parent accepts on the
+/// inet listener.
 const C_VFORK_CHILD: &str = r#"
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -368,6 +370,17 @@ int main(int argc, char **argv) {
     }
     int st = 0;
     waitpid(pid, &st, 0);
+    /* _Fork runs no fork handlers: its child is in the same position as a vfork child. */
+    int c2 = socket(AF_INET, SOCK_STREAM, 0);
+    pid = _Fork();
+    if (pid == 0) {
+        int k = connect(c2, (struct sockaddr *)&to, sizeof to); int ek = errno;
+        int a = accept4(l, 0, 0, 0); int ea = errno;
+        int n = snprintf(line, sizeof line, "_Fork child connect=%s accept4=%s\n", res(k, ek), res(a, ea));
+        write(1, line, n);
+        _exit(0);
+    }
+    waitpid(pid, &st, 0);
     int p = accept4(l, 0, 0, 0); int ep = errno;
     printf("parent accept4=%s\n", res(p, ep));
     return 0;
@@ -376,8 +389,10 @@ int main(int argc, char **argv) {
 
 /// In a vfork child no handshake can run (it would change its parent's state), so an inet
 /// accept or connect there could only be plaintext: each is refused with EACCES and a reason on
-/// stderr, and nothing reaches the destination; a Unix-socket accept passes through; the parent
-/// then accepts as usual. (The reason was not logged before 2026-12-08.)
+/// stderr, and nothing reaches the destination; a Unix-socket accept passes through. A `_Fork`
+/// child, whose fork handlers never ran, is treated the same (README: the safe way to fork from
+/// a signal handler). The parent then accepts as usual. (The reason was not logged before
+/// 2026-12-08.)
 #[test]
 fn a_vfork_child_is_refused_inet_accepts_and_connects_with_a_reason() {
     let served = free_port();
@@ -393,7 +408,11 @@ fn a_vfork_child_is_refused_inet_accepts_and_connects_with_a_reason() {
         run.stdout.contains("child accept4=EACCES accept=EACCES connect=EACCES unix_accept4=ok"),
         "the vfork child's calls were not refused (inet) and passed through (unix) as they should: {run}"
     );
-    assert!(run.stdout.contains("parent accept4=EAGAIN"), "the parent's accept after the vfork: {run}");
+    assert!(
+        run.stdout.contains("_Fork child connect=EACCES accept4=EACCES"),
+        "a _Fork child (no fork handlers ran) was not refused like a vfork child: {run}"
+    );
+    assert!(run.stdout.contains("parent accept4=EAGAIN"), "the parent's accept after the vfork and the _Fork: {run}");
     assert!(run.stderr.contains("refused a TCP connect/accept in a vfork child"), "no reason logged for the refusal: {run}");
     std::thread::sleep(Duration::from_millis(300));
     assert!(obs.received().is_empty(), "the vfork child's connect reached the destination: {run}");
