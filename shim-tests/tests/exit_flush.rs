@@ -151,7 +151,7 @@ def one():
     assert s.recv(1) == b"x"
     s.close()
 one()
-time.sleep(2.0)  # the linger thread has swept the warm-up's copy and waits (after 1 s idle)
+time.sleep(2.0)  # the linger thread has swept the warm-up's copy and waits (after 100 ms idle)
 base, kept, most = fds(), 0, 0
 for i in range(n):
     one()
