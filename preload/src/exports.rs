@@ -27,8 +27,9 @@ fn aborted<T: From<i8>>(fd: c_int) -> (T, c_int) {
 
 // ---- connection setup -------------------------------------------------------------------
 
-/// As [`vfork_refused`] for a connect address, whose family is a memory read: checked first, so
-/// only an inet connect pays the getpid.
+/// In a vfork child a TCP connection could only be made in plaintext: a connect to an inet
+/// address there is refused ([`refuse`]). The address's family is a memory read, so it is
+/// checked first and only an inet connect pays the getpid.
 ///
 /// # Safety
 /// `addr` points to `len` readable bytes, or is null.
@@ -37,12 +38,11 @@ unsafe fn vfork_refused_connect(addr: *const sockaddr, len: socklen_t) -> bool {
     unsafe { ops::vfork::family_of(addr, len) }.is_some_and(crate::fork::vfork_refuses_family) && crate::fork::in_vfork_child()
 }
 
-/// In a vfork child a TCP connection could only be made in plaintext: refuse it (`EACCES`).
-/// For accept the getpid comes first (the family is a syscall: the listener's getsockname):
-/// `Some(true)` refuse it (an inet listener: the connection could only
-/// be plaintext), `Some(false)` pass it straight to libc (any other listener; a hook must change
-/// nothing there). `None`: not a vfork child, so the hook needs no second check (one getpid per
-/// accept, not two).
+/// accept in a vfork child. Here the getpid comes first (the family is a syscall: the
+/// listener's getsockname). `Some(true)`: refuse it (an inet listener: the connection could
+/// only be plaintext); `Some(false)`: pass it straight to libc (any other listener; nothing of
+/// ours may change there, not even `ensure_init`); `None`: not a vfork child, so the hook needs
+/// no second check (one getpid per accept, not two).
 fn vfork_accept(fd: c_int) -> Option<bool> {
     crate::fork::in_vfork_child().then(|| ops::vfork::listener_family(fd).is_some_and(crate::fork::vfork_refuses_family))
 }

@@ -10,8 +10,9 @@
 //! from its `close`, `close_range` and `dup2` like the relay's own fds). What arrives on it is
 //! read and dropped until the peer's FIN, and then it is closed: by a "tether-linger" thread that
 //! sweeps every [`SWEEP_EVERY`] while any copy is kept (and, once none has been for
-//! [`IDLE_AFTER`] sweeps, waits on a condition variable until one is kept again: it is started once per process, not once per close, which
-//! in UML cost ~13 system calls and a thread creation on every client's close), at the
+//! [`IDLE_AFTER`] sweeps, waits on a condition variable until one is kept again: it is started
+//! once per process, not once per close, which in UML cost ~13 system calls and a thread
+//! creation on every client's close), at the
 //! program's later protected closes, and at exit (with the other connections, within
 //! `TETHER_EXIT_FLUSH_MS`). At most [`MAX`] are kept, each for at most [`LINGER`]; past either,
 //! the oldest is closed as before. A sweep is non-blocking (one `poll` of all copies with timeout

@@ -12,7 +12,7 @@
 //! looks its fd up and, if its connection owes a rekey, sends the KeyUpdate and moves TX itself,
 //! before its own data: the program's writes to one socket are then ordered around the rekey
 //! exactly as the program orders them. RFC 8446 §4.6.3 only asks for our KeyUpdate "prior to
-//! sending [our] next Application Data record", which is exactly when this happens.
+//! sending \[our\] next Application Data record", which is exactly when this happens.
 //!
 //! Two writers racing on one socket without the program ordering them (already interleaving
 //! their bytes arbitrarily) may still put one record between the two syscalls: the peer then
