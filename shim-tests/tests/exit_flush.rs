@@ -173,7 +173,7 @@ print("base=%d\nafter=%d\nkept=%d\nmost_lingers=%d" % (base, fds(), kept, most),
 fn copies_kept_after_closes_are_released_by_one_linger_thread() {
     let port = free_port();
     let mut h = Harness::new("linger", Policy::new().both(port));
-    let mut echo = tether_shim_tests::programs::echo_server(port);
+    let mut echo = tether_shim_tests::echo_server(port);
     h.spawn_server("server", h.shim(&mut echo, "server"), port);
     let check = DataPathCheck::begin(&h, port);
     let mut cmd = h.python("closer.py", PY_CLOSER);
